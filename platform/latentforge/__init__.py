@@ -1,0 +1,3 @@
+"""LatentForge: GANs and VAEs for image generation and editing, trained, tuned and served on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Counter-based noise that is identical however a global batch is split across workers.
+
+Every random draw of a step (latents, penalty interpolation weights, reparameterisation noise)
+is drawn for the whole global batch from a generator seeded by (seed, step, stream), and each
+worker keeps its slice. So N workers with batch b and 1 worker with batch N*b see the same
+numbers: this is what makes data-parallel training match single-process training exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK = (1 << 63) - 1
+
+
+class GlobalNoise:
+    """Per-step noise for one worker.
+
+    Args:
+        seed: the run's seed.
+        rank: this worker's rank.
+        world_size: number of workers.
+    """
+
+    # Streams: one per kind of draw within a step; D sub-steps use stream + 10*k.
+    LATENT_D, LATENT_G, PENALTY_MIX, REPARAM, FAKE_LABELS = 1, 2, 3, 4, 5
+
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        key = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & _MASK
+        return torch.Generator().manual_seed(key)
+
+    def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
+        return full[self.rank * local : (self.rank + 1) * local]
+
+    def normal(self, step: int, stream: int, local: int, *shape: int) -> torch.Tensor:
+        """(local, *shape) standard normal: this worker's slice of a (world*local, *shape) draw."""
+        full = torch.randn(self.world_size * local, *shape, generator=self._generator(step, stream))
+        return self._slice(full, local)
+
+    def uniform(self, step: int, stream: int, local: int, *shape: int) -> torch.Tensor:
+        """(local, *shape) uniform in [0, 1), sliced like `normal`."""
+        full = torch.rand(self.world_size * local, *shape, generator=self._generator(step, stream))
+        return self._slice(full, local)

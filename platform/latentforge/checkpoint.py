@@ -1,0 +1,219 @@
+"""Self-describing checkpoint folders.
+
+    config.json         what this is: format, package version, algorithm, step, the experiment
+                        config, the data spec (shape, classes, dataset content hash), and for
+                        each module its registered class name and constructor arguments
+    model.safetensors   weights of every module, keys prefixed by module name
+                        (generator, discriminator, generator_ema | vae)
+    training_state.pt   optimisers, step, RNG states, data position; loaded with
+                        weights_only=True (plain tensors and containers only)
+
+Loading needs only the folder. Classes come from the model registry, weights from safetensors:
+nothing in a checkpoint is ever unpickled as code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from latentforge import __version__
+from latentforge.builders import DataSpec
+from latentforge.errors import CheckpointError
+from latentforge.models.registry import build_module, describe
+from latentforge.storage import atomic_write_json, read_json, staged_dir
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TRAINING_STATE = "training_state.pt"
+CHECKPOINT_KIND = "latentforge.checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back: modules in eval mode on the requested device."""
+
+    path: Path
+    config: dict  # the whole config.json
+    modules: dict[str, nn.Module]
+    step: int
+    algorithm: str  # 'gan' | 'vae'
+    data: DataSpec
+
+    @property
+    def experiment(self) -> dict:
+        return self.config["experiment"]
+
+    def inference_generator(self) -> nn.Module:
+        """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
+        return self.modules["generator_ema"] if self.algorithm == "gan" else self.modules["vae"]
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    algorithm: str,
+    experiment: dict,
+    data: DataSpec,
+    modules: dict[str, nn.Module],
+    step: int,
+    training_state: dict | None = None,
+    metrics: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint folder atomically.
+
+    Args:
+        path: the folder to create.
+        algorithm: 'gan' or 'vae'.
+        experiment: the validated experiment config as a dict.
+        data: the data spec the modules were built for.
+        modules: plain (unwrapped) registered modules by name.
+        step: optimisation steps completed.
+        training_state: optimisers, RNG, data position (omitted for inference-only exports).
+        metrics: latest metrics, recorded for lineage.
+        overwrite: replace an existing folder.
+
+    Returns:
+        The folder path.
+    """
+    tensors = {}
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
+    config = {
+        "kind": CHECKPOINT_KIND,
+        "format_version": FORMAT_VERSION,
+        "latentforge_version": __version__,
+        "algorithm": algorithm,
+        "step": int(step),
+        "experiment": experiment,
+        "data": data.to_json(),
+        "modules": {name: describe(m) for name, m in modules.items()},
+        "metrics": metrics or {},
+    }
+    with staged_dir(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "latentforge_version": __version__})
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE)
+        atomic_write_json(tmp / CONFIG, config)
+    return Path(path)
+
+
+def _read_config(path: Path) -> dict:
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {CONFIG}")
+    try:
+        config = read_json(path / CONFIG)
+    except Exception as e:
+        raise CheckpointError(f"{path / CONFIG} is unreadable: {e}") from e
+    if config.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path / CONFIG} is not a LatentForge checkpoint (kind={config.get('kind')!r})")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {config['format_version']}, newer than this LatentForge "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade latentforge"
+        )
+    return config
+
+
+_STEP_DIR = re.compile(r"^(?:step_|checkpoint_)")
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders under a run folder (any depth ≤ 2), ordered by step."""
+    run_dir = Path(run_dir)
+    found = []
+    for cfg in list(run_dir.glob(f"*/{CONFIG}")) + list(run_dir.glob(f"*/*/{CONFIG}")):
+        folder = cfg.parent
+        if folder.name.startswith("."):
+            continue
+        try:
+            found.append((int(read_json(cfg).get("step", -1)), str(folder), folder))
+        except Exception:
+            continue  # an unreadable config is not a usable checkpoint; skip it
+    return [f for _, _, f in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest checkpoint inside a run folder.
+
+    Raises:
+        CheckpointError: nothing usable at `path`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / CONFIG).is_file():
+        return path
+    found = find_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path} holds no checkpoint (no */{CONFIG}); give a checkpoint or run folder")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint (or a run folder's latest) for inference.
+
+    Raises:
+        CheckpointError: missing files, unknown classes, or weights that do not match.
+    """
+    path = resolve_checkpoint(path)
+    config = _read_config(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS), device="cpu")
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
+    modules = {}
+    for name, spec in config["modules"].items():
+        try:
+            module = build_module(spec["class"], spec["args"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights for {name!r} do not match its architecture: {e}") from e
+        modules[name] = module.to(device).eval().requires_grad_(False)
+    return LoadedCheckpoint(path=path, config=config, modules=modules, step=int(config["step"]),
+                            algorithm=config["algorithm"], data=DataSpec.from_json(config["data"]))
+
+
+def load_training_state(path: str | Path) -> dict:
+    """The optimiser/RNG/data-position state of a checkpoint (tensors and containers only).
+
+    Raises:
+        CheckpointError: the file is missing or holds anything but plain data.
+    """
+    f = Path(path) / TRAINING_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no {TRAINING_STATE}: it is an inference-only export and cannot resume")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {f} safely (weights_only=True): {e}") from e
+
+
+def load_module_weights(path: str | Path, modules: dict[str, nn.Module]) -> None:
+    """Load a checkpoint's weights into existing (plain) modules, e.g. to resume training."""
+    path = resolve_checkpoint(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS), device="cpu")
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
+    for name, module in modules.items():
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights for {name!r} do not match: {e}") from e

@@ -1,0 +1,172 @@
+"""The `latentforge` command. Heavy imports (torch, Ray) happen inside the verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _print_json_last(obj: dict) -> None:
+    print(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _overrides(args) -> dict:
+    from latentforge.config import parse_override
+
+    out = dict(parse_override(item) for item in (args.set or []))
+    if getattr(args, "steps", None) is not None:
+        out["train.steps"] = args.steps
+    if getattr(args, "seed", None) is not None:
+        out["train.seed"] = args.seed
+    return out
+
+
+# ------------------------------------------------------------------------------------------ data
+def cmd_data_prepare(args) -> int:
+    from latentforge.data.prepare import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+
+    opts = SourceOptions(size=args.size, channels=args.channels, skip_bad=args.skip_bad, count=args.count,
+                         seed=args.seed, download=args.download, image_column=args.image_column,
+                         label_column=args.label_column)
+    manifest = prepare_dataset(args.source, args.out, opts, val_fraction=args.val_fraction,
+                               split_seed=args.split_seed, overwrite=args.overwrite)
+    if args.json:
+        _print_json_last({"out": str(args.out), **{k: manifest[k] for k in ("num_images", "num_classes", "image_shape", "content_hash")},
+                          "skipped": manifest["skipped"]["count"]})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> int:
+    from latentforge.config import load_experiment
+    from latentforge.train.local import prepare_run_dir, read_run_config, train_local
+
+    if args.resume:
+        from latentforge.config import apply_overrides, experiment_to_dict, parse_experiment
+
+        base = read_run_config(args.resume)
+        cfg = parse_experiment(apply_overrides(experiment_to_dict(base), _overrides(args)), f"run {args.resume}")
+        out = args.resume
+    else:
+        if not args.config:
+            raise SystemExit("latentforge train: give a PRESET_OR_YAML (or --resume RUN_DIR)")
+        cfg = load_experiment(args.config, _overrides(args))
+        out = args.out
+    if args.workers == 0:
+        if args.storage and "://" in args.storage:
+            from latentforge.errors import ConfigError
+
+            raise ConfigError("--storage URIs need Ray workers (--workers 1 or more); --workers 0 writes local folders")
+        run_dir = prepare_run_dir(out, cfg, resume=bool(args.resume), runs_root=args.storage or "runs")
+        print(f"run folder: {run_dir}")
+        record = train_local(cfg, args.data, run_dir, resume=bool(args.resume), device="cuda" if args.gpus else "cpu")
+        result = {"run_dir": str(run_dir), **record}
+    else:
+        from latentforge.train.ray_train import train_ray
+
+        result = train_ray(cfg, args.data, workers=args.workers, use_gpu=args.gpus, out=out,
+                           storage=args.storage, max_failures=args.max_failures, resume=args.resume,
+                           address=args.address, data_loader=args.data_loader)
+    print(f"done: run folder {result['run_dir']}, samples in {result['run_dir']}/samples/")
+    if args.json:
+        _print_json_last(result)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ generate
+def cmd_generate(args) -> int:
+    from latentforge.checkpoint import load_checkpoint
+    from latentforge.images import grid_png
+    from latentforge.sampling import generate
+    from latentforge.storage import atomic_write_bytes
+
+    ckpt = load_checkpoint(args.checkpoint)
+    images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation)
+    atomic_write_bytes(args.out, grid_png(images))
+    print(f"wrote {args.n} images from {ckpt.path} (step {ckpt.step}, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from latentforge.config import load_experiment, preset_names
+
+    for name in preset_names():
+        cfg = load_experiment(name)
+        print(f"{name:20s} {cfg.algorithm:4s} {cfg.description}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentforge", description="Train, tune and serve GANs and VAEs on Ray.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_verb", required=True)
+    prep = data.add_parser("prepare", help="turn a source into a prepared Parquet dataset folder")
+    prep.add_argument("source", help="mnist5k | digits | shapes | folder:PATH | torchvision:NAME[:ROOT] | parquet:PATH")
+    prep.add_argument("--out", required=True, help="dataset folder to create")
+    prep.add_argument("--size", type=int, help="centre-crop and resize images to SIZE x SIZE")
+    prep.add_argument("--channels", type=int, choices=[1, 3], help="convert every image to 1 or 3 channels")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images instead of failing")
+    prep.add_argument("--count", type=int, help="images to draw (shapes) or a cap (other sources)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of generated sources (shapes)")
+    prep.add_argument("--download", action="store_true", help="torchvision: allow downloading (needs internet)")
+    prep.add_argument("--image-column", default="image", help="parquet: the encoded-image column")
+    prep.add_argument("--label-column", default="label", help="parquet: the integer label column, if any")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    prep.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a preset or YAML config")
+    tr.add_argument("config", nargs="?", help="preset name (see `latentforge presets`) or YAML file")
+    tr.add_argument("--data", required=True, help="prepared dataset folder")
+    tr.add_argument("--workers", type=int, default=2, help="Ray Train workers; 0 trains in this process without Ray")
+    tr.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
+    tr.add_argument("--steps", type=int, help="override train.steps")
+    tr.add_argument("--seed", type=int, help="override train.seed")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. gan.lr_g=1e-4")
+    tr.add_argument("--out", help="run name (Ray) or run folder (--workers 0); default: unique per run")
+    tr.add_argument("--storage", help="where run folders go: a path or URI (s3://, gs://, file://); default ./runs")
+    tr.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
+    tr.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    tr.add_argument("--data-loader", choices=["ray", "memory"], default="ray",
+                    help="ray: Ray Data shards (default); memory: deterministic in-memory global batches")
+    tr.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    tr.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="write a grid of generated images")
+    gen.add_argument("checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
+    gen.add_argument("--n", type=int, default=64, help="number of images (1..4096)")
+    gen.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same bytes")
+    gen.add_argument("--label", type=int, help="class for conditional models (default: cycle through classes)")
+    gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
+    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("presets", help="list the shipped presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from latentforge.errors import LatentForgeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LatentForgeError as e:
+        print(f"latentforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latentforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

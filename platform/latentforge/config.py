@@ -1,0 +1,205 @@
+"""Typed, validated experiment configs and the named presets.
+
+A config is YAML → dict → `GANExperiment` or `VAEExperiment` (pydantic, unknown keys rejected).
+All problems are reported together, each naming its field. Configs never travel into nn.Modules:
+`latentforge.builders` flattens them into constructor arguments.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from latentforge.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GANModelConfig(Strict):
+    arch: Literal["dcgan"] = "dcgan"  # generator/discriminator family (models.registry.GAN_ARCHITECTURES)
+    z_dim: int = Field(64, ge=1, le=1024)  # latent size
+    g_width: int = Field(32, ge=4, le=512)  # generator channels at full resolution (x2 per halving, up to x8)
+    d_width: int = Field(32, ge=4, le=512)  # discriminator channels at full resolution
+    g_norm: Literal["batch", "none"] = "batch"  # BatchNorm in G ('none' for exact data-parallel equivalence)
+    d_norm: Literal["spectral", "layer", "instance", "none"] = "spectral"  # no BatchNorm in D by design
+    conditional: bool = False  # class-conditional G (label embedding) and projection D
+    embed_dim: int = Field(32, ge=1, le=1024)  # label embedding size in G (conditional only)
+
+
+class VAEModelConfig(Strict):
+    arch: Literal["conv_vae"] = "conv_vae"  # VAE family (models.registry.VAE_ARCHITECTURES)
+    z_dim: int = Field(16, ge=1, le=1024)  # latent size
+    width: int = Field(32, ge=4, le=512)  # encoder/decoder channels at full resolution
+    conditional: bool = False  # class-conditional encoder and decoder
+    embed_dim: int = Field(16, ge=1, le=1024)  # label embedding size (conditional only)
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # decoder likelihood p(x|z)
+
+
+class GANConfig(Strict):
+    loss: Literal["ns", "hinge", "wgan-gp"] = "ns"  # non-saturating, hinge, or Wasserstein + gradient penalty
+    lr_g: float = Field(2e-4, gt=0, le=10)  # generator learning rate (TTUR: may differ from lr_d)
+    lr_d: float = Field(2e-4, gt=0, le=10)  # discriminator learning rate
+    beta1: float = Field(0.5, ge=0, lt=1)  # Adam beta1 (0.5 or 0 is usual for GANs)
+    beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
+    n_critic: int = Field(1, ge=1, le=20)  # discriminator updates per generator update
+    gp_weight: float = Field(10.0, ge=0)  # gradient-penalty weight (wgan-gp only)
+    r1_weight: float = Field(0.0, ge=0)  # R1 penalty gamma on real data (0 = off)
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of generator weights (ramped up early in training)
+    grad_clip: float | None = Field(None, gt=0)  # clip each network's gradient norm (None = off)
+
+
+class VAEConfig(Strict):
+    lr: float = Field(1e-3, gt=0, le=10)  # Adam learning rate
+    beta1: float = Field(0.9, ge=0, lt=1)  # Adam beta1
+    beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
+    beta: float = Field(1.0, gt=0)  # KL weight; > 1 gives a beta-VAE
+    kl_warmup_steps: int = Field(0, ge=0)  # linear KL annealing from 0 to beta over this many steps
+    decoder_sigma: float = Field(0.1, gt=0)  # fixed std of the Gaussian likelihood, in [-1, 1] pixel units
+    grad_clip: float | None = Field(None, gt=0)  # clip the gradient norm (None = off)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(2000, ge=1)  # optimisation steps (a GAN step = n_critic D updates + 1 G update)
+    global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
+    per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
+    seed: int = 0  # seeds weights, noise and data order
+    log_every: int = Field(25, ge=1)  # steps between console/JSON-lines log records
+    sample_every: int = Field(250, ge=1)  # steps between sample grids
+    checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
+    num_to_keep: int = Field(3, ge=1)  # checkpoints kept (oldest deleted)
+    sample_count: int = Field(64, ge=1, le=1024)  # images in a sample grid
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker (None = Ray's/torch's default)
+
+
+class GANExperiment(Strict):
+    name: str  # preset or run name
+    description: str = ""  # one line shown in listings
+    algorithm: Literal["gan"]
+    model: GANModelConfig = GANModelConfig()
+    gan: GANConfig = GANConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class VAEExperiment(Strict):
+    name: str
+    description: str = ""
+    algorithm: Literal["vae"]
+    model: VAEModelConfig = VAEModelConfig()
+    vae: VAEConfig = VAEConfig()
+    train: TrainConfig = TrainConfig()
+
+
+Experiment = Annotated[Union[GANExperiment, VAEExperiment], Field(discriminator="algorithm")]
+_ADAPTER = TypeAdapter(Experiment)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field, what was wrong and the value given."""
+    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if p not in ("gan", "vae") or len(e["loc"]) > 1]
+        loc = [p for p in loc if p not in ("GANExperiment", "VAEExperiment")]
+        field = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; remove it or check its spelling")
+        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            lines.append(f"  algorithm: must be 'gan' or 'vae' (got {e.get('input', {}).get('algorithm') if isinstance(e.get('input'), dict) else e.get('input')!r})")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_experiment(data: Any, source: str = "<dict>") -> GANExperiment | VAEExperiment:
+    """Validate a config mapping.
+
+    Raises:
+        ConfigError: listing every invalid field.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping at the top level, got {type(data).__name__}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from e
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package."""
+    return sorted(p.name[:-5] for p in resources.files("latentforge.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from e
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'gan.lr_g=1e-3' → ('gan.lr_g', 0.001); values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: the item has no '='.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. gan.lr_g=1e-3")
+    parsed = _read_yaml(value, f"override {item!r}")
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string; users mean a number
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of `data` with dotted keys set (sections are created when missing)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_experiment_dict(preset_or_path: str) -> tuple[dict, str]:
+    """Read a preset name or YAML path into a raw dict (not yet validated)."""
+    path = Path(preset_or_path)
+    if preset_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {preset_or_path} does not exist")
+        return _read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}, str(path)
+    names = preset_names()
+    if preset_or_path not in names:
+        raise ConfigError(f"unknown preset {preset_or_path!r}; choose one of: {', '.join(names)}, or give a YAML file path")
+    text = resources.files("latentforge.presets").joinpath(f"{preset_or_path}.yaml").read_text(encoding="utf-8")
+    return _read_yaml(text, f"preset {preset_or_path}") or {}, f"preset {preset_or_path}"
+
+
+def load_experiment(preset_or_path: str, overrides: dict[str, Any] | None = None) -> GANExperiment | VAEExperiment:
+    """Load, override and validate a preset or YAML file.
+
+    Raises:
+        ConfigError: unknown preset, unreadable YAML, or invalid fields (all listed).
+    """
+    data, source = load_experiment_dict(preset_or_path)
+    return parse_experiment(apply_overrides(data, overrides or {}), source)
+
+
+def experiment_to_dict(cfg: GANExperiment | VAEExperiment) -> dict:
+    """Plain JSON-able dict (round-trips through `parse_experiment`)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,137 @@
+"""Reading a prepared dataset folder (no Ray): manifest, splits in memory, a torch Dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentforge.data.prepare import DATASET_KIND, MANIFEST
+from latentforge.errors import DataError
+from latentforge.storage import read_json
+
+
+@dataclass
+class Split:
+    """One split held in memory."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor | None  # (N,) int64, None for unlabeled data
+    attributes: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) float32
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [-1, 1], the range every model consumes and produces."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] → uint8 [0, 255] (clamped, rounded)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def decode_rows(image_bytes: list[bytes], height: int, width: int, channels: int) -> np.ndarray:
+    """Raw HWC bytes of equal-sized images → (N, C, H, W) uint8."""
+    flat = np.frombuffer(b"".join(image_bytes), dtype=np.uint8)
+    return flat.reshape(len(image_bytes), height, width, channels).transpose(0, 3, 1, 2)
+
+
+class PreparedDataset:
+    """A prepared dataset folder written by `prepare_dataset`.
+
+    Args:
+        path: the folder holding `manifest.json` and the Parquet shards.
+
+    Raises:
+        DataError: the folder is missing, incomplete or not a LatentForge dataset.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            hint = "run `latentforge data prepare SOURCE --out DIR` first"
+            if self.path.is_dir():
+                raise DataError(f"{self.path} has no {MANIFEST}: it is not a prepared dataset (or was interrupted); {hint}")
+            raise DataError(f"dataset folder {self.path} does not exist; {hint}")
+        try:
+            self.manifest = read_json(self.path / MANIFEST)
+        except Exception as e:
+            raise DataError(f"{self.path / MANIFEST} is unreadable: {e}") from e
+        if self.manifest.get("kind") != DATASET_KIND:
+            raise DataError(f"{self.path / MANIFEST} does not describe a LatentForge dataset (kind={self.manifest.get('kind')!r})")
+        self._cache: dict[str, Split] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        c, h, w = self.manifest["image_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.manifest.get("attributes", []))
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    def files(self, split: str) -> list[Path]:
+        """The Parquet shards of `split` ('train' or 'val')."""
+        if split not in self.manifest["splits"]:
+            raise DataError(f"unknown split {split!r}; choose one of: {', '.join(self.manifest['splits'])}")
+        files = [self.path / f for f in self.manifest["splits"][split]["files"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"dataset {self.path} is missing shard(s) {', '.join(missing)}; prepare it again")
+        return files
+
+    def load(self, split: str) -> Split:
+        """Read a whole split into memory (cached)."""
+        if split not in self._cache:
+            import pyarrow.parquet as pq
+
+            c, h, w = self.image_shape
+            tables = [pq.read_table(f) for f in self.files(split)]
+            images, labels, attrs = [], [], {a: [] for a in self.attributes}
+            for t in tables:
+                images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
+                if self.num_classes:
+                    labels.append(t.column("label").to_numpy())
+                for a in self.attributes:
+                    attrs[a].append(t.column(f"attr_{a}").to_numpy())
+            n = sum(len(x) for x in images)
+            if n != self.manifest["splits"][split]["count"]:
+                raise DataError(f"dataset {self.path}: split {split!r} has {n} rows, manifest says {self.manifest['splits'][split]['count']}; prepare it again")
+            self._cache[split] = Split(
+                images=torch.from_numpy(np.concatenate(images) if images else np.zeros((0, c, h, w), np.uint8)),
+                labels=torch.from_numpy(np.concatenate(labels).astype(np.int64)) if self.num_classes else None,
+                attributes={a: torch.from_numpy(np.concatenate(v).astype(np.float32)) for a, v in attrs.items()},
+            )
+        return self._cache[split]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A torch Dataset over one split: items are (image float (C, H, W) in [-1, 1], label or -1)."""
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.split = PreparedDataset(path).load(split)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        y = -1 if self.split.labels is None else int(self.split.labels[i])
+        return to_model_range(self.split.images[i]), y

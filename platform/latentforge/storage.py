@@ -1,0 +1,122 @@
+"""Atomic artefact writes and storage URIs.
+
+Every artefact LatentForge writes (dataset folders, checkpoints, images, JSON) is written to a
+temporary sibling first and renamed into place, so an interrupted write never leaves something
+that looks complete. Remote storage (s3://, gs://, file://) goes through pyarrow filesystems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from latentforge.errors import LatentForgeError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file and a rename.
+
+    Args:
+        path: destination file; its parent folder is created.
+        data: the bytes to write.
+
+    Returns:
+        The destination as a `Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented, key-sorted JSON atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, turning a missing or corrupt file into a `LatentForgeError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise LatentForgeError(f"{path} does not exist") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LatentForgeError(f"{path} is not valid JSON ({e}); the file is corrupt, recreate it") from e
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it to `final` only on success.
+
+    Args:
+        final: the folder to create.
+        overwrite: replace an existing `final`; otherwise an existing folder is an error.
+
+    Yields:
+        The temporary folder to fill.
+
+    Raises:
+        LatentForgeError: `final` exists and `overwrite` is false.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise LatentForgeError(f"{final} already exists; choose another path or remove it first")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_uri(path: str) -> bool:
+    """True for `scheme://...` storage locations (s3://, gs://, file://, ...)."""
+    return "://" in str(path)
+
+
+def resolve_filesystem(uri: str):
+    """Return `(pyarrow.fs.FileSystem, path)` for a local path or a pyarrow filesystem URI.
+
+    Raises:
+        LatentForgeError: the URI's scheme is not supported by the installed pyarrow.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
+        raise LatentForgeError(
+            f"cannot open storage location {uri!r}: {e}; use a local path, file://, s3:// or gs://"
+        ) from e

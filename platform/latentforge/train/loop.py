@@ -1,0 +1,194 @@
+"""The training loop shared by single-process runs and Ray Train workers (no Ray imports).
+
+Life cycle: set up (program, resume) → train (step, log, sample, checkpoint) → final report.
+Everything distributed is injected: the worker's rank/world/device and DDP wrapper
+(`WorkerContext`), where batches come from (`BatchStream`), and where records, artefacts and
+checkpoints go (`RunSink`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from latentforge.algorithms.batch import Batch
+from latentforge.algorithms.noise import GlobalNoise
+from latentforge.builders import DataSpec
+from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
+from latentforge.config import experiment_to_dict
+from latentforge.images import grid_png
+from latentforge.train.program import TrainingProgram, build_program
+
+
+@dataclass
+class WorkerContext:
+    """Where this copy of the loop runs."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP wrapper on Ray workers
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # all-reduce average of metrics
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+class BatchStream(Protocol):
+    def iterate(self, start: int = 0) -> Iterator[Batch]:
+        """Batches forever, positioned after `start` global batches."""
+
+
+class RunSink(Protocol):
+    """Where a run's outputs go. Every worker calls `report` at the same steps (a barrier on Ray);
+    only the chief's record and checkpoint are kept."""
+
+    def report(self, record: dict, checkpoint: tuple[str, Callable[[Path], None]] | None) -> None:
+        """Publish a log record and, when given, a checkpoint `(name, write)`: `write(folder)`
+        fills a folder that the sink stores under `name` in the run folder."""
+
+    def artifact(self, relpath: str, data: bytes) -> None:
+        """Store a file in the run folder (chief only)."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Checkpoint folder name inside a run folder: step_000500."""
+    return f"step_{step:06d}"
+
+
+def _fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_progress(record: dict, total: int) -> str:
+    """One console line per log record, readable in a terminal and in `ray job logs`."""
+    keys = ["d_loss", "g_loss", "d_real", "d_fake"] if "g_loss" in record else ["loss", "nll", "kl"]
+    losses = " ".join(f"{k} {record[k]:.4g}" for k in keys if k in record)
+    ckpt = f" | ckpt {record['last_checkpoint']}" if record.get("last_checkpoint") else ""
+    return (f"step {record['step']:>6}/{total} | {record['images_per_sec']:8.1f} img/s | {losses} | "
+            f"ETA {_fmt_duration(record['eta_s'])}{ckpt}")
+
+
+def run_training(
+    cfg,
+    spec: DataSpec,
+    stream: BatchStream,
+    ctx: WorkerContext,
+    sink: RunSink,
+    resume_from: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    evaluate: Callable[[TrainingProgram, int], dict] | None = None,
+    eval_every: int = 0,
+) -> dict:
+    """Train `cfg` to `cfg.train.steps` steps.
+
+    Args:
+        cfg: a validated experiment config.
+        spec: the data the models are built for.
+        stream: this worker's batches.
+        ctx: rank, world size, device and DDP wrapper.
+        sink: receives records, samples and checkpoints.
+        resume_from: a checkpoint folder to continue from (weights, optimisers, step, RNG, data position).
+        log: console printer (chief only).
+        evaluate: optional periodic evaluation (chief only), merged into the record.
+        eval_every: steps between evaluations (0 = never).
+
+    Returns:
+        The last record.
+    """
+    t = cfg.train
+    world = ctx.world_size
+    noise = GlobalNoise(t.seed, ctx.rank, world)
+    program = build_program(cfg, spec, noise, ctx.device, ctx.wrap)
+    per_worker = t.global_batch_size // world
+    start, last_ckpt = 0, None
+    if resume_from is not None:
+        load_module_weights(resume_from, program.modules())
+        state = load_training_state(resume_from)
+        for name, opt in program.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        start = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        last_ckpt = Path(resume_from).name
+        if ctx.is_chief:
+            log(f"resumed from {resume_from} at step {start}")
+    batches_consumed = start * program.batches_per_step
+    it = stream.iterate(batches_consumed)
+    experiment = experiment_to_dict(cfg)
+
+    def write_checkpoint(step_done: int, metrics: dict):
+        def write(folder: Path):
+            save_checkpoint(
+                folder, algorithm=cfg.algorithm, experiment=experiment, data=spec, modules=program.modules(),
+                step=step_done, metrics=metrics, overwrite=True,
+                training_state={
+                    "step": step_done,
+                    "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
+                    "rng": {"torch": torch.get_rng_state()},
+                    "data": {"batches_consumed": step_done * program.batches_per_step},
+                    "world_size": world,
+                },
+            )
+        return write
+
+    if ctx.is_chief:
+        log(f"training {cfg.name} ({cfg.algorithm}) for {t.steps} steps on {world} worker(s): "
+            f"global batch {t.global_batch_size}, per-worker batch {per_worker}, device {ctx.device}")
+        if start == 0:
+            sink.artifact("samples/step_000000.png", grid_png(program.sample()))
+
+    window: list[dict] = []
+    window_start = time.perf_counter()
+    window_steps = 0
+    run_start, steps_timed = time.perf_counter(), 0
+    record: dict = {}
+    for step in range(start, t.steps):
+        batches = [next(it) for _ in range(program.batches_per_step)]
+        window.append(program.step(batches, step))
+        window_steps += 1
+        done = step + 1
+        is_last = done == t.steps
+        log_due = done % t.log_every == 0 or is_last or done == start + 1
+        ckpt_due = done % t.checkpoint_every == 0 or is_last
+        if ctx.is_chief and (done % t.sample_every == 0 or is_last):
+            sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
+        if not (log_due or ckpt_due):
+            continue
+        keys = list(window[0])
+        mean = torch.tensor([[m[k] for k in keys] for m in window], dtype=torch.float64).mean(0)
+        mean = ctx.reduce_mean(mean.to(ctx.device)).cpu().tolist()
+        elapsed = time.perf_counter() - window_start
+        steps_timed += window_steps
+        total_elapsed = time.perf_counter() - run_start
+        images = window_steps * t.global_batch_size * program.batches_per_step
+        record = {
+            "step": done,
+            "images_seen": done * t.global_batch_size * program.batches_per_step,
+            "images_per_sec": images / max(elapsed, 1e-9),
+            "step_time_s": elapsed / window_steps,
+            "eta_s": (t.steps - done) * total_elapsed / max(steps_timed, 1),
+            "world_size": world,
+            "global_batch_size": t.global_batch_size,
+            "per_worker_batch_size": per_worker,
+            **dict(zip(keys, mean)),
+        }
+        if evaluate is not None and ctx.is_chief and eval_every and (done % eval_every == 0 or is_last):
+            record.update(evaluate(program, done))
+        if ckpt_due:
+            last_ckpt = checkpoint_name(done)
+        record["last_checkpoint"] = last_ckpt
+        sink.report(record, (last_ckpt, write_checkpoint(done, dict(record))) if ckpt_due else None)
+        if ctx.is_chief:
+            log(format_progress(record, t.steps))
+        window, window_steps, window_start = [], 0, time.perf_counter()
+    return record

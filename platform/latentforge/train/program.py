@@ -1,0 +1,89 @@
+"""Config → a `TrainingProgram`: the algorithm-specific pieces the training loop drives.
+
+The loop knows nothing about GANs or VAEs; it asks the program for the step function, the
+modules to checkpoint, the optimisers to save and a fixed-noise sample grid. Adding an
+algorithm means adding a builder to `PROGRAM_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from latentforge.algorithms.batch import Batch, unwrap
+from latentforge.algorithms.gan import gan_sample, gan_step, make_gan_state
+from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.vae import make_vae_state, vae_step
+from latentforge.builders import DataSpec, build_gan, build_vae
+
+
+@dataclass
+class TrainingProgram:
+    algorithm: str  # 'gan' | 'vae'
+    batches_per_step: int  # batches consumed by one step (n_critic for GANs)
+    step: Callable[[list[Batch], int], dict[str, float]]  # (batches, global step) → metrics
+    modules: Callable[[], dict[str, nn.Module]]  # plain modules to checkpoint, by name
+    optimizers: dict[str, torch.optim.Optimizer]
+    sample: Callable[[], torch.Tensor]  # a fixed-noise sample grid (N, C, H, W) in [-1, 1]
+    flops_per_image: Callable[[], float] | None = None  # training FLOPs per real image (benchmarks)
+
+
+def _grid_inputs(spec: DataSpec, z_dim: int, n: int, seed: int, device, conditional: bool):
+    gen = torch.Generator().manual_seed(seed + 12345)
+    z = torch.randn(n, z_dim, generator=gen).to(device)
+    labels = torch.arange(n, device=device) % spec.num_classes if conditional else None
+    return z, labels
+
+
+def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
+    g, d = build_gan(cfg.model, spec)
+    state = make_gan_state(g.to(device), d.to(device), cfg.gan, wrap=wrap)
+    z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
+    return TrainingProgram(
+        algorithm="gan",
+        batches_per_step=cfg.gan.n_critic,
+        step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step).as_dict(),
+        modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
+        optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
+        sample=lambda: gan_sample(state.g_ema, z, labels),
+    )
+
+
+def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
+    vae = build_vae(cfg.model, spec).to(device)
+    state = make_vae_state(vae, cfg.vae, wrap=wrap)
+    z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
+
+    @torch.no_grad()
+    def sample():
+        plain = unwrap(state.vae)
+        was = plain.training
+        plain.eval()
+        try:
+            return plain.decode(z, labels)
+        finally:
+            plain.train(was)
+
+    return TrainingProgram(
+        algorithm="vae",
+        batches_per_step=1,
+        step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step).as_dict(),
+        modules=lambda: {"vae": unwrap(state.vae)},
+        optimizers={"vae": state.opt},
+        sample=sample,
+    )
+
+
+PROGRAM_BUILDERS = {"gan": build_gan_program, "vae": build_vae_program}
+
+
+def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=lambda m: m) -> TrainingProgram:
+    """Build the program for `cfg.algorithm`.
+
+    Weights are initialised from `cfg.train.seed`, so every worker builds identical networks.
+    """
+    torch.manual_seed(cfg.train.seed)
+    return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap)

@@ -1,0 +1,47 @@
+"""Shared fixtures: prepared datasets made once per session, tiny configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY_GAN = {"model.g_width": 8, "model.d_width": 8, "model.z_dim": 16, "train.global_batch_size": 16,
+            "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.sample_count": 16}
+TINY_VAE = {"model.width": 8, "model.z_dim": 8, "train.global_batch_size": 16,
+            "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.sample_count": 16}
+
+
+def tiny(preset: str, **overrides):
+    """A preset shrunk for tests (8-channel nets, batch 16), with dotted overrides as kwargs
+    (use '__' for '.', e.g. train__steps=10)."""
+    from latentforge.config import load_experiment
+
+    base = TINY_VAE if preset.startswith(("vae", "cvae", "betavae")) else TINY_GAN
+    extra = {k.replace("__", "."): v for k, v in overrides.items()}
+    return load_experiment(preset, {**base, **extra})
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """mnist5k prepared once: 4,500 train / 500 val, 10 classes, 1x28x28."""
+    from latentforge.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "mnist5k"
+    prepare_dataset("mnist5k", out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """600 procedural shapes at 16 px (3 classes, 4 factors)."""
+    from latentforge.data.prepare import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    prepare_dataset("shapes", out, SourceOptions(count=600, size=16), log=lambda *_: None)
+    return out

@@ -1,0 +1,66 @@
+import pytest
+
+from latentforge.config import (
+    GANExperiment,
+    VAEExperiment,
+    experiment_to_dict,
+    load_experiment,
+    parse_experiment,
+    parse_override,
+    preset_names,
+)
+from latentforge.errors import ConfigError
+
+REQUIRED_PRESETS = {"dcgan-mnist", "wgangp-mnist", "sngan-hinge-mnist", "cdcgan-mnist", "vae-mnist", "cvae-mnist",
+                    "betavae-shapes"}
+
+
+def test_required_presets_ship():
+    assert REQUIRED_PRESETS <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_round_trips(name):
+    cfg = load_experiment(name)
+    assert cfg.name == name
+    assert isinstance(cfg, GANExperiment if cfg.algorithm == "gan" else VAEExperiment)
+    assert parse_experiment(experiment_to_dict(cfg)) == cfg
+
+
+def test_unknown_key_is_rejected_with_its_field():
+    with pytest.raises(ConfigError, match=r"gan\.lr_gg: unknown key"):
+        load_experiment("dcgan-mnist", {"gan.lr_gg": 1e-3})
+
+
+def test_bad_values_are_all_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_experiment("dcgan-mnist", {"gan.loss": "hinge2", "train.steps": -1, "model.d_norm": "batch"})
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "gan.loss" in msg and "'hinge2'" in msg and "'ns'" in msg
+    assert "train.steps" in msg
+    assert "model.d_norm" in msg
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ConfigError, match="dcgan-mnist"):
+        load_experiment("no-such-preset")
+
+
+def test_wrong_algorithm_is_named():
+    with pytest.raises(ConfigError, match="algorithm"):
+        parse_experiment({"name": "x", "algorithm": "diffusion"})
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\nalgorithm: vae\nvae:\n  beta: 2.0\n")
+    cfg = load_experiment(str(f), {"train.steps": 7})
+    assert cfg.vae.beta == 2.0 and cfg.train.steps == 7
+
+
+def test_parse_override_types():
+    assert parse_override("gan.lr_g=1e-3") == ("gan.lr_g", 0.001)
+    assert parse_override("model.conditional=true") == ("model.conditional", True)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("gan.lr_g")
