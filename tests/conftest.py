@@ -10,22 +10,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-TINY_GAN = {"model.g_width": 8, "model.d_width": 8, "model.z_dim": 16, "train.global_batch_size": 16,
-            "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.sample_count": 16}
-TINY_VAE = {"model.width": 8, "model.z_dim": 8, "train.global_batch_size": 16,
-            "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.sample_count": 16}
-
-
-def tiny(preset: str, **overrides):
-    """A preset shrunk for tests (8-channel nets, batch 16), with dotted overrides as kwargs
-    (use '__' for '.', e.g. train__steps=10)."""
-    from latentforge.config import load_experiment
-
-    base = TINY_VAE if preset.startswith(("vae", "cvae", "betavae")) else TINY_GAN
-    extra = {k.replace("__", "."): v for k, v in overrides.items()}
-    return load_experiment(preset, {**base, **extra})
-
-
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     """mnist5k prepared once: 4,500 train / 500 val, 10 classes, 1x28x28."""

@@ -120,3 +120,44 @@ def resolve_filesystem(uri: str):
         raise LatentForgeError(
             f"cannot open storage location {uri!r}: {e}; use a local path, file://, s3:// or gs://"
         ) from e
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def write_bytes_uri(uri: str, data: bytes) -> None:
+    """Write a file at a local path or URI; local writes are atomic (temp + rename), object
+    stores replace whole objects anyway."""
+    if not is_uri(uri) or uri.startswith("file://"):
+        atomic_write_bytes(uri[len("file://"):] if uri.startswith("file://") else uri, data)
+        return
+    fs, path = resolve_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes_uri(uri: str) -> bytes | None:
+    """Read a file at a local path or URI; None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def append_line_uri(uri: str, line: str) -> None:
+    """Append a line to a text file: a true append on local disk; object stores (which cannot
+    append) get the whole file rewritten, fine for logs of a few thousand lines."""
+    if not is_uri(uri) or uri.startswith("file://"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+        return
+    old = read_bytes_uri(uri) or b""
+    write_bytes_uri(uri, old + line.rstrip("\n").encode() + b"\n")

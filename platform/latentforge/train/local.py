@@ -2,39 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from latentforge import __version__
 from latentforge.builders import DataSpec
 from latentforge.checkpoint import find_checkpoints
-from latentforge.config import experiment_to_dict, parse_experiment
+from latentforge.config import parse_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import ConfigError
-from latentforge.storage import atomic_write_bytes, atomic_write_json, read_json
+from latentforge.storage import atomic_write_bytes, read_json
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.loop import WorkerContext, run_training
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-def new_run_name(cfg_name: str) -> str:
-    """A unique run name: preset, UTC time, random suffix (a fresh run never reuses a folder)."""
-    return f"{cfg_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+from latentforge.train.run_files import RUN_FILE, RunFiles, new_run_name, run_file_json
+from latentforge.train.tracking import make_tracker
 
 
 class LocalRunSink:
-    """Writes a run folder on local disk: metrics.jsonl, samples/, step_XXXXXX/ checkpoints."""
+    """A run folder on local disk: checkpoints written in place (oldest pruned), records and
+    samples through `RunFiles`."""
 
-    def __init__(self, run_dir: Path, num_to_keep: int):
-        self.run_dir, self.num_to_keep = Path(run_dir), num_to_keep
+    def __init__(self, files: RunFiles, num_to_keep: int):
+        self.files, self.run_dir, self.num_to_keep = files, Path(files.run_uri), num_to_keep
 
     def report(self, record: dict, checkpoint) -> None:
         if checkpoint is not None:
@@ -42,24 +33,10 @@ class LocalRunSink:
             write(self.run_dir / name)
             for old in find_checkpoints(self.run_dir)[: -self.num_to_keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.files.record(record)
 
     def artifact(self, relpath: str, data: bytes) -> None:
-        atomic_write_bytes(self.run_dir / relpath, data)
-
-
-def write_run_file(run_dir: Path, cfg, data_dir: str, backend: str, workers: int) -> None:
-    atomic_write_json(run_dir / RUN_FILE, {
-        "kind": "latentforge.run",
-        "latentforge_version": __version__,
-        "name": run_dir.name,
-        "experiment": experiment_to_dict(cfg),
-        "data": str(data_dir),
-        "backend": backend,
-        "workers": workers,
-        "created_unix": int(time.time()),
-    })
+        self.files.artifact(relpath, data)
 
 
 def read_run_config(run_dir: str | Path):
@@ -97,14 +74,19 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
     spec = DataSpec.from_dataset(ds)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(run_dir)
     resume_from = None
     if resume:
         found = find_checkpoints(run_dir)
         if found:
             resume_from = found[-1]
     else:
-        write_run_file(run_dir, cfg, str(data_dir), "local", 1)
+        atomic_write_bytes(run_dir / RUN_FILE, run_file_json(run_dir.name, cfg, str(data_dir), "local", 1))
     stream = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device)
-    ctx = WorkerContext(device=torch.device(device))
-    return run_training(cfg, spec, stream, ctx, LocalRunSink(run_dir, cfg.train.num_to_keep),
-                        resume_from=resume_from, log=log, evaluate=evaluate, eval_every=eval_every)
+    tracker = make_tracker(cfg.train.tracking, run_dir.name, cfg.model_dump(mode="json"), str(run_dir), resume)
+    try:
+        return run_training(cfg, spec, stream, WorkerContext(device=torch.device(device)),
+                            LocalRunSink(RunFiles(str(run_dir), tracker), cfg.train.num_to_keep),
+                            resume_from=resume_from, log=log, evaluate=evaluate, eval_every=eval_every)
+    finally:
+        tracker.finish()

@@ -136,7 +136,8 @@ def run_training(
                     "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
                     "rng": {"torch": torch.get_rng_state()},
                     "data": {"batches_consumed": step_done * program.batches_per_step},
-                    "world_size": world,
+                    "attempt_start_step": start,  # after a restart, later records for a step supersede earlier ones
+            "world_size": world,
                 },
             )
         return write
@@ -177,6 +178,7 @@ def run_training(
             "images_per_sec": images / max(elapsed, 1e-9),
             "step_time_s": elapsed / window_steps,
             "eta_s": (t.steps - done) * total_elapsed / max(steps_timed, 1),
+            "attempt_start_step": start,  # after a restart, later records for a step supersede earlier ones
             "world_size": world,
             "global_batch_size": t.global_batch_size,
             "per_worker_batch_size": per_worker,

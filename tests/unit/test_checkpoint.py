@@ -1,0 +1,106 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from helpers import tiny
+from latentforge.checkpoint import load_checkpoint, load_training_state, resolve_checkpoint
+from latentforge.errors import CheckpointError
+from latentforge.sampling import generate
+from latentforge.train.local import train_local
+
+quiet = lambda *_: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def gan_run(mnist_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("gan_run")
+    train_local(tiny("cdcgan-mnist", train__steps=4, train__checkpoint_every=4), mnist_dir, run, log=quiet)
+    return run
+
+
+@pytest.fixture(scope="module")
+def vae_run(mnist_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("vae_run")
+    train_local(tiny("vae-mnist", train__steps=4, train__checkpoint_every=4), mnist_dir, run, log=quiet)
+    return run
+
+
+def test_checkpoint_describes_itself(gan_run):
+    ck = resolve_checkpoint(gan_run)
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["kind"] == "latentforge.checkpoint" and cfg["step"] == 4 and cfg["algorithm"] == "gan"
+    assert cfg["data"]["content_hash"].startswith("sha256:")
+    assert set(cfg["modules"]) == {"generator", "discriminator", "generator_ema"}
+    assert cfg["modules"]["generator"]["class"] == "DCGANGenerator"
+    assert cfg["experiment"]["name"] == "cdcgan-mnist"
+    assert (ck / "model.safetensors").is_file() and (ck / "training_state.pt").is_file()
+
+
+@pytest.mark.parametrize("run", ["gan_run", "vae_run"])
+def test_load_gives_identical_outputs_to_the_trained_modules(run, request):
+    path = request.getfixturevalue(run)
+    a, b = load_checkpoint(path), load_checkpoint(path)
+    x1, z1, _ = generate(a, 8, seed=3)
+    x2, z2, _ = generate(b, 8, seed=3)
+    assert torch.equal(z1, z2) and torch.equal(x1, x2)
+    x3, _, _ = generate(a, 8, seed=4)
+    assert not torch.equal(x1, x3)
+
+
+def test_training_state_has_optimisers_rng_and_position(gan_run):
+    state = load_training_state(resolve_checkpoint(gan_run))
+    assert state["step"] == 4 and state["data"]["batches_consumed"] == 4
+    assert set(state["optimizers"]) == {"generator", "discriminator"}
+    assert state["rng"]["torch"].dtype == torch.uint8
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(resolve_checkpoint(src), dst)
+    return dst
+
+
+def test_hostile_class_name_is_refused(gan_run, tmp_path):
+    ck = _copy(gan_run, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["modules"]["generator"]["class"] = "subprocess.Popen"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown model class 'subprocess.Popen'"):
+        load_checkpoint(ck)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_in_training_state_is_refused(gan_run, tmp_path):
+    ck = _copy(gan_run, tmp_path / "ck")
+    with open(ck / "training_state.pt", "wb") as f:
+        pickle.dump({"step": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_training_state(ck)
+
+
+def test_corrupt_or_missing_files(gan_run, tmp_path):
+    ck = _copy(gan_run, tmp_path / "ck")
+    (ck / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_mismatched_weights_are_reported(gan_run, tmp_path):
+    ck = _copy(gan_run, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["modules"]["generator"]["args"]["width"] = 16
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(ck)

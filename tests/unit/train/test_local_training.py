@@ -1,0 +1,98 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny
+from latentforge.algorithms.vae import vae_negative_elbo
+from latentforge.builders import DataSpec, build_gan
+from latentforge.checkpoint import find_checkpoints, load_checkpoint
+from latentforge.data import PreparedDataset
+from latentforge.data.dataset import to_model_range
+from latentforge.metrics.two_sample import c2st_accuracy
+from latentforge.sampling import generate
+from latentforge.train.local import train_local
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def test_run_folder_layout_and_checkpoint_pruning(mnist_dir, tmp_path):
+    cfg = tiny("dcgan-mnist", train__steps=12, train__checkpoint_every=3, train__num_to_keep=2, train__sample_every=6)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_000009", "step_000012"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 12 and records[-1]["last_checkpoint"] == "step_000012"
+    assert {"d_loss", "g_loss", "grad_norm_d", "images_per_sec", "global_batch_size", "per_worker_batch_size"} <= set(records[-1])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000000.png", "step_000006.png", "step_000012.png"]
+    assert (tmp_path / "run.json").is_file()
+
+
+def test_resume_continues_exactly(mnist_dir, tmp_path):
+    """20 steps straight == 10 steps, stop, resume to 20: weights, EMA and D bit-identical."""
+    straight = tiny("dcgan-mnist", train__steps=20, train__checkpoint_every=10)
+    train_local(straight, mnist_dir, tmp_path / "a", log=quiet)
+    first = tiny("dcgan-mnist", train__steps=10, train__checkpoint_every=10)
+    train_local(first, mnist_dir, tmp_path / "b", log=quiet)
+    train_local(straight, mnist_dir, tmp_path / "b", resume=True, log=quiet)
+    a = load_file(tmp_path / "a" / "step_000020" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "step_000020" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 20
+
+
+def test_vae_learning_lowers_validation_elbo(mnist_dir, tmp_path):
+    cfg = tiny("vae-mnist", train__steps=250, model__width=16, model__z_dim=16, train__global_batch_size=64,
+               train__checkpoint_every=250)
+    val = PreparedDataset(mnist_dir).load("val")
+    x = to_model_range(val.images)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    # the untrained baseline: the same architecture and seed at step 0
+    from latentforge.builders import build_vae
+
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_vae(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))
+    before = vae_negative_elbo(untrained, x, None)["neg_elbo"]
+    after = vae_negative_elbo(load_checkpoint(tmp_path).modules["vae"], x, None)["neg_elbo"]
+    assert before > 500  # ≈ 784·ln 2 for a decoder that predicts 0.5 everywhere
+    assert after < 0.45 * before, (before, after)
+
+
+def test_gan_training_makes_fakes_harder_to_tell_apart(mnist_dir, tmp_path):
+    """A fresh discriminator separates real digits from the untrained generator's output almost
+    perfectly; after training, the same classifier budget does clearly worse."""
+    cfg = tiny("dcgan-mnist", train__steps=300, model__g_width=16, model__d_width=16, model__z_dim=32,
+               train__global_batch_size=64, train__checkpoint_every=300)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    ds = PreparedDataset(mnist_dir)
+    real = to_model_range(ds.load("val").images)[:400]
+    trained = load_checkpoint(tmp_path)
+    fake_trained, _, _ = generate(trained, 400, seed=1)
+    torch.manual_seed(cfg.train.seed)
+    g0, _ = build_gan(cfg.model, DataSpec.from_dataset(ds))
+    with torch.no_grad():
+        fake_untrained = g0.eval()(torch.randn(400, cfg.model.z_dim))
+    acc_untrained = c2st_accuracy(real, fake_untrained, steps=150)
+    acc_trained = c2st_accuracy(real, fake_trained, steps=150)
+    assert acc_untrained > 0.95, acc_untrained
+    assert acc_trained < acc_untrained - 0.05, (acc_untrained, acc_trained)
+
+
+def test_discriminator_separates_real_from_fake_after_training(mnist_dir, tmp_path):
+    """Trained D ranks real digits above fakes; the same D at initialisation does not."""
+    cfg = tiny("sngan-hinge-mnist", train__steps=60, train__checkpoint_every=60)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    ck = load_checkpoint(tmp_path)
+    real = to_model_range(PreparedDataset(mnist_dir).load("val").images)[:200]
+    fake, _, _ = generate(ck, 200, seed=5)
+
+    def separation(d):
+        with torch.no_grad():
+            return (d(real) > d(fake).median()).float().mean().item()
+
+    torch.manual_seed(cfg.train.seed)
+    _, d0 = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))
+    assert separation(d0.eval()) < 0.75
+    assert separation(ck.modules["discriminator"]) > 0.9
