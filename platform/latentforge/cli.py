@@ -90,6 +90,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from latentforge.bench.train_bench import bench_train
+
+    out = bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
+                      use_gpu=args.gpus)
+    if args.json:
+        _print_json_last(out)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from latentforge.config import load_experiment, preset_names
 
@@ -148,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios").add_subparsers(dest="bench_verb", required=True)
+    bt = bench.add_parser("train", help="plain loop vs Ray Train with 1 and 2 workers: images/s, ratios, GFLOP/s")
+    bt.add_argument("--preset", default="dcgan-mnist", help="preset to train (default dcgan-mnist)")
+    bt.add_argument("--data", help="prepared dataset (default: mnist5k prepared in a temp folder)")
+    bt.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    bt.add_argument("--steps", type=int, default=100, help="timed steps")
+    bt.add_argument("--data-loader", choices=["ray", "memory"], default="ray", help="Ray workers' data path")
+    bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
+    bt.add_argument("--json", action="store_true", help="print a JSON object on the last line")
+    bt.set_defaults(func=cmd_bench_train)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)

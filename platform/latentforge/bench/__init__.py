@@ -1,0 +1,1 @@
+"""Benchmarks (`latentforge bench ...`): ratios measured side by side in one run."""

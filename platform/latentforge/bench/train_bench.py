@@ -1,0 +1,129 @@
+"""`latentforge bench train`: one preset and global batch, measured in one run as
+(a) a plain single-process PyTorch loop, (b) Ray Train with 1 worker, (c) Ray Train with 2 workers.
+
+Each Ray worker gets cores / workers torch threads, so (a) and (b) use the same compute and b/a
+is Ray's overhead; c/a is what data parallelism buys on this machine. Throughput is measured
+after a warm-up window; FLOPs are counted on a real step and compared with a measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from latentforge.algorithms.noise import GlobalNoise
+from latentforge.bench.hardware import count_flops, matmul_peak_gflops
+from latentforge.builders import DataSpec
+from latentforge.config import load_experiment
+from latentforge.data.dataset import PreparedDataset
+from latentforge.train.batches import InMemoryBatches
+from latentforge.train.program import build_program
+
+
+def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> dict:
+    """(a): the step function in a bare loop over in-memory batches; also counts FLOPs per image."""
+    ds = PreparedDataset(data_dir)
+    spec = DataSpec.from_dataset(ds)
+    program = build_program(cfg, spec, GlobalNoise(cfg.train.seed), device)
+    it = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device).iterate()
+    per_step = program.batches_per_step
+    images_per_step = cfg.train.global_batch_size * per_step
+    for s in range(warmup):
+        program.step([next(it) for _ in range(per_step)], s)
+    batches = [next(it) for _ in range(per_step)]
+    flops = count_flops(lambda: program.step(batches, warmup))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for s in range(steps):
+        program.step([next(it) for _ in range(per_step)], warmup + 1 + s)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    return {"images_per_s": images_per_step * steps / elapsed, "flops_per_image": flops / images_per_step}
+
+
+def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, data_loader: str, use_gpu: bool) -> dict:
+    """(b)/(c): a real `train_ray` run; throughput from the log windows after the warm-up."""
+    from latentforge.train.ray_train import train_ray
+
+    records = []
+    run_cfg = load_experiment(cfg.name, {
+        **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
+        "train.steps": warmup + steps, "train.log_every": warmup if warmup else steps,
+        "train.checkpoint_every": 10**9, "train.sample_every": 10**9, "train.tracking": "none",
+        "train.threads": max(1, (os.cpu_count() or 2) // workers),
+    })
+    result = train_ray(run_cfg, data_dir, workers=workers, out=f"bench-{workers}w-{time.time_ns()}", storage=storage,
+                       data_loader=data_loader, use_gpu=use_gpu, log=lambda *_: None)
+    from latentforge.storage import join_uri, read_bytes_uri
+    import json
+
+    for line in (read_bytes_uri(join_uri(result["run_dir"], "metrics.jsonl")) or b"").decode().splitlines():
+        records.append(json.loads(line))
+    after = [r for r in records if r["step"] > warmup]
+    step_time = sum(r["step_time_s"] * (r["step"] - p["step"]) for p, r in zip(records, records[1:]) if r["step"] > warmup)
+    n = sum(r["step"] - p["step"] for p, r in zip(records, records[1:]) if r["step"] > warmup)
+    per_step_images = cfg.train.global_batch_size * (cfg.gan.n_critic if cfg.algorithm == "gan" else 1)
+    return {"images_per_s": per_step_images * n / step_time if step_time else float("nan"), "windows": len(after)}
+
+
+def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
+                data_loader: str = "ray", use_gpu: bool = False, log=print) -> dict:
+    """Run (a), (b), (c) and return images/s, ratios, FLOPs per image and GFLOP/s."""
+    from latentforge.train.ray_train import ray_init
+
+    cfg = load_experiment(preset, {"train.tracking": "none"})
+    tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
+    if data_dir is None:
+        from latentforge.data.prepare import prepare_dataset
+
+        data_dir = str(tmp / "mnist5k")
+        prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
+    device = "cuda" if use_gpu else "cpu"
+    cores = os.cpu_count() or 2
+    torch.set_num_threads(cores)
+    log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores")
+    peak = matmul_peak_gflops(device=device)
+    log(f"  matmul peak: {peak:.1f} GFLOP/s")
+    # This machine's speed drifts (shared host): the plain loop is measured before, between and
+    # after the Ray runs, and the ratios use the median of the three, with the spread reported.
+    plain = [plain_loop(cfg, data_dir, warmup, steps, device)]
+    log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
+    ray_init()
+    b = ray_run(cfg, data_dir, 1, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)
+    log(f"  (b) Ray Train, 1 worker:  {b['images_per_s']:8.1f} images/s")
+    torch.set_num_threads(cores)
+    plain.append(plain_loop(cfg, data_dir, warmup, steps, device))
+    log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
+    c = {"images_per_s": float("nan")}
+    if not use_gpu or torch.cuda.device_count() >= 2:
+        c = ray_run(cfg, data_dir, 2, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)
+        log(f"  (c) Ray Train, 2 workers: {c['images_per_s']:8.1f} images/s")
+        torch.set_num_threads(cores)
+        plain.append(plain_loop(cfg, data_dir, warmup, steps, device))
+        log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
+    speeds = sorted(p["images_per_s"] for p in plain)
+    a = {"images_per_s": speeds[len(speeds) // 2], "flops_per_image": plain[0]["flops_per_image"]}
+    flops = a["flops_per_image"]
+    out = {
+        "preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
+        "data_loader": data_loader, "warmup_steps": warmup, "timed_steps": steps,
+        "a_plain_images_per_s": a["images_per_s"], "a_plain_runs_images_per_s": [p["images_per_s"] for p in plain],
+        "b_ray1_images_per_s": b["images_per_s"],
+        "c_ray2_images_per_s": c["images_per_s"],
+        "ratio_b_over_a": b["images_per_s"] / a["images_per_s"], "ratio_c_over_a": c["images_per_s"] / a["images_per_s"],
+        "train_flops_per_image": flops, "matmul_peak_gflops": peak,
+        "a_gflops": flops * a["images_per_s"] / 1e9, "b_gflops": flops * b["images_per_s"] / 1e9,
+        "c_gflops": flops * c["images_per_s"] / 1e9,
+    }
+    out["a_fraction_of_peak"] = out["a_gflops"] / peak
+    log(f"  b/a = {out['ratio_b_over_a']:.3f}   c/a = {out['ratio_c_over_a']:.3f}   "
+        f"(a = median of {len(speeds)} runs, spread {speeds[0]:.0f}..{speeds[-1]:.0f} images/s)")
+    log(f"  training FLOPs per image: {flops / 1e6:.1f} MFLOP; achieved (a) {out['a_gflops']:.1f} GFLOP/s "
+        f"= {out['a_fraction_of_peak']:.0%} of the matmul peak")
+    return out
