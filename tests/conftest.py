@@ -29,3 +29,11 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes"
     prepare_dataset("shapes", out, SourceOptions(count=600, size=16), log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def mnist_features(mnist_dir):
+    """mnist5k's feature network (trained once, about 20 s) and its real statistics."""
+    from latentforge.metrics.features import ensure_feature_net
+
+    return ensure_feature_net(mnist_dir, log=lambda *_: None)

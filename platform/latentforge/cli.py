@@ -33,9 +33,36 @@ def cmd_data_prepare(args) -> int:
                          label_column=args.label_column)
     manifest = prepare_dataset(args.source, args.out, opts, val_fraction=args.val_fraction,
                                split_seed=args.split_seed, overwrite=args.overwrite)
+    if args.features:
+        from latentforge.metrics.features import train_feature_net
+
+        train_feature_net(args.out)
     if args.json:
         _print_json_last({"out": str(args.out), **{k: manifest[k] for k in ("num_images", "num_classes", "image_shape", "content_hash")},
                           "skipped": manifest["skipped"]["count"]})
+    return 0
+
+
+def cmd_data_features(args) -> int:
+    from latentforge.metrics.features import train_feature_net
+
+    config = train_feature_net(args.dataset, epochs=args.epochs, seed=args.seed)
+    if args.json:
+        _print_json_last(config)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def cmd_evaluate(args) -> int:
+    from latentforge.metrics.evaluate import evaluate
+
+    result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
+                      inception=args.inception)
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        _print_json_last(result)
     return 0
 
 
@@ -129,8 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--image-column", default="image", help="parquet: the encoded-image column")
     prep.add_argument("--label-column", default="label", help="parquet: the integer label column, if any")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    prep.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
+                      help="also train the dataset's evaluation feature network (default on)")
     prep.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
     prep.set_defaults(func=cmd_data_prepare)
+
+    feat = data.add_parser("features", help="(re)train a prepared dataset's evaluation feature network")
+    feat.add_argument("dataset", help="prepared dataset folder")
+    feat.add_argument("--epochs", type=int, help="training epochs (default: about 50k images' worth)")
+    feat.add_argument("--seed", type=int, default=0)
+    feat.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    feat.set_defaults(func=cmd_data_features)
+
+    ev = sub.add_parser("evaluate", help="score a checkpoint or generated images against a dataset")
+    ev.add_argument("target", help="checkpoint or run folder, a folder of images, or an .npz of uint8 images")
+    ev.add_argument("--data", required=True, help="prepared dataset folder (its feature network is the backbone)")
+    ev.add_argument("--samples", type=int, default=5000, help="images to generate (checkpoints)")
+    ev.add_argument("--seed", type=int, default=0, help="latent seed")
+    ev.add_argument("--reference", choices=["train", "val"], default="train", help="real split to compare with")
+    ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
+                    "backbone (paper-comparable FID) instead of the dataset's feature network")
+    ev.add_argument("--json", action="store_true", help="print every metric as one JSON object on the last line")
+    ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a preset or YAML config")
     tr.add_argument("config", nargs="?", help="preset name (see `latentforge presets`) or YAML file")

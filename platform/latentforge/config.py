@@ -74,6 +74,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
     num_to_keep: int = Field(3, ge=1)  # checkpoints kept (oldest deleted)
     sample_count: int = Field(64, ge=1, le=1024)  # images in a sample grid
+    eval_every: int = Field(0, ge=0)  # steps between evaluations (FID, recall, ...) on the chief; 0 = off
+    eval_samples: int = Field(1000, ge=10, le=50000)  # generated images per periodic evaluation
     threads: int | None = Field(None, ge=1)  # torch threads per worker (None = CPU cores / workers)
     tracking: Literal["wandb", "none"] = "wandb"  # wandb on the chief worker (offline unless WANDB_MODE=online)
     sync_batchnorm: bool = False  # GPU only: SyncBatchNorm in G so batch statistics span all workers

@@ -43,19 +43,35 @@ def default_labels(ckpt: LoadedCheckpoint, n: int, label: int | None) -> torch.T
 
 
 @torch.no_grad()
+def decode_with(net, algorithm: str, z: torch.Tensor, labels: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
+    """Latents → images (N, C, H, W) in [-1, 1] with a plain generator (GAN) or VAE, in chunks,
+    in eval mode (the module's mode is restored)."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        out = []
+        for i in range(0, len(z), chunk):
+            y = None if labels is None else labels[i : i + chunk].to(device)
+            zi = z[i : i + chunk].to(device)
+            out.append((net.decode(zi, y) if algorithm == "vae" else net(zi, y)).cpu())
+        return torch.cat(out)
+    finally:
+        net.train(was_training)
+
+
 def decode_latents(ckpt: LoadedCheckpoint, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Latents → images (N, C, H, W) in [-1, 1] with the checkpoint's inference generator."""
-    net = ckpt.inference_generator()
-    device = next(net.parameters()).device
-    y = None if labels is None else labels.to(device)
-    if ckpt.algorithm == "vae":
-        return net.decode(z.to(device), y).cpu()
-    return net(z.to(device), y).cpu()
+    return decode_with(ckpt.inference_generator(), ckpt.algorithm, z, labels)
 
 
 def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None,
-             truncation: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Generate `n` images from `seed`.
+             truncation: float | None = None, max_n: int | None = MAX_GENERATE
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Generate `n` images from `seed` (the same seed gives the same latents at any batch size).
+
+    Args:
+        max_n: refuse larger requests (None: no limit, for evaluation).
 
     Returns:
         images (n, C, H, W) in [-1, 1], the latents used, and the labels used (or None).
@@ -63,8 +79,8 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
     Raises:
         LatentForgeError: n out of range, or a label the model does not have.
     """
-    if not 1 <= n <= MAX_GENERATE:
-        raise LatentForgeError(f"n must be between 1 and {MAX_GENERATE} (got {n})")
+    if n < 1 or (max_n is not None and n > max_n):
+        raise LatentForgeError(f"n must be between 1 and {max_n} (got {n})")
     net = ckpt.inference_generator()
     z = sample_latents(n, net.z_dim, seed, truncation)
     labels = default_labels(ckpt, n, label)

@@ -51,6 +51,13 @@ def test_errors_are_clear_and_non_zero(tmp_path, mnist_dir):
 
 
 def test_prepare_json_summary(tmp_path):
-    p = lf("data", "prepare", "digits", "--out", tmp_path / "d", "--json")
+    p = lf("data", "prepare", "digits", "--out", tmp_path / "d", "--no-features", "--json")
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["num_images"] == 1797 and summary["num_classes"] == 10
+
+
+def test_evaluate_json_names_backbone_samples_and_seed(trained, mnist_dir, mnist_features):
+    p = lf("evaluate", trained, "--data", mnist_dir, "--samples", "300", "--seed", "4", "--json")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["backbone"] == mnist_features.backbone and result["samples"] == 300 and result["seed"] == 4
+    assert {"fid", "kid", "precision", "recall", "density", "coverage", "class_coverage", "inception_score"} <= set(result)

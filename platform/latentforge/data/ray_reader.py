@@ -41,7 +41,7 @@ def read_prepared(path, split: str = "train", materialize_limit: int = MATERIALI
     files = [str(f) for f in ds.files(split)]
     c, h, w = ds.image_shape
     pipeline = (
-        ray.data.read_parquet(files, columns=["image", "label"])
+        ray.data.read_parquet(files).select_columns(["image", "label"])
         .map_batches(decode_batch, fn_kwargs={"shape": ds.image_shape}, batch_format="numpy")
     )
     decoded_bytes = ds.manifest["splits"][split]["count"] * c * h * w * 4

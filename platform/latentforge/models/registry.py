@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from latentforge.models.classifier import FeatureClassifier
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.models.vae import ConvVAE
 
@@ -14,6 +15,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "DCGANGenerator": DCGANGenerator,
     "DCGANDiscriminator": DCGANDiscriminator,
     "ConvVAE": ConvVAE,
+    "FeatureClassifier": FeatureClassifier,
 }
 
 # Architecture names used in presets, and the classes they build.

@@ -20,6 +20,11 @@ from latentforge.train.run_files import RUN_FILE, RunFiles, new_run_name, run_fi
 from latentforge.train.tracking import make_tracker
 
 
+def vae_sigma(cfg) -> float:
+    """The Gaussian decoder std of a VAE config (unused for GANs)."""
+    return cfg.vae.decoder_sigma if cfg.algorithm == "vae" else 0.1
+
+
 class LocalRunSink:
     """A run folder on local disk: checkpoints written in place (oldest pruned), records and
     samples through `RunFiles`."""
@@ -64,7 +69,7 @@ def prepare_run_dir(out: str | Path | None, cfg, resume: bool, runs_root: str | 
 
 
 def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
-                log: Callable[[str], None] = print, device: str = "cpu", evaluate=None, eval_every: int = 0) -> dict:
+                log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Train in this process (no Ray): the `--workers 0` path and the reference for tests.
 
     Returns:
@@ -83,10 +88,17 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
     else:
         atomic_write_bytes(run_dir / RUN_FILE, run_file_json(run_dir.name, cfg, str(data_dir), "local", 1))
     stream = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device)
+    evaluate = None
+    if cfg.train.eval_every:
+        from latentforge.metrics.features import ensure_feature_net
+        from latentforge.metrics.periodic import make_periodic_evaluator
+
+        ensure_feature_net(data_dir, log=log)
+        evaluate = make_periodic_evaluator(data_dir, cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg))
     tracker = make_tracker(cfg.train.tracking, run_dir.name, cfg.model_dump(mode="json"), str(run_dir), resume)
     try:
         return run_training(cfg, spec, stream, WorkerContext(device=torch.device(device)),
                             LocalRunSink(RunFiles(str(run_dir), tracker), cfg.train.num_to_keep),
-                            resume_from=resume_from, log=log, evaluate=evaluate, eval_every=eval_every)
+                            resume_from=resume_from, log=log, evaluate=evaluate)
     finally:
         tracker.finish()

@@ -73,6 +73,7 @@ def _fmt_duration(s: float) -> str:
 def format_progress(record: dict, total: int) -> str:
     """One console line per log record, readable in a terminal and in `ray job logs`."""
     keys = ["d_loss", "g_loss", "d_real", "d_fake"] if "g_loss" in record else ["loss", "nll", "kl"]
+    keys += [k for k in ("fid", "recall", "class_coverage") if k in record]
     losses = " ".join(f"{k} {record[k]:.4g}" for k in keys if k in record)
     ckpt = f" | ckpt {record['last_checkpoint']}" if record.get("last_checkpoint") else ""
     return (f"step {record['step']:>6}/{total} | {record['images_per_sec']:8.1f} img/s | {losses} | "
@@ -88,7 +89,6 @@ def run_training(
     resume_from: str | Path | None = None,
     log: Callable[[str], None] = print,
     evaluate: Callable[[TrainingProgram, int], dict] | None = None,
-    eval_every: int = 0,
 ) -> dict:
     """Train `cfg` to `cfg.train.steps` steps.
 
@@ -100,8 +100,8 @@ def run_training(
         sink: receives records, samples and checkpoints.
         resume_from: a checkpoint folder to continue from (weights, optimisers, step, RNG, data position).
         log: console printer (chief only).
-        evaluate: optional periodic evaluation (chief only), merged into the record.
-        eval_every: steps between evaluations (0 = never).
+        evaluate: periodic evaluation (chief only) every `cfg.train.eval_every` steps, merged
+            into the record.
 
     Returns:
         The last record.
@@ -159,7 +159,8 @@ def run_training(
         window_steps += 1
         done = step + 1
         is_last = done == t.steps
-        log_due = done % t.log_every == 0 or is_last or done == start + 1
+        eval_due = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
+        log_due = done % t.log_every == 0 or is_last or done == start + 1 or eval_due
         ckpt_due = done % t.checkpoint_every == 0 or is_last
         if ctx.is_chief and (done % t.sample_every == 0 or is_last):
             sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
@@ -184,7 +185,7 @@ def run_training(
             "per_worker_batch_size": per_worker,
             **dict(zip(keys, mean)),
         }
-        if evaluate is not None and ctx.is_chief and eval_every and (done % eval_every == 0 or is_last):
+        if evaluate is not None and ctx.is_chief and eval_due:
             record.update(evaluate(program, done))
         if ckpt_due:
             last_ckpt = checkpoint_name(done)

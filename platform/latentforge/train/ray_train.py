@@ -149,15 +149,22 @@ def worker_loop(config: dict) -> None:
 
         metrics = TrainMetrics(config["run_name"], cfg.algorithm)
     sink = RaySink(rank, files, metrics)
+    evaluate = None
+    if rank == 0 and cfg.train.eval_every:
+        from latentforge.metrics.periodic import make_periodic_evaluator
+        from latentforge.train.local import vae_sigma
+
+        evaluate = make_periodic_evaluator(config["data_dir"], cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg))
     wctx = WorkerContext(rank=rank, world_size=world, device=device, wrap=wrap, reduce_mean=_reduce_mean(world))
     log = print if rank == 0 else (lambda *_: None)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                run_training(cfg, spec, stream, wctx, sink, resume_from=folder, log=log)
+                run_training(cfg, spec, stream, wctx, sink, resume_from=folder, log=log, evaluate=evaluate)
         else:
-            run_training(cfg, spec, stream, wctx, sink, resume_from=config.get("resume_from"), log=log)
+            run_training(cfg, spec, stream, wctx, sink, resume_from=config.get("resume_from"), log=log,
+                         evaluate=evaluate)
     finally:
         (tracker or NullTracker()).finish()
 
@@ -220,6 +227,10 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     if train_rows // workers < cfg.train.global_batch_size // workers:
         raise ConfigError(f"the training split ({train_rows} images) is too small for global batch {cfg.train.global_batch_size}")
     storage_path, name, run_uri = _resolve_run(out, storage, resume, cfg.name)
+    if cfg.train.eval_every:
+        from latentforge.metrics.features import ensure_feature_net
+
+        ensure_feature_net(data_dir, log=log)
     if not resume:
         write_bytes_uri(join_uri(run_uri, RUN_FILE), run_file_json(name, cfg, str(Path(data_dir).resolve()), "ray", workers))
     ray_init(address)

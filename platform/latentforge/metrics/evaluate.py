@@ -1,0 +1,183 @@
+"""Score generated images (from a checkpoint or from any other generator) against a dataset.
+
+Every result names its backbone, sample count, seed and reference split; numbers from different
+backbones are never mixed in one result.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentforge.data.dataset import PreparedDataset, to_model_range
+from latentforge.errors import LatentForgeError
+from latentforge.metrics.distribution import (
+    class_coverage,
+    density_coverage,
+    frechet_distance,
+    gaussian_stats,
+    inception_score,
+    kernel_inception_distance,
+    label_kl,
+    precision_recall,
+)
+from latentforge.metrics.features import FeatureNet
+
+MAX_KNN = 5000  # points per side for the k-NN metrics (memory is O(N^2))
+
+
+def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "train", seed: int = 0,
+                         requested_labels: torch.Tensor | None = None) -> dict:
+    """All distribution metrics of generated images against a real split.
+
+    Args:
+        fake: (N, C, H, W) in [-1, 1].
+        net: the dataset's feature network and real statistics.
+        reference: the real split to compare with ('train' or 'val').
+        seed: seeds KID subsets.
+        requested_labels: for a conditional model, the class each image was asked to be.
+
+    Returns:
+        fid, kid (+std), precision, recall, density, coverage; with labels also inception_score,
+        class_coverage, label_kl and (conditional) class_accuracy.
+    """
+    if reference not in net.real:
+        raise LatentForgeError(f"no real statistics for split {reference!r}; choose one of: {', '.join(net.real)}")
+    real = net.real[reference]
+    feats, probs = net.embed(fake)
+    mu, sigma = gaussian_stats(feats)
+    out = {"fid": frechet_distance(mu, sigma, real.mu.numpy(), real.sigma.numpy())}
+    out["kid"], out["kid_std"] = kernel_inception_distance(real.features, feats, seed=seed,
+                                                           subset_size=min(1000, len(feats), len(real.features)))
+    r, f = real.features[:MAX_KNN], feats[:MAX_KNN]
+    out["precision"], out["recall"] = precision_recall(r, f, k=3)
+    out["density"], out["coverage"] = density_coverage(r, f, k=5)
+    if probs is not None:
+        out["inception_score"], out["inception_score_std"] = inception_score(probs)
+    if probs is not None and real.class_share is not None and probs.shape[1] == len(real.class_share):
+        predicted = probs.argmax(1)
+        out["class_coverage"] = class_coverage(predicted, real.class_share)
+        out["label_kl"] = label_kl(predicted, real.class_share)
+        if requested_labels is not None:
+            out["class_accuracy"] = float((predicted == requested_labels.cpu()).float().mean())
+    return out
+
+
+def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Generated images from another generator: a folder of image files or an .npz array
+    ((N, H, W[, C]) or (N, C, H, W) uint8, key 'images' or the first array). → (N, C, H, W) in [-1, 1].
+
+    Raises:
+        LatentForgeError: unreadable input or a shape that does not match the dataset.
+    """
+    from PIL import Image
+
+    from latentforge.data.sources import IMAGE_EXTENSIONS, decode_image
+
+    path = Path(path)
+    c, h, w = expected_shape
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise LatentForgeError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        arrays = []
+        for f in files:
+            img = decode_image(f, str(f)).convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                raise LatentForgeError(f"{f} is {img.size[0]}x{img.size[1]}; the dataset's images are {w}x{h}")
+            arrays.append(np.asarray(img, np.uint8).reshape(h, w, c))
+        x = np.stack(arrays)
+    elif path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                x = z["images"] if "images" in z.files else z[z.files[0]]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise LatentForgeError(f"cannot read {path} as an .npz of images: {e}") from e
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim == 4 and x.shape[1] == c and x.shape[-1] != c:
+            x = x.transpose(0, 2, 3, 1)
+        if x.ndim != 4 or x.shape[1:] != (h, w, c):
+            raise LatentForgeError(f"{path} holds images of shape {x.shape[1:]}, the dataset's are {(h, w, c)} (H, W, C)")
+        if x.dtype != np.uint8:
+            raise LatentForgeError(f"{path}: images must be uint8 in [0, 255] (got {x.dtype})")
+    else:
+        raise LatentForgeError(f"{path} is neither a checkpoint, an image folder nor an .npz file")
+    del Image
+    return to_model_range(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+
+
+def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_images: int = 5000) -> dict:
+    """Reconstruction MSE/PSNR/SSIM (posterior mean) and −ELBO on the validation split."""
+    from latentforge.algorithms.vae import vae_negative_elbo
+    from latentforge.metrics.reconstruction import mse, psnr, ssim
+
+    val = dataset.load("val")
+    x = to_model_range(val.images[:max_images])
+    y = None if val.labels is None or not vae.num_classes else val.labels[:max_images]
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad():
+            mu, _ = vae.encode(x, y)
+            recon = vae.decode(mu, y)
+    finally:
+        vae.train(was_training)
+    elbo = vae_negative_elbo(vae, x, y, sigma=sigma)
+    return {"recon_mse": float(mse(recon, x).mean()), "recon_psnr": float(psnr(recon, x).mean()),
+            "recon_ssim": float(ssim(recon, x).mean()), "val_neg_elbo": elbo["neg_elbo"],
+            "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
+
+
+def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
+             reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
+             log=print) -> dict:
+    """Score a checkpoint (or run folder) or a set of generated images against a dataset.
+
+    The backbone is the dataset's own feature network, or Inception-v3 when `inception` names a
+    weights file; one result never mixes the two.
+
+    Returns:
+        One flat dict: every metric, plus backbone, samples, seed, reference, timing.
+    """
+    from latentforge.checkpoint import CONFIG, load_checkpoint
+    from latentforge.metrics.features import ensure_feature_net
+    from latentforge.sampling import generate
+
+    t0 = time.time()
+    ds = PreparedDataset(dataset_dir)
+    if net is None and inception is not None:
+        from latentforge.metrics.inception import load_inception_net
+
+        net = load_inception_net(dataset_dir, inception, log=log)
+    net = net or ensure_feature_net(dataset_dir, log=log)
+    target = Path(target)
+    out: dict = {"backbone": net.backbone, "backbone_val_accuracy": net.val_accuracy, "seed": seed,
+                 "reference": f"{reference} split"}
+    is_checkpoint = target.is_dir() and ((target / CONFIG).is_file() or any(target.glob(f"*/{CONFIG}")))
+    requested = None
+    if is_checkpoint:
+        ckpt = load_checkpoint(target)
+        if tuple(ckpt.data.image_shape) != ds.image_shape:
+            raise LatentForgeError(f"{ckpt.path} makes {ckpt.data.image_shape} images; {dataset_dir} has {ds.image_shape}")
+        if ckpt.data.content_hash and ckpt.data.content_hash != ds.content_hash:
+            log(f"note: {ckpt.path} was trained on other data ({ckpt.data.content_hash[:19]}...) than {dataset_dir}")
+        fake, _, requested = generate(ckpt, samples, seed, max_n=None)
+        out.update({"checkpoint": str(ckpt.path), "step": ckpt.step, "algorithm": ckpt.algorithm})
+        if not ckpt.inference_generator().num_classes:
+            requested = None
+    else:
+        fake = load_image_file_set(target, ds.image_shape)
+        out["images"] = str(target)
+    t_gen = time.time()
+    out["samples"] = len(fake)
+    out.update(distribution_metrics(fake, net, reference, seed, requested))
+    if is_checkpoint and ckpt.algorithm == "vae":
+        sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)
+        out.update(vae_reconstruction_metrics(ckpt.modules["vae"], ds, sigma))
+    out["generate_seconds"] = round(t_gen - t0, 3)
+    out["metrics_seconds"] = round(time.time() - t_gen, 3)
+    return out

@@ -1,0 +1,70 @@
+"""`evaluate` on checkpoints, image folders and .npz files; periodic evaluation; the Inception
+backbone wiring (random weights: only the plumbing is under test, not paper numbers)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny
+from latentforge.data import PreparedDataset, prepare_dataset
+from latentforge.data.sources import SourceOptions
+from latentforge.errors import LatentForgeError
+from latentforge.metrics.evaluate import evaluate
+from latentforge.train.local import train_local
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def test_npz_and_folder_of_real_images_score_like_real_data(mnist_dir, mnist_features, tmp_path):
+    val = PreparedDataset(mnist_dir).load("val").images  # (N, 1, 28, 28) uint8
+    np.savez(tmp_path / "real.npz", images=val.numpy()[:, 0])
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(300):
+        Image.fromarray(val[i, 0].numpy()).save(folder / f"{i:04d}.png")
+    a = evaluate(tmp_path / "real.npz", mnist_dir, net=mnist_features, log=quiet)
+    b = evaluate(folder, mnist_dir, net=mnist_features, log=quiet)
+    assert a["samples"] == 500 and b["samples"] == 300
+    assert a["fid"] < 15 and a["class_coverage"] == 1.0 and a["backbone"] == mnist_features.backbone
+
+
+def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_path):
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((10, 32, 32, 3), np.uint8))
+    with pytest.raises(LatentForgeError, match=r"\(32, 32, 3\).*\(28, 28, 1\)"):
+        evaluate(tmp_path / "rgb.npz", mnist_dir, net=mnist_features, log=quiet)
+    np.savez(tmp_path / "float.npz", images=np.zeros((10, 28, 28), np.float32))
+    with pytest.raises(LatentForgeError, match="uint8"):
+        evaluate(tmp_path / "float.npz", mnist_dir, net=mnist_features, log=quiet)
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(LatentForgeError, match="neither a checkpoint"):
+        evaluate(tmp_path / "x.txt", mnist_dir, net=mnist_features, log=quiet)
+
+
+def test_periodic_evaluation_reports_fid_with_training_metrics(mnist_dir, mnist_features, tmp_path):
+    cfg = tiny("cvae-mnist", train__steps=20, train__eval_every=10, train__eval_samples=200)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fid" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(r["eval_samples"] == 200 and "class_accuracy" in r and "recon_psnr" in r for r in evals)
+
+
+def test_inception_backbone_is_named_and_never_mixed(tmp_path):
+    from torchvision.models import inception_v3
+
+    data = tmp_path / "digits"
+    prepare_dataset("digits", data, SourceOptions(count=60, size=16), log=quiet)
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
+    np.savez(tmp_path / "fake.npz", images=np.zeros((20, 16, 16), np.uint8))
+    r = evaluate(tmp_path / "fake.npz", data, inception=weights, log=quiet)
+    assert r["backbone"].startswith("torchvision-inception-v3@")
+    assert "class_coverage" not in r  # ImageNet classes are not the dataset's classes
+    assert np.isfinite(r["fid"]) and r["fid"] > 0
+    (tmp_path / "bad.pth").write_bytes(b"nope")
+    with pytest.raises(LatentForgeError, match="safely"):
+        evaluate(tmp_path / "fake.npz", data, inception=tmp_path / "bad.pth", log=quiet)
