@@ -127,6 +127,73 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_eval(args) -> int:
+    from latentforge.bench.eval_bench import bench_eval
+
+    out = bench_eval(args.data, samples=args.samples, checkpoint=args.checkpoint)
+    if args.json:
+        _print_json_last(out)
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    from latentforge.bench.quality import MNIST_PRESETS, bench_quality
+
+    rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
+                         out=args.out)
+    if args.json:
+        _print_json_last({"rows": rows})
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from latentforge.tune.space import load_sweep
+    from latentforge.tune.sweep import run_sweep
+
+    if args.resume and not args.out:
+        raise SystemExit("latentforge tune: --resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
+    summary = run_sweep(load_sweep(args.sweep), args.data, out=args.out, resume=args.resume, address=args.address,
+                        registry=None if args.no_promote else args.registry)
+    if args.json:
+        _print_json_last(summary)
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from latentforge import registry
+
+    if args.registry_verb == "list":
+        entries = registry.list_entries(args.registry)
+        if not entries:
+            print(f"no models in {args.registry}")
+        for e in entries:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.get("metrics", {}).items()) if isinstance(v, (int, float)))
+            print(f"{e['name']:24s} {e['algorithm']:4s} step {e['step']:>6}  {metrics}")
+        if args.json:
+            _print_json_last({"models": entries})
+    elif args.registry_verb == "show":
+        entry = registry.show(args.registry, args.name)
+        print(json.dumps(entry, indent=2, sort_keys=True))
+    else:
+        entry = registry.promote(args.checkpoint, args.registry, args.name, overwrite=args.overwrite)
+        print(f"promoted {args.checkpoint} to {args.registry} as {entry['name']!r}")
+        if args.json:
+            _print_json_last(entry)
+    return 0
+
+
+def cmd_edit_eval(args) -> int:
+    from latentforge.editing.quality import edit_eval
+
+    result = edit_eval(args.checkpoint, args.data, images=args.images, seed=args.seed,
+                       project_steps=args.project_steps, restarts=args.restarts)
+    for k, v in result.items():
+        print(f"{k:52s} {v:.4f}" if isinstance(v, float) else f"{k:52s} {v}")
+    if args.json:
+        _print_json_last(result)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from latentforge.config import load_experiment, preset_names
 
@@ -216,6 +283,57 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
     bt.add_argument("--json", action="store_true", help="print a JSON object on the last line")
     bt.set_defaults(func=cmd_bench_train)
+
+    be = bench.add_parser("eval", help="time the evaluation of N samples, stage by stage")
+    be.add_argument("--data", help="prepared dataset (default: mnist5k in a temp folder)")
+    be.add_argument("--samples", type=int, default=5000)
+    be.add_argument("--checkpoint", help="score this checkpoint's samples (default: an untrained DCGAN)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench_eval)
+
+    bq = bench.add_parser("quality", help="train each mnist preset for a fixed budget and write a quality table")
+    bq.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
+    bq.add_argument("--steps", type=int, default=2000, help="training steps per preset")
+    bq.add_argument("--samples", type=int, default=5000, help="samples scored per preset")
+    bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset)")
+    bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
+    bq.add_argument("--json", action="store_true")
+    bq.set_defaults(func=cmd_bench_quality)
+
+    ee = sub.add_parser("edit-eval", help="measure inversion, inpainting, denoising, directions and interpolation")
+    ee.add_argument("checkpoint", help="checkpoint or run folder")
+    ee.add_argument("--data", required=True, help="prepared dataset folder (validation split, feature network)")
+    ee.add_argument("--images", type=int, help="validation images to use (default 64 for GANs, 256 for VAEs)")
+    ee.add_argument("--seed", type=int, default=0)
+    ee.add_argument("--project-steps", type=int, default=150, help="Adam steps per GAN projection")
+    ee.add_argument("--restarts", type=int, default=2, help="random starts per GAN projection")
+    ee.add_argument("--json", action="store_true")
+    ee.set_defaults(func=cmd_edit_eval)
+
+    tu = sub.add_parser("tune", help="run a hyperparameter sweep (Ray Tune) and promote the best trial")
+    tu.add_argument("sweep", help="sweep YAML (see jobs/sweeps/)")
+    tu.add_argument("--data", required=True, help="prepared dataset folder")
+    tu.add_argument("--out", help="sweep folder (default sweeps/<name>-<time>); with --resume, the sweep to continue")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    tu.add_argument("--address", help="join an existing Ray cluster")
+    tu.add_argument("--registry", default="registry", help="promote the best trial here (default ./registry)")
+    tu.add_argument("--no-promote", action="store_true", help="do not promote the best trial")
+    tu.add_argument("--json", action="store_true")
+    tu.set_defaults(func=cmd_tune)
+
+    reg = sub.add_parser("registry", help="list, show and promote registered models")
+    reg_sub = reg.add_subparsers(dest="registry_verb", required=True)
+    for verb in ("list", "show", "promote"):
+        r = reg_sub.add_parser(verb)
+        r.add_argument("--registry", default="registry", help="registry folder or URI (default ./registry)")
+        r.add_argument("--json", action="store_true")
+        if verb == "show":
+            r.add_argument("name")
+        if verb == "promote":
+            r.add_argument("checkpoint", help="checkpoint or run folder (latest checkpoint)")
+            r.add_argument("--name", required=True, help="registry name: a-z, 0-9, '.', '_', '-'")
+            r.add_argument("--overwrite", action="store_true")
+        r.set_defaults(func=cmd_registry)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)

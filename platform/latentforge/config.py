@@ -26,7 +26,7 @@ class GANModelConfig(Strict):
     z_dim: int = Field(64, ge=1, le=1024)  # latent size
     g_width: int = Field(32, ge=4, le=512)  # generator channels at full resolution (x2 per halving, up to x8)
     d_width: int = Field(32, ge=4, le=512)  # discriminator channels at full resolution
-    g_norm: Literal["batch", "none"] = "batch"  # BatchNorm in G ('none' for exact data-parallel equivalence)
+    g_norm: Literal["batch", "layer", "none"] = "batch"  # batch: BatchNorm; layer/none are batch-independent (exact data parallelism)
     d_norm: Literal["spectral", "layer", "instance", "none"] = "spectral"  # no BatchNorm in D by design
     conditional: bool = False  # class-conditional G (label embedding) and projection D
     embed_dim: int = Field(32, ge=1, le=1024)  # label embedding size in G (conditional only)

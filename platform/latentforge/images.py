@@ -56,3 +56,61 @@ def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes → (H, W, C) uint8."""
     arr = np.asarray(Image.open(io.BytesIO(data)))
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
+                   width: int = 900, height: int = 520, log_y: bool = False) -> bytes:
+    """A plain line chart (one line per series, legend on the right) as PNG, drawn with Pillow.
+
+    Non-finite points are skipped; a series that ends early simply stops.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, width - 190, 40, height - 50
+    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)]
+    draw.text((left, 12), title, fill="black", font=font)
+    if not pts:
+        draw.text((left, height // 2), "no finite points to plot", fill="black", font=font)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    ty = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(ty(p[1]) for p in pts), max(ty(p[1]) for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def px(x, y):
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (ty(y) - y0) / (y1 - y0) * (bottom - top)
+
+    draw.rectangle([left, top, right, bottom], outline=(80, 80, 80))
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        yy = bottom - (bottom - top) * i / 4
+        draw.line([left - 4, yy, left, yy], fill="black")
+        draw.text((5, yy - 6), f"{10 ** yv if log_y else yv:.3g}", fill="black", font=font)
+        xv = x0 + (x1 - x0) * i / 4
+        xx = left + (right - left) * i / 4
+        draw.line([xx, bottom, xx, bottom + 4], fill="black")
+        draw.text((xx - 10, bottom + 8), f"{xv:.0f}", fill="black", font=font)
+    draw.text(((left + right) // 2 - 20, height - 20), x_label, fill="black", font=font)
+    draw.text((5, top - 28), y_label + (" (log)" if log_y else ""), fill="black", font=font)
+    for i, (name, s) in enumerate(series.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        line = [px(x, y) for x, y in s if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        ly = top + 14 * i
+        draw.line([right + 10, ly + 6, right + 30, ly + 6], fill=colour, width=3)
+        draw.text((right + 35, ly), name[:24], fill="black", font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -31,7 +31,7 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
     backward runs through the DDP-wrapped critic."""
     k = 3
     cfg = tiny("wgangp-mnist", train__steps=k, train__checkpoint_every=k)
-    assert cfg.model.g_norm == "none" and cfg.model.d_norm == "layer"
+    assert cfg.model.g_norm == "layer" and cfg.model.d_norm == "layer"
     train_local(cfg, mnist_dir, tmp_path / "single", log=quiet)
     train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), data_loader="memory", log=quiet)
     single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)

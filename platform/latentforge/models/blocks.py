@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 SUPPORTED_RESOLUTIONS = (8, 16, 28, 32, 64)
-G_NORMS = ("batch", "none")
+G_NORMS = ("batch", "layer", "none")
 D_NORMS = ("spectral", "layer", "instance", "none")
 
 

@@ -20,7 +20,7 @@ class DCGANGenerator(nn.Module):
         channels: image channels (1 or 3).
         resolution: image side (8, 16, 28, 32, 64).
         width: channels at full resolution; doubles per halving up to 8x.
-        norm: 'batch' or 'none'.
+        norm: 'batch', 'layer' (batch-independent: exact data parallelism) or 'none'.
         num_classes: > 0 for a class-conditional generator.
         embed_dim: label embedding size (conditional only).
     """

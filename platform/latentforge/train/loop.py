@@ -117,6 +117,7 @@ def run_training(
         state = load_training_state(resume_from)
         for name, opt in program.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+        program.apply_hyperparameters()  # the config's learning rates win over the checkpoint's
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         last_ckpt = Path(resume_from).name

@@ -28,7 +28,15 @@ class TrainingProgram:
     modules: Callable[[], dict[str, nn.Module]]  # plain modules to checkpoint, by name
     optimizers: dict[str, torch.optim.Optimizer]
     sample: Callable[[], torch.Tensor]  # a fixed-noise sample grid (N, C, H, W) in [-1, 1]
-    flops_per_image: Callable[[], float] | None = None  # training FLOPs per real image (benchmarks)
+    hyperparameters: dict[str, dict]  # optimiser name -> {"lr": ..., "betas": ...} from the config
+
+    def apply_hyperparameters(self) -> None:
+        """Set the configured learning rates and betas on every optimiser: after loading optimiser
+        state from a checkpoint (which carries the old ones), e.g. when PBT warm-starts a trial
+        from another trial's checkpoint with mutated hyperparameters."""
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group.update(self.hyperparameters[name])
 
 
 def _grid_inputs(spec: DataSpec, z_dim: int, n: int, seed: int, device, conditional: bool):
@@ -49,6 +57,8 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
         modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
         optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
         sample=lambda: gan_sample(state.g_ema, z, labels),
+        hyperparameters={"generator": {"lr": cfg.gan.lr_g, "betas": (cfg.gan.beta1, cfg.gan.beta2)},
+                         "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
     )
 
 
@@ -74,6 +84,7 @@ def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
         modules=lambda: {"vae": unwrap(state.vae)},
         optimizers={"vae": state.opt},
         sample=sample,
+        hyperparameters={"vae": {"lr": cfg.vae.lr, "betas": (cfg.vae.beta1, cfg.vae.beta2)}},
     )
 
 

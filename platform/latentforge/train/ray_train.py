@@ -213,9 +213,6 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     Returns:
         The final record plus `run_dir` and `checkpoint`.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if workers < 1:
         raise ConfigError("--workers must be ≥ 1 for Ray training (0 trains in this process)")
     ds = PreparedDataset(data_dir)
@@ -234,12 +231,6 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     if not resume:
         write_bytes_uri(join_uri(run_uri, RUN_FILE), run_file_json(name, cfg, str(Path(data_dir).resolve()), "ray", workers))
     ray_init(address)
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 2) // workers)
-    datasets = {}
-    if data_loader == "ray":
-        from latentforge.data.ray_reader import read_prepared
-
-        datasets["train"] = read_prepared(data_dir, "train")
     resume_from = None
     if resume and not is_uri(run_uri):
         from latentforge.checkpoint import find_checkpoints
@@ -247,21 +238,46 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
         found = find_checkpoints(run_uri)
         resume_from = str(found[-1]) if found else None
     log(f"run {name}: {workers} worker(s), storage {storage_path}, data loader {data_loader}")
-    trainer = TorchTrainer(
+    trainer = make_trainer(cfg, data_dir, workers, storage_path, name, run_uri, use_gpu=use_gpu,
+                           max_failures=max_failures, data_loader=data_loader, resume_from=resume_from)
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    return {**metrics, "run_dir": run_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def make_trainer(cfg, data_dir: str | Path, workers: int, storage_path: str, name: str, run_uri: str, *,
+                 use_gpu: bool = False, max_failures: int = 2, data_loader: str = "ray",
+                 resume_from: str | None = None, callbacks: list | None = None):
+    """A `TorchTrainer` running `worker_loop` for `cfg` (used by `train_ray` and by sweep trials).
+
+    Args:
+        resume_from: a checkpoint folder to start from when Ray has no checkpoint of this run
+            (a `--resume`, or a PBT exploit's warm start).
+        callbacks: Ray Train `UserCallback`s (the sweep forwards reports to Tune with one).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ds = PreparedDataset(data_dir)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 2) // workers)
+    datasets = {}
+    if data_loader == "ray":
+        from latentforge.data.ray_reader import read_prepared
+
+        datasets["train"] = read_prepared(data_dir, "train")
+    return TorchTrainer(
         worker_loop,
         train_loop_config={
-            "experiment": experiment_to_dict(cfg), "spec": spec.to_json(), "run_uri": run_uri, "run_name": name,
-            "data_dir": str(Path(data_dir).resolve()), "data_loader": data_loader, "threads": threads,
-            "train_rows": train_rows, "resume_from": resume_from,
+            "experiment": experiment_to_dict(cfg), "spec": DataSpec.from_dataset(ds).to_json(), "run_uri": run_uri,
+            "run_name": name, "data_dir": str(Path(data_dir).resolve()), "data_loader": data_loader,
+            "threads": threads, "train_rows": ds.manifest["splits"]["train"]["count"], "resume_from": resume_from,
         },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         ),
         datasets=datasets or None,
     )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    return {**metrics, "run_dir": run_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None}

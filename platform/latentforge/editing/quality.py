@@ -1,0 +1,214 @@
+"""`latentforge edit-eval`: how well the editing operations work, measured on the validation split.
+
+Reported (all PSNRs on [0, 1] pixels, masked-region PSNR counts only the missing pixels):
+- reconstruction PSNR/SSIM (encoder for VAEs, projection for GANs)
+- inpainting PSNR on the masked region, centre and random masks, against a mean-fill
+  (per-pixel training mean) and a nearest-neighbour fill (the training image closest on the
+  observed pixels) baseline
+- denoising PSNR gain at σ = 0.1, 0.2, 0.3
+- per direction: how often the edit moves the classifier to the target class (or the measured
+  shapes factor the intended way) as α grows, and how much everything else moves
+- interpolation: share of paths between two different classes whose label changes at most
+  once; norm preservation of slerp against lerp
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from latentforge.data.dataset import PreparedDataset, to_model_range
+from latentforge.editing.directions import apply_edit, compute_directions, load_directions, save_directions
+from latentforge.editing.inversion import invert
+from latentforge.editing.latent import interpolation_path
+from latentforge.editing.restoration import denoise, inpaint, paste
+from latentforge.metrics.reconstruction import psnr, ssim
+from latentforge.sampling import decode_with
+
+ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0)
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB, [0, 1] pixels) over the missing pixels only (mask = 0), per image."""
+    missing = (1 - mask.float()).expand_as(target)
+    err = (((pred - target) / 2) ** 2 * missing).flatten(1).sum(1) / missing.flatten(1).sum(1).clamp_min(1)
+    return (10 * torch.log10(1.0 / err.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def centre_mask(n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """(N, 1, H, W): the central square of half the side is missing."""
+    m = torch.ones(n, 1, h, w)
+    m[:, :, h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = 0
+    return m
+
+
+def random_mask(n: int, c: int, h: int, w: int, seed: int = 0, block: int = 4, missing: float = 0.4) -> torch.Tensor:
+    """(N, 1, H, W): random blocks missing, about `missing` of the area."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(n, 1, math.ceil(h / block), math.ceil(w / block), generator=gen) > missing).float()
+    return torch.nn.functional.interpolate(coarse, scale_factor=block, mode="nearest")[:, :, :h, :w]
+
+
+def nearest_neighbour_fill(images: torch.Tensor, mask: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """Fill the missing pixels from the training image closest on the observed pixels."""
+    m = mask.float().expand_as(images)
+    out = []
+    for x, mi in zip(images, m):
+        d = (((train - x) * mi) ** 2).flatten(1).sum(1)
+        out.append(paste(x[None], train[d.argmin()][None], mi[None])[0])
+    return torch.stack(out)
+
+
+def measure_shape_factors(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Read the shapes factors off images: size (the lit bounding box's larger side, which is the
+    shape's side for squares, circles and triangles alike), x, y (centre of that box), in [0, 1]."""
+    lit = ((images.amax(1) + 1) / 2 > 0.25)  # (N, H, W)
+    n, h, w = lit.shape
+    idx_x = torch.arange(w, dtype=torch.float32)
+    idx_y = torch.arange(h, dtype=torch.float32)
+    cols, rows = lit.any(1).float(), lit.any(2).float()  # (N, W), (N, H)
+    big = 1e6
+
+    def extent(mask, idx):
+        first = (idx + big * (1 - mask)).min(1).values
+        last = (idx - big * (1 - mask)).max(1).values
+        empty = mask.sum(1) == 0
+        return torch.where(empty, 0.0, first), torch.where(empty, 0.0, last)
+
+    x0, x1 = extent(cols, idx_x)
+    y0, y1 = extent(rows, idx_y)
+    side = torch.maximum(x1 - x0 + 1, y1 - y0 + 1) * (cols.sum(1) > 0)
+    return {"size": side / max(h, w), "x": (x0 + x1) / 2 / (w - 1), "y": (y0 + y1) / 2 / (h - 1)}
+
+
+def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed: int = 0,
+              project_steps: int = 150, restarts: int = 2, log=print) -> dict:
+    """Measure every editing operation on a checkpoint; also computes and saves its directions."""
+    from latentforge.checkpoint import load_checkpoint
+    from latentforge.metrics.features import ensure_feature_net
+
+    t0 = time.time()
+    ck = load_checkpoint(checkpoint)
+    ds = PreparedDataset(dataset_dir)
+    net = ensure_feature_net(dataset_dir, log=log)
+    model, algo = ck.inference_generator(), ck.algorithm
+    classifier = net.model if net.model.head is not None else None
+    n = images or (64 if algo == "gan" else 256)
+    val, train = ds.load("val"), ds.load("train")
+    x = to_model_range(val.images[:n])
+    y_true = None if val.labels is None else val.labels[:n]
+    y_cond = y_true if model.num_classes else None
+    _, c, h, w = x.shape
+    proj = dict(steps=project_steps, restarts=restarts, seed=seed)
+    out: dict = {"checkpoint": str(ck.path), "algorithm": algo, "images": n, "backbone": net.backbone, "seed": seed}
+
+    # 1. reconstruction
+    inv = invert(model, algo, x, y_cond, feature_net=net.model, **({} if algo == "vae" else proj))
+    out["recon_psnr"] = float(psnr(inv.reconstruction, x).mean())
+    out["recon_ssim"] = float(ssim(inv.reconstruction, x).mean())
+    log(f"  reconstruction: PSNR {out['recon_psnr']:.2f} dB, SSIM {out['recon_ssim']:.3f}")
+
+    # 2. inpainting vs baselines
+    train_x = to_model_range(train.images[:5000])
+    mean_image = train_x.mean(0, keepdim=True)
+    methods = ["optimize", "chain"] if algo == "vae" else ["optimize"]
+    for mask_name, mask in (("centre", centre_mask(n, c, h, w)), ("random", random_mask(n, c, h, w, seed))):
+        res = {"mean_fill": masked_psnr(paste(x, mean_image.expand_as(x), mask), x, mask),
+               "nn_fill": masked_psnr(nearest_neighbour_fill(x, mask, train_x), x, mask)}
+        for m in methods:
+            filled, _ = inpaint(model, algo, x, mask, y_cond, method=m, **({} if m == "chain" else proj))
+            res[m] = masked_psnr(filled, x, mask)
+            assert torch.equal(filled * mask, x * mask), "inpainting must keep the observed pixels"
+        for k, v in res.items():
+            out[f"inpaint_{mask_name}_{k}_psnr"] = float(v.mean())
+        best = max(methods, key=lambda m: float(res[m].mean()))
+        out[f"inpaint_{mask_name}_gain_over_mean_fill_db"] = float(res[best].mean() - res["mean_fill"].mean())
+        log(f"  inpainting ({mask_name}): " + ", ".join(f"{k} {float(v.mean()):.2f} dB" for k, v in res.items()))
+
+    # 3. denoising
+    gen = torch.Generator().manual_seed(seed + 1)
+    for sigma in (0.1, 0.2, 0.3):
+        noisy = (x + 2 * sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)  # σ on [0, 1] pixels
+        clean = denoise(model, algo, noisy, y_cond, **({} if algo == "vae" else proj))
+        gain = float(psnr(clean, x).mean() - psnr(noisy, x).mean())
+        out[f"denoise_gain_db_sigma{sigma}"] = gain
+        log(f"  denoising σ={sigma}: PSNR gain {gain:+.2f} dB")
+
+    # 4. directions (computed once, saved beside the checkpoint)
+    directions = load_directions(ck.path)
+    if not directions:
+        computed = compute_directions(ck, ds, net, seed=seed)
+        save_directions(ck.path, computed)
+        directions = {d.name: d for d in computed}
+    out["directions"] = sorted(directions)
+    if algo == "vae":
+        z_src = inv.latent  # edit real validation images
+    else:
+        z_src = torch.randn(n, model.z_dim, generator=torch.Generator().manual_seed(seed + 2))
+    with torch.no_grad():
+        src_images = decode_with(model, algo, z_src, y_cond)
+        src_feats = net.embed(src_images)[0]
+    typical = torch.cdist(src_feats, src_feats).mean().item()
+    for name, d in sorted(directions.items()):
+        if name.startswith("class:") and classifier is not None:
+            target = int(name.split(":")[1])
+            rates, dists = [], []
+            for a in ALPHAS:
+                edited = decode_with(model, algo, apply_edit(z_src, d.vector, a), y_cond)
+                feats, probs = net.embed(edited)
+                rates.append(float((probs.argmax(1) == target).float().mean()))
+                dists.append(float((feats - src_feats).norm(dim=1).mean() / typical))
+            out[f"dir_{name}_target_rate_by_alpha"] = rates
+            out[f"dir_{name}_feature_shift_at_max_alpha"] = dists[-1]
+        elif name.startswith("attr:") and ds.attributes:
+            factor = name.split(":")[1]
+            measured0 = measure_shape_factors(src_images)
+            if factor not in measured0:
+                continue
+            changes = {}
+            for a in (-2.0, 2.0):
+                edited = decode_with(model, algo, apply_edit(z_src, d.vector, a), y_cond)
+                m = measure_shape_factors(edited)
+                changes[a] = {k: (m[k] - measured0[k]) for k in m}
+            target_move = (changes[2.0][factor] - changes[-2.0][factor]).mean().item()
+            others = {k: (changes[2.0][k] - changes[-2.0][k]).abs().mean().item() for k in changes[2.0] if k != factor}
+            out[f"dir_{name}_target_change"] = target_move
+            out[f"dir_{name}_other_changes"] = others
+            out[f"dir_{name}_moves_intended_way_rate"] = float(((changes[2.0][factor] - changes[-2.0][factor]) > 0).float().mean())
+    # 5. interpolation
+    if classifier is not None and y_true is not None:
+        pairs, smooth = 0, 0
+        if algo == "vae":
+            idx_a, idx_b = [], []
+            for i in range(n):
+                j = (i + 1) % n
+                if y_true[i] != y_true[j]:
+                    idx_a.append(i)
+                    idx_b.append(j)
+            za, zb = inv.latent[idx_a], inv.latent[idx_b]
+            ya = y_cond[idx_a] if y_cond is not None else None
+        else:
+            g2 = torch.Generator().manual_seed(seed + 3)
+            za, zb, ya = torch.randn(n, model.z_dim, generator=g2), torch.randn(n, model.z_dim, generator=g2), None
+        norm_dev = {"slerp": [], "lerp": []}
+        for i in range(len(za)):
+            for method in ("slerp", "lerp"):
+                path = interpolation_path(za[i], zb[i], 9, method)
+                t = torch.linspace(0, 1, 9)
+                expected = (1 - t) * za[i].norm() + t * zb[i].norm()  # endpoint norms, blended
+                norm_dev[method].append(float(((path.norm(dim=1) - expected).abs() / expected).max()))
+            path = interpolation_path(za[i], zb[i], 9, "slerp" if algo == "gan" else "lerp")
+            labels = None if ya is None else ya[i].repeat(9)
+            preds = net.embed(decode_with(model, algo, path, labels))[1].argmax(1)
+            if preds[0] == preds[-1]:
+                continue  # endpoints of the same class: not a between-class path
+            pairs += 1
+            smooth += int((preds[1:] != preds[:-1]).sum() <= 1)
+        out["interp_pairs"] = pairs
+        out["interp_label_changes_at_most_once_rate"] = smooth / max(1, pairs)
+        out["interp_slerp_max_norm_deviation"] = sum(norm_dev["slerp"]) / max(1, len(norm_dev["slerp"]))
+        out["interp_lerp_max_norm_deviation"] = sum(norm_dev["lerp"]) / max(1, len(norm_dev["lerp"]))
+    out["seconds"] = round(time.time() - t0, 1)
+    return out

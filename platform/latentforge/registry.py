@@ -1,0 +1,150 @@
+"""The model registry: promoted checkpoints with their lineage, on local disk or any pyarrow
+filesystem URI.
+
+    REGISTRY/<name>/model.json        what it is: algorithm, data, metrics, lineage (sweep, trial,
+                                      hyperparameters, dataset hash, source checkpoint), time
+    REGISTRY/<name>/checkpoint/       config.json + model.safetensors (inference only)
+
+An entry exists once its model.json exists: it is written last (locally the whole entry is also
+built under a temporary name and renamed). Names are restricted to `[a-z0-9][a-z0-9._-]*` so
+that a model id can only ever name an entry, never a path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from latentforge import __version__
+from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
+from latentforge.errors import LatentForgeError
+from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
+
+ENTRY_FILE = "model.json"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class RegistryError(LatentForgeError):
+    """Unknown or invalid model names, unreadable registries."""
+
+
+class UnknownModel(RegistryError):
+    """No entry with that name."""
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it can name an entry; raise otherwise (no paths, no traversal)."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise RegistryError(
+            f"invalid model name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _capabilities(algorithm: str, conditional: bool) -> list[str]:
+    common = ["generate", "interpolate", "edit", "reconstruct", "inpaint", "denoise"]
+    return common + (["class_conditional"] if conditional else [])
+
+
+def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | None = None,
+            metrics: dict | None = None, overwrite: bool = False) -> dict:
+    """Copy a checkpoint's inference files into the registry under `name`, with lineage.
+
+    Raises:
+        RegistryError: bad name, or the name exists and `overwrite` is false.
+    """
+    check_name(name)
+    ck_path = resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(ck_path)
+    entry_uri = join_uri(registry, name)
+    if read_bytes_uri(join_uri(entry_uri, ENTRY_FILE)) is not None and not overwrite:
+        raise RegistryError(f"model {name!r} already exists in {registry}; choose another --name or pass --overwrite")
+    gen = ck.inference_generator()
+    entry = {
+        "kind": "latentforge.registry_entry",
+        "latentforge_version": __version__,
+        "name": name,
+        "created_unix": int(time.time()),
+        "algorithm": ck.algorithm,
+        "step": ck.step,
+        "experiment": ck.experiment.get("name"),
+        "z_dim": gen.z_dim,
+        "num_classes": gen.num_classes,
+        "image_shape": list(ck.data.image_shape),
+        "class_names": list(ck.data.class_names),
+        "dataset_hash": ck.data.content_hash,
+        "metrics": metrics or {},
+        "lineage": {"source_checkpoint": str(ck_path), **(lineage or {})},
+        "capabilities": _capabilities(ck.algorithm, bool(gen.num_classes)),
+    }
+    files = [CONFIG, WEIGHTS] + [p.name for p in ck_path.iterdir() if p.name.startswith("directions")]
+    payload = json.dumps(entry, indent=2, sort_keys=True).encode()
+    if is_uri(registry):
+        for f in files:
+            src = ck_path / f
+            if src.is_file():
+                write_bytes_uri(join_uri(entry_uri, "checkpoint", f), src.read_bytes())
+        write_bytes_uri(join_uri(entry_uri, ENTRY_FILE), payload)  # last: the entry now exists
+    else:
+        with staged_dir(Path(registry) / name, overwrite=overwrite) as tmp:
+            (tmp / "checkpoint").mkdir()
+            for f in files:
+                src = ck_path / f
+                if src.is_dir():
+                    shutil.copytree(src, tmp / "checkpoint" / f)
+                elif src.is_file():
+                    shutil.copy2(src, tmp / "checkpoint" / f)
+            (tmp / ENTRY_FILE).write_bytes(payload)
+    return entry
+
+
+def list_entries(registry: str) -> list[dict]:
+    """Every complete entry (model.json present), sorted by name."""
+    import pyarrow.fs as pafs
+
+    from latentforge.storage import resolve_filesystem
+
+    fs, root = resolve_filesystem(registry)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return []
+    entries = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if info.type != pafs.FileType.Directory or info.base_name.startswith(".") or not NAME_RE.match(info.base_name):
+            continue
+        raw = read_bytes_uri(join_uri(registry, info.base_name, ENTRY_FILE))
+        if raw is not None:
+            entries.append(json.loads(raw))
+    return sorted(entries, key=lambda e: e["name"])
+
+
+def show(registry: str, name: str) -> dict:
+    """One entry's model.json.
+
+    Raises:
+        RegistryError / UnknownModel.
+    """
+    check_name(name)
+    raw = read_bytes_uri(join_uri(registry, name, ENTRY_FILE))
+    if raw is None:
+        known = ", ".join(e["name"] for e in list_entries(registry)) or "none"
+        raise UnknownModel(f"no model {name!r} in registry {registry} (models: {known})")
+    return json.loads(raw)
+
+
+def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = None) -> Path:
+    """A local folder holding the entry's checkpoint (downloaded to `cache_dir` for URIs)."""
+    show(registry, name)
+    if not is_uri(registry):
+        return Path(registry) / name / "checkpoint"
+    cache = Path(cache_dir or tempfile.mkdtemp(prefix="lf-registry-")) / name
+    if not (cache / CONFIG).is_file():
+        for f in (CONFIG, WEIGHTS):
+            data = read_bytes_uri(join_uri(registry, name, "checkpoint", f))
+            if data is None:
+                raise RegistryError(f"registry entry {name!r} is missing checkpoint/{f}")
+            write_bytes_uri(str(cache / f), data)
+    return cache

@@ -1,0 +1,327 @@
+"""Ray Tune wiring for sweeps (`latentforge tune SWEEP_YAML --data DIR`).
+
+Each trial is a Tune function trainable that runs a data-parallel Ray Train V2 `TorchTrainer`
+(a V2 trainer is not itself a Tune trainable). A Ray Train callback forwards every report, with
+its checkpoint path, through a Ray queue to the trial, which calls `tune.report` with a Tune
+checkpoint that wraps the Train checkpoint: ASHA sees the metric, the instability stopper sees
+losses and gradient norms, and PBT can exploit (a restored trial warm-starts from
+`tune.get_checkpoint()` with its new hyperparameters applied).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from latentforge.tune.instability import InstabilityPolicy, StopDecision
+from latentforge.tune.space import SweepConfig, experiment_for, tune_param_space
+
+STOP_REASONS_FILE = "stop_reasons.json"
+SWEEP_FILE = "sweep.json"
+
+
+# ---------------------------------------------------------------------------------------- stopper
+class InstabilityStopper:
+    """A Tune `Stopper` that asks the instability policy; reasons are kept on disk so that the
+    results table shows them (and a resumed sweep still knows them)."""
+
+    def __init__(self, policy: InstabilityPolicy, sweep_dir: str):
+        self.policy, self.sweep_dir = policy, sweep_dir
+        path = Path(sweep_dir) / STOP_REASONS_FILE
+        self.reasons: dict[str, dict] = read_json(path) if path.is_file() else {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        decision: StopDecision = self.policy.observe(trial_id, result)
+        if decision.stop and trial_id not in self.reasons:
+            self.reasons[trial_id] = {"reason": decision.reason, "detail": decision.detail, "step": result.get("step")}
+            Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(self.sweep_dir) / STOP_REASONS_FILE, self.reasons)
+        return decision.stop
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def _as_tune_stopper(stopper: InstabilityStopper):
+    from ray.tune import Stopper
+
+    class _Stopper(Stopper):
+        def __call__(self, trial_id, result):
+            return stopper(trial_id, result)
+
+        def stop_all(self):
+            return stopper.stop_all()
+
+    return _Stopper()
+
+
+# ---------------------------------------------------------------------------------------- trial
+class _ForwardReports:
+    """Ray Train callback (runs in the Train controller): puts each rank-0 record and the
+    checkpoint path into the trial's queue."""
+
+    def __new__(cls, queue):
+        from ray.train.v2.api.callback import UserCallback
+
+        class Forward(UserCallback):
+            def __init__(self, q):
+                self.q = q
+
+            def after_report(self, run_context, metrics, checkpoint):
+                self.q.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+        return Forward(queue)
+
+
+def _clean(record: dict) -> dict:
+    """Tune results: numbers only (strings like last_checkpoint are dropped)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
+    """The Tune function trainable: one trial = one Ray Train run of the sampled config."""
+    import ray
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from latentforge.train.ray_train import make_trainer
+
+    sw = SweepConfig.model_validate(sweep)
+    cfg = experiment_for(sw, config)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    name = f"attempt-{uuid.uuid4().hex[:8]}"
+    forward_all = sw.scheduler.kind != "pbt"  # PBT needs the metric in every result it sees
+    queue = Queue(maxsize=4, actor_options={"num_cpus": 0})
+    tune_ckpt = tune.get_checkpoint()
+    outcome: dict = {}
+
+    def fit(resume_from):
+        try:
+            trainer = make_trainer(cfg, data_dir, sw.workers_per_trial, str(trial_dir / "train"), name,
+                                   str(trial_dir / "train" / name), max_failures=0, data_loader=sw.data_loader,
+                                   resume_from=resume_from, callbacks=[_ForwardReports(queue)])
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the trial's thread below
+            outcome["error"] = e
+
+    def run(resume_from):
+        thread = threading.Thread(target=fit, args=(resume_from,), daemon=True)
+        thread.start()
+        start_step = None
+        while True:
+            try:
+                record, ckpt_path = queue.get(timeout=0.5)
+            except Empty:
+                if not thread.is_alive():
+                    break
+                continue
+            if start_step is None:
+                start_step = record.get("attempt_start_step", 0)
+            if not forward_all and sw.metric not in record:
+                continue
+            result = _clean(record)
+            if resume_from is not None:
+                result["warm_started_at_step"] = start_step
+            checkpoint = tune.Checkpoint.from_directory(ckpt_path) if ckpt_path else None
+            tune.report(result, checkpoint=checkpoint)
+        if "error" in outcome:
+            raise outcome["error"]
+
+    try:
+        if tune_ckpt is not None:
+            with tune_ckpt.as_directory() as folder:  # PBT exploit or trial restore: warm start
+                run(folder)
+        else:
+            run(None)
+    finally:
+        ray.kill(queue.actor)
+
+
+# ---------------------------------------------------------------------------------------- driver
+def _scheduler(sw: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if sw.scheduler.kind == "asha":
+        return ASHAScheduler(time_attr="step", metric=sw.metric, mode=sw.mode, max_t=sw.steps,
+                             grace_period=sw.scheduler.grace_period, reduction_factor=sw.scheduler.reduction_factor)
+    if sw.scheduler.kind == "pbt":
+        mutations = {k: v for k, v in tune_param_space(sw).items() if hasattr(v, "sample")}
+        if not mutations:
+            raise ConfigError("scheduler pbt needs at least one sampled dimension in space to mutate")
+        return PopulationBasedTraining(time_attr="step", metric=sw.metric, mode=sw.mode,
+                                       perturbation_interval=sw.scheduler.perturbation_interval,
+                                       quantile_fraction=sw.scheduler.quantile_fraction,
+                                       resample_probability=sw.scheduler.resample_probability,
+                                       hyperparam_mutations=mutations, synch=False)
+    return FIFOScheduler()
+
+
+def _search(sw: SweepConfig):
+    if sw.search.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ConfigError("search.algorithm optuna needs optuna: pip install optuna") from e
+        return OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.search.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sw.search.seed)
+
+
+def _loss_name(sw: SweepConfig) -> str:
+    from latentforge.config import load_experiment_dict
+
+    base, _ = load_experiment_dict(sw.base)
+    return sw.overrides.get("gan.loss", base.get("gan", {}).get("loss", "ns"))
+
+
+def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bool = False,
+              address: str | None = None, registry: str | None = None, log=print) -> dict:
+    """Run (or resume) a sweep, write its summary, and promote the best trial.
+
+    Args:
+        sw: the validated sweep.
+        data_dir: prepared dataset (its feature network is trained first if the metric needs it).
+        out: the sweep folder (default sweeps/<name>-<time>); with `resume`, the folder to continue.
+        resume: continue an interrupted sweep, keeping finished trials.
+        address: an existing cluster (default: a local one).
+        registry: promote the best trial's checkpoint here (None: do not promote).
+
+    Returns:
+        The summary (rows, best trial, totals).
+    """
+    from ray import tune
+    from ray.tune import CheckpointConfig, RunConfig, TuneConfig, Tuner
+
+    from latentforge.metrics.features import ensure_feature_net
+    from latentforge.train.ray_train import ray_init
+
+    if "fid" in sw.metric or sw.metric in ("kid", "recall", "precision", "coverage", "class_coverage"):
+        ensure_feature_net(data_dir, log=log)
+    sweep_dir = Path(out) if out else Path("sweeps") / f"{sw.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = sweep_dir.resolve()
+    if resume:
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            raise ConfigError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}); give the --out of the sweep to resume")
+        sw = SweepConfig.model_validate(read_json(sweep_dir / SWEEP_FILE)["sweep"])
+    elif sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise ConfigError(f"sweep folder {sweep_dir} exists; choose another --out or pass --resume to continue it")
+    else:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sweep_dir / SWEEP_FILE, {"sweep": sw.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
+                                                   "created_unix": int(time.time())})
+    # Trials report every `report_every` steps so the stopper sees losses and gradient norms
+    # between evaluations; those reports carry no metric, which ASHA skips by design.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    ray_init(address)
+    stopper = InstabilityStopper(InstabilityPolicy(sw.stopper, loss=_loss_name(sw)), str(sweep_dir))
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve())),
+        {"cpu": 0.1},  # the trial only waits on its Train run, whose workers hold the CPUs
+    )
+    experiment = str(sweep_dir / "tune")
+    log(f"sweep {sw.name}: {sw.trials} trials x {sw.steps} steps, {sw.scheduler.kind} + instability stopper, folder {sweep_dir}")
+    if resume and Tuner.can_restore(experiment):
+        tuner = Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                              param_space=tune_param_space(sw))
+    else:
+        tuner = Tuner(
+            trainable,
+            param_space=tune_param_space(sw),
+            tune_config=TuneConfig(num_samples=sw.trials, scheduler=_scheduler(sw), search_alg=_search(sw),
+                                   max_concurrent_trials=sw.max_concurrent, reuse_actors=False),
+            run_config=RunConfig(name="tune", storage_path=str(sweep_dir), stop=_as_tune_stopper(stopper),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=1),
+        )
+    grid = tuner.fit()
+    summary = summarize(sw, grid, stopper.reasons, sweep_dir, log=log)
+    if registry and summary.get("best"):
+        from latentforge.registry import promote
+
+        best = summary["best"]
+        entry = promote(best["checkpoint"], registry, sw.promote_as or sw.name, overwrite=True,
+                        metrics={sw.metric: best["metric"], **best.get("metrics", {})},
+                        lineage={"sweep": sw.name, "sweep_dir": str(sweep_dir), "trial_id": best["trial_id"],
+                                 "hyperparameters": best["config"]})
+        summary["promoted"] = {"registry": registry, "name": entry["name"]}
+        atomic_write_json(sweep_dir / "summary.json", summary)
+        log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
+    return summary
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) -> dict:
+    """Results table (markdown + JSON) and a metric-vs-steps plot in the sweep folder."""
+    from latentforge.images import line_chart_png
+
+    better = min if sw.mode == "min" else max
+    rows, series = [], {}
+    best = None
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or (Path(result.path).name if result.path else "?")
+        df = result.metrics_dataframe
+        history = []
+        if df is not None and sw.metric in df and "step" in df:
+            history = [(float(s), float(m)) for s, m in zip(df["step"], df[sw.metric]) if _finite(m)]
+        steps_used = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
+        best_metric = better((m for _, m in history), default=float("nan"))
+        config = {k: v for k, v in (result.config or {}).items()}
+        if trial_id in reasons:
+            status = f"stopped: {reasons[trial_id]['reason']}"
+        elif result.error is not None:
+            status = f"error: {type(result.error).__name__}"
+        elif steps_used >= sw.steps:
+            status = "completed"
+        else:
+            status = f"stopped by {sw.scheduler.kind}"
+        row = {"trial_id": trial_id, "config": config, "best_metric": best_metric, "steps_used": steps_used,
+               "status": status, "detail": reasons.get(trial_id, {}).get("detail", "")}
+        rows.append(row)
+        series[f"{trial_id}"] = history
+        ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if _finite(m.get(sw.metric))]
+        if ckpts:
+            c, m = better(ckpts, key=lambda cm: cm[1][sw.metric])
+            candidate = {"trial_id": trial_id, "metric": m[sw.metric], "checkpoint": c.path, "config": config,
+                         "step": m.get("step"), "metrics": {k: m[k] for k in ("fid", "recall", "class_coverage") if k in m}}
+            improves = best is None or (candidate["metric"] < best["metric"] if sw.mode == "min"
+                                        else candidate["metric"] > best["metric"])
+            if improves:
+                best = candidate
+    total_steps = sum(r["steps_used"] for r in rows)
+    summary = {"sweep": sw.name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows),
+               "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
+    atomic_write_json(sweep_dir / "summary.json", summary)
+    keys = sorted({k for r in rows for k in r["config"]})
+    lines = [f"# Sweep {sw.name}", "", f"metric: {sw.metric} ({sw.mode}); scheduler: {sw.scheduler.kind}; "
+             f"steps used: {total_steps} of {sw.trials * sw.steps} possible", "",
+             "| trial | " + " | ".join(keys) + f" | best {sw.metric} | steps | status |",
+             "| --- | " + " | ".join("---" for _ in keys) + " | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (not _finite(r["best_metric"]), r["best_metric"] * (1 if sw.mode == "min" else -1) if _finite(r["best_metric"]) else 0)):
+        vals = [f"{r['config'].get(k):.3g}" if isinstance(r["config"].get(k), float) else str(r["config"].get(k)) for k in keys]
+        lines.append(f"| {r['trial_id']} | " + " | ".join(vals) + f" | {r['best_metric']:.4g} | {r['steps_used']} | {r['status']} |")
+    if best:
+        lines += ["", f"best: trial {best['trial_id']}, {sw.metric} {best['metric']:.4g} at step {best['step']}"]
+    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_bytes(sweep_dir / f"{sw.metric}_vs_steps.png",
+                       line_chart_png(series, f"{sw.name}: {sw.metric} per trial", "step", sw.metric,
+                                      log_y=sw.metric in ("fid", "kid")))
+    log("\n".join(lines))
+    log(f"summary: {sweep_dir / 'summary.md'}, plot: {sweep_dir / f'{sw.metric}_vs_steps.png'}")
+    return summary
+
+
+def load_summary(sweep_dir: str | Path) -> dict:
+    path = Path(sweep_dir) / "summary.json"
+    if not path.is_file():
+        raise LatentForgeError(f"{sweep_dir} has no summary.json (the sweep has not finished)")
+    return json.loads(path.read_text())

@@ -1,0 +1,136 @@
+"""Editing operations on small models: each test would fail if the operation were a no-op or
+returned its input."""
+
+import math
+
+import pytest
+import torch
+
+from latentforge.data.shapes import generate_shapes
+from latentforge.editing.directions import (
+    Direction,
+    apply_edit,
+    attribute_regression,
+    load_directions,
+    save_directions,
+    sefa,
+)
+from latentforge.editing.inversion import project
+from latentforge.editing.latent import interpolation_path, slerp
+from latentforge.editing.quality import centre_mask, masked_psnr, measure_shape_factors, random_mask
+from latentforge.editing.restoration import inpaint, paste
+from latentforge.models import ConvVAE, DCGANGenerator
+
+
+@pytest.fixture
+def generator():
+    """An untrained generator whose output layer is scaled up so that images vary a lot with z
+    (at initialisation they are nearly constant grey, which would make every test trivial)."""
+    torch.manual_seed(0)
+    g = DCGANGenerator(z_dim=16, channels=1, resolution=16, width=8, norm="none").eval()
+    with torch.no_grad():
+        g.net.to_image.weight.mul_(30)
+    return g
+
+
+def test_slerp_keeps_gaussian_norms_and_lerp_does_not():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, generator=gen), torch.randn(128, generator=gen)
+    s = interpolation_path(a, b, 11, "slerp")
+    lerp_mid = interpolation_path(a, b, 11, "lerp")[5]
+    assert torch.allclose(s[0], a, atol=1e-5) and torch.allclose(s[-1], b, atol=1e-5)
+    t = torch.linspace(0, 1, 11)
+    expected = (1 - t) * a.norm() + t * b.norm()  # norms move smoothly from |a| to |b|
+    assert ((s.norm(dim=1) - expected).abs() / expected).max() < 0.03
+    assert lerp_mid.norm() / expected[5] < 0.8  # lerp cuts through the low-density middle
+    assert torch.allclose(slerp(a, a, 0.5), a, atol=1e-5)  # parallel vectors are handled
+    with pytest.raises(ValueError, match="slerp, lerp"):
+        interpolation_path(a, b, 5, "cubic")
+
+
+def test_edit_moves_along_direction_and_respects_orthogonality():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 8, generator=gen)
+    d, other = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    e = apply_edit(z, d, 2.0)
+    assert torch.allclose((e - z).norm(dim=1), torch.full((5,), 2.0), atol=1e-5)
+    e2 = apply_edit(z, d, 2.0, orthogonal_to=[other])
+    assert torch.allclose(e2 @ other, z @ other, atol=1e-4)  # the other attribute's score is unchanged
+    assert not torch.allclose(e2, z)
+
+
+def test_projection_recovers_the_generators_own_images(generator):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        target = generator(torch.randn(4, 16, generator=gen))
+    start_err = (generator(torch.randn(4, 16, generator=torch.Generator().manual_seed(99))) - target).pow(2).flatten(1).mean(1)
+    inv = project(generator, "gan", target, steps=150, restarts=2, lr=0.05)
+    assert (inv.error < 0.25 * start_err.detach()).all(), (inv.error, start_err)
+
+
+def test_inpainting_keeps_observed_pixels_exactly_and_fills_the_rest(generator):
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        x = generator(torch.randn(3, 16, generator=gen))
+    mask = centre_mask(3, 1, 16, 16)
+    corrupted = paste(x, torch.full_like(x, 0.123), mask)  # a value the model would not produce
+    filled, inv = inpaint(generator, "gan", corrupted, mask, steps=150, restarts=2)
+    assert torch.equal(filled * mask, corrupted * mask)
+    hole = (1 - mask).bool().expand_as(x)
+    assert not torch.allclose(filled[hole], corrupted[hole])
+    mean_fill = paste(corrupted, torch.zeros_like(x), mask)
+    assert masked_psnr(filled, x, mask).mean() > masked_psnr(mean_fill, x, mask).mean() + 3
+
+
+def test_vae_chain_inpainting_needs_a_vae(generator):
+    with pytest.raises(ValueError, match="needs a VAE"):
+        inpaint(generator, "gan", torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16), method="chain")
+
+
+def test_masks_cover_what_they_claim():
+    c = centre_mask(2, 1, 16, 16)
+    assert (1 - c).mean() == pytest.approx(0.25)
+    r = random_mask(200, 1, 32, 32, seed=0)
+    assert 0.3 < float((1 - r).mean()) < 0.5
+
+
+def test_sefa_gives_orthonormal_eigenvectors_and_directions_round_trip(generator, tmp_path):
+    dirs = sefa(generator, "gan", k=4)
+    m = torch.stack([d.vector for d in dirs])
+    assert torch.allclose(m @ m.T, torch.eye(4), atol=1e-4)
+    w = generator.net.project.weight.detach()
+    # the first direction maximises ||A d|| among unit vectors
+    assert (w @ m[0]).norm() >= (w @ torch.nn.functional.normalize(torch.randn(16), dim=0)).norm()
+    save_directions(tmp_path, dirs + [Direction("attr:size", torch.ones(16) / 4, "attribute_regression", {"r2": 0.5})])
+    loaded = load_directions(tmp_path)
+    assert set(loaded) == {"sefa:0", "sefa:1", "sefa:2", "sefa:3", "attr:size"}
+    assert torch.equal(loaded["sefa:2"].vector, dirs[2].vector) and loaded["attr:size"].meta == {"r2": 0.5}
+
+
+def test_attribute_regression_finds_the_planted_direction():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 6, generator=gen)
+    truth = torch.tensor([0.0, 3.0, 0.0, -4.0, 0.0, 0.0]) / 5
+    values = z @ truth + 0.05 * torch.randn(500, generator=gen)
+    (d,) = attribute_regression(z, {"size": values})
+    assert torch.dot(d.vector, truth) > 0.99 and d.meta["r2"] > 0.95
+
+
+def test_shape_factors_can_be_read_off_the_pictures():
+    images, _, factors = generate_shapes(300, resolution=32, seed=0)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = measure_shape_factors(x)
+    for name in ("size", "x", "y"):
+        corr = torch.corrcoef(torch.stack([m[name], torch.from_numpy(factors[name])]))[0, 1]
+        assert corr > 0.9, (name, corr)
+
+
+def test_vae_inversion_is_its_encoder():
+    torch.manual_seed(0)
+    vae = ConvVAE(z_dim=4, channels=1, resolution=16, width=8).eval()
+    from latentforge.editing.inversion import invert
+
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    inv = invert(vae, "vae", x)
+    assert inv.steps == 0 and torch.allclose(inv.latent, vae.encode(x)[0])
+    assert math.isfinite(float(inv.error.mean()))
