@@ -17,3 +17,28 @@ def tiny(preset: str, **overrides):
     base = TINY_VAE if preset.startswith(("vae", "cvae", "betavae")) else TINY_GAN
     extra = {k.replace("__", "."): v for k, v in overrides.items()}
     return load_experiment(preset, {**base, **extra})
+
+
+SWEEP_TINY = """
+name: {name}
+base: dcgan-mnist
+overrides: {{model.g_width: 16, model.d_width: 16, model.z_dim: 32, train.global_batch_size: 32}}
+space:
+{space}
+trials: {trials}
+steps: {steps}
+eval_every: {eval_every}
+eval_samples: 200
+report_every: 10
+max_concurrent: 2
+scheduler: {scheduler}
+stopper: {{warmup_steps: 200, patience: 2}}
+"""
+
+
+def sweep_file(tmp_path, name="tiny", space="  gan.lr_g: {grid: [2.0e-4, 1.0]}", trials=1, steps=200,
+               scheduler="{kind: fifo}", eval_every=50):
+    """A small DCGAN sweep YAML (16-channel nets, batch 32) written to tmp_path."""
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(SWEEP_TINY.format(name=name, space=space, trials=trials, steps=steps, scheduler=scheduler, eval_every=eval_every))
+    return f

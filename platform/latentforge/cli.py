@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _print_json_last(obj: dict) -> None:
@@ -194,6 +193,15 @@ def cmd_edit_eval(args) -> int:
     return 0
 
 
+def cmd_bench_tune(args) -> int:
+    from latentforge.bench.tune_bench import bench_tune
+
+    out = bench_tune(args.data, trials=args.trials, steps=args.steps, seed=args.seed)
+    if args.json:
+        _print_json_last(out)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from latentforge.config import load_experiment, preset_names
 
@@ -334,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--name", required=True, help="registry name: a-z, 0-9, '.', '_', '-'")
             r.add_argument("--overwrite", action="store_true")
         r.set_defaults(func=cmd_registry)
+
+    btu = bench.add_parser("tune", help="naive sweep vs ASHA + instability stopper: steps and best FID")
+    btu.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
+    btu.add_argument("--trials", type=int, default=8)
+    btu.add_argument("--steps", type=int, default=600, help="steps per trial when not stopped")
+    btu.add_argument("--seed", type=int, default=0, help="search seed (same trials in both sweeps)")
+    btu.add_argument("--json", action="store_true")
+    btu.set_defaults(func=cmd_bench_tune)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from latentforge.algorithms.batch import Batch
 from latentforge.data.dataset import PreparedDataset

@@ -60,6 +60,7 @@ class _TrialState:
     streaks: dict[str, int] = field(default_factory=dict)
     best_fid: float = math.inf
     stopped: StopDecision | None = None
+    last_step: int | None = None
 
 
 class InstabilityPolicy:
@@ -79,6 +80,10 @@ class InstabilityPolicy:
         state = self._trials.setdefault(trial_id, _TrialState())
         if state.stopped is not None:
             return state.stopped
+        step = result.get("step")
+        if step is not None and step == state.last_step:
+            return StopDecision(False)  # the same step again (Tune repeats a trial's last result when it ends)
+        state.last_step = step
         decision = self._decide(state, result)
         if decision.stop:
             state.stopped = decision

@@ -24,6 +24,9 @@ from latentforge.tune.instability import InstabilityPolicy, StopDecision
 from latentforge.tune.space import SweepConfig, experiment_for, tune_param_space
 
 STOP_REASONS_FILE = "stop_reasons.json"
+# A trial stopped because its FID degraded had good checkpoints before it fell apart; a trial
+# stopped for NaNs, a dead generator, a winning discriminator or mode collapse is never promoted.
+PROMOTABLE_STOP_REASONS = {"fid_degradation"}
 SWEEP_FILE = "sweep.json"
 
 
@@ -137,6 +140,11 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     try:
         if tune_ckpt is not None:
             with tune_ckpt.as_directory() as folder:  # PBT exploit or trial restore: warm start
+                saved = read_json(Path(folder) / "config.json")
+                if int(saved.get("step", 0)) >= cfg.train.steps:
+                    # a resumed sweep restoring a trial that had already finished: nothing to train
+                    tune.report({**_clean(saved.get("metrics", {})), "warm_started_at_step": saved["step"]})
+                    return
                 run(folder)
         else:
             run(None)
@@ -172,7 +180,19 @@ def _search(sw: SweepConfig):
         return OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.search.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sw.search.seed)
+    # max_concurrent here: Tune ignores max_concurrent_trials when given a generator instance
+    return BasicVariantGenerator(random_state=sw.search.seed, max_concurrent=sw.max_concurrent)
+
+
+def _checkpoint_config(sw: SweepConfig):
+    """Keep each trial's best two checkpoints (by the metric; Tune also keeps the latest). PBT keeps
+    them all: a trial that exploits another restores the checkpoint that was best when it decided,
+    which the source trial may have moved past by the time the copy starts."""
+    from ray.tune import CheckpointConfig
+
+    if sw.scheduler.kind == "pbt":
+        return CheckpointConfig(num_to_keep=None)
+    return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=sw.metric, checkpoint_score_order=sw.mode)
 
 
 def _loss_name(sw: SweepConfig) -> str:
@@ -198,7 +218,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         The summary (rows, best trial, totals).
     """
     from ray import tune
-    from ray.tune import CheckpointConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune import RunConfig, TuneConfig, Tuner
 
     from latentforge.metrics.features import ensure_feature_net
     from latentforge.train.ray_train import ray_init
@@ -238,7 +258,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
             tune_config=TuneConfig(num_samples=sw.trials, scheduler=_scheduler(sw), search_alg=_search(sw),
                                    max_concurrent_trials=sw.max_concurrent, reuse_actors=False),
             run_config=RunConfig(name="tune", storage_path=str(sweep_dir), stop=_as_tune_stopper(stopper),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2), verbose=1),
+                                 checkpoint_config=_checkpoint_config(sw), verbose=1),
         )
     grid = tuner.fit()
     summary = summarize(sw, grid, stopper.reasons, sweep_dir, log=log)
@@ -288,7 +308,8 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
                "status": status, "detail": reasons.get(trial_id, {}).get("detail", "")}
         rows.append(row)
         series[f"{trial_id}"] = history
-        ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if _finite(m.get(sw.metric))]
+        promotable = trial_id not in reasons or reasons[trial_id]["reason"] in PROMOTABLE_STOP_REASONS
+        ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if promotable and _finite(m.get(sw.metric))]
         if ckpts:
             c, m = better(ckpts, key=lambda cm: cm[1][sw.metric])
             candidate = {"trial_id": trial_id, "metric": m[sw.metric], "checkpoint": c.path, "config": config,

@@ -107,3 +107,12 @@ def test_trials_are_independent_and_decisions_stick():
     assert not p.observe("good", {"step": 1, "d_loss": 1.0}).stop
     assert p.observe("bad", {"step": 2, "d_loss": 1.0}).stop  # once stopped, stays stopped
     assert p.reason("bad").reason == "non_finite" and p.reason("good") is None
+
+
+def test_a_repeated_result_is_not_counted_twice():
+    """Tune hands a finished trial's last result to the stopper again: one evaluation, not two."""
+    collapsed = {"step": 300, "class_coverage": 0.1, "recall": 0.0}
+    p = InstabilityPolicy(InstabilityThresholds(patience=2))
+    assert not p.observe("t", collapsed).stop
+    assert not p.observe("t", dict(collapsed)).stop
+    assert p.observe("t", {**collapsed, "step": 400}).stop
