@@ -202,6 +202,59 @@ def cmd_bench_tune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from latentforge.serve.config import ServeConfig
+    from latentforge.serve.runner import serve_forever
+
+    data = {}
+    if args.config:
+        import yaml
+
+        from latentforge.errors import ConfigError
+
+        try:
+            data = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read serve config {args.config}: {e}") from e
+    if args.registry:
+        data["registry"] = args.registry
+    if args.api_key:
+        data["api_key"] = args.api_key
+    try:
+        cfg = ServeConfig.model_validate(data)
+    except Exception as e:
+        from latentforge.errors import ConfigError
+
+        raise ConfigError(f"invalid serve config: {e}") from e
+    serve_forever(cfg, args.host, args.port, args.address)
+    return 0
+
+
+def cmd_directions(args) -> int:
+    from latentforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.editing.directions import compute_directions, save_directions
+    from latentforge.metrics.features import ensure_feature_net
+
+    path = resolve_checkpoint(args.checkpoint)
+    ck = load_checkpoint(path)
+    dirs = compute_directions(ck, PreparedDataset(args.data), ensure_feature_net(args.data), k=args.k)
+    folder = save_directions(path, dirs)
+    for d in dirs:
+        print(f"{d.name:16s} {d.method:22s} {d.meta}")
+    print(f"saved {len(dirs)} directions in {folder}")
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from latentforge.bench.serve_bench import bench_serve
+
+    out = bench_serve(args.checkpoint, n=args.n, requests_per_client=args.requests)
+    if args.json:
+        _print_json_last(out)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from latentforge.config import load_experiment, preset_names
 
@@ -350,6 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     btu.add_argument("--seed", type=int, default=0, help="search seed (same trials in both sweeps)")
     btu.add_argument("--json", action="store_true")
     btu.set_defaults(func=cmd_bench_tune)
+
+    sv = sub.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)")
+    sv.add_argument("--registry", help="registry folder or URI (default ./registry)")
+    sv.add_argument("--config", help="serve config YAML (limits, batching, autoscaling; see cluster/serve-config.yaml)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--address", help="join an existing Ray cluster")
+    sv.add_argument("--api-key", help="require this key in X-API-Key (or set LATENTFORGE_API_KEY)")
+    sv.set_defaults(func=cmd_serve)
+
+    dr = sub.add_parser("directions", help="compute and save a checkpoint's edit directions")
+    dr.add_argument("checkpoint", help="checkpoint or run folder")
+    dr.add_argument("--data", required=True, help="its prepared dataset (labels, attributes, classifier)")
+    dr.add_argument("--k", type=int, default=5, help="unsupervised directions per method")
+    dr.set_defaults(func=cmd_directions)
+
+    bs = bench.add_parser("serve", help="Serve throughput/latency at concurrency 1, 8, 32, batching on and off")
+    bs.add_argument("--checkpoint", help="model to serve (default: an untrained dcgan-mnist)")
+    bs.add_argument("--n", type=int, default=4, help="images per request")
+    bs.add_argument("--requests", type=int, default=12, help="requests per client")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_serve)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)

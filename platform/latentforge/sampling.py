@@ -13,19 +13,25 @@ MAX_GENERATE = 4096  # images per call; larger requests are split by the caller
 def sample_latents(n: int, z_dim: int, seed: int, truncation: float | None = None) -> torch.Tensor:
     """(n, z_dim) standard normal latents from a seed, on the CPU (device-independent).
 
+    Drawn one row at a time, so that the first k latents of a seed are the same whatever n is
+    (asking for 1 image and for 16 with the same seed gives the same first image).
+
     Args:
         truncation: if set, entries with |z| > truncation are redrawn (the truncation trick).
     """
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=gen)
-    if truncation is not None:
-        for _ in range(100):
-            bad = z.abs() > truncation
-            if not bad.any():
-                break
-            z[bad] = torch.randn(int(bad.sum()), generator=gen)
-        z = z.clamp(-truncation, truncation)
-    return z
+    rows = []
+    for _ in range(n):
+        z = torch.randn(z_dim, generator=gen)
+        if truncation is not None:
+            for _ in range(100):
+                bad = z.abs() > truncation
+                if not bad.any():
+                    break
+                z[bad] = torch.randn(int(bad.sum()), generator=gen)
+            z = z.clamp(-truncation, truncation)
+        rows.append(z)
+    return torch.stack(rows) if rows else torch.empty(0, z_dim)
 
 
 def default_labels(ckpt: LoadedCheckpoint, n: int, label: int | None) -> torch.Tensor | None:

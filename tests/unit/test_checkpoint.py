@@ -104,3 +104,12 @@ def test_mismatched_weights_are_reported(gan_run, tmp_path):
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(ck)
+
+
+def test_latents_of_a_seed_do_not_depend_on_how_many_are_asked_for():
+    from latentforge.sampling import sample_latents
+
+    four, one = sample_latents(4, 64, seed=3), sample_latents(1, 64, seed=3)
+    assert torch.equal(four[:1], one) and not torch.equal(four[0], four[1])
+    t = sample_latents(8, 64, seed=3, truncation=0.5)
+    assert t.abs().max() <= 0.5 and torch.equal(t[:2], sample_latents(2, 64, seed=3, truncation=0.5))

@@ -29,7 +29,7 @@ def bench_tune(data_dir: str | None = None, trials: int = 8, steps: int = 600, s
         data_dir = str(tmp / "mnist5k")
         prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
     common = dict(
-        base="dcgan-mnist", space=SPACE, trials=trials, steps=steps, eval_every=50, eval_samples=500, report_every=25,
+        base="dcgan-mnist", space=SPACE, trials=trials, steps=steps, eval_every=50, eval_samples=1000, report_every=25,
         overrides={"model.g_width": 16, "model.d_width": 16, "model.z_dim": 32, "train.global_batch_size": 32},
         workers_per_trial=1, max_concurrent=2, metric="fid", mode="min", search=SearchConfig(seed=seed),
     )

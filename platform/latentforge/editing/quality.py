@@ -98,6 +98,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     n = images or (64 if algo == "gan" else 256)
     val, train = ds.load("val"), ds.load("train")
     x = to_model_range(val.images[:n])
+    n = x.shape[0]  # a small validation split may hold fewer
     y_true = None if val.labels is None else val.labels[:n]
     y_cond = y_true if model.num_classes else None
     _, c, h, w = x.shape

@@ -50,6 +50,7 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     for key, value in RAY_DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     runtime_env = {"env_vars": WORKER_ENV}

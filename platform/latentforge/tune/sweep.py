@@ -44,12 +44,51 @@ class InstabilityStopper:
         decision: StopDecision = self.policy.observe(trial_id, result)
         if decision.stop and trial_id not in self.reasons:
             self.reasons[trial_id] = {"reason": decision.reason, "detail": decision.detail, "step": result.get("step")}
+            _tune_metrics()["stopped"].inc(tags={"reason": decision.reason})
             Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(self.sweep_dir) / STOP_REASONS_FILE, self.reasons)
         return decision.stop
 
     def stop_all(self) -> bool:
         return False
+
+
+_METRICS: dict = {}
+
+
+def _tune_metrics() -> dict:
+    """Driver-side Ray metrics for the dashboards (created once, on first use)."""
+    if not _METRICS:
+        from ray.util.metrics import Counter, Gauge
+
+        _METRICS["stopped"] = Counter("latentforge_tune_trials_stopped", "Trials stopped by the instability policy",
+                                      tag_keys=("reason",))
+        _METRICS["running"] = Gauge("latentforge_tune_trials_running", "Sweep trials running now")
+    return _METRICS
+
+
+def _trial_counter_callback():
+    """A Tune callback keeping the running-trials gauge current."""
+    from ray.tune import Callback
+
+    class RunningTrials(Callback):
+        def __init__(self):
+            self.running: set[str] = set()
+
+        def _set(self):
+            _tune_metrics()["running"].set(len(self.running))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._set()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self._set()
+
+        on_trial_error = on_trial_complete
+
+    return RunningTrials()
 
 
 def _as_tune_stopper(stopper: InstabilityStopper):
@@ -118,6 +157,7 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
         thread = threading.Thread(target=fit, args=(resume_from,), daemon=True)
         thread.start()
         start_step = None
+        best = None  # the trial's best metric so far: what ASHA ranks (GAN metrics are noisy step to step)
         while True:
             try:
                 record, ckpt_path = queue.get(timeout=0.5)
@@ -130,6 +170,11 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
             if not forward_all and sw.metric not in record:
                 continue
             result = _clean(record)
+            value = result.get(sw.metric)
+            if value is not None and math.isfinite(value):
+                best = value if best is None else (min(best, value) if sw.mode == "min" else max(best, value))
+            if best is not None:
+                result[f"{sw.metric}_best"] = best
             if resume_from is not None:
                 result["warm_started_at_step"] = start_step
             checkpoint = tune.Checkpoint.from_directory(ckpt_path) if ckpt_path else None
@@ -157,7 +202,9 @@ def _scheduler(sw: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if sw.scheduler.kind == "asha":
-        return ASHAScheduler(time_attr="step", metric=sw.metric, mode=sw.mode, max_t=sw.steps,
+        # ASHA ranks trials by their best value so far: FID of a GAN jumps by 2x between
+        # evaluations, and ranking on the last value cut the eventual winner at a rung.
+        return ASHAScheduler(time_attr="step", metric=f"{sw.metric}_best", mode=sw.mode, max_t=sw.steps,
                              grace_period=sw.scheduler.grace_period, reduction_factor=sw.scheduler.reduction_factor)
     if sw.scheduler.kind == "pbt":
         mutations = {k: v for k, v in tune_param_space(sw).items() if hasattr(v, "sample")}
@@ -258,7 +305,8 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
             tune_config=TuneConfig(num_samples=sw.trials, scheduler=_scheduler(sw), search_alg=_search(sw),
                                    max_concurrent_trials=sw.max_concurrent, reuse_actors=False),
             run_config=RunConfig(name="tune", storage_path=str(sweep_dir), stop=_as_tune_stopper(stopper),
-                                 checkpoint_config=_checkpoint_config(sw), verbose=1),
+                                 checkpoint_config=_checkpoint_config(sw), callbacks=[_trial_counter_callback()],
+                                 verbose=1),
         )
     grid = tuner.fit()
     summary = summarize(sw, grid, stopper.reasons, sweep_dir, log=log)

@@ -18,7 +18,7 @@ from latentforge.editing.directions import (
 from latentforge.editing.inversion import project
 from latentforge.editing.latent import interpolation_path, slerp
 from latentforge.editing.quality import centre_mask, masked_psnr, measure_shape_factors, random_mask
-from latentforge.editing.restoration import inpaint, paste
+from latentforge.editing.restoration import denoise, estimate_noise_sigma, inpaint, paste
 from latentforge.models import ConvVAE, DCGANGenerator
 
 
@@ -134,3 +134,22 @@ def test_vae_inversion_is_its_encoder():
     inv = invert(vae, "vae", x)
     assert inv.steps == 0 and torch.allclose(inv.latent, vae.encode(x)[0])
     assert math.isfinite(float(inv.error.mean()))
+
+
+def test_noise_sigma_estimate_reads_white_noise_on_a_smooth_image():
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-0.5, 0.5, 32).view(1, 1, 1, 32).expand(4, 1, 32, 32)
+    for sigma in (0.05, 0.2, 0.4):
+        est = estimate_noise_sigma(ramp + sigma * torch.randn(4, 1, 32, 32, generator=gen))
+        assert torch.allclose(est, torch.full((4,), sigma), rtol=0.15), (sigma, est)
+
+
+def test_denoise_weights_the_observation_by_the_noise_level():
+    """With no noise the observation is returned; with heavy noise the projection dominates."""
+    vae = ConvVAE(channels=1, resolution=16, z_dim=4, width=8).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=gen) * 2 - 1
+    assert torch.allclose(denoise(vae, "vae", x, sigma=0.0), x, atol=1e-3)
+    recon = vae.decode(vae.encode(x)[0])
+    heavy = denoise(vae, "vae", x, sigma=50.0)
+    assert (heavy - recon).abs().max() < (heavy - x).abs().max()

@@ -1,0 +1,123 @@
+"""`latentforge bench serve`: generation throughput and latency through Ray Serve at concurrency
+1, 8 and 32, with batching on and off, against the same model called in-process in batches.
+Measured side by side in one run on one machine."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _percentiles(latencies: list[float]) -> dict:
+    a = np.asarray(latencies) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def load(url: str, model: str, concurrency: int, requests_per_client: int, n: int) -> dict:
+    """`concurrency` clients, each sending `requests_per_client` generate requests of `n` images."""
+    import requests
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors = 0
+
+    def client(c: int):
+        nonlocal errors
+        s = requests.Session()
+        for i in range(requests_per_client):
+            t = time.perf_counter()
+            r = s.post(f"{url}/v1/models/{model}/generate", json={"n": n, "seed": c * 100_000 + i, "include_latents": False},
+                       timeout=300)
+            dt = time.perf_counter() - t
+            with lock:
+                if r.ok:
+                    latencies.append(dt)
+                else:
+                    errors += 1
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "images_per_s": len(latencies) * n / wall, **_percentiles(latencies)}
+
+
+def in_process(checkpoint_dir: str, n: int, batch_requests: int, repeats: int = 20, threads: int = 1) -> float:
+    """Images/s of the same model called directly in batches of `batch_requests` requests."""
+    import torch
+
+    from latentforge.serve.engine import ModelRuntime
+    from latentforge.serve.schemas import GenerateRequest
+
+    torch.set_num_threads(threads)
+    runtime = ModelRuntime("bench", checkpoint_dir)
+    reqs = [GenerateRequest(n=n, seed=i, include_latents=False) for i in range(batch_requests)]
+    runtime.generate_many(reqs)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        runtime.generate_many(reqs)
+    return repeats * batch_requests * n / (time.perf_counter() - t)
+
+
+def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: int = 4,
+                concurrencies=(1, 8, 32), requests_per_client: int = 12, log=print) -> dict:
+    """Deploy the batched and unbatched applications side by side and load each."""
+    import ray
+    from ray import serve
+
+    from latentforge.registry import local_checkpoint, promote
+    from latentforge.serve.app import build_application
+    from latentforge.serve.config import ServeConfig
+    from latentforge.train.ray_train import ray_init
+
+    tmp = Path(tempfile.mkdtemp(prefix="lf-bench-serve-"))
+    if checkpoint is None:  # an untrained dcgan-mnist: throughput does not depend on training
+        from latentforge.builders import DataSpec, build_gan
+        from latentforge.checkpoint import save_checkpoint
+        from latentforge.config import experiment_to_dict, load_experiment
+
+        cfg = load_experiment("dcgan-mnist")
+        g, d = build_gan(cfg.model, DataSpec((1, 28, 28), 0))
+        checkpoint = str(save_checkpoint(tmp / "ckpt", algorithm="gan", experiment=experiment_to_dict(cfg),
+                                         data=DataSpec((1, 28, 28), 0), modules={"generator": g, "discriminator": d,
+                                                                                 "generator_ema": g}, step=0))
+    registry = str(tmp / "registry")
+    promote(checkpoint, registry, "bench")
+    threads = 1
+    out: dict = {"model": "dcgan-mnist (28x28)", "images_per_request": n, "replicas": 1, "threads_per_replica": threads}
+    out["in_process_batched_images_per_s"] = in_process(str(local_checkpoint(registry, "bench")), n, 32, threads=threads)
+    out["in_process_single_images_per_s"] = in_process(str(local_checkpoint(registry, "bench")), n, 1, repeats=100,
+                                                       threads=threads)
+    log(f"  in-process: {out['in_process_batched_images_per_s']:.0f} images/s batched (32 requests of {n}), "
+        f"{out['in_process_single_images_per_s']:.0f} one request at a time")
+    ray_init(num_cpus=4)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8799})
+    fixed = {"min_replicas": 1, "max_replicas": 1}
+    for batching in (True, False):
+        name = "batched" if batching else "unbatched"
+        cfg = ServeConfig.model_validate({"registry": registry, "batching": batching, "replica_cpus": 1.0,
+                                          "threads_per_replica": threads, "generator": fixed, "editor": fixed,
+                                          "max_ongoing_requests": 64, "batch_wait_timeout_s": 0.005})
+        serve.run(build_application(cfg), name=name, route_prefix=f"/{name}")
+        url = f"http://127.0.0.1:8799/{name}"
+        load(url, "bench", 4, 3, n)  # warm-up: model load, connections
+        for c in concurrencies:
+            r = load(url, "bench", c, requests_per_client if c > 1 else requests_per_client * 3, n)
+            out[f"{name}_c{c}"] = r
+            log(f"  serve {name:9s} concurrency {c:2d}: {r['images_per_s']:7.1f} images/s, p50 {r['p50_ms']:6.1f} ms, "
+                f"p95 {r['p95_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}")
+        serve.delete(name)
+    serve.shutdown()
+    ray.shutdown()
+    top = max(concurrencies)
+    out["batching_speedup_at_max_concurrency"] = out[f"batched_c{top}"]["images_per_s"] / out[f"unbatched_c{top}"]["images_per_s"]
+    out["serve_fraction_of_in_process"] = out[f"batched_c{top}"]["images_per_s"] / out["in_process_batched_images_per_s"]
+    log(f"  batching speed-up at concurrency {top}: {out['batching_speedup_at_max_concurrency']:.2f}x (goal >= 3); "
+        f"Serve / in-process batched: {out['serve_fraction_of_in_process']:.2f} (goal >= 0.5)")
+    return out

@@ -1,0 +1,153 @@
+"""Job entrypoints for `ray job submit` (jobs/*.py are thin wrappers over `main`).
+
+A job takes one YAML spec, writes to a storage path or URI, logs progress to standard output
+(what `ray job logs` shows) and exits non-zero with the reason on standard error when it fails.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from latentforge.errors import ConfigError, LatentForgeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    source: str = "mnist5k"  # a data prepare SOURCE, used when `dir` holds no prepared dataset yet
+    dir: str  # the prepared dataset folder (readable from every node)
+
+
+class TrainJob(Strict):
+    kind: Literal["train"] = "train"
+    preset: str  # preset name or YAML path
+    data: DataSpec
+    overrides: dict[str, Any] = {}  # dotted config overrides
+    workers: int = Field(2, ge=1)
+    gpus: bool = False
+    storage: str = "runs"  # path or URI (s3://, gs://, file://)
+    name: str | None = None  # run name (default: unique)
+    max_failures: int = Field(2, ge=0)
+    data_loader: Literal["ray", "memory"] = "ray"
+
+
+class TuneJob(Strict):
+    kind: Literal["tune"] = "tune"
+    sweep: str  # sweep YAML path
+    data: DataSpec
+    out: str | None = None  # sweep folder
+    registry: str | None = "registry"  # promote the best trial here (None: no promotion)
+
+
+class EvaluateJob(Strict):
+    kind: Literal["evaluate"] = "evaluate"
+    target: str  # checkpoint/run folder or images
+    data: DataSpec
+    samples: int = Field(5000, ge=10)
+    out: str | None = None  # write the JSON result here too
+
+
+class DeployJob(Strict):
+    kind: Literal["deploy"] = "deploy"
+    serve: dict[str, Any] = {}  # ServeConfig fields (registry, limits, batching, autoscaling, ...)
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+
+JOBS = {"train": TrainJob, "tune": TuneJob, "evaluate": EvaluateJob, "deploy": DeployJob}
+
+
+def load_spec(kind: str, path: str):
+    """Read and validate a job spec.
+
+    Raises:
+        ConfigError: unreadable file or invalid fields (all listed).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job spec {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"job spec {path} is not valid YAML: {e}") from e
+    try:
+        return JOBS[kind].model_validate(data)
+    except ValidationError as e:
+        lines = [f"invalid {kind} job spec {path}:"]
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {field}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
+        raise ConfigError("\n".join(lines)) from e
+
+
+def _dataset(spec: DataSpec) -> str:
+    from latentforge.data.prepare import MANIFEST, prepare_dataset
+
+    if not (Path(spec.dir) / MANIFEST).is_file():
+        print(f"preparing {spec.source} into {spec.dir}")
+        prepare_dataset(spec.source, spec.dir)
+    return spec.dir
+
+
+def run(kind: str, spec) -> dict:
+    """Run a validated job spec on the cluster this process is connected to."""
+    if kind == "train":
+        from latentforge.config import load_experiment
+        from latentforge.train.ray_train import train_ray
+
+        cfg = load_experiment(spec.preset, spec.overrides)
+        return train_ray(cfg, _dataset(spec.data), workers=spec.workers, use_gpu=spec.gpus, out=spec.name,
+                         storage=spec.storage, max_failures=spec.max_failures, data_loader=spec.data_loader)
+    if kind == "tune":
+        from latentforge.tune.space import load_sweep
+        from latentforge.tune.sweep import run_sweep
+
+        return run_sweep(load_sweep(spec.sweep), _dataset(spec.data), out=spec.out, registry=spec.registry)
+    if kind == "evaluate":
+        from latentforge.metrics.evaluate import evaluate
+        from latentforge.storage import atomic_write_json
+
+        result = evaluate(spec.target, _dataset(spec.data), samples=spec.samples)
+        if spec.out:
+            atomic_write_json(spec.out, result)
+        return result
+    from latentforge.serve.config import ServeConfig
+    from latentforge.serve.runner import start_serve
+
+    url = start_serve(ServeConfig.model_validate(spec.serve), spec.host, spec.port)
+    return {"url": url}
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """`python jobs/<kind>.py SPEC.yaml`: 0 on success, 2 for a bad spec, 1 for a failed job."""
+    import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python jobs/{kind}.py SPEC.yaml", file=sys.stderr)
+        return 2
+    try:
+        spec = load_spec(kind, argv[0])
+    except LatentForgeError as e:
+        print(f"latentforge {kind} job: bad spec: {e}", file=sys.stderr)
+        return 2
+    print(f"latentforge {kind} job: {spec.model_dump_json()}")
+    try:
+        result = run(kind, spec)
+    except LatentForgeError as e:
+        print(f"latentforge {kind} job failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the reason must reach `ray job logs`
+        traceback.print_exc()
+        print(f"latentforge {kind} job failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=str, sort_keys=True))
+    return 0

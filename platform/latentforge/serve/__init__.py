@@ -1,0 +1,1 @@
+"""Ray Serve: generation and editing endpoints over the registry (engine.py is Ray-free)."""

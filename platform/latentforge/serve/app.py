@@ -1,0 +1,334 @@
+"""The Ray Serve application: a FastAPI gateway (validation, errors, OpenAPI at /docs) in front of
+two multiplexed deployments, `Generator` (batched across clients) and `Editor` (iterative
+operations: inversion, inpainting, denoising, edits, interpolation), so that slow edits cannot
+starve generation. Models are loaded lazily from the registry and evicted LRU.
+
+Run it with `latentforge serve`, `serve run latentforge.serve.app:build_app registry=...`, or
+the Serve config / RayService in `cluster/`.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+from collections import defaultdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from latentforge import __version__
+from latentforge.registry import RegistryError, UnknownModel, check_name, list_entries, local_checkpoint, show
+from latentforge.serve.codec import BadInput
+from latentforge.serve.config import AutoscalingSettings, ServeConfig
+from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
+
+logger = logging.getLogger("latentforge.serve")
+
+
+def _autoscaling(a: AutoscalingSettings) -> dict:
+    return {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas, "initial_replicas": max(1, a.min_replicas),
+            "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s,
+            "metrics_interval_s": min(1.0, a.look_back_period_s)}
+
+
+class _Models:
+    """Registry loading shared by both deployments (a replica-local LRU via @serve.multiplexed)."""
+
+    def __init__(self, cfg: ServeConfig):
+        import torch
+
+        torch.set_num_threads(cfg.threads_per_replica)
+        self.cfg = cfg
+        from ray.util.metrics import Counter
+
+        self.loads = Counter("latentforge_serve_model_loads", "Models loaded into a replica", tag_keys=("model",))
+
+    def load(self, model_id: str):
+        from latentforge.serve.engine import ModelRuntime
+
+        path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir)
+        runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
+        self.loads.inc(tags={"model": model_id})
+        return runtime
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(self, cfg: dict):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.models = _Models(self.cfg)
+        from ray.util.metrics import Counter, Histogram
+
+        self.batch_images = Histogram("latentforge_serve_batch_images", "Images per generation forward pass",
+                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512], tag_keys=("model",))
+        self.images = Counter("latentforge_serve_images", "Images generated", tag_keys=("model",))
+        self._batched.set_max_batch_size(self.cfg.max_batch_images)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str):
+        return await asyncio.to_thread(self.models.load, model_id)
+
+    def _run(self, runtime, requests):
+        results = runtime.generate_many(requests)
+        n = sum(r.n for r in requests)
+        self.batch_images.observe(n, tags={"model": runtime.name})
+        self.images.inc(n, tags={"model": runtime.name})
+        return results
+
+    async def generate(self, model_id: str, request: dict) -> dict:
+        req = GenerateRequest.model_validate(request)
+        if self.cfg.batching:
+            return await self._batched((model_id, req))
+        runtime = await self.get_model(model_id)
+        return (await asyncio.to_thread(self._run, runtime, [req]))[0]
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(r.n for _, r in items))
+    async def _batched(self, items: list) -> list:
+        """One forward pass per model for everything that arrived together."""
+        groups = defaultdict(list)
+        for i, (model_id, req) in enumerate(items):
+            groups[model_id].append(i)
+        results: list = [None] * len(items)
+        for model_id, idx in groups.items():
+            try:
+                runtime = await self.get_model(model_id)
+            except Exception as e:  # every request of this model gets the error
+                for i in idx:
+                    results[i] = e
+                continue
+            reqs = [items[i][1] for i in idx]
+            try:
+                outs = await asyncio.to_thread(self._run, runtime, reqs)
+                for i, o in zip(idx, outs):
+                    results[i] = o
+            except BadInput:
+                for i in idx:  # one bad request must not fail its batch-mates: retry one by one
+                    try:
+                        results[i] = (await asyncio.to_thread(self._run, runtime, [items[i][1]]))[0]
+                    except Exception as e:
+                        results[i] = e
+        return results
+
+
+@serve.deployment(name="Editor")
+class Editor:
+    def __init__(self, cfg: dict):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.models = _Models(self.cfg)
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str):
+        return await asyncio.to_thread(self.models.load, model_id)
+
+    async def run(self, model_id: str, op: str, request: dict) -> dict:
+        schema = {"reconstruct": ImageRequest, "interpolate": InterpolateRequest, "edit": EditRequest,
+                  "inpaint": InpaintRequest, "denoise": ImageRequest, "directions": None}[op]
+        runtime = await self.get_model(model_id)
+        if schema is None:
+            return runtime.directions_info()
+        return await asyncio.to_thread(getattr(runtime, op), schema.model_validate(request))
+
+
+# ------------------------------------------------------------------------------------------ gateway
+app = FastAPI(title="LatentForge", version=__version__,
+              description="Generation and editing with GANs and VAEs from the LatentForge registry.")
+
+
+class _HTTPError(Exception):
+    """A gateway-side error with its HTTP status (defined before the deployments: Serve pickles
+    the ingress class when it is decorated, with the globals that exist then)."""
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    problems = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        problems.append(f"{loc}: {e.get('msg')}" if loc else e.get("msg"))
+    return _error(422, "; ".join(problems) or "invalid request")
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Errors raised in a deployment arrive wrapped (RayTaskError); find the original."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+_BODY_LIMIT = {"max_bytes": 4 * 1024 * 1024}  # set from the config by the Gateway replica
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit (413) without reading them whole."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def max_bytes(self) -> int:
+        return _BODY_LIMIT["max_bytes"]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            resp = _error(413, f"request body is {int(length)} bytes; the limit is {self.max_bytes}")
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BadInput(f"request body is over the limit of {self.max_bytes} bytes", status=413)
+            return message
+
+        try:
+            return await self.inner(scope, limited, send)
+        except BadInput as e:
+            return await _error(e.status, str(e))(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, generator, editor, cfg: dict):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.generator, self.editor = generator, editor
+        self.api_key = self.cfg.api_key or os.environ.get("LATENTFORGE_API_KEY")
+        _BODY_LIMIT["max_bytes"] = self.cfg.limits.max_body_bytes
+
+    def _auth(self, request: Request) -> JSONResponse | None:
+        if not self.api_key:
+            return None
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return _error(401, "missing or wrong API key: send it in the X-API-Key header")
+        return None
+
+    def _entry(self, model_id: str) -> dict:
+        try:
+            return show(self.cfg.registry, model_id)
+        except UnknownModel as e:
+            raise _HTTPError(404, str(e)) from e
+        except RegistryError as e:
+            raise _HTTPError(400, str(e)) from e
+
+    async def _call(self, request: Request, model_id: str, coro_factory):
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        try:
+            self._entry(model_id)
+            result = await coro_factory()
+        except _HTTPError as e:
+            return _error(e.status, e.message)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a clear JSON error
+            err = _unwrap(e)
+            if isinstance(err, BadInput):
+                return _error(err.status, str(err))
+            if isinstance(err, UnknownModel):
+                return _error(404, str(err))
+            if isinstance(err, RegistryError):
+                return _error(400, str(err))
+            logger.exception("request failed")
+            return _error(500, f"internal error ({type(err).__name__}); the server log has details")
+        if "image/png" in request.headers.get("accept", "") and len(result.get("images", [])) == 1:
+            import base64
+
+            headers = {k: str(result[k]) for k in ("seed", "model") if result.get(k) is not None}
+            return Response(base64.b64decode(result["images"][0]), media_type="image/png",
+                            headers={f"x-latentforge-{k}": v for k, v in headers.items()})
+        return result
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self):
+        """The editing playground: one self-contained page (no CDN), calling the API above."""
+        from importlib import resources
+
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(resources.files("latentforge.serve").joinpath("static/playground.html").read_text("utf-8"))
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        denied = self._auth(request)
+        if denied is not None:
+            return denied
+        return {"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
+                            "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
+                            "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
+                            "supports": e.get("capabilities", []), "lineage": e.get("lineage", {})}
+                           for e in list_entries(self.cfg.registry)]}
+
+    @app.get("/v1/models/{model_id}/directions")
+    async def directions(self, model_id: str, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "directions", {}))
+
+    def _edit(self, model_id: str, op: str, body: dict):
+        return self.editor.options(multiplexed_model_id=model_id).run.remote(model_id, op, body)
+
+    @app.post("/v1/models/{model_id}/generate")
+    async def generate(self, model_id: str, body: GenerateRequest, request: Request):
+        if body.n > self.cfg.limits.max_n:
+            return _error(422, f"n: {body.n} is above the limit of {self.cfg.limits.max_n} images per request")
+        return await self._call(request, model_id, lambda: self.generator.options(multiplexed_model_id=model_id)
+                                .generate.remote(model_id, body.model_dump()))
+
+    @app.post("/v1/models/{model_id}/reconstruct")
+    async def reconstruct(self, model_id: str, body: ImageRequest, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "reconstruct", body.model_dump()))
+
+    @app.post("/v1/models/{model_id}/interpolate")
+    async def interpolate(self, model_id: str, body: InterpolateRequest, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "interpolate", body.model_dump()))
+
+    @app.post("/v1/models/{model_id}/edit")
+    async def edit(self, model_id: str, body: EditRequest, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "edit", body.model_dump()))
+
+    @app.post("/v1/models/{model_id}/inpaint")
+    async def inpaint(self, model_id: str, body: InpaintRequest, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "inpaint", body.model_dump()))
+
+    @app.post("/v1/models/{model_id}/denoise")
+    async def denoise(self, model_id: str, body: ImageRequest, request: Request):
+        return await self._call(request, model_id, lambda: self._edit(model_id, "denoise", body.model_dump()))
+
+
+def build_application(cfg: ServeConfig):
+    """The bound Serve application for a config."""
+    raw = cfg.model_dump(mode="json")
+    opts = {"num_cpus": cfg.replica_cpus}
+    generator = Generator.options(
+        ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.generator),
+        max_ongoing_requests=cfg.max_ongoing_requests,
+    ).bind(raw)
+    editor = Editor.options(ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.editor),
+                            max_ongoing_requests=8).bind(raw)
+    return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256).bind(generator, editor, raw)
+
+
+def build_app(args: dict):
+    """Application builder for `serve run latentforge.serve.app:build_app registry=DIR ...` and
+    Serve config files (`args:` holds ServeConfig fields)."""
+    return build_application(ServeConfig.model_validate(dict(args)))

@@ -1,0 +1,93 @@
+"""Images over the wire: base64 PNG in, base64 PNG out, with every check done before decoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentforge.data.dataset import to_model_range
+from latentforge.errors import LatentForgeError
+from latentforge.images import grid_uint8, png_bytes
+
+
+class BadInput(LatentForgeError):
+    """A request that cannot be served as sent (→ HTTP 4xx); `status` says which."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def _open_image(data: str, field: str, size: tuple[int, int], max_side: int) -> Image.Image:
+    """base64 → a loaded PIL image of exactly `size` (H, W).
+
+    Raises:
+        BadInput: not base64, not an image, too large (checked from the header, before decoding),
+            truncated, or a size the model does not take.
+    """
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadInput(f"{field}: not valid base64 ({e})") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
+            img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise BadInput(f"{field}: image is far too large ({e})", status=413) from e
+    except Exception as e:
+        raise BadInput(f"{field}: not a readable image (send a base64 PNG)") from e
+    if w > max_side or h > max_side:
+        raise BadInput(f"{field}: image is {w}x{h}; the largest accepted side is {max_side}", status=413)
+    mh, mw = size
+    if (w, h) != (mw, mh):
+        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images")
+    try:
+        img.load()
+    except Exception as e:
+        raise BadInput(f"{field}: the image data is truncated or corrupt") from e
+    return img
+
+
+def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_side: int) -> torch.Tensor:
+    """base64 image → (1, C, H, W) in [-1, 1], checked against the model's (C, H, W).
+
+    Raises:
+        BadInput: as `_open_image`, or a channel count the model does not take.
+    """
+    c, mh, mw = shape
+    img = _open_image(data, field, (mh, mw), max_side)
+    grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+    channels = 1 if grey else 3
+    if channels != c:
+        raise BadInput(f"{field}: image has {channels} channel(s) (mode {img.mode}); this model takes {c}")
+    arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(mh, mw, c)
+    return to_model_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
+
+
+def decode_mask_b64(data: str, shape: tuple[int, int, int], max_side: int) -> torch.Tensor:
+    """base64 mask image of any mode (grey, RGB, RGBA: its brightness counts) → (1, 1, H, W)
+    observed-pixel mask (1 = keep; white in the image = fill)."""
+    _, h, w = shape
+    img = _open_image(data, "mask", (h, w), max_side)
+    keep = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8) < 128).float()[None, None]
+    if keep.mean() == 1.0:
+        raise BadInput("mask: no pixel is marked for filling (paint the region to fill in white)")
+    return keep
+
+
+def encode_png_b64(image: torch.Tensor) -> str:
+    """(C, H, W) in [-1, 1] → base64 PNG (native size)."""
+    return base64.b64encode(png(image)).decode("ascii")
+
+
+def png(image: torch.Tensor) -> bytes:
+    """(C, H, W) in [-1, 1] → PNG bytes."""
+    return png_bytes(grid_uint8(image[None], nrow=1, pad=0))

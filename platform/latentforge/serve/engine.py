@@ -1,0 +1,187 @@
+"""The serving engine: one loaded registry model and every operation the endpoints expose.
+Pure PyTorch (no Ray): the Serve deployments call it, and tests compare it with the editing
+engine directly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from latentforge.checkpoint import load_checkpoint
+from latentforge.editing.directions import apply_edit, load_directions, pca, sefa
+from latentforge.editing.inversion import invert
+from latentforge.editing.latent import interpolation_path
+from latentforge.editing.restoration import denoise, inpaint
+from latentforge.sampling import decode_with, sample_latents
+from latentforge.serve.codec import BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
+from latentforge.serve.schemas import (
+    EditRequest,
+    GenerateRequest,
+    ImageRequest,
+    InpaintRequest,
+    InterpolateRequest,
+    LatentSource,
+    ServeLimits,
+)
+
+MAX_LATENT_ABS = 50.0  # |z| entries beyond this are not latents a Gaussian prior ever produces
+
+
+class ModelRuntime:
+    """A registry model loaded for serving.
+
+    Args:
+        name: registry name.
+        checkpoint_dir: the entry's checkpoint folder (config.json + model.safetensors).
+        limits: request limits.
+        projection_steps: default Adam steps for GAN inversion/inpainting/denoising.
+        restarts: random starts per GAN projection.
+    """
+
+    def __init__(self, name: str, checkpoint_dir: str | Path, limits: ServeLimits | None = None,
+                 projection_steps: int = 200, restarts: int = 2):
+        self.name = name
+        self.limits = limits or ServeLimits()
+        self.ckpt = load_checkpoint(checkpoint_dir)
+        self.model = self.ckpt.inference_generator()
+        self.algorithm = self.ckpt.algorithm
+        self.shape = tuple(self.ckpt.data.image_shape)
+        self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
+        self.projection_steps, self.restarts = projection_steps, restarts
+        self.directions = load_directions(checkpoint_dir)
+        if not self.directions:  # data-free directions, so that every model can be edited
+            found = sefa(self.model, self.algorithm, k=5)
+            if self.algorithm == "gan":
+                found += pca(self.model, self.algorithm, k=5)
+            self.directions = {d.name: d for d in found}
+
+    # ------------------------------------------------------------------------------ helpers
+    def info(self) -> dict:
+        return {"z_dim": self.z_dim, "num_classes": self.num_classes, "image_shape": list(self.shape),
+                "algorithm": self.algorithm, "directions": sorted(self.directions)}
+
+    def _labels(self, n: int, label: int | None, cycle: bool = False) -> torch.Tensor | None:
+        if not self.num_classes:
+            if label is not None:
+                raise BadInput("label: this model is not class-conditional; leave label out")
+            return None
+        if label is None:
+            if cycle:
+                return torch.arange(n) % self.num_classes
+            raise BadInput(f"label: this model is class-conditional; give a label in 0..{self.num_classes - 1}")
+        if label >= self.num_classes:
+            raise BadInput(f"label: {label} is out of range; this model has classes 0..{self.num_classes - 1}")
+        return torch.full((n,), label, dtype=torch.long)
+
+    def _steps(self, steps: int | None) -> int:
+        steps = steps or self.projection_steps
+        if steps > self.limits.max_projection_steps:
+            raise BadInput(f"steps: {steps} is above the limit of {self.limits.max_projection_steps}")
+        return steps
+
+    def _image(self, data: str, field: str = "image") -> torch.Tensor:
+        return decode_image_b64(data, field, self.shape, self.limits.max_image_side)
+
+    def _invert(self, x: torch.Tensor, labels, steps: int | None):
+        return invert(self.model, self.algorithm, x, labels,
+                      **({} if self.algorithm == "vae" else {"steps": self._steps(steps), "restarts": self.restarts}))
+
+    def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(z (D,), labels (1,) or None, provenance) for a LatentSource."""
+        labels = self._labels(1, src.label, cycle=True)
+        if src.seed is not None:
+            return sample_latents(1, self.z_dim, src.seed)[0], labels, {"seed": src.seed}
+        if src.latent is not None:
+            z = torch.tensor(src.latent, dtype=torch.float32)
+            if z.numel() != self.z_dim:
+                raise BadInput(f"latent: has {z.numel()} values; this model's latents have {self.z_dim}")
+            if not torch.isfinite(z).all() or z.abs().max() > MAX_LATENT_ABS:
+                raise BadInput(f"latent: values must be finite and within ±{MAX_LATENT_ABS}")
+            return z, labels, {"latent": "given"}
+        inv = self._invert(self._image(src.image), labels, steps)
+        return inv.latent[0], labels, {"inverted": True, "reconstruction_mse": float(inv.error[0])}
+
+    def _images(self, images: torch.Tensor) -> list[str]:
+        return [encode_png_b64(im) for im in images]
+
+    # ------------------------------------------------------------------------------ operations
+    def generate_many(self, requests: list[GenerateRequest]) -> list[dict]:
+        """Generate for several requests in one forward pass (the batching path); every request's
+        latents come from its own seed, so the result does not depend on what it was batched with."""
+        zs, ys, sizes = [], [], []
+        for r in requests:
+            if r.n > self.limits.max_n:
+                raise BadInput(f"n: {r.n} is above the limit of {self.limits.max_n} images per request")
+            zs.append(sample_latents(r.n, self.z_dim, r.seed, r.truncation))
+            ys.append(self._labels(r.n, r.label, cycle=True))
+            sizes.append(r.n)
+        labels = torch.cat(ys) if self.num_classes else None
+        images = decode_with(self.model, self.algorithm, torch.cat(zs), labels)
+        out, i = [], 0
+        for r, z, y, n in zip(requests, zs, ys, sizes):
+            res = {"model": self.name, "seed": r.seed, "n": n, "truncation": r.truncation,
+                   "labels": None if y is None else y.tolist(), "images": self._images(images[i : i + n])}
+            if r.include_latents:
+                res["latents"] = z.tolist()
+            out.append(res)
+            i += n
+        return out
+
+    def reconstruct(self, r: ImageRequest) -> dict:
+        x = self._image(r.image)
+        labels = self._labels(1, r.label)
+        inv = self._invert(x, labels, r.steps)
+        return {"model": self.name, "images": self._images(inv.reconstruction), "latents": inv.latent.tolist(),
+                "mse": float(inv.error[0])}
+
+    def interpolate(self, r: InterpolateRequest) -> dict:
+        if r.steps > self.limits.max_steps:
+            raise BadInput(f"steps: {r.steps} is above the limit of {self.limits.max_steps}")
+        za, ya, pa = self._latent(r.a, r.projection_steps)
+        zb, yb, pb = self._latent(r.b, r.projection_steps)
+        path = interpolation_path(za, zb, r.steps, r.method)
+        labels = None
+        if self.num_classes:  # the label switches halfway (labels are discrete)
+            labels = torch.where(torch.arange(r.steps) < r.steps / 2, ya[0], yb[0])
+        images = decode_with(self.model, self.algorithm, path, labels)
+        return {"model": self.name, "method": r.method, "images": self._images(images), "latents": path.tolist(),
+                "a": pa, "b": pb}
+
+    def edit(self, r: EditRequest) -> dict:
+        if abs(r.alpha) > self.limits.max_alpha:
+            raise BadInput(f"alpha: {r.alpha} is outside ±{self.limits.max_alpha}")
+        for name in [r.direction, *r.orthogonal_to]:
+            if name not in self.directions:
+                raise BadInput(f"direction: unknown direction {name!r}; this model has: {', '.join(sorted(self.directions))}")
+        z, labels, prov = self._latent(r.source, r.projection_steps)
+        others = [self.directions[n].vector for n in r.orthogonal_to]
+        edited = apply_edit(z[None], self.directions[r.direction].vector, r.alpha, others or None)
+        images = decode_with(self.model, self.algorithm, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2))
+        return {"model": self.name, "direction": r.direction, "alpha": r.alpha, "images": self._images(images[1:]),
+                "original": self._images(images[:1])[0], "latents": edited.tolist(), "source": prov}
+
+    def inpaint(self, r: InpaintRequest) -> dict:
+        x = self._image(r.image)
+        keep = decode_mask_b64(r.mask, self.shape, self.limits.max_image_side)
+        labels = self._labels(1, r.label)
+        if r.method == "chain" and self.algorithm != "vae":
+            raise BadInput("method: 'chain' needs a VAE; use 'optimize' for GANs")
+        kwargs = {} if r.method == "chain" else {"steps": self._steps(r.steps), "restarts": self.restarts}
+        filled, inv = inpaint(self.model, self.algorithm, x, keep, labels, method=r.method, **kwargs)
+        return {"model": self.name, "method": r.method, "images": self._images(filled),
+                "latents": None if inv is None else inv.latent.tolist(), "filled_fraction": float(1 - keep.mean())}
+
+    def denoise(self, r: ImageRequest) -> dict:
+        x = self._image(r.image)
+        labels = self._labels(1, r.label)
+        kwargs = {} if self.algorithm == "vae" else {"steps": self._steps(r.steps), "restarts": self.restarts}
+        clean = denoise(self.model, self.algorithm, x, labels, **kwargs)
+        return {"model": self.name, "images": self._images(clean)}
+
+    def directions_info(self) -> dict:
+        return {"model": self.name, "directions": [
+            {"name": d.name, "method": d.method, **{k: v for k, v in d.meta.items() if isinstance(v, (int, float, str))
+                                                    and not (isinstance(v, float) and not math.isfinite(v))}}
+            for d in sorted(self.directions.values(), key=lambda d: d.name)]}

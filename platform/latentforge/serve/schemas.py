@@ -1,0 +1,78 @@
+"""Request schemas and limits. Every request is validated here before anything reaches a model:
+unknown fields, out-of-range numbers and NaN/inf are 422s that name the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+
+
+class ServeLimits(BaseModel):
+    """Request limits (configurable per deployment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_n: int = Field(64, ge=1, le=4096)  # images per generate request
+    max_steps: int = Field(32, ge=2, le=1024)  # images along an interpolation
+    max_projection_steps: int = Field(500, ge=1)  # optimisation steps for GAN inversion/inpainting
+    max_image_side: int = Field(1024, ge=8)  # larger images are refused from the PNG header, before decoding
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # request bodies above this are 413s
+    max_alpha: float = Field(10.0, gt=0)  # |alpha| for edits
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class LatentSource(Strict):
+    """Where a latent comes from: exactly one of seed, image (base64 PNG), latent (floats)."""
+
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    image: str | None = Field(None, min_length=1)
+    latent: list[float] | None = Field(None, min_length=1, max_length=4096)
+    label: int | None = Field(None, ge=0)  # class for conditional models
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("seed", "image", "latent") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of seed, image, latent (got {', '.join(given) or 'none'})")
+        return self
+
+
+class GenerateRequest(Strict):
+    n: int = Field(1, ge=1)  # upper bound checked against ServeLimits.max_n
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    label: int | None = Field(None, ge=0)
+    truncation: float | None = Field(None, gt=0, le=10)
+    include_latents: bool = True
+
+
+class ImageRequest(Strict):
+    image: str = Field(min_length=1)  # base64 PNG (or JPEG)
+    label: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=1)  # GAN projection steps (default per deployment)
+
+
+class InpaintRequest(ImageRequest):
+    mask: str = Field(min_length=1)  # base64 PNG, same size; white (>127) marks pixels to fill
+    method: Literal["optimize", "chain"] = "optimize"
+
+
+class InterpolateRequest(Strict):
+    a: LatentSource
+    b: LatentSource
+    steps: int = Field(8, ge=2)
+    method: Literal["slerp", "lerp"] = "slerp"
+    projection_steps: int | None = Field(None, ge=1)
+
+
+class EditRequest(Strict):
+    source: LatentSource
+    direction: str = Field(min_length=1, max_length=64)
+    alpha: float = Field(ge=-1e6, le=1e6)  # range checked against ServeLimits.max_alpha
+    orthogonal_to: list[str] = Field(default_factory=list, max_length=16)
+    projection_steps: int | None = Field(None, ge=1)

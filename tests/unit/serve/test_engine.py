@@ -1,0 +1,138 @@
+"""The serving engine without Ray: determinism, batching independence, agreement with the
+editing engine, and every kind of bad input refused with a clear error."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny
+from latentforge.editing.inversion import encode_vae
+from latentforge.editing.restoration import inpaint
+from latentforge.registry import local_checkpoint, promote
+from latentforge.serve.codec import BadInput
+from latentforge.serve.engine import ModelRuntime
+from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
+from latentforge.train.local import train_local
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def b64png(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+@pytest.fixture(scope="module")
+def registry(mnist_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    for name, preset in (("gan", "cdcgan-mnist"), ("vae", "vae-mnist")):
+        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3), mnist_dir, root / f"run-{name}", log=quiet)
+        promote(root / f"run-{name}", str(root / "registry"), name)
+    return str(root / "registry")
+
+
+@pytest.fixture(scope="module")
+def gan(registry):
+    return ModelRuntime("gan", local_checkpoint(registry, "gan"), projection_steps=20, restarts=1)
+
+
+@pytest.fixture(scope="module")
+def vae(registry):
+    return ModelRuntime("vae", local_checkpoint(registry, "vae"))
+
+
+@pytest.fixture(scope="module")
+def digit(mnist_dir):
+    from latentforge.data import PreparedDataset
+
+    return PreparedDataset(mnist_dir).load("val").images[0, 0].numpy()  # (28, 28) uint8
+
+
+def test_generation_is_deterministic_and_independent_of_batching(gan):
+    a = GenerateRequest(n=3, seed=7, label=4)
+    b = GenerateRequest(n=2, seed=9)
+    alone_a, alone_b = gan.generate_many([a])[0], gan.generate_many([b])[0]
+    together = gan.generate_many([a, b])
+    assert together[0]["images"] == alone_a["images"] and together[1]["images"] == alone_b["images"]
+    assert gan.generate_many([a])[0]["images"] == alone_a["images"]
+    assert alone_a["labels"] == [4, 4, 4] and alone_b["labels"] == [0, 1]
+    assert len(alone_a["latents"]) == 3 and len(alone_a["latents"][0]) == gan.z_dim
+    other = gan.generate_many([GenerateRequest(n=3, seed=8, label=4)])[0]
+    assert other["images"] != alone_a["images"]
+
+
+def test_reconstruct_and_inpaint_match_the_editing_engine(vae, digit):
+    x = torch.from_numpy(digit).float()[None, None] / 127.5 - 1
+    served = vae.reconstruct(ImageRequest(image=b64png(digit)))
+    direct = encode_vae(vae.model, x)
+    assert np.array_equal(decode(served["images"][0]), ((direct.reconstruction[0, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+    mask = np.zeros((28, 28), np.uint8)
+    mask[8:20, 8:20] = 255  # white = fill
+    served = vae.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(mask), method="chain"))
+    keep = torch.from_numpy(mask < 128).float()[None, None]
+    filled, _ = inpaint(vae.model, "vae", x, keep, method="chain")
+    out = decode(served["images"][0])
+    assert np.array_equal(out, ((filled[0, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+    assert np.array_equal(out[mask < 128], digit[mask < 128])  # observed pixels untouched
+    assert served["filled_fraction"] == pytest.approx(144 / 784)
+    # a browser canvas sends RGBA: the same mask in any mode means the same thing
+    rgba = np.stack([mask, mask, mask, np.full_like(mask, 255)], -1)
+    assert vae.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(rgba), method="chain"))["images"] == served["images"]
+
+
+def test_interpolate_and_edit(gan):
+    r = gan.interpolate(InterpolateRequest(a={"seed": 1, "label": 3}, b={"seed": 2, "label": 8}, steps=5))
+    assert len(r["images"]) == 5 and len(r["latents"]) == 5 and r["a"] == {"seed": 1}
+    direction = sorted(gan.directions)[0]
+    e = gan.edit(EditRequest(source={"seed": 3, "label": 1}, direction=direction, alpha=3.0))
+    assert e["images"][0] != e["original"]
+    z0 = torch.tensor(gan.generate_many([GenerateRequest(n=1, seed=3, label=1)])[0]["latents"][0])
+    assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(3.0, rel=1e-4)
+
+
+def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
+    cases = [
+        (lambda: gan.generate_many([GenerateRequest(n=100)]), "n: 100 is above the limit"),
+        (lambda: vae.generate_many([GenerateRequest(n=1, label=3)]), "not class-conditional"),
+        (lambda: gan.generate_many([GenerateRequest(n=1, label=12)]), "out of range"),
+        (lambda: vae.reconstruct(ImageRequest(image="not base64!!")), "not valid base64"),
+        (lambda: vae.reconstruct(ImageRequest(image=base64.b64encode(b"hello").decode())), "not a readable image"),
+        (lambda: vae.reconstruct(ImageRequest(image=b64png(np.zeros((28, 28, 3), np.uint8)))), "3 channel"),
+        (lambda: vae.reconstruct(ImageRequest(image=b64png(np.zeros((32, 32), np.uint8)))), "takes 28x28"),
+        (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="smile", alpha=1)), "unknown direction 'smile'"),
+        (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="sefa:0", alpha=50)), "outside"),
+        (lambda: gan.edit(EditRequest(source={"latent": [0.1] * 5, "label": 0}, direction="sefa:0", alpha=1)), "has 5 values"),
+        (lambda: gan.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(np.zeros((28, 28), np.uint8)))), "no pixel is marked"),
+        (lambda: gan.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(np.full((28, 28), 255, np.uint8)), method="chain", label=0)), "needs a VAE"),
+    ]
+    for call, message in cases:
+        with pytest.raises(BadInput, match=message):
+            call()
+
+
+def test_huge_png_is_refused_from_its_header(vae):
+    buf = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(buf, format="PNG")  # ~100 KB compressed, 100 MB decoded
+    with pytest.raises(BadInput) as e:
+        vae.reconstruct(ImageRequest(image=base64.b64encode(buf.getvalue()).decode()))
+    assert e.value.status == 413 and "10000x10000" in str(e.value)
+
+
+def test_nan_never_reaches_a_model():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        EditRequest.model_validate({"source": {"seed": 1}, "direction": "sefa:0", "alpha": float("nan")})
+    with pytest.raises(ValidationError):
+        InterpolateRequest.model_validate({"a": {"latent": [float("inf")] * 4}, "b": {"seed": 1}})
+    with pytest.raises(ValidationError, match="exactly one of seed, image, latent"):
+        InterpolateRequest.model_validate({"a": {"seed": 1, "latent": [0.0]}, "b": {"seed": 1}})
