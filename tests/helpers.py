@@ -19,6 +19,18 @@ def tiny(preset: str, **overrides):
     return load_experiment(preset, {**base, **extra})
 
 
+def serve_registry(root, mnist_dir) -> str:
+    """A registry under `root` with a 3-step conditional GAN ('gan') and VAE ('vae')."""
+    from latentforge.registry import promote
+    from latentforge.train.local import train_local
+
+    for name, preset in (("gan", "cdcgan-mnist"), ("vae", "vae-mnist")):
+        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3), mnist_dir, root / f"run-{name}",
+                    log=lambda *_: None)
+        promote(root / f"run-{name}", str(root / "registry"), name)
+    return str(root / "registry")
+
+
 SWEEP_TINY = """
 name: {name}
 base: dcgan-mnist

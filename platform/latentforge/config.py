@@ -103,9 +103,9 @@ Experiment = Annotated[Union[GANExperiment, VAEExperiment], Field(discriminator=
 _ADAPTER = TypeAdapter(Experiment)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
     """One line per problem, each naming the field, what was wrong and the value given."""
-    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
+    lines = [f"invalid {what} {source}: {err.error_count()} problem(s)"]
     for e in err.errors():
         loc = [str(p) for p in e["loc"] if p not in ("gan", "vae") or len(e["loc"]) > 1]
         loc = [p for p in loc if p not in ("GANExperiment", "VAEExperiment")]
@@ -117,6 +117,22 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def load_yaml_model(path: str | Path, model: type[BaseModel], what: str) -> BaseModel:
+    """Read a YAML file into a pydantic model (job specs, sweeps).
+
+    Raises:
+        ConfigError: a missing or unreadable file, or every invalid field, each named.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    data = _read_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(p), what)) from e
 
 
 def parse_experiment(data: Any, source: str = "<dict>") -> GANExperiment | VAEExperiment:

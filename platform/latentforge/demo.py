@@ -1,4 +1,5 @@
-"""`make demo`: prepare mnist5k, train a DCGAN and a VAE on 2 Ray workers, write pictures.
+"""`make demo`: prepare mnist5k, train a DCGAN and a VAE on 2 Ray workers, write pictures, and
+put both models (with their edit directions) in a local registry the playground can serve.
 
 Everything runs locally: a local Ray cluster, local storage, no account, no download.
 Outputs land in ./demo-output/ (override with LATENTFORGE_DEMO_DIR).
@@ -20,6 +21,9 @@ def main() -> int:
     from latentforge.config import load_experiment
     from latentforge.data.dataset import PreparedDataset, to_model_range
     from latentforge.data.prepare import prepare_dataset
+    from latentforge.editing.directions import compute_directions, save_directions
+    from latentforge.metrics.features import ensure_feature_net
+    from latentforge.registry import promote
     from latentforge.images import grid_png
     from latentforge.metrics.two_sample import c2st_accuracy
     from latentforge.sampling import generate
@@ -29,12 +33,15 @@ def main() -> int:
     t0 = time.time()
     out = Path(os.environ.get("LATENTFORGE_DEMO_DIR", "demo-output")).resolve()
     data = out / "data" / "mnist5k"
+    registry = out / "registry"
     print(f"== 1/3 data: {data}")
     if not (data / "manifest.json").exists():
         prepare_dataset("mnist5k", data)
     else:
         print("   already prepared")
-    real = to_model_range(PreparedDataset(data).load("val").images)
+    ds = PreparedDataset(data)
+    real = to_model_range(ds.load("val").images)
+    net = ensure_feature_net(data, log=lambda m: print(f"   {m}"))  # the classifier behind class edits
 
     pictures = []
     run_name = time.strftime("%Y%m%d-%H%M%S")
@@ -50,6 +57,8 @@ def main() -> int:
         fakes, _, _ = generate(ckpt, len(real), seed=1)
         acc = c2st_accuracy(real, fakes, steps=150)
         pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc))
+        save_directions(ckpt.path, compute_directions(ckpt, ds, net))
+        promote(ckpt.path, str(registry), preset, overwrite=True)
 
     print(f"\n== done in {time.time() - t0:.0f}s. Pictures to look at:")
     for preset, grid, samples, acc in pictures:
@@ -57,6 +66,9 @@ def main() -> int:
         print(f"      a fresh classifier tells its samples from real digits with {acc:.0%} accuracy "
               f"(100% = obviously fake, 50% = indistinguishable)")
     print("   generate more: latentforge generate <run folder> --n 64 --seed 1 --out more.png")
+    print("\n   Try both models in the editing playground (generate, edit with sliders, interpolate, inpaint):")
+    print(f"      latentforge serve --registry {registry} --port 8000")
+    print("      then open http://127.0.0.1:8000/ (API docs at /docs); Ctrl-C stops it")
     return 0
 
 

@@ -11,10 +11,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.config import load_yaml_model
+from latentforge.errors import LatentForgeError
 
 
 class Strict(BaseModel):
@@ -71,21 +71,7 @@ def load_spec(kind: str, path: str):
     Raises:
         ConfigError: unreadable file or invalid fields (all listed).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"job spec {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"job spec {path} is not valid YAML: {e}") from e
-    try:
-        return JOBS[kind].model_validate(data)
-    except ValidationError as e:
-        lines = [f"invalid {kind} job spec {path}:"]
-        for err in e.errors():
-            field = ".".join(str(x) for x in err["loc"])
-            lines.append(f"  {field}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
-        raise ConfigError("\n".join(lines)) from e
+    return load_yaml_model(path, JOBS[kind], f"{kind} job spec")
 
 
 def _dataset(spec: DataSpec) -> str:

@@ -16,12 +16,10 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import tiny
-from latentforge.registry import local_checkpoint, promote
+from helpers import serve_registry
+from latentforge.registry import local_checkpoint
 from latentforge.serve.config import ServeConfig
-from latentforge.train.local import train_local
 
-quiet = lambda *_: None  # noqa: E731
 SMALL = {"replica_cpus": 0.2, "generator": {"min_replicas": 1, "max_replicas": 1},
          "editor": {"min_replicas": 1, "max_replicas": 1}, "projection_steps": 30, "projection_restarts": 1}
 
@@ -44,11 +42,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def registry(mnist_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    for name, preset in (("gan", "cdcgan-mnist"), ("vae", "vae-mnist")):
-        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3), mnist_dir, root / f"run-{name}", log=quiet)
-        promote(root / f"run-{name}", str(root / "registry"), name)
-    return str(root / "registry")
+    return serve_registry(tmp_path_factory.mktemp("serve"), mnist_dir)
 
 
 @pytest.fixture(scope="module")

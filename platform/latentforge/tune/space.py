@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from latentforge.config import apply_overrides, load_experiment_dict, parse_experiment
-from latentforge.errors import ConfigError
+from latentforge.config import apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
 from latentforge.tune.instability import InstabilityThresholds
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
@@ -78,22 +76,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     Raises:
         ConfigError: every problem, each naming its field.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    try:
-        sweep = SweepConfig.model_validate(data)
-    except ValidationError as e:
-        lines = [f"invalid sweep {path}: {e.error_count()} problem(s)"]
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key; remove it or check its spelling" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {field}: {msg}")
-        raise ConfigError("\n".join(lines)) from e
+    sweep = load_yaml_model(path, SweepConfig, "sweep")
     check_space(sweep)
     return sweep
 

@@ -9,16 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny
+from helpers import serve_registry
 from latentforge.editing.inversion import encode_vae
 from latentforge.editing.restoration import inpaint
-from latentforge.registry import local_checkpoint, promote
+from latentforge.registry import local_checkpoint
 from latentforge.serve.codec import BadInput
 from latentforge.serve.engine import ModelRuntime
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
-from latentforge.train.local import train_local
 
-quiet = lambda *_: None  # noqa: E731
 
 
 def b64png(arr: np.ndarray) -> str:
@@ -33,11 +31,7 @@ def decode(b64: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def registry(mnist_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    for name, preset in (("gan", "cdcgan-mnist"), ("vae", "vae-mnist")):
-        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3), mnist_dir, root / f"run-{name}", log=quiet)
-        promote(root / f"run-{name}", str(root / "registry"), name)
-    return str(root / "registry")
+    return serve_registry(tmp_path_factory.mktemp("serve"), mnist_dir)
 
 
 @pytest.fixture(scope="module")
