@@ -21,6 +21,8 @@ class Inversion:
     reconstruction: torch.Tensor  # (N, C, H, W) in [-1, 1]
     error: torch.Tensor  # (N,) MSE on the observed pixels, [-1, 1] units
     steps: int  # optimisation steps per start (0 for an encoder)
+    candidates: torch.Tensor | None = None  # (R, N, C, H, W) every start's decoding (projection only)
+    candidate_errors: torch.Tensor | None = None  # (R, N)
 
 
 def _decode(model: nn.Module, algorithm: str, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -101,7 +103,8 @@ def project(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torc
         err = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
         best = err.view(restarts, n).argmin(0)  # (N,)
         idx = best * n + torch.arange(n, device=device)
-        return Inversion(z[idx].detach(), out[idx], err[idx], steps)
+        return Inversion(z[idx].detach(), out[idx], err[idx], steps,
+                         candidates=out.view(restarts, n, *out.shape[1:]), candidate_errors=err.view(restarts, n))
 
 
 def invert(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torch.Tensor | None = None,

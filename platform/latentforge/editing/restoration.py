@@ -16,7 +16,7 @@ def paste(observed: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor) -
 
 def inpaint(model: nn.Module, algorithm: str, images: torch.Tensor, mask: torch.Tensor,
             labels: torch.Tensor | None = None, method: str = "optimize", chain_steps: int = 30,
-            **project_kwargs) -> tuple[torch.Tensor, Inversion | None]:
+            average: int = 1, **project_kwargs) -> tuple[torch.Tensor, Inversion | None]:
     """Fill the pixels where `mask` is 0.
 
     Args:
@@ -26,6 +26,10 @@ def inpaint(model: nn.Module, algorithm: str, images: torch.Tensor, mask: torch.
         method: 'optimize' (find z matching the observed pixels + a prior, then paste) or, for
             VAEs, 'chain' (encode → decode → restore the observed pixels, repeated).
         chain_steps: iterations of the chain.
+        average: with 'optimize', fill with the mean of the `average` starts that fit the observed
+            pixels best (needs restarts ≥ average). Many completions agree with a large hole's
+            border; their mean approximates the posterior mean, which is what minimises the
+            expected squared error, where the single best fit commits to one guess.
 
     Returns:
         (inpainted images with the observed pixels restored exactly, the inversion or None)
@@ -43,8 +47,15 @@ def inpaint(model: nn.Module, algorithm: str, images: torch.Tensor, mask: torch.
         # start from the encoder's guess on a short chain's output instead of a random latent only
         warm, _ = inpaint(model, algorithm, images, mask, labels, method="chain", chain_steps=5)
         project_kwargs["init"] = encode_vae(model, warm, labels).latent
+    if average > project_kwargs.get("restarts", 4):
+        raise ValueError(f"average={average} needs at least as many restarts")
     inv = project(model, algorithm, images, labels, mask=mask, **project_kwargs)
-    return paste(images, inv.reconstruction, mask), inv
+    fill = inv.reconstruction
+    if average > 1:
+        best = inv.candidate_errors.topk(average, dim=0, largest=False).indices  # (k, N)
+        picked = torch.gather(inv.candidates, 0, best.view(*best.shape, 1, 1, 1).expand(-1, -1, *fill.shape[1:]))
+        fill = picked.mean(0)
+    return paste(images, fill, mask), inv
 
 
 def estimate_noise_sigma(images: torch.Tensor) -> torch.Tensor:

@@ -169,9 +169,12 @@ class ModelRuntime:
         if r.method == "chain" and self.algorithm != "vae":
             raise BadInput("method: 'chain' needs a VAE; use 'optimize' for GANs")
         kwargs = {} if r.method == "chain" else {"steps": self._steps(r.steps), "restarts": self.restarts}
+        if r.method == "optimize" and self.algorithm == "gan":
+            kwargs["average"] = self.restarts  # the fill is the mean of every start's fit
         filled, inv = inpaint(self.model, self.algorithm, x, keep, labels, method=r.method, **kwargs)
         return {"model": self.name, "method": r.method, "images": self._images(filled),
-                "latents": None if inv is None else inv.latent.tolist(), "filled_fraction": float(1 - keep.mean())}
+                "latents": None if inv is None else inv.latent.tolist(),  # the best single fit
+                "averaged_fits": kwargs.get("average", 1), "filled_fraction": float(1 - keep.mean())}
 
     def denoise(self, r: ImageRequest) -> dict:
         x = self._image(r.image)

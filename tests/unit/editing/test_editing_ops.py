@@ -153,3 +153,17 @@ def test_denoise_weights_the_observation_by_the_noise_level():
     recon = vae.decode(vae.encode(x)[0])
     heavy = denoise(vae, "vae", x, sigma=50.0)
     assert (heavy - recon).abs().max() < (heavy - x).abs().max()
+
+
+def test_averaged_inpainting_fills_with_the_mean_of_the_best_fits(generator):
+    gen = torch.Generator().manual_seed(1)
+    x = generator(torch.randn(3, generator.z_dim, generator=gen)).detach()
+    mask = centre_mask(3, 1, x.shape[-2], x.shape[-1])
+    kw = dict(steps=5, restarts=4, seed=0)
+    single, inv = inpaint(generator, "gan", x, mask, average=1, **kw)
+    mean_all, _ = inpaint(generator, "gan", x, mask, average=4, **kw)
+    assert torch.equal(single, paste(x, inv.reconstruction, mask))
+    assert torch.allclose(mean_all, paste(x, inv.candidates.mean(0), mask), atol=1e-6)
+    assert torch.equal(mean_all * mask, x * mask)
+    with pytest.raises(ValueError, match="restarts"):
+        inpaint(generator, "gan", x, mask, average=8, **kw)
