@@ -5,6 +5,7 @@ Measured side by side in one run on one machine."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import tempfile
 import threading
 import time
@@ -86,7 +87,7 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
         g, d = build_gan(cfg.model, DataSpec((1, 28, 28), 0))
         checkpoint = str(save_checkpoint(tmp / "ckpt", algorithm="gan", experiment=experiment_to_dict(cfg),
                                          data=DataSpec((1, 28, 28), 0), modules={"generator": g, "discriminator": d,
-                                                                                 "generator_ema": g}, step=0))
+                                                                                 "generator_ema": copy.deepcopy(g)}, step=0))
     registry = str(tmp / "registry")
     promote(checkpoint, registry, "bench")
     threads = 1
