@@ -40,6 +40,9 @@ def head(tmp_path_factory):
     os.environ.update(auth)
     # report metrics every second (default 10 s) so that a short test run's gauges reach Prometheus
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
+    # a node whose environment is active, as on a cluster image: `python` in job entrypoints is this
+    # interpreter even when the tests run without an activated virtualenv (make test, CI)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([RAY, "start", "--head", "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(ports["dashboard"]), "--metrics-export-port", str(ports["metrics"]),
                     "--num-cpus", "4", "--disable-usage-stats"], check=True, env=env, capture_output=True)
