@@ -44,6 +44,8 @@ def test_pbt_exploits_and_warm_starts_with_new_hyperparameters(ray_cluster, mnis
         results += [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
     warm = [r for r in results if r.get("warm_started_at_step", 0) > 0]
     assert warm, "no trial was warm-started from another trial's checkpoint"
-    assert all(r["step"] > r["warm_started_at_step"] for r in warm)  # continued, did not restart at 0
+    # continued from the checkpoint's step, did not restart at 0 (a trial restored at its last
+    # perturbation may report once at exactly that step before finishing)
+    assert all(r["step"] >= r["warm_started_at_step"] for r in warm)
     assert list((tmp_path / "sweep" / "tune").glob("pbt_global.txt"))
     assert summary["trials"] == 2
