@@ -108,6 +108,42 @@ def experiment_for(sweep: SweepConfig, params: dict) -> Any:
     return parse_experiment(data, f"{source} (sweep trial)")
 
 
+def distinct_points(sweep: SweepConfig) -> list[dict] | None:
+    """Random search over a finite space (only `choice` lists and constants) without replacement.
+
+    Tune's random search draws each trial independently, so in a 32-point space 8 trials hold a
+    repeated configuration about 60% of the time; each repeat costs a whole trial and teaches
+    nothing new. Here the product of the choices is shuffled with the sweep's seed and the first
+    `trials` points are taken (the shuffle is repeated only when `trials` exceeds the space).
+
+    Returns:
+        One dict per trial, or None when some dimension is continuous (`uniform`, `loguniform`,
+        `randint`), is a `grid` (enumerated by Tune), or Optuna chooses the points.
+    """
+    import itertools
+    import random
+
+    if sweep.search.algorithm != "random":
+        return None
+    keys, values = [], []
+    for key, spec in sweep.space.items():
+        if isinstance(spec, dict):
+            kind, args = next(iter(spec.items()))
+            if kind != "choice":
+                return None
+            keys.append(key)
+            values.append(list(args))
+    if not keys:
+        return None
+    product = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    rng = random.Random(sweep.search.seed)
+    points: list[dict] = []
+    while len(points) < sweep.trials:
+        rng.shuffle(product)
+        points += product[: sweep.trials - len(points)]
+    return points
+
+
 def tune_param_space(sweep: SweepConfig) -> dict:
     """The Ray Tune search space (dotted keys kept as flat keys)."""
     from ray import tune

@@ -21,7 +21,7 @@ from pathlib import Path
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
-from latentforge.tune.space import SweepConfig, experiment_for, tune_param_space
+from latentforge.tune.space import SweepConfig, distinct_points, experiment_for, tune_param_space
 
 STOP_REASONS_FILE = "stop_reasons.json"
 # A trial stopped because its FID degraded had good checkpoints before it fell apart; a trial
@@ -227,8 +227,10 @@ def _search(sw: SweepConfig):
         return OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.search.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # max_concurrent here: Tune ignores max_concurrent_trials when given a generator instance
-    return BasicVariantGenerator(random_state=sw.search.seed, max_concurrent=sw.max_concurrent)
+    # max_concurrent here: Tune ignores max_concurrent_trials when given a generator instance.
+    # A finite space is sampled without replacement (each point replaces one random sample).
+    return BasicVariantGenerator(random_state=sw.search.seed, max_concurrent=sw.max_concurrent,
+                                 points_to_evaluate=distinct_points(sw))
 
 
 def _checkpoint_config(sw: SweepConfig):

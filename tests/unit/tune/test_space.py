@@ -1,7 +1,7 @@
 import pytest
 
 from latentforge.errors import ConfigError
-from latentforge.tune.space import experiment_for, load_sweep
+from latentforge.tune.space import distinct_points, experiment_for, load_sweep
 
 GOOD = """
 name: s
@@ -47,3 +47,35 @@ def test_bad_distribution_and_unknown_field(tmp_path):
         load_sweep(_write(tmp_path, GOOD + "schedulr: {kind: asha}\n"))
     with pytest.raises(ConfigError, match="low < high"):
         load_sweep(_write(tmp_path, GOOD.replace("[1.0e-5, 1.0e-2]", "[0, 1.0e-2]")))
+
+
+FINITE = """
+name: f
+base: dcgan-mnist
+space:
+  gan.lr_g: {choice: [5.0e-5, 2.0e-4, 5.0e-4, 1.0]}
+  gan.lr_d: {choice: [5.0e-5, 2.0e-4, 5.0e-4, 1.0]}
+  gan.beta1: {choice: [0.0, 0.5]}
+  gan.n_critic: 1
+trials: 8
+"""
+
+
+def test_a_finite_space_is_sampled_without_replacement(tmp_path):
+    sw = load_sweep(_write(tmp_path, FINITE))
+    points = distinct_points(sw)
+    keys = [tuple(sorted(p.items())) for p in points]
+    assert len(points) == 8 and len(set(keys)) == 8  # no configuration twice
+    assert all(set(p) == {"gan.lr_g", "gan.lr_d", "gan.beta1"} for p in points)
+    assert points == distinct_points(sw)  # the seed fixes the trials
+    other = distinct_points(sw.model_copy(update={"search": sw.search.model_copy(update={"seed": 1})}))
+    assert other != points
+    # more trials than points: every point once before any repeats
+    many = distinct_points(sw.model_copy(update={"trials": 40}))
+    assert len(many) == 40 and len({tuple(sorted(p.items())) for p in many[:32]}) == 32
+
+
+def test_continuous_or_grid_spaces_keep_tunes_sampling(tmp_path):
+    assert distinct_points(load_sweep(_write(tmp_path, GOOD))) is None
+    grid = FINITE.replace("gan.beta1: {choice:", "gan.beta1: {grid:")
+    assert distinct_points(load_sweep(_write(tmp_path, grid))) is None
