@@ -14,7 +14,8 @@ from latentforge.tune.sweep import run_sweep
 quiet = lambda *_: None  # noqa: E731
 
 def test_unstable_trials_stop_early_with_a_reason_and_the_best_is_promoted(ray_cluster, mnist_dir, mnist_features, tmp_path):
-    sw = load_sweep(sweep_file(tmp_path))
+    # ASHA with the rung re-check on: the stable trial is never behind anyone and must complete
+    sw = load_sweep(sweep_file(tmp_path, scheduler="{kind: asha, grace_period: 50, reduction_factor: 2}"))
     summary = run_sweep(sw, str(mnist_dir), out=str(tmp_path / "sweep"), registry=str(tmp_path / "registry"), log=quiet)
     rows = {r["config"]["gan.lr_g"]: r for r in summary["rows"]}
     assert rows[1.0]["status"].startswith("stopped: ")

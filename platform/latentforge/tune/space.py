@@ -22,6 +22,7 @@ class SchedulerConfig(Strict):
     kind: Literal["asha", "pbt", "fifo"] = "asha"  # asha: successive halving; pbt: population based; fifo: none
     grace_period: int = Field(100, ge=1)  # ASHA: steps every trial gets before it can be cut
     reduction_factor: int = Field(3, ge=2)  # ASHA: keep 1/reduction_factor at each rung
+    recheck_rungs: bool = True  # ASHA: re-apply a rung's cut as later trials reach it (tune/rungs.py)
     perturbation_interval: int = Field(100, ge=1)  # PBT: steps between exploit/explore decisions
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # PBT: bottom share that copies the top share
     resample_probability: float = Field(0.25, ge=0, le=1)  # PBT: chance to resample instead of perturb

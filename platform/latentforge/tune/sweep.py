@@ -21,27 +21,32 @@ from pathlib import Path
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
+from latentforge.tune.rungs import RungRecheck
 from latentforge.tune.space import SweepConfig, distinct_points, experiment_for, tune_param_space
 
 STOP_REASONS_FILE = "stop_reasons.json"
 # A trial stopped because its FID degraded had good checkpoints before it fell apart; a trial
 # stopped for NaNs, a dead generator, a winning discriminator or mode collapse is never promoted.
-PROMOTABLE_STOP_REASONS = {"fid_degradation"}
+PROMOTABLE_STOP_REASONS = {"fid_degradation", "below_rung_cutoff"}
 SWEEP_FILE = "sweep.json"
 
 
 # ---------------------------------------------------------------------------------------- stopper
 class InstabilityStopper:
-    """A Tune `Stopper` that asks the instability policy; reasons are kept on disk so that the
-    results table shows them (and a resumed sweep still knows them)."""
+    """A Tune `Stopper` that asks the instability policy (and, under ASHA, the rung re-check);
+    reasons are kept on disk so that the results table shows them (and a resumed sweep still
+    knows them)."""
 
-    def __init__(self, policy: InstabilityPolicy, sweep_dir: str):
-        self.policy, self.sweep_dir = policy, sweep_dir
+    def __init__(self, policy: InstabilityPolicy, sweep_dir: str, rungs: RungRecheck | None = None):
+        self.policy, self.sweep_dir, self.rungs = policy, sweep_dir, rungs
         path = Path(sweep_dir) / STOP_REASONS_FILE
         self.reasons: dict[str, dict] = read_json(path) if path.is_file() else {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         decision: StopDecision = self.policy.observe(trial_id, result)
+        if self.rungs is not None:  # sees every result, so that its rungs are complete
+            behind = self.rungs.observe(trial_id, result)
+            decision = decision if decision.stop else behind
         if decision.stop and trial_id not in self.reasons:
             self.reasons[trial_id] = {"reason": decision.reason, "detail": decision.detail, "step": result.get("step")}
             _tune_metrics()["stopped"].inc(tags={"reason": decision.reason})
@@ -290,7 +295,10 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     # between evaluations; those reports carry no metric, which ASHA skips by design.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     ray_init(address)
-    stopper = InstabilityStopper(InstabilityPolicy(sw.stopper, loss=_loss_name(sw)), str(sweep_dir))
+    rungs = None
+    if sw.scheduler.kind == "asha" and sw.scheduler.recheck_rungs:
+        rungs = RungRecheck(sw.scheduler.grace_period, sw.scheduler.reduction_factor, sw.steps, f"{sw.metric}_best", sw.mode)
+    stopper = InstabilityStopper(InstabilityPolicy(sw.stopper, loss=_loss_name(sw)), str(sweep_dir), rungs)
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve())),
         {"cpu": 0.1},  # the trial only waits on its Train run, whose workers hold the CPUs

@@ -1,0 +1,53 @@
+"""The rung re-check: ASHA's cut, applied again as later trials reach a rung."""
+
+import pytest
+
+from latentforge.tune.rungs import RungRecheck, rung_milestones
+
+
+@pytest.mark.parametrize("grace,rf,max_t", [(100, 3, 600), (100, 4, 600), (50, 4, 600), (10, 2, 100), (200, 3, 1500)])
+def test_milestones_are_rays_asha_rungs(grace, rf, max_t):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    assert rung_milestones(grace, rf, max_t) == sorted(m for m, _ in _Bracket(grace, max_t, rf, 0)._rungs)
+
+
+def report(policy, trial, step, fid_best):
+    return policy.observe(trial, {"step": step, "fid_best": fid_best})
+
+
+def test_a_free_pass_is_taken_back_once_better_trials_reach_the_rung():
+    p = RungRecheck(100, 3, 600, "fid_best", "min")
+    # the first trial at the rung is compared with nobody (ASHA lets it continue)
+    assert not report(p, "slow", 100, 1300).stop
+    assert not report(p, "slow", 150, 1200).stop
+    for trial, fid in (("a", 130), ("b", 450), ("c", 600)):
+        assert not report(p, trial, 100, fid).stop  # at the rung itself ASHA decides, not this check
+    decision = report(p, "slow", 175, 1100)
+    assert decision.stop and decision.reason == "below_rung_cutoff"
+    assert "step-100 rung" in decision.detail and "1300" in decision.detail
+    assert report(p, "slow", 200, 1000).stop  # stays stopped while it reports
+
+
+def test_the_leader_and_the_top_share_keep_running():
+    p = RungRecheck(100, 3, 600, "fid_best", "min")
+    fids = {"t0": 900, "t1": 120, "t2": 500, "t3": 700, "t4": 800, "t5": 1000}
+    for t, f in fids.items():
+        report(p, t, 100, f)
+    for step in (125, 150, 300, 325, 575):
+        assert not report(p, "t1", step, 100).stop
+    # top 1/3 of 6 at the rung: t1 and t2 continue; t3 (third best) is cut on its next report
+    assert not report(p, "t2", 125, 480).stop
+    assert report(p, "t3", 125, 690).stop
+
+
+def test_max_mode_missing_and_non_finite_values():
+    p = RungRecheck(10, 2, 100, "recall_best", "max")
+    assert not p.observe("x", {"step": 10}).stop  # no metric in this report
+    assert not p.observe("x", {"step": 10, "recall_best": float("nan")}).stop
+    report_max = lambda t, s, v: p.observe(t, {"step": s, "recall_best": v})  # noqa: E731
+    report_max("low", 10, 0.1)
+    report_max("high", 10, 0.6)
+    report_max("mid", 10, 0.5)
+    assert report_max("low", 12, 0.2).stop
+    assert not report_max("high", 12, 0.6).stop
