@@ -121,6 +121,22 @@ def test_same_seed_same_images_and_results_match_the_engine(server, registry, di
     assert post(server, "/v1/models/vae/inpaint", body).json()["images"] == engine.inpaint(InpaintRequest(**body))["images"]
 
 
+def test_a_model_promoted_while_serving_is_found_after_the_refresh_window(server, registry):
+    """The gateway keeps what it read about an id for registry_refresh_s (default 2 s), unknown ids
+    included; a newly promoted model must still become servable without a restart."""
+    from latentforge.registry import promote
+
+    missing = post(server, "/v1/models/late/generate", {"n": 1, "seed": 0})
+    assert missing.status_code == 404 and "late" in missing.json()["error"]
+    promote(local_checkpoint(registry, "gan"), registry, "late")
+    deadline = time.time() + 30
+    while (r := post(server, "/v1/models/late/generate", {"n": 2, "seed": 5})).status_code == 404:
+        assert time.time() < deadline, "the promoted model never became servable"
+        time.sleep(0.5)
+    assert r.status_code == 200
+    assert r.json()["images"] == post(server, "/v1/models/gan/generate", {"n": 2, "seed": 5}).json()["images"]
+
+
 def test_bad_inputs_get_clear_4xx_and_the_app_keeps_serving(server, digit):
     big = io.BytesIO()
     Image.new("L", (10_000, 10_000)).save(big, format="PNG")
@@ -150,6 +166,13 @@ def test_bad_inputs_get_clear_4xx_and_the_app_keeps_serving(server, digit):
     assert huge.status_code == 413 and "limit" in huge.json()["error"]
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
     assert len(post(server, "/v1/models/gan/generate", {"n": 2, "seed": 1}).json()["images"]) == 2
+    # a bad request batched with good ones fails alone, with its own message
+    with cf.ThreadPoolExecutor(8) as pool:
+        bodies = [{"n": 2, "seed": i, "label": 99 if i == 3 else i} for i in range(8)]
+        answers = list(pool.map(lambda b: post(server, "/v1/models/gan/generate", b), bodies))
+    assert [a.status_code for a in answers] == [422 if i == 3 else 200 for i in range(8)], [a.text[:200] for a in answers]
+    assert "label: 99 is out of range" in answers[3].json()["error"]
+    assert answers[5].json()["images"] == post(server, "/v1/models/gan/generate", bodies[5]).json()["images"]
 
 
 def _replicas(app: str, deployment: str) -> int:

@@ -4,10 +4,8 @@ Measured side by side in one run on one machine."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import copy
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -19,34 +17,46 @@ def _percentiles(latencies: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def load(url: str, model: str, concurrency: int, requests_per_client: int, n: int) -> dict:
-    """`concurrency` clients, each sending `requests_per_client` generate requests of `n` images."""
-    import requests
+def load(url: str, model: str, concurrency: int, requests_per_client: int, n: int, path: str | None = None) -> dict:
+    """`concurrency` clients, each sending `requests_per_client` generate requests of `n` images
+    (or GETs of `path`). One asyncio client: 32 threads of `requests` took a large share of the
+    2 cores the server runs on, and the bench measured the client as much as the server."""
+    import asyncio
+
+    import aiohttp
 
     latencies: list[float] = []
-    lock = threading.Lock()
     errors = 0
 
-    def client(c: int):
-        nonlocal errors
-        s = requests.Session()
-        for i in range(requests_per_client):
-            t = time.perf_counter()
-            r = s.post(f"{url}/v1/models/{model}/generate", json={"n": n, "seed": c * 100_000 + i, "include_latents": False},
-                       timeout=300)
-            dt = time.perf_counter() - t
-            with lock:
-                if r.ok:
-                    latencies.append(dt)
-                else:
-                    errors += 1
+    async def run():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                         timeout=aiohttp.ClientTimeout(total=300)) as session:
+            async def client(c: int):
+                nonlocal errors
+                for i in range(requests_per_client):
+                    t = time.perf_counter()
+                    if path is not None:
+                        call = session.get(f"{url}{path}")
+                    else:
+                        call = session.post(f"{url}/v1/models/{model}/generate",
+                                            json={"n": n, "seed": c * 100_000 + i, "include_latents": False})
+                    async with call as r:
+                        await r.read()
+                        ok = r.status == 200
+                    if ok:
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        errors += 1
+
+            await asyncio.gather(*(client(c) for c in range(concurrency)))
 
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, range(concurrency)))
+    asyncio.run(run())
     wall = time.perf_counter() - t0
+    per_request = 1 if path is not None else n
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "images_per_s": len(latencies) * n / wall, **_percentiles(latencies)}
+            "requests_per_s": len(latencies) / wall, "images_per_s": len(latencies) * per_request / wall,
+            **_percentiles(latencies)}
 
 
 def in_process(checkpoint_dir: str, n: int, batch_requests: int, repeats: int = 20, threads: int = 1) -> float:
@@ -104,14 +114,20 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
         name = "batched" if batching else "unbatched"
         cfg = ServeConfig.model_validate({"registry": registry, "batching": batching, "replica_cpus": 1.0,
                                           "threads_per_replica": threads, "generator": fixed, "editor": fixed,
-                                          "max_ongoing_requests": 64, "batch_wait_timeout_s": 0.005})
+                                          "max_ongoing_requests": 64, "batch_wait_timeout_s": 0.005,
+                                          "access_log": False})
         serve.run(build_application(cfg), name=name, route_prefix=f"/{name}")
         url = f"http://127.0.0.1:8799/{name}"
         load(url, "bench", 4, 3, n)  # warm-up: model load, connections
+        if batching:  # the request path alone (proxy + gateway, no model): the ceiling on requests/s
+            floor = load(url, "bench", max(concurrencies), requests_per_client * 2, n, path="/healthz")
+            out["request_path_requests_per_s"] = floor["requests_per_s"]
+            log(f"  request path alone (GET /healthz, concurrency {max(concurrencies)}): {floor['requests_per_s']:.0f} requests/s")
         for c in concurrencies:
             r = load(url, "bench", c, requests_per_client if c > 1 else requests_per_client * 3, n)
             out[f"{name}_c{c}"] = r
-            log(f"  serve {name:9s} concurrency {c:2d}: {r['images_per_s']:7.1f} images/s, p50 {r['p50_ms']:6.1f} ms, "
+            log(f"  serve {name:9s} concurrency {c:2d}: {r['images_per_s']:7.1f} images/s "
+                f"({r['requests_per_s']:5.1f} requests/s), p50 {r['p50_ms']:6.1f} ms, "
                 f"p95 {r['p95_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}")
         serve.delete(name)
     serve.shutdown()

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 from collections import defaultdict
 
 from fastapi import FastAPI, Request
@@ -79,16 +80,37 @@ class Generator:
         self.images.inc(n, tags={"model": runtime.name})
         return results
 
+    def _run_safely(self, runtime, requests) -> list:
+        """One forward pass for all; if one request is bad, the others must not fail with it:
+        retry one by one, and the bad one gets its error (returned, not raised)."""
+        try:
+            return self._run(runtime, requests)
+        except BadInput:
+            out = []
+            for r in requests:
+                try:
+                    out.append(self._run(runtime, [r])[0])
+                except Exception as e:  # noqa: BLE001 - handed back to that request's caller
+                    out.append(e)
+            return out
+
     async def generate(self, model_id: str, request: dict) -> dict:
+        """One request (handle callers; the gateway when batching is off). A result or an error."""
         req = GenerateRequest.model_validate(request)
         if self.cfg.batching:
             return await self._batched((model_id, req))
         runtime = await self.get_model(model_id)
-        return (await asyncio.to_thread(self._run, runtime, [req]))[0]
+        return (await asyncio.to_thread(self._run_safely, runtime, [req]))[0]
+
+    async def generate_many(self, model_id: str, requests: list[dict]) -> list:
+        """A batch the gateway already collected: one forward pass, one result or error each."""
+        reqs = [GenerateRequest.model_validate(r) for r in requests]
+        runtime = await self.get_model(model_id)
+        return await asyncio.to_thread(self._run_safely, runtime, reqs)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(r.n for _, r in items))
     async def _batched(self, items: list) -> list:
-        """One forward pass per model for everything that arrived together."""
+        """One forward pass per model for everything that arrived together (handle callers)."""
         groups = defaultdict(list)
         for i, (model_id, req) in enumerate(items):
             groups[model_id].append(i)
@@ -96,21 +118,11 @@ class Generator:
         for model_id, idx in groups.items():
             try:
                 runtime = await self.get_model(model_id)
-            except Exception as e:  # every request of this model gets the error
-                for i in idx:
-                    results[i] = e
-                continue
-            reqs = [items[i][1] for i in idx]
-            try:
-                outs = await asyncio.to_thread(self._run, runtime, reqs)
-                for i, o in zip(idx, outs):
-                    results[i] = o
-            except BadInput:
-                for i in idx:  # one bad request must not fail its batch-mates: retry one by one
-                    try:
-                        results[i] = (await asyncio.to_thread(self._run, runtime, [items[i][1]]))[0]
-                    except Exception as e:
-                        results[i] = e
+                outs = await asyncio.to_thread(self._run_safely, runtime, [items[i][1] for i in idx])
+            except Exception as e:  # noqa: BLE001 - every request of this model gets the error
+                outs = [e] * len(idx)
+            for i, o in zip(idx, outs):
+                results[i] = o
         return results
 
 
@@ -212,6 +224,8 @@ class Gateway:
         self.generator, self.editor = generator, editor
         self.api_key = self.cfg.api_key or os.environ.get("LATENTFORGE_API_KEY")
         _BODY_LIMIT["max_bytes"] = self.cfg.limits.max_body_bytes
+        self._forward.set_max_batch_size(self.cfg.max_batch_images)
+        self._entries: dict[str, tuple[float, dict | tuple[int, str]]] = {}
 
     def _auth(self, request: Request) -> JSONResponse | None:
         if not self.api_key:
@@ -222,12 +236,24 @@ class Gateway:
         return None
 
     def _entry(self, model_id: str) -> dict:
-        try:
-            return show(self.cfg.registry, model_id)
-        except UnknownModel as e:
-            raise _HTTPError(404, str(e)) from e
-        except RegistryError as e:
-            raise _HTTPError(400, str(e)) from e
+        """The registry entry of `model_id`, or a 404/400. Answers (unknown ids too) are kept for
+        `registry_refresh_s`: reading the registry on every request cost a file read here and a
+        round trip to object storage on a cluster, and a flood of unknown ids rescanned it."""
+        now = time.monotonic()
+        hit = self._entries.get(model_id)
+        if hit is None or now - hit[0] >= self.cfg.registry_refresh_s:
+            try:
+                answer: dict | tuple[int, str] = show(self.cfg.registry, model_id)
+            except UnknownModel as e:
+                answer = (404, str(e))
+            except RegistryError as e:
+                answer = (400, str(e))
+            if len(self._entries) >= 1024:  # hostile ids cannot grow it without bound
+                self._entries.clear()
+            hit = self._entries[model_id] = (now, answer)
+        if isinstance(hit[1], tuple):
+            raise _HTTPError(*hit[1])
+        return hit[1]
 
     async def _call(self, request: Request, model_id: str, coro_factory):
         denied = self._auth(request)
@@ -236,6 +262,8 @@ class Gateway:
         try:
             self._entry(model_id)
             result = await coro_factory()
+            if isinstance(result, BaseException):  # a batched call hands errors back as values
+                raise result
         except _HTTPError as e:
             return _error(e.status, e.message)
         except Exception as e:  # noqa: BLE001 - every failure becomes a clear JSON error
@@ -287,12 +315,42 @@ class Gateway:
     def _edit(self, model_id: str, op: str, body: dict):
         return self.editor.options(multiplexed_model_id=model_id).run.remote(model_id, op, body)
 
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, max_concurrent_batches=2,
+                 batch_size_fn=lambda items: sum(body["n"] for _, body in items))
+    async def _forward(self, items: list) -> list:
+        """Batching starts here, at the ingress: the generate requests that arrived while the last
+        batch was out go to the Generator as one call per model. A call per request cost the
+        Generator's event loop more than the forward pass of a small model; the Generator runs
+        each batch as one forward pass. No wait: under load the queue fills while a batch is out,
+        and a lone request goes at once. Two batches in flight keep the Generator busy while the
+        gateway encodes the last answers."""
+        groups = defaultdict(list)
+        for i, (model_id, _) in enumerate(items):
+            groups[model_id].append(i)
+        results: list = [None] * len(items)
+
+        async def send(model_id: str, idx: list[int]):
+            try:
+                outs = await self.generator.options(multiplexed_model_id=model_id).generate_many.remote(
+                    model_id, [items[i][1] for i in idx])
+            except Exception as e:  # noqa: BLE001 - e.g. the replica died: each request gets the error
+                outs = [e] * len(idx)
+            for i, o in zip(idx, outs):
+                results[i] = o
+
+        await asyncio.gather(*(send(m, idx) for m, idx in groups.items()))
+        return results
+
+    def _generate(self, model_id: str, body: dict):
+        if self.cfg.batching:
+            return self._forward((model_id, body))
+        return self.generator.options(multiplexed_model_id=model_id).generate.remote(model_id, body)
+
     @app.post("/v1/models/{model_id}/generate")
     async def generate(self, model_id: str, body: GenerateRequest, request: Request):
         if body.n > self.cfg.limits.max_n:
             return _error(422, f"n: {body.n} is above the limit of {self.cfg.limits.max_n} images per request")
-        return await self._call(request, model_id, lambda: self.generator.options(multiplexed_model_id=model_id)
-                                .generate.remote(model_id, body.model_dump()))
+        return await self._call(request, model_id, lambda: self._generate(model_id, body.model_dump()))
 
     @app.post("/v1/models/{model_id}/reconstruct")
     async def reconstruct(self, model_id: str, body: ImageRequest, request: Request):
@@ -319,13 +377,15 @@ def build_application(cfg: ServeConfig):
     """The bound Serve application for a config."""
     raw = cfg.model_dump(mode="json")
     opts = {"num_cpus": cfg.replica_cpus}
+    logs = {"enable_access_log": cfg.access_log}
     generator = Generator.options(
         ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.generator),
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.max_ongoing_requests, logging_config=logs,
     ).bind(raw)
     editor = Editor.options(ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.editor),
-                            max_ongoing_requests=8).bind(raw)
-    return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256).bind(generator, editor, raw)
+                            max_ongoing_requests=8, logging_config=logs).bind(raw)
+    return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
+                           logging_config=logs).bind(generator, editor, raw)
 
 
 def build_app(args: dict):

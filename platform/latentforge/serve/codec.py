@@ -23,6 +23,9 @@ class BadInput(LatentForgeError):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # keep the status when a replica hands the error back through Ray
+        return type(self), (str(self), self.status)
+
 
 def _open_image(data: str, field: str, size: tuple[int, int], max_side: int) -> Image.Image:
     """base64 → a loaded PIL image of exactly `size` (H, W).
