@@ -36,6 +36,6 @@ class ServeConfig(BaseModel):
     projection_steps: int = Field(200, ge=1)  # default Adam steps for GAN inversion
     projection_restarts: int = Field(2, ge=1)
     registry_refresh_s: float = Field(2.0, ge=0)  # how long the gateway trusts what it read about a model id
-    access_log: bool = True  # one log line per request and per replica call (off: ~30% more requests/s on 2 cores)
+    access_log: bool = True  # a log line per request and per replica call (off: more requests/s on a small machine)
     api_key: str | None = None  # if set, /v1/* requires header `X-API-Key` (or `Authorization: Bearer`)
     model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
