@@ -114,8 +114,7 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
         name = "batched" if batching else "unbatched"
         cfg = ServeConfig.model_validate({"registry": registry, "batching": batching, "replica_cpus": 1.0,
                                           "threads_per_replica": threads, "generator": fixed, "editor": fixed,
-                                          "max_ongoing_requests": 64, "batch_wait_timeout_s": 0.005,
-                                          "access_log": False})
+                                          "max_ongoing_requests": 64, "access_log": False})
         serve.run(build_application(cfg), name=name, route_prefix=f"/{name}")
         url = f"http://127.0.0.1:8799/{name}"
         load(url, "bench", 4, 3, n)  # warm-up: model load, connections

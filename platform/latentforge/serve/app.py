@@ -35,6 +35,28 @@ def _autoscaling(a: AutoscalingSettings) -> dict:
             "metrics_interval_s": min(1.0, a.look_back_period_s)}
 
 
+async def _per_model(items: list, run) -> list:
+    """Batch plumbing shared by the gateway and the Generator: `items` are (model_id, request)
+    pairs; `run(model_id, requests)` is awaited once per model and returns one result or error
+    per request; a failure of the whole call becomes every one of its requests' error. Results
+    come back in the order of `items` (errors as values, which @serve.batch hands to callers)."""
+    groups = defaultdict(list)
+    for i, (model_id, _) in enumerate(items):
+        groups[model_id].append(i)
+    results: list = [None] * len(items)
+
+    async def one(model_id: str, idx: list[int]):
+        try:
+            outs = await run(model_id, [items[i][1] for i in idx])
+        except Exception as e:  # noqa: BLE001 - e.g. the model failed to load, or the replica died
+            outs = [e] * len(idx)
+        for i, o in zip(idx, outs):
+            results[i] = o
+
+    await asyncio.gather(*(one(m, idx) for m, idx in groups.items()))
+    return results
+
+
 class _Models:
     """Registry loading shared by both deployments (a replica-local LRU via @serve.multiplexed)."""
 
@@ -102,28 +124,18 @@ class Generator:
         runtime = await self.get_model(model_id)
         return (await asyncio.to_thread(self._run_safely, runtime, [req]))[0]
 
+    async def _generate_batch(self, model_id: str, requests: list[GenerateRequest]) -> list:
+        runtime = await self.get_model(model_id)
+        return await asyncio.to_thread(self._run_safely, runtime, requests)
+
     async def generate_many(self, model_id: str, requests: list[dict]) -> list:
         """A batch the gateway already collected: one forward pass, one result or error each."""
-        reqs = [GenerateRequest.model_validate(r) for r in requests]
-        runtime = await self.get_model(model_id)
-        return await asyncio.to_thread(self._run_safely, runtime, reqs)
+        return await self._generate_batch(model_id, [GenerateRequest.model_validate(r) for r in requests])
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(r.n for _, r in items))
     async def _batched(self, items: list) -> list:
         """One forward pass per model for everything that arrived together (handle callers)."""
-        groups = defaultdict(list)
-        for i, (model_id, req) in enumerate(items):
-            groups[model_id].append(i)
-        results: list = [None] * len(items)
-        for model_id, idx in groups.items():
-            try:
-                runtime = await self.get_model(model_id)
-                outs = await asyncio.to_thread(self._run_safely, runtime, [items[i][1] for i in idx])
-            except Exception as e:  # noqa: BLE001 - every request of this model gets the error
-                outs = [e] * len(idx)
-            for i, o in zip(idx, outs):
-                results[i] = o
-        return results
+        return await _per_model(items, self._generate_batch)
 
 
 @serve.deployment(name="Editor")
@@ -324,22 +336,8 @@ class Gateway:
         each batch as one forward pass. No wait: under load the queue fills while a batch is out,
         and a lone request goes at once. Two batches in flight keep the Generator busy while the
         gateway encodes the last answers."""
-        groups = defaultdict(list)
-        for i, (model_id, _) in enumerate(items):
-            groups[model_id].append(i)
-        results: list = [None] * len(items)
-
-        async def send(model_id: str, idx: list[int]):
-            try:
-                outs = await self.generator.options(multiplexed_model_id=model_id).generate_many.remote(
-                    model_id, [items[i][1] for i in idx])
-            except Exception as e:  # noqa: BLE001 - e.g. the replica died: each request gets the error
-                outs = [e] * len(idx)
-            for i, o in zip(idx, outs):
-                results[i] = o
-
-        await asyncio.gather(*(send(m, idx) for m, idx in groups.items()))
-        return results
+        return await _per_model(items, lambda model_id, bodies: self.generator.options(
+            multiplexed_model_id=model_id).generate_many.remote(model_id, bodies))
 
     def _generate(self, model_id: str, body: dict):
         if self.cfg.batching:

@@ -27,7 +27,8 @@ class ServeConfig(BaseModel):
     limits: ServeLimits = ServeLimits()
     batching: bool = True  # batch generation requests across clients (@serve.batch)
     max_batch_images: int = Field(256, ge=1)  # images per batched forward pass
-    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # Generator batches of deployment-handle callers: wait to fill
+    # (HTTP requests are batched at the gateway without waiting: a batch fills while the last is out)
     max_ongoing_requests: int = Field(64, ge=1)  # per generator replica (caps what a batch can hold)
     generator: AutoscalingSettings = AutoscalingSettings()
     editor: AutoscalingSettings = AutoscalingSettings(max_replicas=2)
