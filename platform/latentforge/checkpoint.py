@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentforge import __version__
-from latentforge.builders import DataSpec
+from latentforge.data.spec import DataSpec
 from latentforge.errors import CheckpointError
 from latentforge.models.registry import build_module, describe
 from latentforge.storage import atomic_write_json, read_json, staged_dir

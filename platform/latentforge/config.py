@@ -17,11 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from latentforge.errors import ConfigError
 
 
-class Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """Base of every config model (experiments, sweeps, job specs, serving): unknown keys are errors
+    and a validated config is immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class GANModelConfig(Strict):
+class GANModelConfig(StrictConfig):
     arch: Literal["dcgan"] = "dcgan"  # generator/discriminator family (models.registry.GAN_ARCHITECTURES)
     z_dim: int = Field(64, ge=1, le=1024)  # latent size
     g_width: int = Field(32, ge=4, le=512)  # generator channels at full resolution (x2 per halving, up to x8)
@@ -32,7 +35,7 @@ class GANModelConfig(Strict):
     embed_dim: int = Field(32, ge=1, le=1024)  # label embedding size in G (conditional only)
 
 
-class VAEModelConfig(Strict):
+class VAEModelConfig(StrictConfig):
     arch: Literal["conv_vae"] = "conv_vae"  # VAE family (models.registry.VAE_ARCHITECTURES)
     z_dim: int = Field(16, ge=1, le=1024)  # latent size
     width: int = Field(32, ge=4, le=512)  # encoder/decoder channels at full resolution
@@ -41,7 +44,7 @@ class VAEModelConfig(Strict):
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # decoder likelihood p(x|z)
 
 
-class GANConfig(Strict):
+class GANConfig(StrictConfig):
     loss: Literal["ns", "hinge", "wgan-gp"] = "ns"  # non-saturating, hinge, or Wasserstein + gradient penalty
     lr_g: float = Field(2e-4, gt=0, le=10)  # generator learning rate (TTUR: may differ from lr_d)
     lr_d: float = Field(2e-4, gt=0, le=10)  # discriminator learning rate
@@ -54,7 +57,7 @@ class GANConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)  # clip each network's gradient norm (None = off)
 
 
-class VAEConfig(Strict):
+class VAEConfig(StrictConfig):
     lr: float = Field(1e-3, gt=0, le=10)  # Adam learning rate
     beta1: float = Field(0.9, ge=0, lt=1)  # Adam beta1
     beta2: float = Field(0.999, ge=0, lt=1)  # Adam beta2
@@ -64,7 +67,7 @@ class VAEConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)  # clip the gradient norm (None = off)
 
 
-class TrainConfig(Strict):
+class TrainConfig(StrictConfig):
     steps: int = Field(2000, ge=1)  # optimisation steps (a GAN step = n_critic D updates + 1 G update)
     global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
     per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
@@ -81,7 +84,7 @@ class TrainConfig(Strict):
     sync_batchnorm: bool = False  # GPU only: SyncBatchNorm in G so batch statistics span all workers
 
 
-class GANExperiment(Strict):
+class GANExperiment(StrictConfig):
     name: str  # preset or run name
     description: str = ""  # one line shown in listings
     algorithm: Literal["gan"]
@@ -90,7 +93,7 @@ class GANExperiment(Strict):
     train: TrainConfig = TrainConfig()
 
 
-class VAEExperiment(Strict):
+class VAEExperiment(StrictConfig):
     name: str
     description: str = ""
     algorithm: Literal["vae"]

@@ -19,7 +19,8 @@ def main() -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     from latentforge.checkpoint import load_checkpoint
     from latentforge.config import load_experiment
-    from latentforge.data.dataset import PreparedDataset, to_model_range
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.images import to_model_range
     from latentforge.data.prepare import prepare_dataset
     from latentforge.editing.directions import compute_directions, save_directions
     from latentforge.metrics.features import ensure_feature_net

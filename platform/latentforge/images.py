@@ -1,4 +1,4 @@
-"""Image grids and PNG encoding (deterministic: the same tensor always gives the same bytes)."""
+"""Pixel ranges, image grids and PNG encoding (deterministic: the same tensor always gives the same bytes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentforge.data.dataset import to_uint8
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [-1, 1], the range every model consumes and produces."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] → uint8 [0, 255] (clamped, rounded)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def grid_uint8(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

@@ -11,25 +11,21 @@ import traceback
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from latentforge.config import load_yaml_model
+from latentforge.config import StrictConfig, load_yaml_model
 from latentforge.errors import LatentForgeError
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataSpec(Strict):
+class JobData(StrictConfig):
     source: str = "mnist5k"  # a data prepare SOURCE, used when `dir` holds no prepared dataset yet
     dir: str  # the prepared dataset folder (readable from every node)
 
 
-class TrainJob(Strict):
+class TrainJob(StrictConfig):
     kind: Literal["train"] = "train"
     preset: str  # preset name or YAML path
-    data: DataSpec
+    data: JobData
     overrides: dict[str, Any] = {}  # dotted config overrides
     workers: int = Field(2, ge=1)
     gpus: bool = False
@@ -39,23 +35,23 @@ class TrainJob(Strict):
     data_loader: Literal["ray", "memory"] = "ray"
 
 
-class TuneJob(Strict):
+class TuneJob(StrictConfig):
     kind: Literal["tune"] = "tune"
     sweep: str  # sweep YAML path
-    data: DataSpec
+    data: JobData
     out: str | None = None  # sweep folder
     registry: str | None = "registry"  # promote the best trial here (None: no promotion)
 
 
-class EvaluateJob(Strict):
+class EvaluateJob(StrictConfig):
     kind: Literal["evaluate"] = "evaluate"
     target: str  # checkpoint/run folder or images
-    data: DataSpec
+    data: JobData
     samples: int = Field(5000, ge=10)
     out: str | None = None  # write the JSON result here too
 
 
-class DeployJob(Strict):
+class DeployJob(StrictConfig):
     kind: Literal["deploy"] = "deploy"
     serve: dict[str, Any] = {}  # ServeConfig fields (registry, limits, batching, autoscaling, ...)
     host: str = "0.0.0.0"
@@ -74,7 +70,7 @@ def load_spec(kind: str, path: str):
     return load_yaml_model(path, JOBS[kind], f"{kind} job spec")
 
 
-def _dataset(spec: DataSpec) -> str:
+def _dataset(spec: JobData) -> str:
     from latentforge.data.prepare import MANIFEST, prepare_dataset
 
     if not (Path(spec.dir) / MANIFEST).is_file():

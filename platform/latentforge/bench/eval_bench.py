@@ -21,7 +21,8 @@ from latentforge.metrics.features import ensure_feature_net
 
 def bench_eval(data_dir: str | None = None, samples: int = 5000, checkpoint: str | None = None, log=print) -> dict:
     """Time generation, feature extraction and each metric for `samples` images on mnist5k."""
-    from latentforge.builders import DataSpec, build_gan
+    from latentforge.data.spec import DataSpec
+from latentforge.builders import build_gan
     from latentforge.config import load_experiment
     from latentforge.data.dataset import PreparedDataset
     from latentforge.sampling import decode_with, sample_latents

@@ -74,7 +74,8 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
 
 
 def evaluate_real_floor(data_dir, net) -> dict:
-    from latentforge.data.dataset import PreparedDataset, to_model_range
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.images import to_model_range
     from latentforge.metrics.evaluate import distribution_metrics
 
     return distribution_metrics(to_model_range(PreparedDataset(data_dir).load("val").images), net, "train")

@@ -89,7 +89,8 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
 
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-serve-"))
     if checkpoint is None:  # an untrained dcgan-mnist: throughput does not depend on training
-        from latentforge.builders import DataSpec, build_gan
+        from latentforge.data.spec import DataSpec
+from latentforge.builders import build_gan
         from latentforge.checkpoint import save_checkpoint
         from latentforge.config import experiment_to_dict, load_experiment
 

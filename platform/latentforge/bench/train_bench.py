@@ -17,7 +17,7 @@ import torch
 
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.bench.hardware import count_flops, matmul_peak_gflops
-from latentforge.builders import DataSpec
+from latentforge.data.spec import DataSpec
 from latentforge.config import load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.train.batches import InMemoryBatches

@@ -10,6 +10,7 @@ import torch
 
 from latentforge.data.prepare import DATASET_KIND, MANIFEST
 from latentforge.errors import DataError
+from latentforge.images import to_model_range
 from latentforge.storage import read_json
 
 
@@ -23,16 +24,6 @@ class Split:
 
     def __len__(self) -> int:
         return self.images.shape[0]
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float32 [-1, 1], the range every model consumes and produces."""
-    return images_uint8.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] → uint8 [0, 255] (clamped, rounded)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def decode_rows(image_bytes: list[bytes], height: int, width: int, channels: int) -> np.ndarray:

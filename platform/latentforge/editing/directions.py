@@ -176,7 +176,7 @@ def compute_directions(ckpt, dataset=None, feature_net=None, k: int = 5, seed: i
         dataset: its PreparedDataset (labels and attributes for supervised directions).
         feature_net: the dataset's FeatureNet (the classifier for InterFaceGAN boundaries).
     """
-    from latentforge.data.dataset import to_model_range
+    from latentforge.images import to_model_range
 
     model, algorithm = ckpt.inference_generator(), ckpt.algorithm
     out = sefa(model, algorithm, k)

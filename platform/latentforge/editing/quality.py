@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from latentforge.data.dataset import PreparedDataset, to_model_range
+from latentforge.data.dataset import PreparedDataset
+
+from latentforge.images import to_model_range
 from latentforge.editing.directions import apply_edit, compute_directions, load_directions, save_directions
 from latentforge.editing.inversion import invert
 from latentforge.editing.latent import interpolation_path

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentforge.data.dataset import PreparedDataset, to_model_range
+from latentforge.data.dataset import PreparedDataset
+
+from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
 from latentforge.metrics.distribution import (
     class_coverage,

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from latentforge.data.dataset import PreparedDataset, to_model_range
+from latentforge.data.dataset import PreparedDataset
+
+from latentforge.images import to_model_range
 from latentforge.errors import DataError
 from latentforge.metrics.distribution import gaussian_stats
 from latentforge.models.blocks import UpStack

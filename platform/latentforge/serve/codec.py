@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentforge.data.dataset import to_model_range
+from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
 from latentforge.images import grid_uint8, png_bytes
 

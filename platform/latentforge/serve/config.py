@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from latentforge.config import StrictConfig
 
 from latentforge.serve.schemas import ServeLimits
 
 
-class AutoscalingSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class AutoscalingSettings(StrictConfig):
     min_replicas: int = Field(1, ge=0)  # replicas kept when idle
     max_replicas: int = Field(4, ge=1)  # replicas under load
     target_ongoing_requests: float = Field(4.0, gt=0)  # per replica, before Serve adds one
@@ -18,10 +18,8 @@ class AutoscalingSettings(BaseModel):
     look_back_period_s: float = Field(10.0, gt=0)  # window the averages are taken over
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(StrictConfig):
     """Everything `latentforge serve` and the Serve config YAML can set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     registry: str = "registry"  # registry folder or pyarrow URI the model ids resolve in
     limits: ServeLimits = ServeLimits()

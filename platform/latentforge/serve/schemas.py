@@ -7,13 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from latentforge.config import StrictConfig
+
 MAX_SEED = 2**63 - 1
 
 
-class ServeLimits(BaseModel):
+class ServeLimits(StrictConfig):
     """Request limits (configurable per deployment)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_n: int = Field(64, ge=1, le=4096)  # images per generate request
     max_steps: int = Field(32, ge=2, le=1024)  # images along an interpolation
@@ -23,11 +23,13 @@ class ServeLimits(BaseModel):
     max_alpha: float = Field(10.0, gt=0)  # |alpha| for edits
 
 
-class Strict(BaseModel):
+class StrictRequest(BaseModel):
+    """Base of every HTTP request body: unknown fields and NaN/inf are 422s."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class LatentSource(Strict):
+class LatentSource(StrictRequest):
     """Where a latent comes from: exactly one of seed, image (base64 PNG), latent (floats)."""
 
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -43,7 +45,7 @@ class LatentSource(Strict):
         return self
 
 
-class GenerateRequest(Strict):
+class GenerateRequest(StrictRequest):
     n: int = Field(1, ge=1)  # upper bound checked against ServeLimits.max_n
     seed: int = Field(0, ge=0, le=MAX_SEED)
     label: int | None = Field(None, ge=0)
@@ -51,7 +53,7 @@ class GenerateRequest(Strict):
     include_latents: bool = True
 
 
-class ImageRequest(Strict):
+class ImageRequest(StrictRequest):
     image: str = Field(min_length=1)  # base64 PNG (or JPEG)
     label: int | None = Field(None, ge=0)
     steps: int | None = Field(None, ge=1)  # GAN projection steps (default per deployment)
@@ -62,7 +64,7 @@ class InpaintRequest(ImageRequest):
     method: Literal["optimize", "chain"] = "optimize"
 
 
-class InterpolateRequest(Strict):
+class InterpolateRequest(StrictRequest):
     a: LatentSource
     b: LatentSource
     steps: int = Field(8, ge=2)
@@ -70,7 +72,7 @@ class InterpolateRequest(Strict):
     projection_steps: int | None = Field(None, ge=1)
 
 
-class EditRequest(Strict):
+class EditRequest(StrictRequest):
     source: LatentSource
     direction: str = Field(min_length=1, max_length=64)
     alpha: float = Field(ge=-1e6, le=1e6)  # range checked against ServeLimits.max_alpha

@@ -12,7 +12,8 @@ from typing import Iterator
 import torch
 
 from latentforge.algorithms.batch import Batch
-from latentforge.data.dataset import Split, to_model_range
+from latentforge.data.dataset import Split
+from latentforge.images import to_model_range
 from latentforge.errors import ConfigError
 
 

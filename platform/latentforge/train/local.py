@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from latentforge.builders import DataSpec
+from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import find_checkpoints
 from latentforge.config import parse_experiment
 from latentforge.data.dataset import PreparedDataset

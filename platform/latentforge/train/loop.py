@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.builders import DataSpec
+from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png

@@ -17,7 +17,8 @@ from latentforge.algorithms.batch import Batch, unwrap
 from latentforge.algorithms.gan import gan_sample, gan_step, make_gan_state
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.vae import make_vae_state, vae_step
-from latentforge.builders import DataSpec, build_gan, build_vae
+from latentforge.data.spec import DataSpec
+from latentforge.builders import build_gan, build_vae
 
 
 @dataclass

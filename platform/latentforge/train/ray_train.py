@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from latentforge.builders import DataSpec, check_compatible
+from latentforge.data.spec import DataSpec
+from latentforge.builders import check_compatible
 from latentforge.config import experiment_to_dict, parse_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import ConfigError

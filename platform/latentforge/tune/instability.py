@@ -25,16 +25,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from latentforge.config import StrictConfig
 
 STOP_REASONS = ("non_finite", "discriminator_wins", "gradient_explosion", "vanishing_generator_gradient",
                 "mode_collapse", "fid_degradation")
 _FINITE_KEYS = ("d_loss", "g_loss", "loss", "nll", "kl", "grad_norm_d", "grad_norm_g", "grad_norm", "fid")
 
 
-class InstabilityThresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class InstabilityThresholds(StrictConfig):
     enabled: bool = True  # False turns the whole policy off (naive sweeps, benchmarks)
     patience: int = Field(3, ge=1)  # consecutive reports a condition must hold (non-finite: 1)
     d_loss_floor: float | None = Field(0.05, ge=0)  # discriminator_wins: D loss below this (None = off)

@@ -6,19 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from latentforge.config import apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
+from latentforge.config import StrictConfig, apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
 from latentforge.tune.instability import InstabilityThresholds
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SchedulerConfig(Strict):
+class SchedulerConfig(StrictConfig):
     kind: Literal["asha", "pbt", "fifo"] = "asha"  # asha: successive halving; pbt: population based; fifo: none
     grace_period: int = Field(100, ge=1)  # ASHA: steps every trial gets before it can be cut
     reduction_factor: int = Field(3, ge=2)  # ASHA: keep 1/reduction_factor at each rung
@@ -28,12 +24,12 @@ class SchedulerConfig(Strict):
     resample_probability: float = Field(0.25, ge=0, le=1)  # PBT: chance to resample instead of perturb
 
 
-class SearchConfig(Strict):
+class SearchConfig(StrictConfig):
     algorithm: Literal["random", "optuna"] = "random"  # optuna needs `pip install optuna`
     seed: int = 0  # seeds the sampled configurations: the same seed gives the same trials
 
 
-class SweepConfig(Strict):
+class SweepConfig(StrictConfig):
     name: str  # sweep name (folder name prefix)
     base: str  # preset name or YAML path every trial starts from
     overrides: dict[str, Any] = {}  # fixed overrides of the base (dotted keys)

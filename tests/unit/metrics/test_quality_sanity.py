@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny
-from latentforge.builders import DataSpec, build_gan
+from latentforge.data.spec import DataSpec
+from latentforge.builders import build_gan
 from latentforge.data import PreparedDataset
-from latentforge.data.dataset import to_model_range
+from latentforge.images import to_model_range
 from latentforge.metrics.evaluate import distribution_metrics, evaluate
 from latentforge.train.local import train_local
 

@@ -5,10 +5,11 @@ from safetensors.torch import load_file
 
 from helpers import tiny
 from latentforge.algorithms.vae import vae_negative_elbo
-from latentforge.builders import DataSpec, build_gan
+from latentforge.data.spec import DataSpec
+from latentforge.builders import build_gan
 from latentforge.checkpoint import find_checkpoints, load_checkpoint
 from latentforge.data import PreparedDataset
-from latentforge.data.dataset import to_model_range
+from latentforge.images import to_model_range
 from latentforge.metrics.two_sample import c2st_accuracy
 from latentforge.sampling import generate
 from latentforge.train.local import train_local

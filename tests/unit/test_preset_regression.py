@@ -1,0 +1,101 @@
+"""Stored numbers: a few steps of every shipped preset, from a fixed seed on a tiny fixed input,
+must reproduce the losses stored in `golden/preset_losses.json`.
+
+This is the net under refactors and new model code: a change that alters what any preset
+computes (an initialisation, a norm, the order of noise draws, a loss) fails here, even when
+every behavioural test still passes. Each preset keeps its own architecture and widths (only the
+batch is shrunk) so the test exercises the real networks.
+
+Tolerance: rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
+norms). One torch thread makes the reductions' order fixed; what is left is the CPU's vector
+width, which moves the numbers around 1e-6 relative after three steps.
+
+Updating the numbers is a deliberate act: run
+    LATENTFORGE_UPDATE_GOLDEN=1 pytest tests/unit/test_preset_regression.py
+and commit `golden/preset_losses.json` with the reason the numbers changed in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentforge.algorithms.noise import GlobalNoise
+from latentforge.config import load_experiment, preset_names
+from latentforge.data.dataset import Split
+from latentforge.data.spec import DataSpec
+from latentforge.train.batches import InMemoryBatches
+from latentforge.train.program import build_program
+
+GOLDEN = Path(__file__).parent / "golden" / "preset_losses.json"
+STEPS = 3
+BATCH = 8
+RTOL, ATOL = 1e-3, 1e-5
+# The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
+INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3)}
+
+
+def tiny_input(name: str) -> tuple[Split, DataSpec]:
+    """16 images whose pixels are integer arithmetic (exact everywhere), labels cycling."""
+    suffix = next((s for s in INPUTS if name.endswith(s)), None)
+    if suffix is None:
+        pytest.fail(f"preset {name!r}: add the data it is made for to INPUTS in {Path(__file__).name}")
+    c, side, classes = INPUTS[suffix]
+    n = 16
+    i = torch.arange(n).view(n, 1, 1, 1)
+    ch = torch.arange(c).view(1, c, 1, 1)
+    y = torch.arange(side).view(1, 1, side, 1)
+    x = torch.arange(side).view(1, 1, 1, side)
+    images = ((i * 37 + ch * 91 + y * y * 3 + x * (i + 5) * 7) % 256).to(torch.uint8)
+    labels = torch.arange(n) % classes
+    return Split(images, labels), DataSpec((c, side, side), classes, tuple(str(k) for k in range(classes)))
+
+
+def run_preset(name: str) -> list[dict[str, float]]:
+    cfg = load_experiment(name, {"train.global_batch_size": BATCH, "train.tracking": "none"})
+    split, spec = tiny_input(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        program = build_program(cfg, spec, GlobalNoise(cfg.train.seed))
+        it = InMemoryBatches(split, BATCH, cfg.train.seed).iterate()
+        return [program.step([next(it) for _ in range(program.batches_per_step)], s) for s in range(STEPS)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stored() -> dict:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+
+
+def test_every_preset_has_stored_numbers():
+    missing = sorted(set(preset_names()) - set(_stored()))
+    assert not missing, f"no stored numbers for {missing}: run LATENTFORGE_UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_reproduces_stored_losses(name):
+    got = run_preset(name)
+    for record in got:
+        bad = [k for k, v in record.items() if not math.isfinite(v)]
+        assert not bad, f"{name}: non-finite {bad}"
+    if os.environ.get("LATENTFORGE_UPDATE_GOLDEN"):
+        stored = _stored()
+        stored[name] = [{k: float(f"{v:.8g}") for k, v in sorted(r.items())} for r in got]
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"stored new numbers for {name}; commit {GOLDEN.name} with the reason")
+    expected = _stored().get(name)
+    assert expected is not None, f"no stored numbers for {name}"
+    assert len(got) == len(expected)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert set(g) == set(e), f"{name} step {step}: metrics {sorted(g)} != stored {sorted(e)}"
+        for k in e:
+            assert math.isclose(g[k], e[k], rel_tol=RTOL, abs_tol=ATOL), (
+                f"{name} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {RTOL}, atol {ATOL}); if the "
+                "change is intended, regenerate with LATENTFORGE_UPDATE_GOLDEN=1 and say why in the commit")
