@@ -10,6 +10,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (the folder it lives in), so `pytest -m unit` selects it."""
+    for item in items:
+        parts = item.path.relative_to(config.rootpath).parts
+        tier = next((p for p in parts if p in TIERS), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     """mnist5k prepared once: 4,500 train / 500 val, 10 classes, 1x28x28."""

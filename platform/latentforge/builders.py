@@ -6,7 +6,7 @@ from __future__ import annotations
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
 from latentforge.models.blocks import SUPPORTED_RESOLUTIONS
-from latentforge.models.registry import GAN_ARCHITECTURES, VAE_ARCHITECTURES
+from latentforge.models.architectures import GAN_ARCHITECTURES, VAE_ARCHITECTURES
 
 
 def check_compatible(model_cfg, spec: DataSpec) -> None:

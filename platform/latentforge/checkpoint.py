@@ -14,7 +14,6 @@ nothing in a checkpoint is ever unpickled as code.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 from latentforge import __version__
 from latentforge.data.spec import DataSpec
 from latentforge.errors import CheckpointError
-from latentforge.models.registry import build_module, describe
+from latentforge.models.architectures import build_module, describe
 from latentforge.storage import atomic_write_json, read_json, staged_dir
 
 CONFIG = "config.json"
@@ -122,9 +121,6 @@ def _read_config(path: Path) -> dict:
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade latentforge"
         )
     return config
-
-
-_STEP_DIR = re.compile(r"^(?:step_|checkpoint_)")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -25,7 +25,7 @@ class StrictConfig(BaseModel):
 
 
 class GANModelConfig(StrictConfig):
-    arch: Literal["dcgan"] = "dcgan"  # generator/discriminator family (models.registry.GAN_ARCHITECTURES)
+    arch: Literal["dcgan"] = "dcgan"  # generator/discriminator family (models.architectures.GAN_ARCHITECTURES)
     z_dim: int = Field(64, ge=1, le=1024)  # latent size
     g_width: int = Field(32, ge=4, le=512)  # generator channels at full resolution (x2 per halving, up to x8)
     d_width: int = Field(32, ge=4, le=512)  # discriminator channels at full resolution
@@ -36,7 +36,7 @@ class GANModelConfig(StrictConfig):
 
 
 class VAEModelConfig(StrictConfig):
-    arch: Literal["conv_vae"] = "conv_vae"  # VAE family (models.registry.VAE_ARCHITECTURES)
+    arch: Literal["conv_vae"] = "conv_vae"  # VAE family (models.architectures.VAE_ARCHITECTURES)
     z_dim: int = Field(16, ge=1, le=1024)  # latent size
     width: int = Field(32, ge=4, le=512)  # encoder/decoder channels at full resolution
     conditional: bool = False  # class-conditional encoder and decoder

@@ -60,12 +60,6 @@ def grid_png(images: torch.Tensor, nrow: int | None = None, upscale: int | None 
     return png_bytes(grid_uint8(images, nrow), upscale=scale)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes → (H, W, C) uint8."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 

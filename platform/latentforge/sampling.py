@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from latentforge.checkpoint import LoadedCheckpoint
 from latentforge.errors import LatentForgeError
@@ -49,9 +50,20 @@ def default_labels(ckpt: LoadedCheckpoint, n: int, label: int | None) -> torch.T
 
 
 @torch.no_grad()
-def decode_with(net, algorithm: str, z: torch.Tensor, labels: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
-    """Latents → images (N, C, H, W) in [-1, 1] with a plain generator (GAN) or VAE, in chunks,
-    in eval mode (the module's mode is restored)."""
+def decode_latents(net: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, chunk: int = 1000) -> torch.Tensor:
+    """Latents → images: the one inference path from latents to pixels (generation, evaluation,
+    training sample grids, editing, serving).
+
+    Args:
+        net: a plain (unwrapped) GAN generator or VAE; anything with `decode(z, labels)`.
+        z: (N, z_dim) latents, on any device (moved to the network's).
+        labels: (N,) class labels for conditional models, else None.
+        chunk: latents per forward pass.
+
+    Returns:
+        (N, C, H, W) float images in [-1, 1] on the CPU. The network runs in eval mode, under
+        no_grad; its mode is restored afterwards.
+    """
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -59,16 +71,10 @@ def decode_with(net, algorithm: str, z: torch.Tensor, labels: torch.Tensor | Non
         out = []
         for i in range(0, len(z), chunk):
             y = None if labels is None else labels[i : i + chunk].to(device)
-            zi = z[i : i + chunk].to(device)
-            out.append((net.decode(zi, y) if algorithm == "vae" else net(zi, y)).cpu())
+            out.append(net.decode(z[i : i + chunk].to(device), y).cpu())
         return torch.cat(out)
     finally:
         net.train(was_training)
-
-
-def decode_latents(ckpt: LoadedCheckpoint, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Latents → images (N, C, H, W) in [-1, 1] with the checkpoint's inference generator."""
-    return decode_with(ckpt.inference_generator(), ckpt.algorithm, z, labels)
 
 
 def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None,
@@ -90,4 +96,4 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
     net = ckpt.inference_generator()
     z = sample_latents(n, net.z_dim, seed, truncation)
     labels = default_labels(ckpt, n, label)
-    return decode_latents(ckpt, z, labels), z, labels
+    return decode_latents(net, z, labels), z, labels

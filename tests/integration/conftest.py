@@ -6,7 +6,7 @@ def ray_cluster():
     """One local Ray cluster per test module (4 logical CPUs on 2 cores, as Ray's own tests do)."""
     import ray
 
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     if ray.is_initialized():
         ray.shutdown()

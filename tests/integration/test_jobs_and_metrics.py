@@ -114,7 +114,8 @@ def test_every_dashboard_metric_is_exported(head, mnist_dir, mnist_features, tmp
     from helpers import sweep_file, tiny
     from latentforge.registry import promote
     from latentforge.serve.config import ServeConfig
-    from latentforge.train.ray_train import ray_init, train_ray
+    from latentforge.ray_cluster import ray_init
+    from latentforge.train.ray_train import train_ray
     from latentforge.tune.space import load_sweep
     from latentforge.tune.sweep import run_sweep
 

@@ -43,7 +43,7 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
         assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
     # and training really moved the weights (the comparison is not between two initialisations)
     from latentforge.data.spec import DataSpec
-from latentforge.builders import build_gan
+    from latentforge.builders import build_gan
     from latentforge.data import PreparedDataset
 
     torch.manual_seed(cfg.train.seed)

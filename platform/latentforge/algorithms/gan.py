@@ -156,14 +156,3 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
             rl.mean(), fl.mean(), acc, gp.detach(), r1.detach(), gn_d.to(device), gn_g.to(device),
         ]).tolist()  # one device sync for all metrics
     return GANStepMetrics(*values)
-
-
-@torch.no_grad()
-def gan_sample(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1] from a plain (unwrapped) generator in eval mode."""
-    was_training = generator.training
-    generator.eval()
-    try:
-        return generator(z, labels)
-    finally:
-        generator.train(was_training)

@@ -22,10 +22,10 @@ from latentforge.metrics.features import ensure_feature_net
 def bench_eval(data_dir: str | None = None, samples: int = 5000, checkpoint: str | None = None, log=print) -> dict:
     """Time generation, feature extraction and each metric for `samples` images on mnist5k."""
     from latentforge.data.spec import DataSpec
-from latentforge.builders import build_gan
+    from latentforge.builders import build_gan
     from latentforge.config import load_experiment
     from latentforge.data.dataset import PreparedDataset
-    from latentforge.sampling import decode_with, sample_latents
+    from latentforge.sampling import decode_latents, sample_latents
 
     if data_dir is None:
         from latentforge.data.prepare import prepare_dataset
@@ -36,17 +36,15 @@ from latentforge.builders import build_gan
     if checkpoint:
         from latentforge.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(checkpoint)
-        g, algorithm = ck.inference_generator(), ck.algorithm
+        g = load_checkpoint(checkpoint).inference_generator()
     else:
         cfg = load_experiment("dcgan-mnist")
         g, _ = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(data_dir)))
-        algorithm = "gan"
     timings = {}
     t = time.perf_counter()
     z = sample_latents(samples, g.z_dim, 0)
     labels = torch.arange(samples) % g.num_classes if g.num_classes else None
-    fake = decode_with(g, algorithm, z, labels)
+    fake = decode_latents(g, z, labels)
     timings["generate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     feats, probs = net.embed(fake)

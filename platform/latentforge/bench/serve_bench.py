@@ -85,12 +85,12 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
     from latentforge.registry import local_checkpoint, promote
     from latentforge.serve.app import build_application
     from latentforge.serve.config import ServeConfig
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-serve-"))
     if checkpoint is None:  # an untrained dcgan-mnist: throughput does not depend on training
         from latentforge.data.spec import DataSpec
-from latentforge.builders import build_gan
+        from latentforge.builders import build_gan
         from latentforge.checkpoint import save_checkpoint
         from latentforge.config import experiment_to_dict, load_experiment
 

@@ -75,7 +75,7 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
                 data_loader: str = "ray", use_gpu: bool = False, log=print) -> dict:
     """Run (a), (b), (c) and return images/s, ratios, FLOPs per image and GFLOP/s."""
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     cfg = load_experiment(preset, {"train.tracking": "none"})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))

@@ -42,7 +42,7 @@ def bench_tune(data_dir: str | None = None, trials: int = 8, steps: int = 600, s
                         stopper=InstabilityThresholds(warmup_steps=200), **common)
     # 4 trials at a time (1 worker each, on 2 cores: the same total speed as 2 at a time), so that
     # rung decisions see several trials early; the local cluster declares the CPUs for that
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     ray_init(num_cpus=6)
     out = {"trials": trials, "max_steps_per_trial": steps, "concurrent_trials": 4}

@@ -10,7 +10,6 @@ import torch
 
 from latentforge.data.prepare import DATASET_KIND, MANIFEST
 from latentforge.errors import DataError
-from latentforge.images import to_model_range
 from latentforge.storage import read_json
 
 
@@ -112,17 +111,3 @@ class PreparedDataset:
                 attributes={a: torch.from_numpy(np.concatenate(v).astype(np.float32)) for a, v in attrs.items()},
             )
         return self._cache[split]
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """A torch Dataset over one split: items are (image float (C, H, W) in [-1, 1], label or -1)."""
-
-    def __init__(self, path: str | Path, split: str = "train"):
-        self.split = PreparedDataset(path).load(split)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):
-        y = -1 if self.split.labels is None else int(self.split.labels[i])
-        return to_model_range(self.split.images[i]), y

@@ -102,11 +102,11 @@ def class_boundaries(model: nn.Module, algorithm: str, classifier: nn.Module, nu
     sampled latents labelled by the classifier's confident predictions."""
     from sklearn.linear_model import LogisticRegression
 
-    from latentforge.sampling import decode_with
+    from latentforge.sampling import decode_latents
 
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.z_dim, generator=gen)
-    images = decode_with(model, algorithm, z, None)
+    images = decode_latents(model, z, None)
     with torch.no_grad():
         probs = torch.softmax(classifier(images), dim=1)
     conf, pred = probs.max(1)

@@ -25,10 +25,6 @@ class Inversion:
     candidate_errors: torch.Tensor | None = None  # (R, N)
 
 
-def _decode(model: nn.Module, algorithm: str, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    return model.decode(z, labels) if algorithm == "vae" else model(z, labels)
-
-
 @torch.no_grad()
 def encode_vae(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> Inversion:
     """Posterior means and their reconstructions."""
@@ -85,7 +81,7 @@ def project(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torc
     opt = torch.optim.Adam([z], lr=lr)
     try:
         for _ in range(steps):
-            out = _decode(model, algorithm, z, y)
+            out = model.decode(z, y)
             diff = (out - x).pow(2)
             pix = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
             loss = pix + prior_weight * z.pow(2).mean(1)
@@ -98,7 +94,7 @@ def project(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torc
         for p, r in zip(params, requires):
             p.requires_grad_(r)
     with torch.no_grad():
-        out = _decode(model, algorithm, z, y)
+        out = model.decode(z, y)
         diff = (out - x).pow(2)
         err = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
         best = err.view(restarts, n).argmin(0)  # (N,)

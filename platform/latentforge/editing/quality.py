@@ -27,7 +27,7 @@ from latentforge.editing.inversion import invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint, paste
 from latentforge.metrics.reconstruction import psnr, ssim
-from latentforge.sampling import decode_with
+from latentforge.sampling import decode_latents
 
 ALPHAS = (0.0, 1.0, 2.0, 3.0, 4.0)
 INPAINT_STARTS = 8  # GAN inpainting: fits averaged
@@ -155,7 +155,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     else:
         z_src = torch.randn(n, model.z_dim, generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
-        src_images = decode_with(model, algo, z_src, y_cond)
+        src_images = decode_latents(model, z_src, y_cond)
         src_feats = net.embed(src_images)[0]
     typical = torch.cdist(src_feats, src_feats).mean().item()
     for name, d in sorted(directions.items()):
@@ -163,7 +163,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
             target = int(name.split(":")[1])
             rates, dists = [], []
             for a in ALPHAS:
-                edited = decode_with(model, algo, apply_edit(z_src, d.vector, a), y_cond)
+                edited = decode_latents(model, apply_edit(z_src, d.vector, a), y_cond)
                 feats, probs = net.embed(edited)
                 rates.append(float((probs.argmax(1) == target).float().mean()))
                 dists.append(float((feats - src_feats).norm(dim=1).mean() / typical))
@@ -176,7 +176,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
                 continue
             changes = {}
             for a in (-2.0, 2.0):
-                edited = decode_with(model, algo, apply_edit(z_src, d.vector, a), y_cond)
+                edited = decode_latents(model, apply_edit(z_src, d.vector, a), y_cond)
                 m = measure_shape_factors(edited)
                 changes[a] = {k: (m[k] - measured0[k]) for k in m}
             target_move = (changes[2.0][factor] - changes[-2.0][factor]).mean().item()
@@ -208,7 +208,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
                 norm_dev[method].append(float(((path.norm(dim=1) - expected).abs() / expected).max()))
             path = interpolation_path(za[i], zb[i], 9, "slerp" if algo == "gan" else "lerp")
             labels = None if ya is None else ya[i].repeat(9)
-            preds = net.embed(decode_with(model, algo, path, labels))[1].argmax(1)
+            preds = net.embed(decode_latents(model, path, labels))[1].argmax(1)
             if preds[0] == preds[-1]:
                 continue  # endpoints of the same class: not a between-class path
             pairs += 1

@@ -75,8 +75,6 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
     Raises:
         LatentForgeError: unreadable input or a shape that does not match the dataset.
     """
-    from PIL import Image
-
     from latentforge.data.sources import IMAGE_EXTENSIONS, decode_image
 
     path = Path(path)
@@ -108,7 +106,6 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
             raise LatentForgeError(f"{path}: images must be uint8 in [0, 255] (got {x.dtype})")
     else:
         raise LatentForgeError(f"{path} is neither a checkpoint, an image folder nor an .npz file")
-    del Image
     return to_model_range(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
 
 

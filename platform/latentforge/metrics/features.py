@@ -28,7 +28,7 @@ from latentforge.errors import DataError
 from latentforge.metrics.distribution import gaussian_stats
 from latentforge.models.blocks import UpStack
 from latentforge.models.classifier import FeatureClassifier
-from latentforge.models.registry import build_module, describe
+from latentforge.models.architectures import build_module, describe
 from latentforge.storage import atomic_write_json, read_json, staged_dir
 
 FEATURES_DIR = "features"

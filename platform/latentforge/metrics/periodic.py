@@ -13,10 +13,10 @@ import torch
 from latentforge.data.dataset import PreparedDataset
 from latentforge.metrics.evaluate import distribution_metrics, vae_reconstruction_metrics
 from latentforge.metrics.features import load_feature_net
-from latentforge.sampling import decode_with, sample_latents
+from latentforge.metrics.names import REPORTED_METRICS
+from latentforge.sampling import decode_latents, sample_latents
 
-REPORTED = ("fid", "kid", "precision", "recall", "density", "coverage", "inception_score", "class_coverage",
-            "label_kl", "class_accuracy", "recon_psnr", "recon_ssim", "val_neg_elbo")
+REPORTED = tuple(REPORTED_METRICS)
 
 
 def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0, device="cpu",
@@ -34,7 +34,7 @@ def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0
         generator = modules["generator_ema"] if program.algorithm == "gan" else modules["vae"]
         z = sample_latents(samples, generator.z_dim, seed)
         labels = torch.arange(samples) % generator.num_classes if generator.num_classes else None
-        images = decode_with(generator, program.algorithm, z, labels)
+        images = decode_latents(generator, z, labels)
         out = distribution_metrics(images, net, "train", seed, labels)
         if program.algorithm == "vae":
             out.update(vae_reconstruction_metrics(generator, ds, vae_sigma, max_images=1000))

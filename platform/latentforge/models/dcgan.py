@@ -44,6 +44,11 @@ class DCGANGenerator(nn.Module):
             z = torch.cat([z, self.embed(labels)], dim=1)
         return torch.tanh(self.net(z))
 
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents → images in [-1, 1]: the name every latent-variable model shares (see
+        `sampling.decode_latents`), so sampling, evaluation and editing need not know the family."""
+        return self(z, labels)
+
 
 class DCGANDiscriminator(nn.Module):
     """image (B, C, H, W) [+ label (B,)] → logit (B,).

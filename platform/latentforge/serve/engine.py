@@ -14,7 +14,7 @@ from latentforge.editing.directions import apply_edit, load_directions, pca, sef
 from latentforge.editing.inversion import invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
-from latentforge.sampling import decode_with, sample_latents
+from latentforge.sampling import decode_latents, sample_latents
 from latentforge.serve.codec import BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
 from latentforge.serve.schemas import (
     EditRequest,
@@ -118,7 +118,7 @@ class ModelRuntime:
             ys.append(self._labels(r.n, r.label, cycle=True))
             sizes.append(r.n)
         labels = torch.cat(ys) if self.num_classes else None
-        images = decode_with(self.model, self.algorithm, torch.cat(zs), labels)
+        images = decode_latents(self.model, torch.cat(zs), labels)
         out, i = [], 0
         for r, z, y, n in zip(requests, zs, ys, sizes):
             res = {"model": self.name, "seed": r.seed, "n": n, "truncation": r.truncation,
@@ -145,7 +145,7 @@ class ModelRuntime:
         labels = None
         if self.num_classes:  # the label switches halfway (labels are discrete)
             labels = torch.where(torch.arange(r.steps) < r.steps / 2, ya[0], yb[0])
-        images = decode_with(self.model, self.algorithm, path, labels)
+        images = decode_latents(self.model, path, labels)
         return {"model": self.name, "method": r.method, "images": self._images(images), "latents": path.tolist(),
                 "a": pa, "b": pb}
 
@@ -158,7 +158,7 @@ class ModelRuntime:
         z, labels, prov = self._latent(r.source, r.projection_steps)
         others = [self.directions[n].vector for n in r.orthogonal_to]
         edited = apply_edit(z[None], self.directions[r.direction].vector, r.alpha, others or None)
-        images = decode_with(self.model, self.algorithm, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2))
+        images = decode_latents(self.model, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2))
         return {"model": self.name, "direction": r.direction, "alpha": r.alpha, "images": self._images(images[1:]),
                 "original": self._images(images[:1])[0], "latents": edited.tolist(), "source": prov}
 

@@ -16,7 +16,7 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
     from ray import serve
 
     from latentforge.serve.app import build_application
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     ray_init(address, num_cpus=num_cpus)
     serve.start(http_options={"host": host, "port": port})

@@ -10,13 +10,12 @@ import torch
 
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import find_checkpoints
-from latentforge.config import parse_experiment
 from latentforge.data.dataset import PreparedDataset
-from latentforge.errors import ConfigError
-from latentforge.storage import atomic_write_bytes, read_json
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.loop import WorkerContext, run_training
-from latentforge.train.run_files import RUN_FILE, RunFiles, new_run_name, run_file_json
+from latentforge.train.run_dir import RunDir, write_run_file
+from latentforge.train.run_files import RunFiles
+from latentforge.train.setup import check_training_setup
 from latentforge.train.tracking import make_tracker
 
 
@@ -44,30 +43,6 @@ class LocalRunSink:
         self.files.artifact(relpath, data)
 
 
-def read_run_config(run_dir: str | Path):
-    """The experiment config a run was started with (for --resume)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no {RUN_FILE}); give the folder a previous train wrote")
-    return parse_experiment(read_json(run_dir / RUN_FILE)["experiment"], str(run_dir / RUN_FILE))
-
-
-def prepare_run_dir(out: str | Path | None, cfg, resume: bool, runs_root: str | Path = "runs") -> Path:
-    """Create (or, when resuming, reuse) a run folder.
-
-    Raises:
-        ConfigError: a fresh run would reuse a non-empty folder.
-    """
-    run_dir = Path(out) if out else Path(runs_root) / new_run_name(cfg.name)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run folder {run_dir} already exists and is not empty; choose another --out, or pass "
-            f"--resume {run_dir} to continue that run"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
                 log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Train in this process (no Ray): the `--workers 0` path and the reference for tests.
@@ -77,6 +52,7 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
     """
     ds = PreparedDataset(data_dir)
     spec = DataSpec.from_dataset(ds)
+    check_training_setup(cfg, spec, 1, ds.manifest["splits"]["train"]["count"], use_gpu=device != "cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir)
@@ -86,7 +62,7 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
         if found:
             resume_from = found[-1]
     else:
-        atomic_write_bytes(run_dir / RUN_FILE, run_file_json(run_dir.name, cfg, str(data_dir), "local", 1))
+        write_run_file(RunDir(str(run_dir.resolve())), cfg, str(Path(data_dir).resolve()), "local", 1)
     stream = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device)
     evaluate = None
     if cfg.train.eval_every:

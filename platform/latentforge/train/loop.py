@@ -121,9 +121,17 @@ def run_training(
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         last_ckpt = Path(resume_from).name
+        # The data position is global batches consumed, which does not depend on the worker
+        # count: a run may resume on a different number of workers with the same global batch.
+        batches_consumed = int(state["data"]["batches_consumed"])
+        saved_world = int(state.get("world_size", world))
         if ctx.is_chief:
             log(f"resumed from {resume_from} at step {start}")
-    batches_consumed = start * program.batches_per_step
+            if saved_world != world:
+                log(f"note: the run trained on {saved_world} worker(s) and resumes on {world}; the global batch "
+                    f"stays {t.global_batch_size} (per worker {t.global_batch_size // saved_world} -> {per_worker})")
+    else:
+        batches_consumed = 0
     it = stream.iterate(batches_consumed)
     experiment = experiment_to_dict(cfg)
 
@@ -136,9 +144,8 @@ def run_training(
                     "step": step_done,
                     "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
                     "rng": {"torch": torch.get_rng_state()},
-                    "data": {"batches_consumed": step_done * program.batches_per_step},
-                    "attempt_start_step": start,  # after a restart, later records for a step supersede earlier ones
-            "world_size": world,
+                    "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step},
+                    "world_size": world,
                 },
             )
         return write

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from latentforge.algorithms.batch import Batch, unwrap
-from latentforge.algorithms.gan import gan_sample, gan_step, make_gan_state
+from latentforge.algorithms.gan import gan_step, make_gan_state
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.vae import make_vae_state, vae_step
 from latentforge.data.spec import DataSpec
+from latentforge.sampling import decode_latents
 from latentforge.builders import build_gan, build_vae
 
 
@@ -57,7 +58,7 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
         step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step).as_dict(),
         modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
         optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
-        sample=lambda: gan_sample(state.g_ema, z, labels),
+        sample=lambda: decode_latents(state.g_ema, z, labels),
         hyperparameters={"generator": {"lr": cfg.gan.lr_g, "betas": (cfg.gan.beta1, cfg.gan.beta2)},
                          "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
     )
@@ -67,24 +68,13 @@ def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
     vae = build_vae(cfg.model, spec).to(device)
     state = make_vae_state(vae, cfg.vae, wrap=wrap)
     z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
-
-    @torch.no_grad()
-    def sample():
-        plain = unwrap(state.vae)
-        was = plain.training
-        plain.eval()
-        try:
-            return plain.decode(z, labels)
-        finally:
-            plain.train(was)
-
     return TrainingProgram(
         algorithm="vae",
         batches_per_step=1,
         step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step).as_dict(),
         modules=lambda: {"vae": unwrap(state.vae)},
         optimizers={"vae": state.opt},
-        sample=sample,
+        sample=lambda: decode_latents(unwrap(state.vae), z, labels),
         hyperparameters={"vae": {"lr": cfg.vae.lr, "betas": (cfg.vae.beta1, cfg.vae.beta2)}},
     )
 

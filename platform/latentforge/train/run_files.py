@@ -1,37 +1,15 @@
-"""The chief's view of a run folder (local path or storage URI): metrics.jsonl, samples/,
-workers/, run.json, and the tracker that mirrors them."""
+"""What the chief writes into a run folder while it trains (local path or storage URI):
+metrics.jsonl, samples/, and the tracker that mirrors them. Naming and creating run folders is
+`train/run_dir.py`'s job."""
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 
-from latentforge import __version__
-from latentforge.config import experiment_to_dict
 from latentforge.storage import append_line_uri, join_uri, write_bytes_uri
 from latentforge.train.tracking import NullTracker
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def new_run_name(cfg_name: str) -> str:
-    """A unique run name: preset, UTC time, random suffix (a fresh run never reuses a folder)."""
-    return f"{cfg_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-
-
-def run_file_json(name: str, cfg, data_dir: str, backend: str, workers: int) -> bytes:
-    return json.dumps({
-        "kind": "latentforge.run",
-        "latentforge_version": __version__,
-        "name": name,
-        "experiment": experiment_to_dict(cfg),
-        "data": str(data_dir),
-        "backend": backend,
-        "workers": workers,
-        "created_unix": int(time.time()),
-    }, indent=2, sort_keys=True).encode()
 
 
 class RunFiles:

@@ -29,8 +29,6 @@ from pydantic import Field
 
 from latentforge.config import StrictConfig
 
-STOP_REASONS = ("non_finite", "discriminator_wins", "gradient_explosion", "vanishing_generator_gradient",
-                "mode_collapse", "fid_degradation")
 _FINITE_KEYS = ("d_loss", "g_loss", "loss", "nll", "kl", "grad_norm_d", "grad_norm_g", "grad_norm", "fid")
 
 
@@ -51,7 +49,7 @@ class InstabilityThresholds(StrictConfig):
 @dataclass(frozen=True)
 class StopDecision:
     stop: bool
-    reason: str | None = None  # one of STOP_REASONS
+    reason: str | None = None  # a failure mode named in the module docstring
     detail: str = ""  # human-readable evidence, e.g. "d_loss 0.01, D(x) 0.99, D(G(z)) 0.01 for 3 reports"
 
 
@@ -61,6 +59,7 @@ class _TrialState:
     best_fid: float = math.inf
     stopped: StopDecision | None = None
     last_step: int | None = None
+    loss: str = "ns"  # the trial's adversarial loss (its own, when a sweep searches over losses)
 
 
 class InstabilityPolicy:
@@ -68,16 +67,25 @@ class InstabilityPolicy:
 
     def __init__(self, thresholds: InstabilityThresholds | None = None, loss: str = "ns"):
         self.t = thresholds or InstabilityThresholds()
-        self.loss = loss
+        self.loss = loss  # the default for trials observed without their own
         self._trials: dict[str, _TrialState] = {}
 
     def _streak(self, state: _TrialState, key: str, condition: bool) -> int:
         state.streaks[key] = state.streaks.get(key, 0) + 1 if condition else 0
         return state.streaks[key]
 
-    def observe(self, trial_id: str, result: dict) -> StopDecision:
-        """Update the trial's state with one result and decide."""
-        state = self._trials.setdefault(trial_id, _TrialState())
+    def observe(self, trial_id: str, result: dict, loss: str | None = None) -> StopDecision:
+        """Update the trial's state with one result and decide.
+
+        Args:
+            trial_id: the trial.
+            result: its reported metrics.
+            loss: the trial's adversarial loss ('wgan-gp' changes which checks apply); the
+                policy's default when None. Fixed at the trial's first result.
+        """
+        state = self._trials.get(trial_id)
+        if state is None:
+            state = self._trials[trial_id] = _TrialState(loss=loss or self.loss)
         if state.stopped is not None:
             return state.stopped
         step = result.get("step")
@@ -98,7 +106,7 @@ class InstabilityPolicy:
             return StopDecision(True, "non_finite", f"non-finite {', '.join(bad)} at step {r.get('step')}")
 
         gan = "d_loss" in r
-        if gan and t.d_loss_floor is not None and self.loss != "wgan-gp" and {"d_real", "d_fake"} <= set(r):
+        if gan and t.d_loss_floor is not None and state.loss != "wgan-gp" and {"d_real", "d_fake"} <= set(r):
             wins = r["d_loss"] < t.d_loss_floor and r["d_real"] > t.d_real_min and r["d_fake"] < t.d_fake_max
             if self._streak(state, "d_wins", wins) >= t.patience:
                 return StopDecision(True, "discriminator_wins",

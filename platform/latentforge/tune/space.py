@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from latentforge.errors import ConfigError
 from latentforge.config import StrictConfig, apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
+from latentforge.metrics.names import REPORTED_METRICS, VAE_ONLY_METRICS
 from latentforge.tune.instability import InstabilityThresholds
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
@@ -41,13 +43,28 @@ class SweepConfig(StrictConfig):
     eval_every: int = Field(100, ge=1)  # steps between evaluations (and Tune checkpoints)
     eval_samples: int = Field(500, ge=10)  # generated images per evaluation
     report_every: int = Field(25, ge=1)  # steps between reports (losses, gradient norms) to the stopper
-    metric: str = "fid"  # metric to optimise (fid, kid, recall, val_neg_elbo, ...)
+    metric: str = "fid"  # metric to optimise: one of metrics.names.REPORTED_METRICS (fid, kid, recall, val_neg_elbo, ...)
     mode: Literal["min", "max"] = "min"
     data_loader: Literal["memory", "ray"] = "memory"  # memory: each worker reads the prepared split itself
     scheduler: SchedulerConfig = SchedulerConfig()
     search: SearchConfig = SearchConfig()
     stopper: InstabilityThresholds = InstabilityThresholds()
     promote_as: str | None = None  # registry name for the best trial (None: the sweep name)
+
+    @field_validator("metric")
+    @classmethod
+    def _check_metric(cls, metric: str) -> str:
+        if metric not in REPORTED_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(REPORTED_METRICS)}")
+        return metric
+
+    @model_validator(mode="after")
+    def _check_mode(self):
+        better = REPORTED_METRICS[self.metric]
+        if self.mode != better:
+            raise ValueError(f"mode {self.mode!r} optimises {self.metric} the wrong way: lower is "
+                             f"{'better' if better == 'min' else 'worse'}; set mode: {better}")
+        return self
 
     @field_validator("space")
     @classmethod
@@ -86,9 +103,14 @@ def _corners(spec) -> list:
 
 
 def check_space(sweep: SweepConfig) -> None:
-    """Build the experiment at the corners of every dimension of the space."""
+    """Build the experiment at the corners of every dimension of the space, and check that the
+    metric is one this kind of model reports."""
     base, source = load_experiment_dict(sweep.base)
     base = apply_overrides(base, sweep.overrides)
+    algorithm = parse_experiment(base, source).algorithm
+    if sweep.metric in VAE_ONLY_METRICS and algorithm != "vae":
+        raise ConfigError(f"sweep metric {sweep.metric!r} is reported by VAEs only and {sweep.base} is a "
+                          f"{algorithm}; choose one of: {', '.join(m for m in REPORTED_METRICS if m not in VAE_ONLY_METRICS)}")
     for key, spec in sweep.space.items():
         for value in _corners(spec):
             parse_experiment(apply_overrides(base, {key: value}), f"{source} with {key}={value!r} from the sweep space")

@@ -10,15 +10,15 @@ losses and gradient norms, and PBT can exploit (a restored trial warm-starts fro
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
-from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.errors import ConfigError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
 from latentforge.tune.rungs import RungRecheck
@@ -37,13 +37,19 @@ class InstabilityStopper:
     reasons are kept on disk so that the results table shows them (and a resumed sweep still
     knows them)."""
 
-    def __init__(self, policy: InstabilityPolicy, sweep_dir: str, rungs: RungRecheck | None = None):
-        self.policy, self.sweep_dir, self.rungs = policy, sweep_dir, rungs
+    def __init__(self, policy: InstabilityPolicy, sweep_dir: str, rungs: RungRecheck | None = None,
+                 loss_of: Callable[[dict], str | None] = lambda params: None):
+        self.policy, self.sweep_dir, self.rungs, self.loss_of = policy, sweep_dir, rungs, loss_of
+        self._losses: dict[str, str | None] = {}
         path = Path(sweep_dir) / STOP_REASONS_FILE
         self.reasons: dict[str, dict] = read_json(path) if path.is_file() else {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        decision: StopDecision = self.policy.observe(trial_id, result)
+        # Tune puts the trial's sampled parameters in every result: a trial whose space sets
+        # gan.loss is judged by its own loss's rules, not the base preset's.
+        if trial_id not in self._losses:
+            self._losses[trial_id] = self.loss_of(result.get("config") or {})
+        decision: StopDecision = self.policy.observe(trial_id, result, loss=self._losses[trial_id])
         if self.rungs is not None:  # sees every result, so that its rungs are complete
             behind = self.rungs.observe(trial_id, result)
             decision = decision if decision.stop else behind
@@ -139,6 +145,7 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     from ray.util.queue import Empty, Queue
 
     from latentforge.train.ray_train import make_trainer
+    from latentforge.train.run_dir import RunDir
 
     sw = SweepConfig.model_validate(sweep)
     cfg = experiment_for(sw, config)
@@ -151,8 +158,8 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
 
     def fit(resume_from):
         try:
-            trainer = make_trainer(cfg, data_dir, sw.workers_per_trial, str(trial_dir / "train"), name,
-                                   str(trial_dir / "train" / name), max_failures=0, data_loader=sw.data_loader,
+            trainer = make_trainer(cfg, data_dir, sw.workers_per_trial, RunDir(str(trial_dir / "train" / name)),
+                                   max_failures=0, data_loader=sw.data_loader,
                                    resume_from=resume_from, callbacks=[_ForwardReports(queue)])
             outcome["result"] = trainer.fit()
         except BaseException as e:  # re-raised in the trial's thread below
@@ -249,11 +256,10 @@ def _checkpoint_config(sw: SweepConfig):
     return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=sw.metric, checkpoint_score_order=sw.mode)
 
 
-def _loss_name(sw: SweepConfig) -> str:
-    from latentforge.config import load_experiment_dict
-
-    base, _ = load_experiment_dict(sw.base)
-    return sw.overrides.get("gan.loss", base.get("gan", {}).get("loss", "ns"))
+def trial_loss(sw: SweepConfig, params: dict) -> str | None:
+    """The adversarial loss of the trial with these sampled parameters (None for VAEs)."""
+    cfg = experiment_for(sw, params)
+    return cfg.gan.loss if cfg.algorithm == "gan" else None
 
 
 def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bool = False,
@@ -275,7 +281,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     from ray.tune import RunConfig, TuneConfig, Tuner
 
     from latentforge.metrics.features import ensure_feature_net
-    from latentforge.train.ray_train import ray_init
+    from latentforge.ray_cluster import ray_init
 
     if "fid" in sw.metric or sw.metric in ("kid", "recall", "precision", "coverage", "class_coverage"):
         ensure_feature_net(data_dir, log=log)
@@ -298,7 +304,8 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     rungs = None
     if sw.scheduler.kind == "asha" and sw.scheduler.recheck_rungs:
         rungs = RungRecheck(sw.scheduler.grace_period, sw.scheduler.reduction_factor, sw.steps, f"{sw.metric}_best", sw.mode)
-    stopper = InstabilityStopper(InstabilityPolicy(sw.stopper, loss=_loss_name(sw)), str(sweep_dir), rungs)
+    stopper = InstabilityStopper(InstabilityPolicy(sw.stopper), str(sweep_dir), rungs,
+                                 loss_of=lambda params: trial_loss(sw, params))
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve())),
         {"cpu": 0.1},  # the trial only waits on its Train run, whose workers hold the CPUs
@@ -397,10 +404,3 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
     log("\n".join(lines))
     log(f"summary: {sweep_dir / 'summary.md'}, plot: {sweep_dir / f'{sw.metric}_vs_steps.png'}")
     return summary
-
-
-def load_summary(sweep_dir: str | Path) -> dict:
-    path = Path(sweep_dir) / "summary.json"
-    if not path.is_file():
-        raise LatentForgeError(f"{sweep_dir} has no summary.json (the sweep has not finished)")
-    return json.loads(path.read_text())

@@ -79,3 +79,44 @@ def test_continuous_or_grid_spaces_keep_tunes_sampling(tmp_path):
     assert distinct_points(load_sweep(_write(tmp_path, GOOD))) is None
     grid = FINITE.replace("gan.beta1: {choice:", "gan.beta1: {grid:")
     assert distinct_points(load_sweep(_write(tmp_path, grid))) is None
+
+
+def test_unknown_metric_fails_at_load_with_the_valid_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"metric: .*unknown metric 'fdi'.*choose one of: fid, kid"):
+        load_sweep(_write(tmp_path, GOOD + "metric: fdi\n"))
+
+
+def test_metric_optimised_the_wrong_way_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="set mode: max"):
+        load_sweep(_write(tmp_path, GOOD + "metric: recall\nmode: min\n"))
+    assert load_sweep(_write(tmp_path, GOOD + "metric: recall\nmode: max\n")).metric == "recall"
+
+
+def test_vae_only_metric_on_a_gan_sweep_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="val_neg_elbo.*VAEs only"):
+        load_sweep(_write(tmp_path, GOOD + "metric: val_neg_elbo\n"))
+
+
+def test_each_trial_is_judged_by_its_own_loss(tmp_path):
+    """A space that chooses gan.loss gives each trial its own instability rules: a WGAN-GP
+    critic's outputs are not probabilities, so 'discriminator wins' must not stop it."""
+    from latentforge.tune.instability import InstabilityPolicy
+    from latentforge.tune.sweep import InstabilityStopper, trial_loss
+
+    sw = load_sweep(_write(tmp_path, GOOD.replace("[ns, hinge]", "[ns, wgan-gp]")))
+    assert trial_loss(sw, {"gan.loss": "wgan-gp"}) == "wgan-gp" and trial_loss(sw, {"gan.loss": "ns"}) == "ns"
+    seen = {}
+
+    class Recording(InstabilityPolicy):
+        def observe(self, trial_id, result, loss=None):
+            seen[trial_id] = loss
+            return super().observe(trial_id, result, loss)
+
+    stopper = InstabilityStopper(Recording(), str(tmp_path), loss_of=lambda p: trial_loss(sw, p))
+    wins = {"d_loss": 0.01, "d_real": 0.99, "d_fake": 0.01, "g_loss": 5.0}
+    for step in (25, 50, 75, 100):
+        assert not stopper("wgan", {"step": step, "config": {"gan.loss": "wgan-gp"}, **wins})
+    assert seen == {"wgan": "wgan-gp"}
+    policy = InstabilityPolicy()  # the same stream under the non-saturating loss is stopped
+    decisions = [policy.observe("ns", {"step": s, **wins}, loss="ns") for s in (25, 50, 75)]
+    assert decisions[-1].reason == "discriminator_wins"

@@ -1,4 +1,5 @@
-"""Model registry: architecture names for configs, class names for checkpoints.
+"""The architecture catalogue: architecture names for configs, class names for checkpoints
+(the promoted-model registry is `latentforge.registry`).
 
 Checkpoints name a class from `MODEL_CLASSES`; nothing else can be instantiated from a file.
 """

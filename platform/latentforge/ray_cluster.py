@@ -1,0 +1,38 @@
+"""Starting or joining a Ray cluster: the one place train, tune, serve and the benchmarks call."""
+
+from __future__ import annotations
+
+import os
+
+# Passed to every Ray worker process.
+WORKER_ENV = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+              "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+# Ray Train V2 reads these in the driver and propagates them: no print patching (it printed
+# every progress line twice), no structured worker logging (it echoed every report at INFO).
+RAY_DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                  "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+
+
+def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address`, or RAY_ADDRESS under `ray job submit`) or start a local
+    one sized for this machine; nothing happens when Ray is already initialised.
+
+    Locally, more logical CPUs than cores are declared: Train workers and Ray Data tasks would
+    otherwise wait on each other forever on a 2-core machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
+    for key, value in RAY_DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+    runtime_env = {"env_vars": WORKER_ENV}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = num_cpus or max(4, (os.cpu_count() or 2) + 2)
+        # The dashboard hosts the state API that Ray Train's controller and cleaner poll.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 object_store_memory=512 * 1024 * 1024, log_to_driver=True)

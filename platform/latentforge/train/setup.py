@@ -1,0 +1,41 @@
+"""Checks of a run against its data and hardware, made by the driver before any worker starts
+(no Ray). Every problem is reported together; a setting that could not take effect is an error,
+never a silent no-op."""
+
+from __future__ import annotations
+
+from latentforge.builders import check_compatible
+from latentforge.data.spec import DataSpec
+from latentforge.errors import ConfigError
+
+
+def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use_gpu: bool = False) -> None:
+    """Raise ConfigError listing every way `cfg` cannot run as asked.
+
+    Args:
+        cfg: the validated experiment config.
+        spec: the data the models are built for.
+        workers: data-parallel processes (1 for a single-process run).
+        train_rows: images in the training split.
+        use_gpu: whether the workers train on GPUs.
+    """
+    check_compatible(cfg.model, spec)
+    t = cfg.train
+    problems = []
+    if t.global_batch_size % workers:
+        problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by {workers} workers; "
+                        "choose a multiple of the worker count")
+    elif t.per_worker_batch_size is not None and t.per_worker_batch_size != t.global_batch_size // workers:
+        problems.append(
+            f"train.per_worker_batch_size={t.per_worker_batch_size} does not match global batch "
+            f"{t.global_batch_size} / {workers} workers = {t.global_batch_size // workers}; the per-worker batch "
+            "is derived from the global one: set train.global_batch_size instead, or remove per_worker_batch_size")
+    if train_rows < t.global_batch_size:
+        problems.append(f"train.global_batch_size={t.global_batch_size} is larger than the training split "
+                        f"({train_rows} images)")
+    if t.sync_batchnorm and not use_gpu:
+        problems.append("train.sync_batchnorm needs GPU workers (--gpus): SyncBatchNorm does not run on CPU. "
+                        "For exact data parallelism on CPU use a batch-independent norm (model.g_norm: layer), "
+                        "or set train.sync_batchnorm=false")
+    if problems:
+        raise ConfigError("config does not fit this run: " + "; ".join(problems))

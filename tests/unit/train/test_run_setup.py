@@ -1,0 +1,77 @@
+"""Run folders, the driver's checks and the driver → worker hand-off (no Ray)."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny
+from latentforge.data.spec import DataSpec
+from latentforge.errors import ConfigError
+from latentforge.train.run_dir import RUN_FILE, RunDir, resolve_run_dir, write_run_file
+from latentforge.train.setup import check_training_setup
+
+MNIST = DataSpec((1, 28, 28), 10)
+
+
+def test_out_is_the_run_folder_and_storage_the_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir("x", None).uri == str(tmp_path / "x")
+    assert resolve_run_dir("x", "store").uri == str(tmp_path / "store" / "x")
+    auto = resolve_run_dir(None, "store", cfg_name="dcgan-mnist")
+    assert Path(auto.uri).parent == tmp_path / "store" and auto.name.startswith("dcgan-mnist-")
+    assert resolve_run_dir(None, None).parent == str(tmp_path / "runs")
+    uri = RunDir("s3://bucket/runs/x")  # (resolving would look for a run there)
+    assert (uri.uri, uri.name, uri.parent, uri.is_local) == ("s3://bucket/runs/x", "x", "s3://bucket/runs", False)
+    assert resolve_run_dir("file://" + str(tmp_path / "f")).uri == str(tmp_path / "f")
+
+
+def test_fresh_run_never_reuses_a_folder_and_resume_needs_a_run(tmp_path):
+    run = resolve_run_dir(str(tmp_path / "r"))
+    write_run_file(run, tiny("dcgan-mnist"), "data", "local", 1)
+    assert (tmp_path / "r" / RUN_FILE).is_file()
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        resolve_run_dir(str(tmp_path / "r"))
+    assert resolve_run_dir(resume=str(tmp_path / "r")).uri == run.uri
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("x")
+    with pytest.raises(ConfigError, match="already exists"):
+        resolve_run_dir(str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="not a run folder"):
+        resolve_run_dir(resume=str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="drop --storage"):
+        resolve_run_dir(str(tmp_path / "abs"), "store")
+
+
+def test_per_worker_batch_size_is_checked_not_ignored():
+    cfg = tiny("dcgan-mnist", train__global_batch_size=16, train__per_worker_batch_size=8)
+    check_training_setup(cfg, MNIST, workers=2, train_rows=100)
+    with pytest.raises(ConfigError, match=r"per_worker_batch_size=8 does not match global batch 16 / 1 workers = 16"):
+        check_training_setup(cfg, MNIST, workers=1, train_rows=100)
+
+
+def test_sync_batchnorm_on_cpu_is_an_error():
+    cfg = tiny("dcgan-mnist", train__sync_batchnorm=True)
+    with pytest.raises(ConfigError, match="sync_batchnorm needs GPU workers"):
+        check_training_setup(cfg, MNIST, workers=2, train_rows=100)
+    check_training_setup(cfg, MNIST, workers=2, train_rows=100, use_gpu=True)
+
+
+def test_every_problem_is_reported_together():
+    cfg = tiny("dcgan-mnist", train__global_batch_size=15, train__sync_batchnorm=True)
+    with pytest.raises(ConfigError) as e:
+        check_training_setup(cfg, MNIST, workers=2, train_rows=10)
+    assert all(s in str(e.value) for s in ("not divisible by 2 workers", "larger than the training split", "sync_batchnorm"))
+
+
+def test_train_launch_validates_itself(tmp_path):
+    from latentforge.train.ray_train import TrainLaunch
+
+    good = dict(experiment=tiny("dcgan-mnist"), spec=MNIST, run_uri=str(tmp_path), run_name="r",
+                data_dir=str(tmp_path), data_loader="memory", threads=1, train_rows=100)
+    assert TrainLaunch(**good).data_loader == "memory"
+    with pytest.raises(ConfigError, match="unknown data loader 'disk'; choose one of: ray, memory"):
+        TrainLaunch(**{**good, "data_loader": "disk"})
+    with pytest.raises(ConfigError, match="data_dir must be absolute"):
+        TrainLaunch(**{**good, "data_dir": "data/mnist"})
+    with pytest.raises(TypeError, match="validated config"):
+        TrainLaunch(**{**good, "experiment": {"name": "x"}})
