@@ -163,23 +163,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     """
     path = resolve_checkpoint(path)
     config = _read_config(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS), device="cpu")
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
     modules = {}
     for name, spec in config["modules"].items():
         try:
-            module = build_module(spec["class"], spec["args"])
+            modules[name] = build_module(spec["class"], spec["args"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
-        prefix = f"{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights for {name!r} do not match its architecture: {e}") from e
-        modules[name] = module.to(device).eval().requires_grad_(False)
+    _load_weights(path, modules)
+    modules = {name: m.to(device).eval().requires_grad_(False) for name, m in modules.items()}
     return LoadedCheckpoint(path=path, config=config, modules=modules, step=int(config["step"]),
                             algorithm=config["algorithm"], data=DataSpec.from_json(config["data"]))
 
@@ -201,7 +192,11 @@ def load_training_state(path: str | Path) -> dict:
 
 def load_module_weights(path: str | Path, modules: dict[str, nn.Module]) -> None:
     """Load a checkpoint's weights into existing (plain) modules, e.g. to resume training."""
-    path = resolve_checkpoint(path)
+    _load_weights(resolve_checkpoint(path), modules)
+
+
+def _load_weights(path: Path, modules: dict[str, nn.Module]) -> None:
+    """Fill each module from the `<name>.`-prefixed tensors of the checkpoint's safetensors file."""
     try:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
     except (FileNotFoundError, SafetensorError, OSError) as e:
@@ -212,4 +207,4 @@ def load_module_weights(path: str | Path, modules: dict[str, nn.Module]) -> None
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights for {name!r} do not match: {e}") from e
+            raise CheckpointError(f"{path}: weights for {name!r} do not match its architecture: {e}") from e
