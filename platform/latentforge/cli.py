@@ -1,17 +1,37 @@
-"""The `latentforge` command. Heavy imports (torch, Ray) happen inside the verbs."""
+"""The `latentforge` command. Heavy imports (torch, Ray) happen inside the verbs.
+
+Each verb is two functions side by side, in the order `latentforge --help` lists them:
+`add_<verb>(verbs)` declares its arguments and `cmd_<verb>(args)` does the work. A handler
+returns its result as a dict (or None); `main` prints it as one JSON object on the last line of
+stdout when the verb was given `--json`, so scripts can read `stdout.splitlines()[-1]`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from latentforge.serve.config import ServeConfig
+
+# What `add_subparsers()` returns; every `add_<verb>` registers its verb on one of these.
+Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+# What a handler returns: the object `--json` prints, or None for verbs without `--json`.
+Result: TypeAlias = "dict[str, Any] | None"
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    """The `--json` flag: one help text for every verb that has it; `main` does the printing."""
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
 
 
 def _print_json_last(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True, default=str))
 
 
-def _overrides(args) -> dict:
+def _overrides(args: argparse.Namespace) -> dict:
     from latentforge.config import parse_override
 
     out = dict(parse_override(item) for item in (args.set or []))
@@ -23,253 +43,12 @@ def _overrides(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ data
-def cmd_data_prepare(args) -> int:
-    from latentforge.data.prepare import prepare_dataset
-    from latentforge.data.sources import SourceOptions
-
-    opts = SourceOptions(size=args.size, channels=args.channels, skip_bad=args.skip_bad, count=args.count,
-                         seed=args.seed, download=args.download, image_column=args.image_column,
-                         label_column=args.label_column)
-    manifest = prepare_dataset(args.source, args.out, opts, val_fraction=args.val_fraction,
-                               split_seed=args.split_seed, overwrite=args.overwrite)
-    if args.features:
-        from latentforge.metrics.features import train_feature_net
-
-        train_feature_net(args.out)
-    if args.json:
-        _print_json_last({"out": str(args.out), **{k: manifest[k] for k in ("num_images", "num_classes", "image_shape", "content_hash")},
-                          "skipped": manifest["skipped"]["count"]})
-    return 0
+def add_data(verbs: Verbs) -> Verbs:
+    """The `data` group; returns its sub-verbs for `add_data_prepare` and `add_data_features`."""
+    return verbs.add_parser("data", help="prepare datasets").add_subparsers(dest="data_verb", required=True)
 
 
-def cmd_data_features(args) -> int:
-    from latentforge.metrics.features import train_feature_net
-
-    config = train_feature_net(args.dataset, epochs=args.epochs, seed=args.seed)
-    if args.json:
-        _print_json_last(config)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ evaluate
-def cmd_evaluate(args) -> int:
-    from latentforge.metrics.evaluate import evaluate
-
-    result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
-                      inception=args.inception)
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        _print_json_last(result)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ train
-def cmd_train(args) -> int:
-    from latentforge.config import load_experiment
-    from latentforge.train.local import prepare_run_dir, read_run_config, train_local
-
-    if args.resume:
-        from latentforge.config import apply_overrides, experiment_to_dict, parse_experiment
-
-        base = read_run_config(args.resume)
-        cfg = parse_experiment(apply_overrides(experiment_to_dict(base), _overrides(args)), f"run {args.resume}")
-        out = args.resume
-    else:
-        if not args.config:
-            raise SystemExit("latentforge train: give a PRESET_OR_YAML (or --resume RUN_DIR)")
-        cfg = load_experiment(args.config, _overrides(args))
-        out = args.out
-    if args.workers == 0:
-        if args.storage and "://" in args.storage:
-            from latentforge.errors import ConfigError
-
-            raise ConfigError("--storage URIs need Ray workers (--workers 1 or more); --workers 0 writes local folders")
-        run_dir = prepare_run_dir(out, cfg, resume=bool(args.resume), runs_root=args.storage or "runs")
-        print(f"run folder: {run_dir}")
-        record = train_local(cfg, args.data, run_dir, resume=bool(args.resume), device="cuda" if args.gpus else "cpu")
-        result = {"run_dir": str(run_dir), **record}
-    else:
-        from latentforge.train.ray_train import train_ray
-
-        result = train_ray(cfg, args.data, workers=args.workers, use_gpu=args.gpus, out=out,
-                           storage=args.storage, max_failures=args.max_failures, resume=args.resume,
-                           address=args.address, data_loader=args.data_loader)
-    print(f"done: run folder {result['run_dir']}, samples in {result['run_dir']}/samples/")
-    if args.json:
-        _print_json_last(result)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ generate
-def cmd_generate(args) -> int:
-    from latentforge.checkpoint import load_checkpoint
-    from latentforge.images import grid_png
-    from latentforge.sampling import generate
-    from latentforge.storage import atomic_write_bytes
-
-    ckpt = load_checkpoint(args.checkpoint)
-    images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation)
-    atomic_write_bytes(args.out, grid_png(images))
-    print(f"wrote {args.n} images from {ckpt.path} (step {ckpt.step}, seed {args.seed}) to {args.out}")
-    return 0
-
-
-def cmd_bench_train(args) -> int:
-    from latentforge.bench.train_bench import bench_train
-
-    out = bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
-                      use_gpu=args.gpus)
-    if args.json:
-        _print_json_last(out)
-    return 0
-
-
-def cmd_bench_eval(args) -> int:
-    from latentforge.bench.eval_bench import bench_eval
-
-    out = bench_eval(args.data, samples=args.samples, checkpoint=args.checkpoint)
-    if args.json:
-        _print_json_last(out)
-    return 0
-
-
-def cmd_bench_quality(args) -> int:
-    from latentforge.bench.quality import MNIST_PRESETS, bench_quality
-
-    rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
-                         out=args.out)
-    if args.json:
-        _print_json_last({"rows": rows})
-    return 0
-
-
-def cmd_tune(args) -> int:
-    from latentforge.tune.space import load_sweep
-    from latentforge.tune.sweep import run_sweep
-
-    if args.resume and not args.out:
-        raise SystemExit("latentforge tune: --resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
-    summary = run_sweep(load_sweep(args.sweep), args.data, out=args.out, resume=args.resume, address=args.address,
-                        registry=None if args.no_promote else args.registry)
-    if args.json:
-        _print_json_last(summary)
-    return 0
-
-
-def cmd_registry(args) -> int:
-    from latentforge import registry
-
-    if args.registry_verb == "list":
-        entries = registry.list_entries(args.registry)
-        if not entries:
-            print(f"no models in {args.registry}")
-        for e in entries:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.get("metrics", {}).items()) if isinstance(v, (int, float)))
-            print(f"{e['name']:24s} {e['algorithm']:4s} step {e['step']:>6}  {metrics}")
-        if args.json:
-            _print_json_last({"models": entries})
-    elif args.registry_verb == "show":
-        entry = registry.show(args.registry, args.name)
-        print(json.dumps(entry, indent=2, sort_keys=True))
-    else:
-        entry = registry.promote(args.checkpoint, args.registry, args.name, overwrite=args.overwrite)
-        print(f"promoted {args.checkpoint} to {args.registry} as {entry['name']!r}")
-        if args.json:
-            _print_json_last(entry)
-    return 0
-
-
-def cmd_edit_eval(args) -> int:
-    from latentforge.editing.quality import edit_eval
-
-    result = edit_eval(args.checkpoint, args.data, images=args.images, seed=args.seed,
-                       project_steps=args.project_steps, restarts=args.restarts)
-    for k, v in result.items():
-        print(f"{k:52s} {v:.4f}" if isinstance(v, float) else f"{k:52s} {v}")
-    if args.json:
-        _print_json_last(result)
-    return 0
-
-
-def cmd_bench_tune(args) -> int:
-    from latentforge.bench.tune_bench import bench_tune
-
-    out = bench_tune(args.data, trials=args.trials, steps=args.steps, seed=args.seed)
-    if args.json:
-        _print_json_last(out)
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from latentforge.serve.config import ServeConfig
-    from latentforge.serve.runner import serve_forever
-
-    data = {}
-    if args.config:
-        import yaml
-
-        from latentforge.errors import ConfigError
-
-        try:
-            data = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read serve config {args.config}: {e}") from e
-    if args.registry:
-        data["registry"] = args.registry
-    if args.api_key:
-        data["api_key"] = args.api_key
-    try:
-        cfg = ServeConfig.model_validate(data)
-    except Exception as e:
-        from latentforge.errors import ConfigError
-
-        raise ConfigError(f"invalid serve config: {e}") from e
-    serve_forever(cfg, args.host, args.port, args.address)
-    return 0
-
-
-def cmd_directions(args) -> int:
-    from latentforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from latentforge.data.dataset import PreparedDataset
-    from latentforge.editing.directions import compute_directions, save_directions
-    from latentforge.metrics.features import ensure_feature_net
-
-    path = resolve_checkpoint(args.checkpoint)
-    ck = load_checkpoint(path)
-    dirs = compute_directions(ck, PreparedDataset(args.data), ensure_feature_net(args.data), k=args.k)
-    folder = save_directions(path, dirs)
-    for d in dirs:
-        print(f"{d.name:16s} {d.method:22s} {d.meta}")
-    print(f"saved {len(dirs)} directions in {folder}")
-    return 0
-
-
-def cmd_bench_serve(args) -> int:
-    from latentforge.bench.serve_bench import bench_serve
-
-    out = bench_serve(args.checkpoint, n=args.n, requests_per_client=args.requests)
-    if args.json:
-        _print_json_last(out)
-    return 0
-
-
-def cmd_presets(args) -> int:
-    from latentforge.config import load_experiment, preset_names
-
-    for name in preset_names():
-        cfg = load_experiment(name)
-        print(f"{name:20s} {cfg.algorithm:4s} {cfg.description}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentforge", description="Train, tune and serve GANs and VAEs on Ray.")
-    sub = p.add_subparsers(dest="verb", required=True)
-
-    data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_verb", required=True)
+def add_data_prepare(data: Verbs) -> None:
     prep = data.add_parser("prepare", help="turn a source into a prepared Parquet dataset folder")
     prep.add_argument("source", help="mnist5k | digits | shapes | folder:PATH | torchvision:NAME[:ROOT] | parquet:PATH")
     prep.add_argument("--out", required=True, help="dataset folder to create")
@@ -286,17 +65,45 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     prep.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
                       help="also train the dataset's evaluation feature network (default on)")
-    prep.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_json_flag(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
+
+def cmd_data_prepare(args: argparse.Namespace) -> Result:
+    from latentforge.data.prepare import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+
+    opts = SourceOptions(size=args.size, channels=args.channels, skip_bad=args.skip_bad, count=args.count,
+                         seed=args.seed, download=args.download, image_column=args.image_column,
+                         label_column=args.label_column)
+    manifest = prepare_dataset(args.source, args.out, opts, val_fraction=args.val_fraction,
+                               split_seed=args.split_seed, overwrite=args.overwrite)
+    if args.features:
+        from latentforge.metrics.features import train_feature_net
+
+        train_feature_net(args.out)
+    return {"out": str(args.out), **{k: manifest[k] for k in ("num_images", "num_classes", "image_shape", "content_hash")},
+            "skipped": manifest["skipped"]["count"]}
+
+
+def add_data_features(data: Verbs) -> None:
     feat = data.add_parser("features", help="(re)train a prepared dataset's evaluation feature network")
     feat.add_argument("dataset", help="prepared dataset folder")
     feat.add_argument("--epochs", type=int, help="training epochs (default: about 50k images' worth)")
     feat.add_argument("--seed", type=int, default=0)
-    feat.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_json_flag(feat)
     feat.set_defaults(func=cmd_data_features)
 
-    ev = sub.add_parser("evaluate", help="score a checkpoint or generated images against a dataset")
+
+def cmd_data_features(args: argparse.Namespace) -> Result:
+    from latentforge.metrics.features import train_feature_net
+
+    return train_feature_net(args.dataset, epochs=args.epochs, seed=args.seed)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def add_evaluate(verbs: Verbs) -> None:
+    ev = verbs.add_parser("evaluate", help="score a checkpoint or generated images against a dataset")
     ev.add_argument("target", help="checkpoint or run folder, a folder of images, or an .npz of uint8 images")
     ev.add_argument("--data", required=True, help="prepared dataset folder (its feature network is the backbone)")
     ev.add_argument("--samples", type=int, default=5000, help="images to generate (checkpoints)")
@@ -304,10 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", choices=["train", "val"], default="train", help="real split to compare with")
     ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
                     "backbone (paper-comparable FID) instead of the dataset's feature network")
-    ev.add_argument("--json", action="store_true", help="print every metric as one JSON object on the last line")
+    add_json_flag(ev)
     ev.set_defaults(func=cmd_evaluate)
 
-    tr = sub.add_parser("train", help="train a preset or YAML config")
+
+def cmd_evaluate(args: argparse.Namespace) -> Result:
+    from latentforge.metrics.evaluate import evaluate
+
+    result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
+                      inception=args.inception)
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ train
+def add_train(verbs: Verbs) -> None:
+    tr = verbs.add_parser("train", help="train a preset or YAML config")
     tr.add_argument("config", nargs="?", help="preset name (see `latentforge presets`) or YAML file")
     tr.add_argument("--data", required=True, help="prepared dataset folder")
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers; 0 trains in this process without Ray")
@@ -315,17 +136,57 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="override train.steps")
     tr.add_argument("--seed", type=int, help="override train.seed")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. gan.lr_g=1e-4")
-    tr.add_argument("--out", help="run name (Ray) or run folder (--workers 0); default: unique per run")
+    tr.add_argument("--out", help="the run folder, a path or URI, for every --workers (with --storage: a name under it); "
+                    "default: a unique name under --storage")
     tr.add_argument("--storage", help="where run folders go: a path or URI (s3://, gs://, file://); default ./runs")
     tr.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     tr.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
     tr.add_argument("--data-loader", choices=["ray", "memory"], default="ray",
                     help="ray: Ray Data shards (default); memory: deterministic in-memory global batches")
-    tr.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_json_flag(tr)
     tr.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="write a grid of generated images")
+
+def cmd_train(args: argparse.Namespace) -> Result:
+    from latentforge.config import load_experiment
+    from latentforge.errors import ConfigError
+    from latentforge.train.run_dir import read_run_config, resolve_run_dir
+
+    if args.resume:
+        from latentforge.config import apply_overrides, experiment_to_dict, parse_experiment
+
+        if args.out or args.storage:
+            raise ConfigError("--resume RUN continues that run folder; drop --out/--storage")
+        base = read_run_config(resolve_run_dir(resume=args.resume))
+        cfg = parse_experiment(apply_overrides(experiment_to_dict(base), _overrides(args)), f"run {args.resume}")
+    elif not args.config:
+        raise ConfigError("give a PRESET_OR_YAML to train (see `latentforge presets`), or --resume RUN_DIR")
+    else:
+        cfg = load_experiment(args.config, _overrides(args))
+    if args.workers == 0:
+        from latentforge.train.local import train_local
+
+        run = resolve_run_dir(args.out, args.storage, args.resume, cfg.name)
+        if not run.is_local:
+            raise ConfigError(f"{run.uri} is remote storage: --workers 0 writes local folders; use --workers 1 or more")
+        run.path.mkdir(parents=True, exist_ok=True)
+        print(f"run folder: {run.uri}")
+        record = train_local(cfg, args.data, run.path, resume=bool(args.resume), device="cuda" if args.gpus else "cpu")
+        result = {"run_dir": run.uri, **record}
+    else:
+        from latentforge.train.ray_train import train_ray
+
+        result = train_ray(cfg, args.data, workers=args.workers, use_gpu=args.gpus, out=args.out,
+                           storage=args.storage, max_failures=args.max_failures, resume=args.resume,
+                           address=args.address, data_loader=args.data_loader)
+    print(f"done: run folder {result['run_dir']}, samples in {result['run_dir']}/samples/")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ generate
+def add_generate(verbs: Verbs) -> None:
+    gen = verbs.add_parser("generate", help="write a grid of generated images")
     gen.add_argument("checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
     gen.add_argument("--n", type=int, default=64, help="number of images (1..4096)")
     gen.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same bytes")
@@ -334,7 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios").add_subparsers(dest="bench_verb", required=True)
+
+def cmd_generate(args: argparse.Namespace) -> Result:
+    from latentforge.checkpoint import load_checkpoint
+    from latentforge.images import grid_png
+    from latentforge.sampling import generate
+    from latentforge.storage import atomic_write_bytes
+
+    ckpt = load_checkpoint(args.checkpoint)
+    images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation)
+    atomic_write_bytes(args.out, grid_png(images))
+    print(f"wrote {args.n} images from {ckpt.path} (step {ckpt.step}, seed {args.seed}) to {args.out}")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ bench
+def add_bench(verbs: Verbs) -> Verbs:
+    """The `bench` group; returns its sub-verbs for the `add_bench_*` functions below."""
+    return verbs.add_parser("bench", help="benchmarks that print side-by-side ratios").add_subparsers(
+        dest="bench_verb", required=True)
+
+
+def add_bench_train(bench: Verbs) -> None:
     bt = bench.add_parser("train", help="plain loop vs Ray Train with 1 and 2 workers: images/s, ratios, GFLOP/s")
     bt.add_argument("--preset", default="dcgan-mnist", help="preset to train (default dcgan-mnist)")
     bt.add_argument("--data", help="prepared dataset (default: mnist5k prepared in a temp folder)")
@@ -342,36 +224,108 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=int, default=100, help="timed steps")
     bt.add_argument("--data-loader", choices=["ray", "memory"], default="ray", help="Ray workers' data path")
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
-    bt.add_argument("--json", action="store_true", help="print a JSON object on the last line")
+    add_json_flag(bt)
     bt.set_defaults(func=cmd_bench_train)
 
+
+def cmd_bench_train(args: argparse.Namespace) -> Result:
+    from latentforge.bench.train_bench import bench_train
+
+    return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
+                       use_gpu=args.gpus)
+
+
+def add_bench_eval(bench: Verbs) -> None:
     be = bench.add_parser("eval", help="time the evaluation of N samples, stage by stage")
     be.add_argument("--data", help="prepared dataset (default: mnist5k in a temp folder)")
     be.add_argument("--samples", type=int, default=5000)
     be.add_argument("--checkpoint", help="score this checkpoint's samples (default: an untrained DCGAN)")
-    be.add_argument("--json", action="store_true")
+    add_json_flag(be)
     be.set_defaults(func=cmd_bench_eval)
 
+
+def cmd_bench_eval(args: argparse.Namespace) -> Result:
+    from latentforge.bench.eval_bench import bench_eval
+
+    return bench_eval(args.data, samples=args.samples, checkpoint=args.checkpoint)
+
+
+def add_bench_quality(bench: Verbs) -> None:
     bq = bench.add_parser("quality", help="train each mnist preset for a fixed budget and write a quality table")
     bq.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
     bq.add_argument("--steps", type=int, default=2000, help="training steps per preset")
     bq.add_argument("--samples", type=int, default=5000, help="samples scored per preset")
     bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset)")
     bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
-    bq.add_argument("--json", action="store_true")
+    add_json_flag(bq)
     bq.set_defaults(func=cmd_bench_quality)
 
-    ee = sub.add_parser("edit-eval", help="measure inversion, inpainting, denoising, directions and interpolation")
+
+def cmd_bench_quality(args: argparse.Namespace) -> Result:
+    from latentforge.bench.quality import MNIST_PRESETS, bench_quality
+
+    rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
+                         out=args.out)
+    return {"rows": rows}
+
+
+def add_bench_tune(bench: Verbs) -> None:
+    btu = bench.add_parser("tune", help="naive sweep vs ASHA + instability stopper: steps and best FID")
+    btu.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
+    btu.add_argument("--trials", type=int, default=8)
+    btu.add_argument("--steps", type=int, default=600, help="steps per trial when not stopped")
+    btu.add_argument("--seed", type=int, default=0, help="search seed (same trials in both sweeps)")
+    add_json_flag(btu)
+    btu.set_defaults(func=cmd_bench_tune)
+
+
+def cmd_bench_tune(args: argparse.Namespace) -> Result:
+    from latentforge.bench.tune_bench import bench_tune
+
+    return bench_tune(args.data, trials=args.trials, steps=args.steps, seed=args.seed)
+
+
+def add_bench_serve(bench: Verbs) -> None:
+    bs = bench.add_parser("serve", help="Serve throughput/latency at concurrency 1, 8, 32, batching on and off")
+    bs.add_argument("--checkpoint", help="model to serve (default: an untrained dcgan-mnist)")
+    bs.add_argument("--n", type=int, default=4, help="images per request")
+    bs.add_argument("--requests", type=int, default=12, help="requests per client")
+    add_json_flag(bs)
+    bs.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> Result:
+    from latentforge.bench.serve_bench import bench_serve
+
+    return bench_serve(args.checkpoint, n=args.n, requests_per_client=args.requests)
+
+
+# ------------------------------------------------------------------------------------------ edit-eval
+def add_edit_eval(verbs: Verbs) -> None:
+    ee = verbs.add_parser("edit-eval", help="measure inversion, inpainting, denoising, directions and interpolation")
     ee.add_argument("checkpoint", help="checkpoint or run folder")
     ee.add_argument("--data", required=True, help="prepared dataset folder (validation split, feature network)")
     ee.add_argument("--images", type=int, help="validation images to use (default 64 for GANs, 256 for VAEs)")
     ee.add_argument("--seed", type=int, default=0)
     ee.add_argument("--project-steps", type=int, default=150, help="Adam steps per GAN projection")
     ee.add_argument("--restarts", type=int, default=2, help="random starts per GAN projection")
-    ee.add_argument("--json", action="store_true")
+    add_json_flag(ee)
     ee.set_defaults(func=cmd_edit_eval)
 
-    tu = sub.add_parser("tune", help="run a hyperparameter sweep (Ray Tune) and promote the best trial")
+
+def cmd_edit_eval(args: argparse.Namespace) -> Result:
+    from latentforge.editing.quality import edit_eval
+
+    result = edit_eval(args.checkpoint, args.data, images=args.images, seed=args.seed,
+                       project_steps=args.project_steps, restarts=args.restarts)
+    for k, v in result.items():
+        print(f"{k:52s} {v:.4f}" if isinstance(v, float) else f"{k:52s} {v}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ tune
+def add_tune(verbs: Verbs) -> None:
+    tu = verbs.add_parser("tune", help="run a hyperparameter sweep (Ray Tune) and promote the best trial")
     tu.add_argument("sweep", help="sweep YAML (see jobs/sweeps/)")
     tu.add_argument("--data", required=True, help="prepared dataset folder")
     tu.add_argument("--out", help="sweep folder (default sweeps/<name>-<time>); with --resume, the sweep to continue")
@@ -379,32 +333,70 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--address", help="join an existing Ray cluster")
     tu.add_argument("--registry", default="registry", help="promote the best trial here (default ./registry)")
     tu.add_argument("--no-promote", action="store_true", help="do not promote the best trial")
-    tu.add_argument("--json", action="store_true")
+    add_json_flag(tu)
     tu.set_defaults(func=cmd_tune)
 
-    reg = sub.add_parser("registry", help="list, show and promote registered models")
-    reg_sub = reg.add_subparsers(dest="registry_verb", required=True)
-    for verb in ("list", "show", "promote"):
-        r = reg_sub.add_parser(verb)
+
+def cmd_tune(args: argparse.Namespace) -> Result:
+    from latentforge.tune.space import load_sweep
+    from latentforge.tune.sweep import run_sweep
+
+    if args.resume and not args.out:
+        raise SystemExit("latentforge tune: --resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
+    return run_sweep(load_sweep(args.sweep), args.data, out=args.out, resume=args.resume, address=args.address,
+                     registry=None if args.no_promote else args.registry)
+
+
+# ------------------------------------------------------------------------------------------ registry
+def add_registry(verbs: Verbs) -> None:
+    """`registry list | show | promote`; each sub-verb has its own handler below."""
+    reg = verbs.add_parser("registry", help="list, show and promote registered models")
+    reg_verbs = reg.add_subparsers(dest="registry_verb", required=True)
+    for verb, handler in (("list", cmd_registry_list), ("show", cmd_registry_show),
+                          ("promote", cmd_registry_promote)):
+        r = reg_verbs.add_parser(verb)
         r.add_argument("--registry", default="registry", help="registry folder or URI (default ./registry)")
-        r.add_argument("--json", action="store_true")
+        add_json_flag(r)
         if verb == "show":
             r.add_argument("name")
         if verb == "promote":
             r.add_argument("checkpoint", help="checkpoint or run folder (latest checkpoint)")
             r.add_argument("--name", required=True, help="registry name: a-z, 0-9, '.', '_', '-'")
             r.add_argument("--overwrite", action="store_true")
-        r.set_defaults(func=cmd_registry)
+        r.set_defaults(func=handler)
 
-    btu = bench.add_parser("tune", help="naive sweep vs ASHA + instability stopper: steps and best FID")
-    btu.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
-    btu.add_argument("--trials", type=int, default=8)
-    btu.add_argument("--steps", type=int, default=600, help="steps per trial when not stopped")
-    btu.add_argument("--seed", type=int, default=0, help="search seed (same trials in both sweeps)")
-    btu.add_argument("--json", action="store_true")
-    btu.set_defaults(func=cmd_bench_tune)
 
-    sv = sub.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)")
+def cmd_registry_list(args: argparse.Namespace) -> Result:
+    from latentforge import registry
+
+    entries = registry.list_entries(args.registry)
+    if not entries:
+        print(f"no models in {args.registry}")
+    for e in entries:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.get("metrics", {}).items()) if isinstance(v, (int, float)))
+        print(f"{e['name']:24s} {e['algorithm']:4s} step {e['step']:>6}  {metrics}")
+    return {"models": entries}
+
+
+def cmd_registry_show(args: argparse.Namespace) -> Result:
+    from latentforge import registry
+
+    entry = registry.show(args.registry, args.name)
+    print(json.dumps(entry, indent=2, sort_keys=True))
+    return entry
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> Result:
+    from latentforge import registry
+
+    entry = registry.promote(args.checkpoint, args.registry, args.name, overwrite=args.overwrite)
+    print(f"promoted {args.checkpoint} to {args.registry} as {entry['name']!r}")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------ serve
+def add_serve(verbs: Verbs) -> None:
+    sv = verbs.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)")
     sv.add_argument("--registry", help="registry folder or URI (default ./registry)")
     sv.add_argument("--config", help="serve config YAML (limits, batching, autoscaling; see cluster/serve-config.yaml)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -413,30 +405,118 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require this key in X-API-Key (or set LATENTFORGE_API_KEY)")
     sv.set_defaults(func=cmd_serve)
 
-    dr = sub.add_parser("directions", help="compute and save a checkpoint's edit directions")
+
+def _serve_config(config: str | None, registry: str | None = None, api_key: str | None = None) -> ServeConfig:
+    """The validated serve config: the YAML file `config` (defaults without one), then the
+    command-line `registry` / `api_key` over it. The overrides are validated too.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or every invalid field, each named.
+    """
+    from pydantic import ValidationError
+
+    from latentforge.config import format_validation_error, load_yaml_model
+    from latentforge.errors import ConfigError
+    from latentforge.serve.config import ServeConfig
+
+    updates = {k: v for k, v in (("registry", registry), ("api_key", api_key)) if v}
+    base = load_yaml_model(config, ServeConfig, "serve config").model_dump() if config else {}
+    try:
+        # ServeConfig is frozen and model_copy(update=...) would skip validation: rebuild instead
+        return ServeConfig.model_validate(base | updates)
+    except ValidationError as e:
+        source = f"{config} with the command-line flags" if config else "from the command line"
+        raise ConfigError(format_validation_error(e, source, "serve config")) from e
+
+
+def cmd_serve(args: argparse.Namespace) -> Result:
+    cfg = _serve_config(args.config, args.registry, args.api_key)  # before Ray starts: a bad file fails fast
+    from latentforge.serve.runner import serve_forever
+
+    serve_forever(cfg, args.host, args.port, args.address)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ directions
+def add_directions(verbs: Verbs) -> None:
+    dr = verbs.add_parser("directions", help="compute and save a checkpoint's edit directions")
     dr.add_argument("checkpoint", help="checkpoint or run folder")
     dr.add_argument("--data", required=True, help="its prepared dataset (labels, attributes, classifier)")
     dr.add_argument("--k", type=int, default=5, help="unsupervised directions per method")
     dr.set_defaults(func=cmd_directions)
 
-    bs = bench.add_parser("serve", help="Serve throughput/latency at concurrency 1, 8, 32, batching on and off")
-    bs.add_argument("--checkpoint", help="model to serve (default: an untrained dcgan-mnist)")
-    bs.add_argument("--n", type=int, default=4, help="images per request")
-    bs.add_argument("--requests", type=int, default=12, help="requests per client")
-    bs.add_argument("--json", action="store_true")
-    bs.set_defaults(func=cmd_bench_serve)
 
-    pr = sub.add_parser("presets", help="list the shipped presets")
+def cmd_directions(args: argparse.Namespace) -> Result:
+    from latentforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.editing.directions import compute_directions, save_directions
+    from latentforge.metrics.features import ensure_feature_net
+
+    path = resolve_checkpoint(args.checkpoint)
+    ck = load_checkpoint(path)
+    dirs = compute_directions(ck, PreparedDataset(args.data), ensure_feature_net(args.data), k=args.k)
+    folder = save_directions(path, dirs)
+    for d in dirs:
+        print(f"{d.name:16s} {d.method:22s} {d.meta}")
+    print(f"saved {len(dirs)} directions in {folder}")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ presets
+def add_presets(verbs: Verbs) -> None:
+    pr = verbs.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> Result:
+    from latentforge.config import load_experiment, preset_names
+
+    for name in preset_names():
+        cfg = load_experiment(name)
+        print(f"{name:20s} {cfg.algorithm:4s} {cfg.description}")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """Every verb, in the order `latentforge --help` lists them."""
+    p = argparse.ArgumentParser(prog="latentforge", description="Train, tune and serve GANs and VAEs on Ray.")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    data = add_data(verbs)
+    add_data_prepare(data)
+    add_data_features(data)
+    add_evaluate(verbs)
+    add_train(verbs)
+    add_generate(verbs)
+    bench = add_bench(verbs)
+    add_bench_train(bench)
+    add_bench_eval(bench)
+    add_bench_quality(bench)
+    add_bench_tune(bench)
+    add_bench_serve(bench)
+    add_edit_eval(verbs)
+    add_tune(verbs)
+    add_registry(verbs)
+    add_serve(verbs)
+    add_directions(verbs)
+    add_presets(verbs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb.
+
+    Returns:
+        0 on success, 2 on a LatentForgeError (its message on stderr), 130 on Ctrl-C.
+    """
     from latentforge.errors import LatentForgeError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        result = args.func(args)
+        if getattr(args, "json", False) and result is not None:
+            _print_json_last(result)  # last, after anything the verb printed
+        return 0
     except LatentForgeError as e:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2

@@ -61,3 +61,12 @@ def test_evaluate_json_names_backbone_samples_and_seed(trained, mnist_dir, mnist
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["backbone"] == mnist_features.backbone and result["samples"] == 300 and result["seed"] == 4
     assert {"fid", "kid", "precision", "recall", "density", "coverage", "class_coverage", "inception_score"} <= set(result)
+
+
+def test_serve_config_errors_name_the_field_before_ray_starts(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("limits: {max_nn: 3}\n")
+    p = lf("serve", "--config", bad, "--registry", tmp_path / "registry", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "limits.max_nn" in p.stderr and "unknown key" in p.stderr and str(bad) in p.stderr
+    assert "serving registry" not in p.stdout  # it stopped before deploying anything

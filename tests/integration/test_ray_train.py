@@ -128,3 +128,21 @@ def test_worker_killed_mid_run_resumes_from_latest_checkpoint(ray_cluster, mnist
     assert killed_at - resumed_at <= every, (killed_at, resumed_at)  # at most one interval lost
     assert json.loads((run / "workers" / "rank_1.json").read_text())["pid"] != victim  # a new worker
     assert load_checkpoint(run).step == 20
+
+
+def test_out_names_the_same_run_folder_for_every_worker_count(ray_cluster, mnist_dir, tmp_path, monkeypatch):
+    """`train P --workers 0 --out X` and `--workers 2 --out X` put the run in the same place (./X)."""
+    from latentforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny_flags = ["--steps", "2", "--set", "model.g_width=8", "--set", "model.d_width=8", "--set", "train.tracking=none",
+                  "--set", "train.global_batch_size=16", "--set", "train.checkpoint_every=2"]
+    for workers in (0, 2):
+        out = f"runs-here/w{workers}"
+        assert main(["train", "dcgan-mnist", "--data", str(mnist_dir), "--workers", str(workers), "--out", out,
+                     "--data-loader", "memory", *tiny_flags]) == 0
+        run = tmp_path / out
+        assert json.loads((run / "run.json").read_text())["workers"] == max(1, workers)
+        assert load_checkpoint(run).step == 2
+    assert sorted(p.name for p in (tmp_path / "runs-here").iterdir()) == ["w0", "w2"]
+    assert not (tmp_path / "runs").exists()  # nothing went to the default root

@@ -10,7 +10,58 @@ import subprocess
 import sys
 import time
 
+try:
+    import psutil
+except ImportError:  # Ray ships its own copy (ray/thirdparty_files) and puts it on sys.path when imported
+    import ray  # noqa: F401
+    import psutil
+
 from helpers import sweep_file
+
+
+def _in_session(session_id: int) -> dict[int, psutil.Process]:
+    """Processes whose session is `session_id` (its leader excluded), by pid."""
+    found = {}
+    for p in psutil.process_iter():
+        try:
+            if p.pid != session_id and os.getsid(p.pid) == session_id:
+                found[p.pid] = p
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def _kill(procs: dict[int, psutil.Process]) -> None:
+    for p in procs.values():
+        try:
+            p.kill()  # psutil refuses if the pid now names another process (pid reuse)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+
+
+def _kill_driver_and_its_cluster(driver: subprocess.Popen) -> None:
+    """SIGKILL the sweep driver and every process it started (its local Ray cluster), by pid.
+
+    Only this test's processes: killing by name (every `ray::` process) would also kill any other
+    Ray on the host, a user's included. The driver was started in a session of its own, so its
+    processes are found two ways: the process tree, collected before the driver dies and its
+    children are reparented, and the session id, which Ray's gcs/raylet keep when reparented.
+    """
+    try:
+        procs = {p.pid: p for p in psutil.Process(driver.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        procs = {}
+    procs |= _in_session(driver.pid)
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    driver.wait()
+    _kill(procs)
+    stragglers = _in_session(driver.pid)  # started between the scan and the kill (e.g. a new Ray worker)
+    _kill(stragglers)
+    # Brief wait only: reparented processes are reaped by init, and a zombie still counts as running.
+    psutil.wait_procs(list((procs | stragglers).values()), timeout=10)
 
 
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(mnist_dir, mnist_features, tmp_path):
@@ -41,9 +92,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(mnist_dir
         time.sleep(1)
     first = finished_trials()
     assert first, "no trial finished before the deadline"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    subprocess.run(["pkill", "-9", "-f", "ray::"], check=False)  # the killed driver's cluster
+    _kill_driver_and_its_cluster(driver)
     subprocess.run([sys.executable, "-c", "import ray; ray.shutdown()"], check=False)
     attempts_before = {t.name: sorted(p.name for p in (t / "train").iterdir()) for t in first}
     resumed = subprocess.run(cmd[:-1] + ["--resume", "--no-promote", "--json"], capture_output=True, text=True, env=env,

@@ -13,6 +13,8 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,9 @@ from latentforge.registry import RegistryError, UnknownModel, check_name, list_e
 from latentforge.serve.codec import BadInput
 from latentforge.serve.config import AutoscalingSettings, ServeConfig
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
+
+if TYPE_CHECKING:  # engine imports torch; only the replicas that run models load it (in _Models.load)
+    from latentforge.serve.engine import ModelRuntime
 
 logger = logging.getLogger("latentforge.serve")
 
@@ -148,13 +153,36 @@ class Editor:
     async def get_model(self, model_id: str):
         return await asyncio.to_thread(self.models.load, model_id)
 
-    async def run(self, model_id: str, op: str, request: dict) -> dict:
-        schema = {"reconstruct": ImageRequest, "interpolate": InterpolateRequest, "edit": EditRequest,
-                  "inpaint": InpaintRequest, "denoise": ImageRequest, "directions": None}[op]
+    async def _on_model(self, model_id: str, op: "Callable[[ModelRuntime], dict]") -> dict:
+        """Load (or reuse) `model_id`, then run `op` on it in a thread: inversion and inpainting
+        take seconds, and the replica's event loop must keep accepting requests meanwhile."""
         runtime = await self.get_model(model_id)
-        if schema is None:
-            return runtime.directions_info()
-        return await asyncio.to_thread(getattr(runtime, op), schema.model_validate(request))
+        return await asyncio.to_thread(op, runtime)
+
+    # One method per operation; the gateway hands over request bodies it has already validated.
+    async def reconstruct(self, model_id: str, body: ImageRequest) -> dict:
+        """Invert an image to a latent and decode it again (the reconstruction, its latent and error)."""
+        return await self._on_model(model_id, lambda m: m.reconstruct(body))
+
+    async def interpolate(self, model_id: str, body: InterpolateRequest) -> dict:
+        """Images along the path between two latents (seeds, images or raw latents)."""
+        return await self._on_model(model_id, lambda m: m.interpolate(body))
+
+    async def edit(self, model_id: str, body: EditRequest) -> dict:
+        """Move a latent along one of the model's saved directions."""
+        return await self._on_model(model_id, lambda m: m.edit(body))
+
+    async def inpaint(self, model_id: str, body: InpaintRequest) -> dict:
+        """Fill the masked region of an image."""
+        return await self._on_model(model_id, lambda m: m.inpaint(body))
+
+    async def denoise(self, model_id: str, body: ImageRequest) -> dict:
+        """Remove noise from an image (weighted towards the model's reconstruction)."""
+        return await self._on_model(model_id, lambda m: m.denoise(body))
+
+    async def directions(self, model_id: str) -> dict:
+        """The model's saved edit directions."""
+        return await self._on_model(model_id, lambda m: m.directions_info())
 
 
 # ------------------------------------------------------------------------------------------ gateway
@@ -320,12 +348,14 @@ class Gateway:
                             "supports": e.get("capabilities", []), "lineage": e.get("lineage", {})}
                            for e in list_entries(self.cfg.registry)]}
 
+    def _editor(self, model_id: str):
+        """The Editor handle routed to a replica that has (or will load) `model_id`; call one of
+        its typed operations on it, e.g. `self._editor(m).reconstruct.remote(m, body)`."""
+        return self.editor.options(multiplexed_model_id=model_id)
+
     @app.get("/v1/models/{model_id}/directions")
     async def directions(self, model_id: str, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "directions", {}))
-
-    def _edit(self, model_id: str, op: str, body: dict):
-        return self.editor.options(multiplexed_model_id=model_id).run.remote(model_id, op, body)
+        return await self._call(request, model_id, lambda: self._editor(model_id).directions.remote(model_id))
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, max_concurrent_batches=2,
                  batch_size_fn=lambda items: sum(body["n"] for _, body in items))
@@ -352,23 +382,23 @@ class Gateway:
 
     @app.post("/v1/models/{model_id}/reconstruct")
     async def reconstruct(self, model_id: str, body: ImageRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "reconstruct", body.model_dump()))
+        return await self._call(request, model_id, lambda: self._editor(model_id).reconstruct.remote(model_id, body))
 
     @app.post("/v1/models/{model_id}/interpolate")
     async def interpolate(self, model_id: str, body: InterpolateRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "interpolate", body.model_dump()))
+        return await self._call(request, model_id, lambda: self._editor(model_id).interpolate.remote(model_id, body))
 
     @app.post("/v1/models/{model_id}/edit")
     async def edit(self, model_id: str, body: EditRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "edit", body.model_dump()))
+        return await self._call(request, model_id, lambda: self._editor(model_id).edit.remote(model_id, body))
 
     @app.post("/v1/models/{model_id}/inpaint")
     async def inpaint(self, model_id: str, body: InpaintRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "inpaint", body.model_dump()))
+        return await self._call(request, model_id, lambda: self._editor(model_id).inpaint.remote(model_id, body))
 
     @app.post("/v1/models/{model_id}/denoise")
     async def denoise(self, model_id: str, body: ImageRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._edit(model_id, "denoise", body.model_dump()))
+        return await self._call(request, model_id, lambda: self._editor(model_id).denoise.remote(model_id, body))
 
 
 def build_application(cfg: ServeConfig):

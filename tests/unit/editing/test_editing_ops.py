@@ -33,17 +33,31 @@ def generator():
     return g
 
 
-def test_slerp_keeps_gaussian_norms_and_lerp_does_not():
+def test_slerp_matches_closed_forms():
+    """Checked against formulas that do not share slerp's own: a rotation in the plane of a, b."""
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(128, generator=gen), torch.randn(128, generator=gen)
-    s = interpolation_path(a, b, 11, "slerp")
-    lerp_mid = interpolation_path(a, b, 11, "lerp")[5]
-    assert torch.allclose(s[0], a, atol=1e-5) and torch.allclose(s[-1], b, atol=1e-5)
-    t = torch.linspace(0, 1, 11)
-    expected = (1 - t) * a.norm() + t * b.norm()  # norms move smoothly from |a| to |b|
-    assert ((s.norm(dim=1) - expected).abs() / expected).max() < 0.03
-    assert lerp_mid.norm() / expected[5] < 0.8  # lerp cuts through the low-density middle
-    assert torch.allclose(slerp(a, a, 0.5), a, atol=1e-5)  # parallel vectors are handled
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)[:, None]  # (11, 1)
+    # unit vectors at a generic angle ω: slerp walks the great circle, the point at angle tω
+    a, b = torch.randn(2, 128, generator=gen, dtype=torch.float64)
+    u = a / a.norm()
+    v = b - (b @ u) * u
+    v = v / v.norm()
+    omega = torch.atan2(b @ v, b @ u)
+    circle = torch.cos(t * omega) * u + torch.sin(t * omega) * v  # (11, 128)
+    assert torch.allclose(interpolation_path(u, b / b.norm(), 11, "slerp"), circle, atol=1e-9)
+    # orthogonal inputs of unequal norms: cos(tπ/2)·a + sin(tπ/2)·b
+    a2, b2 = 2.0 * torch.eye(8, dtype=torch.float64)[0], 3.0 * torch.eye(8, dtype=torch.float64)[1]
+    quarter = torch.cos(t * math.pi / 2) * a2 + torch.sin(t * math.pi / 2) * b2
+    assert torch.allclose(slerp(a2, b2, t), quarter, atol=1e-9)
+    # endpoints are the inputs themselves, whatever their norms
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-9) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-9)
+    # a batch of pairs (..., D) is interpolated pair by pair
+    pairs = slerp(torch.stack([a, a2.repeat(16)]), torch.stack([b, b2.repeat(16)]), 0.3)
+    assert torch.allclose(pairs[0], slerp(a, b, 0.3))
+    assert torch.allclose(pairs[1], slerp(a2.repeat(16), b2.repeat(16), 0.3))
+    # parallel vectors (sin ω → 0): the lerp result, not a division by zero
+    assert torch.allclose(slerp(a, a, 0.5), a, atol=1e-9)
+    assert torch.allclose(slerp(a, 2 * a, t), (1 + t) * a, atol=1e-9)
     with pytest.raises(ValueError, match="slerp, lerp"):
         interpolation_path(a, b, 5, "cubic")
 
