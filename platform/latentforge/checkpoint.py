@@ -50,6 +50,11 @@ class LoadedCheckpoint:
     def experiment(self) -> dict:
         return self.config["experiment"]
 
+    @property
+    def precision(self) -> str:
+        """The precision the model trained in ('fp32' or 'bf16'): inference uses it by default."""
+        return self.experiment.get("train", {}).get("precision", "fp32")
+
     def inference_generator(self) -> nn.Module:
         """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
         return self.modules["generator_ema"] if self.algorithm == "gan" else self.modules["vae"]

@@ -192,6 +192,8 @@ def add_generate(verbs: Verbs) -> None:
     gen.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same bytes")
     gen.add_argument("--label", type=int, help="class for conditional models (default: cycle through classes)")
     gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
+    gen.add_argument("--precision", choices=["fp32", "bf16"],
+                     help="forward-pass precision (default: the precision the model trained in)")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
 
@@ -203,7 +205,8 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     from latentforge.storage import atomic_write_bytes
 
     ckpt = load_checkpoint(args.checkpoint)
-    images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation)
+    images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation,
+                            precision=args.precision)
     atomic_write_bytes(args.out, grid_png(images))
     print(f"wrote {args.n} images from {ckpt.path} (step {ckpt.step}, seed {args.seed}) to {args.out}")
     return None
@@ -224,6 +227,9 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--steps", type=int, default=100, help="timed steps")
     bt.add_argument("--data-loader", choices=["ray", "memory"], default="ray", help="Ray workers' data path")
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
+    bt.add_argument("--modes", default="fp32,bf16,bf16+channels_last",
+                    help="precision/layout modes of the plain loop, comma-separated ('' for none)")
+    bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     add_json_flag(bt)
     bt.set_defaults(func=cmd_bench_train)
 
@@ -232,7 +238,19 @@ def cmd_bench_train(args: argparse.Namespace) -> Result:
     from latentforge.bench.train_bench import bench_train
 
     return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
-                       use_gpu=args.gpus)
+                       use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    """A --modes list ('fp32,bf16+channels_last'), each checked against the benchmarks' modes."""
+    from latentforge.bench.train_bench import MODES
+    from latentforge.errors import ConfigError
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from: {', '.join(MODES)}")
+    return modes
 
 
 def add_bench_eval(bench: Verbs) -> None:
@@ -257,6 +275,8 @@ def add_bench_quality(bench: Verbs) -> None:
     bq.add_argument("--samples", type=int, default=5000, help="samples scored per preset")
     bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset)")
     bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
+    bq.add_argument("--modes", default="fp32", help="precision/layout modes to train each preset in, comma-separated "
+                    "(fp32, bf16, bf16+channels_last, ...): a row per preset and mode")
     add_json_flag(bq)
     bq.set_defaults(func=cmd_bench_quality)
 
@@ -265,7 +285,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> Result:
     from latentforge.bench.quality import MNIST_PRESETS, bench_quality
 
     rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
-                         out=args.out)
+                         out=args.out, modes=_modes(args.modes) or ("fp32",))
     return {"rows": rows}
 
 

@@ -6,9 +6,13 @@ computes (an initialisation, a norm, the order of noise draws, a loss) fails her
 every behavioural test still passes. Each preset keeps its own architecture and widths (only the
 batch is shrunk) so the test exercises the real networks.
 
-Tolerance: rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
+Every preset runs twice: in fp32, and in bf16 with channels_last (the fast path), whose numbers
+are stored under `NAME@bf16`; no metric may be NaN or infinite in either.
+
+Tolerance: fp32 rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
 norms). One torch thread makes the reductions' order fixed; what is left is the CPU's vector
-width, which moves the numbers around 1e-6 relative after three steps.
+width, which moves the numbers around 1e-6 relative after three steps. bf16 rtol 1e-2, atol
+1e-4: bf16 kernels differ more between CPU generations (native bf16 instructions or emulation).
 
 Updating the numbers is a deliberate act: run
     LATENTFORGE_UPDATE_GOLDEN=1 pytest tests/unit/test_preset_regression.py
@@ -35,7 +39,8 @@ from latentforge.train.program import build_program
 GOLDEN = Path(__file__).parent / "golden" / "preset_losses.json"
 STEPS = 3
 BATCH = 8
-RTOL, ATOL = 1e-3, 1e-5
+TOLERANCE = {"fp32": (1e-3, 1e-5), "bf16": (1e-2, 1e-4)}  # (rtol, atol)
+MODES = {"fp32": {}, "bf16": {"train.precision": "bf16", "train.channels_last": True}}
 # The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
 INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3)}
 
@@ -56,8 +61,8 @@ def tiny_input(name: str) -> tuple[Split, DataSpec]:
     return Split(images, labels), DataSpec((c, side, side), classes, tuple(str(k) for k in range(classes)))
 
 
-def run_preset(name: str) -> list[dict[str, float]]:
-    cfg = load_experiment(name, {"train.global_batch_size": BATCH, "train.tracking": "none"})
+def run_preset(name: str, mode: str = "fp32") -> list[dict[str, float]]:
+    cfg = load_experiment(name, {"train.global_batch_size": BATCH, "train.tracking": "none", **MODES[mode]})
     split, spec = tiny_input(name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -73,29 +78,35 @@ def _stored() -> dict:
     return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
 
 
+def _key(name: str, mode: str) -> str:
+    return name if mode == "fp32" else f"{name}@{mode}"
+
+
 def test_every_preset_has_stored_numbers():
-    missing = sorted(set(preset_names()) - set(_stored()))
+    missing = sorted({_key(n, m) for n in preset_names() for m in MODES} - set(_stored()))
     assert not missing, f"no stored numbers for {missing}: run LATENTFORGE_UPDATE_GOLDEN=1 pytest {__file__}"
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", preset_names())
-def test_preset_reproduces_stored_losses(name):
-    got = run_preset(name)
+def test_preset_reproduces_stored_losses(name, mode):
+    got = run_preset(name, mode)
+    key, (rtol, atol) = _key(name, mode), TOLERANCE[mode]
     for record in got:
         bad = [k for k, v in record.items() if not math.isfinite(v)]
-        assert not bad, f"{name}: non-finite {bad}"
+        assert not bad, f"{key}: non-finite {bad}"
     if os.environ.get("LATENTFORGE_UPDATE_GOLDEN"):
         stored = _stored()
-        stored[name] = [{k: float(f"{v:.8g}") for k, v in sorted(r.items())} for r in got]
+        stored[key] = [{k: float(f"{v:.8g}") for k, v in sorted(r.items())} for r in got]
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
-        pytest.skip(f"stored new numbers for {name}; commit {GOLDEN.name} with the reason")
-    expected = _stored().get(name)
-    assert expected is not None, f"no stored numbers for {name}"
+        pytest.skip(f"stored new numbers for {key}; commit {GOLDEN.name} with the reason")
+    expected = _stored().get(key)
+    assert expected is not None, f"no stored numbers for {key}"
     assert len(got) == len(expected)
     for step, (g, e) in enumerate(zip(got, expected)):
-        assert set(g) == set(e), f"{name} step {step}: metrics {sorted(g)} != stored {sorted(e)}"
+        assert set(g) == set(e), f"{key} step {step}: metrics {sorted(g)} != stored {sorted(e)}"
         for k in e:
-            assert math.isclose(g[k], e[k], rel_tol=RTOL, abs_tol=ATOL), (
-                f"{name} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {RTOL}, atol {ATOL}); if the "
+            assert math.isclose(g[k], e[k], rel_tol=rtol, abs_tol=atol), (
+                f"{key} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {rtol}, atol {atol}); if the "
                 "change is intended, regenerate with LATENTFORGE_UPDATE_GOLDEN=1 and say why in the commit")

@@ -23,6 +23,7 @@ from latentforge.algorithms.batch import Batch, grad_norm, unwrap
 from latentforge.algorithms.ema import ema_decay_at, ema_update
 from latentforge.algorithms.losses import get_loss, gradient_penalty, r1_penalty
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.precision import FP32, Precision
 
 
 @dataclass
@@ -77,7 +78,8 @@ def _clip(params, max_norm: float | None) -> torch.Tensor:
     return norm
 
 
-def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, step: int) -> GANStepMetrics:
+def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, step: int,
+             precision: Precision = FP32) -> GANStepMetrics:
     """One GAN training step.
 
     Args:
@@ -87,6 +89,7 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
         noise: the worker's `GlobalNoise`.
         cfg: `GANConfig` (loss, n_critic, penalties, EMA, clipping).
         step: the global step (0-based); seeds the noise.
+        precision: how forward passes run (bf16 autocast, channels_last); losses stay fp32.
 
     Returns:
         Scalar metrics of the step (this worker's share).
@@ -101,11 +104,11 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
 
     # 1. Discriminator updates.
     for k, batch in enumerate(batches):
-        real, labels = batch.images, batch.labels
+        real, labels = precision.images(batch.images), batch.labels
         b = real.shape[0]
         z = noise.normal(step, GlobalNoise.LATENT_D + 10 * k, b, z_dim).to(device)
-        with torch.no_grad():
-            fake = g_plain(z, labels)
+        with torch.no_grad(), precision.autocast():
+            fake = g_plain(z, labels).float()
         parts = [real, fake]
         use_r1 = cfg.r1_weight > 0
         if use_r1:
@@ -116,7 +119,9 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
             mix = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
             parts.append(mix)
         d_labels = None if labels is None else labels.repeat(len(parts))
-        logits = state.d(torch.cat(parts), d_labels)  # one forward: DDP all-reduces D's grads
+        with precision.autocast():
+            logits = state.d(torch.cat(parts), d_labels)  # one forward: DDP all-reduces D's grads
+        logits = logits.float()
         real_logits, fake_logits = logits[:b], logits[b : 2 * b]
         d_loss = loss.d_loss(real_logits, fake_logits)
         total = d_loss
@@ -138,8 +143,10 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
     d_plain.requires_grad_(False)
     try:
         z = noise.normal(step, GlobalNoise.LATENT_G, b, z_dim).to(device)
-        fake = state.g(z, last.labels)  # through the wrapper: DDP all-reduces G's grads
-        g_loss = loss.g_loss(d_plain(fake, last.labels))
+        with precision.autocast():
+            fake = state.g(z, last.labels)  # through the wrapper: DDP all-reduces G's grads
+            fake_logits_g = d_plain(fake, last.labels)
+        g_loss = loss.g_loss(fake_logits_g.float())
         state.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         gn_g = _clip(state.g.parameters(), cfg.grad_clip)

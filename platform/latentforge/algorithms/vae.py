@@ -11,6 +11,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch, grad_norm, unwrap
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.precision import FP32, Precision
 
 
 @dataclass
@@ -63,7 +64,8 @@ def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
     return beta if warmup_steps <= 0 else beta * min(1.0, (step + 1) / warmup_steps)
 
 
-def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int) -> VAEStepMetrics:
+def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int,
+             precision: Precision = FP32) -> VAEStepMetrics:
     """One VAE update on this worker's share of a global batch.
 
     Args:
@@ -72,10 +74,13 @@ def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int) 
         noise: the worker's `GlobalNoise` (reparameterisation noise).
         cfg: `VAEConfig`.
         step: the global step (0-based).
+        precision: how the forward pass runs (bf16 autocast, channels_last); the ELBO stays fp32.
     """
     plain = unwrap(state.vae)
     eps = noise.normal(step, GlobalNoise.REPARAM, len(batch), plain.z_dim).to(batch.images.device)
-    raw, mu, logvar = state.vae(batch.images, batch.labels, noise=eps)
+    with precision.autocast():
+        raw, mu, logvar = state.vae(precision.images(batch.images), batch.labels, noise=eps)
+    raw, mu, logvar = raw.float(), mu.float(), logvar.float()
     nll = reconstruction_nll(raw, batch.images, plain.likelihood, cfg.decoder_sigma)
     kl = kl_standard_normal(mu, logvar)
     beta_t = kl_weight(step, cfg.beta, cfg.kl_warmup_steps)

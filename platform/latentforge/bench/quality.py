@@ -26,8 +26,11 @@ COLUMNS = [("fid", "FID ↓", "{:.1f}"), ("kid", "KID ↓", "{:.2f}"), ("precisi
 
 
 def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets=MNIST_PRESETS,
-                  out: str = "docs/quality.md", log=print) -> list[dict]:
-    """Train each preset with `--workers 0` for `steps` steps (seed 0), evaluate, write a table."""
+                  out: str = "docs/quality.md", modes=("fp32",), log=print) -> list[dict]:
+    """Train each preset with `--workers 0` for `steps` steps (seed 0) in each precision/layout
+    mode (`bench.train_bench.MODES`), evaluate, write a table."""
+    from latentforge.bench.train_bench import MODES
+
     if data_dir is None:
         from latentforge.data.prepare import prepare_dataset
 
@@ -35,20 +38,22 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
     net = ensure_feature_net(data_dir, log=log)
     rows = []
-    for preset in presets:
+    for preset, mode in [(p, m) for p in presets for m in modes]:
         cfg = load_experiment(preset, {"train.steps": steps, "train.tracking": "none", "train.log_every": max(1, steps // 4),
-                                       "train.checkpoint_every": steps, "train.sample_every": steps})
+                                       "train.checkpoint_every": steps, "train.sample_every": steps, **MODES[mode]})
         run = Path(tempfile.mkdtemp(prefix=f"lf-quality-{preset}-"))
         t0 = time.time()
         train_local(cfg, data_dir, run, log=log)
         seconds = time.time() - t0
         result = evaluate(run, data_dir, samples=samples, net=net, log=log)
-        rows.append({"preset": preset, "steps": steps, "train_seconds": seconds, **result})
-        log(f"{preset}: FID {result['fid']:.1f}, recall {result['recall']:.3f} ({seconds:.0f}s)")
+        label = preset if modes == ("fp32",) else f"{preset} ({mode})"
+        rows.append({"preset": label, "mode": mode, "steps": steps, "train_seconds": seconds, **result})
+        log(f"{label}: FID {result['fid']:.1f}, recall {result['recall']:.3f} ({seconds:.0f}s)")
     lines = [
         "# Sample quality on mnist5k",
         "",
-        f"Made by `latentforge bench quality --steps {steps} --samples {samples}` on "
+        f"Made by `latentforge bench quality --steps {steps} --samples {samples}"
+        + (f" --modes {','.join(modes)}" if modes != ("fp32",) else "") + "` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}: every preset trained from seed 0 for {steps} steps "
         f"(global batch 64; a WGAN-GP step is 5 critic updates) in one process (`--workers 0`), then "
         f"{samples} samples scored against the training split.",

@@ -1,5 +1,9 @@
 """`latentforge bench train`: one preset and global batch, measured in one run as
-(a) a plain single-process PyTorch loop, (b) Ray Train with 1 worker, (c) Ray Train with 2 workers.
+- the plain single-process step loop in each precision/layout mode (fp32, bf16, bf16 +
+  channels_last): images/s, achieved GFLOP/s, and the fraction of the measured matmul peak of the
+  precision used (both peaks measured in the same run), with each mode's speed-up over fp32;
+- (a) the plain loop in the preset's own precision, (b) Ray Train with 1 worker, (c) Ray Train
+  with 2 workers.
 
 Each Ray worker gets cores / workers torch threads, so (a) and (b) use the same compute and b/a
 is Ray's overhead; c/a is what data parallelism buys on this machine. Throughput is measured
@@ -32,10 +36,14 @@ def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> d
     it = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device).iterate()
     per_step = program.batches_per_step
     images_per_step = cfg.train.global_batch_size * per_step
-    for s in range(warmup):
+    t0 = time.perf_counter()
+    program.step([next(it) for _ in range(per_step)], 0)
+    first_step_s = time.perf_counter() - t0  # includes compilation under train.compile
+    for s in range(1, warmup):
         program.step([next(it) for _ in range(per_step)], s)
     batches = [next(it) for _ in range(per_step)]
-    flops = count_flops(lambda: program.step(batches, warmup))
+    # FLOPs are counted on an eager step (compiled kernels bypass the counter; the math is the same)
+    flops = float("nan") if cfg.train.compile else count_flops(lambda: program.step(batches, warmup))
     if device != "cpu":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -44,7 +52,8 @@ def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> d
     if device != "cpu":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t
-    return {"images_per_s": images_per_step * steps / elapsed, "flops_per_image": flops / images_per_step}
+    return {"images_per_s": images_per_step * steps / elapsed, "flops_per_image": flops / images_per_step,
+            "first_step_s": first_step_s}
 
 
 def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, data_loader: str, use_gpu: bool) -> dict:
@@ -72,9 +81,47 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
     return {"images_per_s": per_step_images * n / step_time if step_time else float("nan"), "windows": len(after)}
 
 
+# precision/layout modes: name -> config overrides
+MODES = {
+    "fp32": {},
+    "bf16": {"train.precision": "bf16"},
+    "bf16+channels_last": {"train.precision": "bf16", "train.channels_last": True},
+    "bf16+channels_last+compile": {"train.precision": "bf16", "train.channels_last": True, "train.compile": True},
+}
+
+
+def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print) -> dict:
+    """The plain loop in each mode; fp32 is measured first and last (the machine's speed drifts)
+    and its mean is the baseline of every speed-up."""
+    import torch
+
+    peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
+    log(f"  matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
+    runs: dict[str, list[dict]] = {}
+    for mode in order:
+        cfg = load_experiment(preset, {"train.tracking": "none", **MODES[mode]})
+        runs.setdefault(mode, []).append(plain_loop(cfg, data_dir, warmup, steps, device))
+        log(f"  {mode:<28s} {runs[mode][-1]['images_per_s']:8.1f} images/s")
+    out = {}
+    base = sum(r["images_per_s"] for r in runs["fp32"]) / len(runs["fp32"])
+    for mode, rs in runs.items():
+        ips = sum(r["images_per_s"] for r in rs) / len(rs)
+        gflops = runs["fp32"][0]["flops_per_image"] * ips / 1e9
+        peak = peaks["bf16" if "bf16" in mode else "fp32"]
+        out[mode] = {"images_per_s": ips, "gflops": gflops, "peak_gflops": peak, "fraction_of_peak": gflops / peak,
+                     "speedup_over_fp32": ips / base, "first_step_s": rs[0]["first_step_s"]}
+        log(f"  {mode:<28s} {ips:8.1f} images/s  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of the "
+            f"{'bf16' if 'bf16' in mode else 'fp32'} peak   x{ips / base:.2f} vs fp32   "
+            f"(first step {rs[0]['first_step_s']:.1f} s)")
+    return {"matmul_peak_gflops": peaks, "modes": out}
+
+
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
-                data_loader: str = "ray", use_gpu: bool = False, log=print) -> dict:
-    """Run (a), (b), (c) and return images/s, ratios, FLOPs per image and GFLOP/s."""
+                data_loader: str = "ray", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
+                log=print) -> dict:
+    """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
+    and GFLOP/s. `ray=False` measures the modes only."""
     from latentforge.ray_cluster import ray_init
 
     cfg = load_experiment(preset, {"train.tracking": "none"})
@@ -88,6 +135,10 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
     log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores")
+    precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log) if modes else {}
+    if not ray:
+        return {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
+                "warmup_steps": warmup, "timed_steps": steps, **precision_table}
     peak = matmul_peak_gflops(device=device)
     log(f"  matmul peak: {peak:.1f} GFLOP/s")
     # This machine's speed drifts (shared host): the plain loop is measured before, between and
@@ -122,6 +173,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         "c_gflops": flops * c["images_per_s"] / 1e9,
     }
     out["a_fraction_of_peak"] = out["a_gflops"] / peak
+    out.update(precision_table)
     log(f"  b/a = {out['ratio_b_over_a']:.3f}   c/a = {out['ratio_c_over_a']:.3f}   "
         f"(a = median of {len(speeds)} runs, spread {speeds[0]:.0f}..{speeds[-1]:.0f} images/s)")
     log(f"  training FLOPs per image: {flops / 1e6:.1f} MFLOP; achieved (a) {out['a_gflops']:.1f} GFLOP/s "

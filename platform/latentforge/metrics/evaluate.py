@@ -115,8 +115,9 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
     from latentforge.metrics.reconstruction import mse, psnr, ssim
 
     val = dataset.load("val")
-    x = to_model_range(val.images[:max_images])
-    y = None if val.labels is None or not vae.num_classes else val.labels[:max_images]
+    device = next(vae.parameters()).device  # the model may live on a GPU; the split is read on the CPU
+    x = to_model_range(val.images[:max_images]).to(device)
+    y = None if val.labels is None or not vae.num_classes else val.labels[:max_images].to(device)
     was_training = vae.training
     vae.eval()
     try:

@@ -20,7 +20,7 @@ REPORTED = tuple(REPORTED_METRICS)
 
 
 def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0, device="cpu",
-                            vae_sigma: float = 0.1) -> Callable:
+                            vae_sigma: float = 0.1, precision: str = "fp32") -> Callable:
     """A function (program, step) → {metric: value} for `run_training(evaluate=...)`.
 
     The latents are fixed (from `seed`) so successive evaluations differ only by the model.
@@ -34,7 +34,7 @@ def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0
         generator = modules["generator_ema"] if program.algorithm == "gan" else modules["vae"]
         z = sample_latents(samples, generator.z_dim, seed)
         labels = torch.arange(samples) % generator.num_classes if generator.num_classes else None
-        images = decode_latents(generator, z, labels)
+        images = decode_latents(generator, z, labels, precision=precision)
         out = distribution_metrics(images, net, "train", seed, labels)
         if program.algorithm == "vae":
             out.update(vae_reconstruction_metrics(generator, ds, vae_sigma, max_images=1000))

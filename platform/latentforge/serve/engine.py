@@ -47,6 +47,7 @@ class ModelRuntime:
         self.ckpt = load_checkpoint(checkpoint_dir)
         self.model = self.ckpt.inference_generator()
         self.algorithm = self.ckpt.algorithm
+        self.precision = self.ckpt.precision  # generation runs as the model trained (projections stay fp32)
         self.shape = tuple(self.ckpt.data.image_shape)
         self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
         self.projection_steps, self.restarts = projection_steps, restarts
@@ -118,7 +119,7 @@ class ModelRuntime:
             ys.append(self._labels(r.n, r.label, cycle=True))
             sizes.append(r.n)
         labels = torch.cat(ys) if self.num_classes else None
-        images = decode_latents(self.model, torch.cat(zs), labels)
+        images = decode_latents(self.model, torch.cat(zs), labels, precision=self.precision)
         out, i = [], 0
         for r, z, y, n in zip(requests, zs, ys, sizes):
             res = {"model": self.name, "seed": r.seed, "n": n, "truncation": r.truncation,
@@ -145,7 +146,7 @@ class ModelRuntime:
         labels = None
         if self.num_classes:  # the label switches halfway (labels are discrete)
             labels = torch.where(torch.arange(r.steps) < r.steps / 2, ya[0], yb[0])
-        images = decode_latents(self.model, path, labels)
+        images = decode_latents(self.model, path, labels, precision=self.precision)
         return {"model": self.name, "method": r.method, "images": self._images(images), "latents": path.tolist(),
                 "a": pa, "b": pb}
 
@@ -158,7 +159,8 @@ class ModelRuntime:
         z, labels, prov = self._latent(r.source, r.projection_steps)
         others = [self.directions[n].vector for n in r.orthogonal_to]
         edited = apply_edit(z[None], self.directions[r.direction].vector, r.alpha, others or None)
-        images = decode_latents(self.model, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2))
+        images = decode_latents(self.model, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2),
+                                precision=self.precision)
         return {"model": self.name, "direction": r.direction, "alpha": r.alpha, "images": self._images(images[1:]),
                 "original": self._images(images[:1])[0], "latents": edited.tolist(), "source": prov}
 

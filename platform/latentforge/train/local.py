@@ -70,7 +70,8 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
         from latentforge.metrics.periodic import make_periodic_evaluator
 
         ensure_feature_net(data_dir, log=log)
-        evaluate = make_periodic_evaluator(data_dir, cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg))
+        evaluate = make_periodic_evaluator(data_dir, cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg),
+                                           cfg.train.precision)
     tracker = make_tracker(cfg.train.tracking, run_dir.name, cfg.model_dump(mode="json"), str(run_dir), resume)
     try:
         return run_training(cfg, spec, stream, WorkerContext(device=torch.device(device)),

@@ -15,7 +15,9 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch, unwrap
 from latentforge.algorithms.gan import gan_step, make_gan_state
+from latentforge.algorithms.losses import get_loss
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.precision import Precision, precision_for
 from latentforge.algorithms.vae import make_vae_state, vae_step
 from latentforge.data.spec import DataSpec
 from latentforge.sampling import decode_latents
@@ -48,33 +50,51 @@ def _grid_inputs(spec: DataSpec, z_dim: int, n: int, seed: int, device, conditio
     return z, labels
 
 
+def _place(module: nn.Module, device, precision: Precision) -> nn.Module:
+    """Move a freshly built module to its device and memory layout (before wrapping or copying)."""
+    module = module.to(device)
+    return module.to(memory_format=torch.channels_last) if precision.channels_last else module
+
+
 def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
+    precision = precision_for(cfg.train, device)
     g, d = build_gan(cfg.model, spec)
-    state = make_gan_state(g.to(device), d.to(device), cfg.gan, wrap=wrap)
+    state = make_gan_state(_place(g, device, precision), _place(d, device, precision), cfg.gan, wrap=wrap)
+    if cfg.train.compile:
+        # In place (the modules, their DDP wrappers and checkpoint keys stay as they are); the EMA
+        # copy, used for sample grids and evaluation only, stays eager. torch.compile cannot
+        # differentiate twice (WGAN-GP and R1 take the gradient of D's input gradient), so D is
+        # compiled only when no penalty needs that.
+        unwrap(state.g).compile()
+        if not (get_loss(cfg.gan.loss).needs_gradient_penalty or cfg.gan.r1_weight > 0):
+            unwrap(state.d).compile()
     z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
     return TrainingProgram(
         algorithm="gan",
         batches_per_step=cfg.gan.n_critic,
-        step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step).as_dict(),
+        step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step, precision).as_dict(),
         modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
         optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
-        sample=lambda: decode_latents(state.g_ema, z, labels),
+        sample=lambda: decode_latents(state.g_ema, z, labels, precision=precision.name),
         hyperparameters={"generator": {"lr": cfg.gan.lr_g, "betas": (cfg.gan.beta1, cfg.gan.beta2)},
                          "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
     )
 
 
 def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
-    vae = build_vae(cfg.model, spec).to(device)
+    precision = precision_for(cfg.train, device)
+    vae = _place(build_vae(cfg.model, spec), device, precision)
     state = make_vae_state(vae, cfg.vae, wrap=wrap)
+    if cfg.train.compile:
+        unwrap(state.vae).compile()
     z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
     return TrainingProgram(
         algorithm="vae",
         batches_per_step=1,
-        step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step).as_dict(),
+        step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step, precision).as_dict(),
         modules=lambda: {"vae": unwrap(state.vae)},
         optimizers={"vae": state.opt},
-        sample=lambda: decode_latents(unwrap(state.vae), z, labels),
+        sample=lambda: decode_latents(unwrap(state.vae), z, labels, precision=precision.name),
         hyperparameters={"vae": {"lr": cfg.vae.lr, "betas": (cfg.vae.beta1, cfg.vae.beta2)}},
     )
 
@@ -88,4 +108,7 @@ def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=la
     Weights are initialised from `cfg.train.seed`, so every worker builds identical networks.
     """
     torch.manual_seed(cfg.train.seed)
+    if torch.device(device).type == "cuda":  # both switches: PyTorch's defaults differ (matmul off, cuDNN on)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap)

@@ -160,7 +160,8 @@ def worker_loop(config: dict) -> None:
         from latentforge.metrics.periodic import make_periodic_evaluator
         from latentforge.train.local import vae_sigma
 
-        evaluate = make_periodic_evaluator(launch.data_dir, cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg))
+        evaluate = make_periodic_evaluator(launch.data_dir, cfg.train.eval_samples, cfg.train.seed, device,
+                                           vae_sigma(cfg), cfg.train.precision)
     wctx = WorkerContext(rank=rank, world_size=world, device=device, wrap=wrap, reduce_mean=_reduce_mean(world))
     log = print if rank == 0 else (lambda *_: None)
     try:

@@ -37,5 +37,7 @@ def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use
         problems.append("train.sync_batchnorm needs GPU workers (--gpus): SyncBatchNorm does not run on CPU. "
                         "For exact data parallelism on CPU use a batch-independent norm (model.g_norm: layer), "
                         "or set train.sync_batchnorm=false")
+    if t.tf32 and not use_gpu:
+        problems.append("train.tf32 applies to CUDA GPUs only (--gpus); on CPU use train.precision=bf16 for speed")
     if problems:
         raise ConfigError("config does not fit this run: " + "; ".join(problems))

@@ -1,0 +1,63 @@
+"""Device placement, checked on a CPU-only machine: every module must receive its inputs on the
+device its parameters live on. The model is moved to the "meta" device (shapes, no data), and a
+forward pre-hook on every module with parameters raises `WrongDevice` when an input tensor sits
+elsewhere. Code that forgets to move data to the model's device (the class of bug that made every
+VAE run with periodic evaluation on --gpus fail) trips the hook; code that moves it runs on until
+it first needs real numbers, which meta tensors do not have."""
+
+import pytest
+import torch
+from torch import nn
+
+from latentforge.data.dataset import PreparedDataset
+from latentforge.models.vae import ConvVAE
+from latentforge.sampling import decode_latents
+
+
+class WrongDevice(AssertionError):
+    pass
+
+
+def on_meta_with_guard(module: nn.Module) -> nn.Module:
+    module = module.to("meta")
+
+    def check(mod, args, kwargs):
+        own = next(mod.parameters(recurse=False), None)
+        if own is None:
+            return
+        for t in [*args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor) and t.device != own.device:
+                raise WrongDevice(f"{type(mod).__name__} lives on {own.device} but got an input on {t.device}")
+
+    for m in module.modules():
+        m.register_forward_pre_hook(check, with_kwargs=True)
+    return module
+
+
+def runs_on_the_model_device(fn) -> None:
+    """`fn` must get past every forward pass without a device mismatch (it then fails on meta data)."""
+    with pytest.raises(Exception) as e:
+        fn()
+    assert not isinstance(e.value, WrongDevice), str(e.value)
+
+
+def test_guard_catches_a_cpu_input_to_a_model_elsewhere():
+    vae = on_meta_with_guard(ConvVAE(z_dim=4, channels=1, resolution=8, width=4))
+    with pytest.raises(WrongDevice, match="on meta but got an input on cpu"):
+        vae.encode(torch.zeros(2, 1, 8, 8))
+
+
+def test_vae_reconstruction_metrics_move_the_validation_split_to_the_model(mnist_dir):
+    from latentforge.metrics.evaluate import vae_reconstruction_metrics
+
+    vae = on_meta_with_guard(ConvVAE(z_dim=4, channels=1, resolution=28, width=4))
+    runs_on_the_model_device(lambda: vae_reconstruction_metrics(vae, PreparedDataset(mnist_dir), 0.1, max_images=8))
+
+
+def test_negative_elbo_and_decoding_move_their_inputs(mnist_dir):
+    from latentforge.algorithms.vae import vae_negative_elbo
+
+    vae = on_meta_with_guard(ConvVAE(z_dim=4, channels=1, resolution=8, width=4, num_classes=3))
+    labels = torch.tensor([0, 1, 2])
+    runs_on_the_model_device(lambda: vae_negative_elbo(vae, torch.zeros(3, 1, 8, 8), labels))
+    runs_on_the_model_device(lambda: decode_latents(vae, torch.zeros(3, 4), labels))
