@@ -142,8 +142,9 @@ def add_train(verbs: Verbs) -> None:
     tr.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     tr.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
-    tr.add_argument("--data-loader", choices=["ray", "memory"], default="ray",
-                    help="ray: Ray Data shards (default); memory: deterministic in-memory global batches")
+    tr.add_argument("--data-loader", choices=["stream", "memory", "ray"], default="stream",
+                    help="stream: exact seeded epochs streamed from the Parquet row groups (default); memory: the "
+                         "split in each worker's memory; ray: Ray Data shards (local shuffle buffer, not exact)")
     add_json_flag(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -225,7 +226,7 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--data", help="prepared dataset (default: mnist5k prepared in a temp folder)")
     bt.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     bt.add_argument("--steps", type=int, default=100, help="timed steps")
-    bt.add_argument("--data-loader", choices=["ray", "memory"], default="ray", help="Ray workers' data path")
+    bt.add_argument("--data-loader", choices=["stream", "memory", "ray"], default="stream", help="Ray workers' data path")
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
     bt.add_argument("--modes", default="fp32,bf16,bf16+channels_last",
                     help="precision/layout modes of the plain loop, comma-separated ('' for none)")
@@ -277,6 +278,7 @@ def add_bench_quality(bench: Verbs) -> None:
     bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
     bq.add_argument("--modes", default="fp32", help="precision/layout modes to train each preset in, comma-separated "
                     "(fp32, bf16, bf16+channels_last, ...): a row per preset and mode")
+    bq.add_argument("--seeds", default="0", help="training seeds, comma-separated: a row per seed and their mean")
     add_json_flag(bq)
     bq.set_defaults(func=cmd_bench_quality)
 
@@ -285,7 +287,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> Result:
     from latentforge.bench.quality import MNIST_PRESETS, bench_quality
 
     rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
-                         out=args.out, modes=_modes(args.modes) or ("fp32",))
+                         out=args.out, modes=_modes(args.modes) or ("fp32",),
+                         seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()) or (0,))
     return {"rows": rows}
 
 

@@ -72,6 +72,7 @@ class TrainConfig(StrictConfig):
     global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
     per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
     seed: int = 0  # seeds weights, noise and data order
+    shuffle_window_mb: int = Field(256, ge=1)  # stream loader: MB of pixels shuffled together; a worker holds two windows at most
     log_every: int = Field(25, ge=1)  # steps between console/JSON-lines log records
     sample_every: int = Field(250, ge=1)  # steps between sample grids
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints

@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 DEMO_STEPS = {"dcgan-mnist": 400, "vae-mnist": 400}
+# The fastest path that keeps quality on a CPU: bf16 autocast + channels_last trained dcgan-mnist
+# 1.6x faster than fp32 here, to an FID within 10% of fp32's at equal steps (docs/performance.md).
+# torch.compile is left off: on 2 CPU cores it cost ~20 s to compile and ran no faster.
+FAST_PATH = {"train.precision": "bf16", "train.channels_last": True}
 
 
 def main() -> int:
@@ -47,9 +51,9 @@ def main() -> int:
     pictures = []
     run_name = time.strftime("%Y%m%d-%H%M%S")
     for i, (preset, steps) in enumerate(DEMO_STEPS.items(), start=2):
-        print(f"== {i}/3 train {preset} for {steps} steps on 2 Ray workers")
+        print(f"== {i}/3 train {preset} for {steps} steps on 2 Ray workers (bf16 autocast + channels_last)")
         cfg = load_experiment(preset, {"train.steps": steps, "train.checkpoint_every": steps,
-                                       "train.sample_every": steps // 4, "train.log_every": 50})
+                                       "train.sample_every": steps // 4, "train.log_every": 50, **FAST_PATH})
         result = train_ray(cfg, data, workers=2, out=f"{preset}-{run_name}", storage=str(out / "runs"))
         ckpt = load_checkpoint(result["run_dir"])
         images, _, _ = generate(ckpt, 64, seed=0)

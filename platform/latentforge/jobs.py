@@ -32,7 +32,7 @@ class TrainJob(StrictConfig):
     storage: str = "runs"  # path or URI (s3://, gs://, file://)
     name: str | None = None  # run name (default: unique)
     max_failures: int = Field(2, ge=0)
-    data_loader: Literal["ray", "memory"] = "ray"
+    data_loader: Literal["stream", "memory", "ray"] = "stream"  # see `latentforge train --help`
 
 
 class TuneJob(StrictConfig):

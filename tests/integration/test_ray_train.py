@@ -33,7 +33,7 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
     cfg = tiny("wgangp-mnist", train__steps=k, train__checkpoint_every=k)
     assert cfg.model.g_norm == "layer" and cfg.model.d_norm == "layer"
     train_local(cfg, mnist_dir, tmp_path / "single", log=quiet)
-    train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), data_loader="memory", log=quiet)
+    train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), log=quiet)  # the default stream loader
     single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)
     assert single.keys() == ddp.keys()
     moved = 0
@@ -58,7 +58,7 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
 def test_ray_data_run_writes_a_complete_run_folder(ray_cluster, mnist_dir, tmp_path):
     cfg = tiny("cdcgan-mnist", train__steps=6, train__checkpoint_every=3, train__sample_every=3, train__log_every=2,
                train__tracking="wandb")
-    result = train_ray(cfg, mnist_dir, workers=2, out="run", storage=str(tmp_path), log=quiet)
+    result = train_ray(cfg, mnist_dir, workers=2, out="run", storage=str(tmp_path), data_loader="ray", log=quiet)
     run = tmp_path / "run"
     assert result["step"] == 6 and result["run_dir"] == str(run)
     assert [p.name for p in find_checkpoints(run)] == ["step_000003", "step_000006"]

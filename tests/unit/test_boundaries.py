@@ -26,10 +26,10 @@ CORE_MODULES = (
     "latentforge.checkpoint", "latentforge.builders", "latentforge.config", "latentforge.images",
     "latentforge.sampling", "latentforge.storage", "latentforge.errors", "latentforge.registry",
     "latentforge.data", "latentforge.data.spec", "latentforge.data.dataset", "latentforge.data.prepare",
-    "latentforge.data.sources", "latentforge.data.shapes",
+    "latentforge.data.sources", "latentforge.data.shapes", "latentforge.data.stream",
     # the Ray-free halves of the wiring packages: the shared training loop, the pure policies, the serving engine
     "latentforge.train.loop", "latentforge.train.program", "latentforge.train.batches", "latentforge.train.local",
-    "latentforge.train.run_dir", "latentforge.tune.instability", "latentforge.tune.rungs", "latentforge.serve.engine",
+    "latentforge.train.run_dir", "latentforge.train.setup", "latentforge.tune.instability", "latentforge.tune.rungs", "latentforge.serve.engine",
 )
 
 

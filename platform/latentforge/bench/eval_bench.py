@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -17,6 +15,7 @@ from latentforge.metrics.distribution import (
     precision_recall,
 )
 from latentforge.metrics.features import ensure_feature_net
+from latentforge.bench import mnist5k_unless
 
 
 def bench_eval(data_dir: str | None = None, samples: int = 5000, checkpoint: str | None = None, log=print) -> dict:
@@ -27,11 +26,7 @@ def bench_eval(data_dir: str | None = None, samples: int = 5000, checkpoint: str
     from latentforge.data.dataset import PreparedDataset
     from latentforge.sampling import decode_latents, sample_latents
 
-    if data_dir is None:
-        from latentforge.data.prepare import prepare_dataset
-
-        data_dir = str(Path(tempfile.mkdtemp(prefix="lf-bench-")) / "mnist5k")
-        prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
+    data_dir = mnist5k_unless(data_dir)
     net = ensure_feature_net(data_dir, log=log)
     if checkpoint:
         from latentforge.checkpoint import load_checkpoint

@@ -26,6 +26,7 @@ from latentforge.config import load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.program import build_program
+from latentforge.bench import mnist5k_unless
 
 
 def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> dict:
@@ -118,7 +119,7 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
 
 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
-                data_loader: str = "ray", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
+                data_loader: str = "stream", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
                 log=print) -> dict:
     """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
     and GFLOP/s. `ray=False` measures the modes only."""
@@ -126,11 +127,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
 
     cfg = load_experiment(preset, {"train.tracking": "none"})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
-    if data_dir is None:
-        from latentforge.data.prepare import prepare_dataset
-
-        data_dir = str(tmp / "mnist5k")
-        prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
+    data_dir = mnist5k_unless(data_dir)
     device = "cuda" if use_gpu else "cpu"
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)

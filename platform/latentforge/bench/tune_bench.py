@@ -12,6 +12,7 @@ from pathlib import Path
 from latentforge.tune.instability import InstabilityThresholds
 from latentforge.tune.space import SchedulerConfig, SearchConfig, SweepConfig
 from latentforge.tune.sweep import run_sweep
+from latentforge.bench import mnist5k_unless
 
 SPACE = {
     "gan.lr_g": {"choice": [5.0e-5, 2.0e-4, 5.0e-4, 1.0]},
@@ -24,11 +25,7 @@ def bench_tune(data_dir: str | None = None, trials: int = 8, steps: int = 600, s
     """Run both sweeps on mnist5k with a small DCGAN (16-channel nets, batch 32); 8 distinct
     configurations of the 32-point space, the same in both."""
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-tune-"))
-    if data_dir is None:
-        from latentforge.data.prepare import prepare_dataset
-
-        data_dir = str(tmp / "mnist5k")
-        prepare_dataset("mnist5k", data_dir, log=lambda *_: None)
+    data_dir = mnist5k_unless(data_dir)
     common = dict(
         base="dcgan-mnist", space=SPACE, trials=trials, steps=steps, eval_every=50, eval_samples=1000, report_every=25,
         overrides={"model.g_width": 16, "model.d_width": 16, "model.z_dim": 32, "train.global_batch_size": 32},

@@ -11,7 +11,7 @@ import torch
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import find_checkpoints
 from latentforge.data.dataset import PreparedDataset
-from latentforge.train.batches import InMemoryBatches
+from latentforge.data.stream import StreamBatches
 from latentforge.train.loop import WorkerContext, run_training
 from latentforge.train.run_dir import RunDir, write_run_file
 from latentforge.train.run_files import RunFiles
@@ -63,7 +63,8 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
             resume_from = found[-1]
     else:
         write_run_file(RunDir(str(run_dir.resolve())), cfg, str(Path(data_dir).resolve()), "local", 1)
-    stream = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device)
+    stream = StreamBatches(data_dir, "train", cfg.train.global_batch_size, cfg.train.seed, device=device,
+                           window_bytes=cfg.train.shuffle_window_mb << 20)
     evaluate = None
     if cfg.train.eval_every:
         from latentforge.metrics.features import ensure_feature_net

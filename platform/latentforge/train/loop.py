@@ -166,6 +166,8 @@ def run_training(
         window.append(program.step(batches, step))
         window_steps += 1
         done = step + 1
+        if step == start and t.compile and ctx.is_chief:  # compilation happens in the first step: say what it cost
+            log(f"first step took {time.perf_counter() - window_start:.1f} s, torch.compile included")
         is_last = done == t.steps
         eval_due = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
         log_due = done % t.log_every == 0 or is_last or done == start + 1 or eval_due

@@ -34,7 +34,10 @@ from latentforge.train.run_files import RunFiles
 from latentforge.train.setup import check_training_setup
 from latentforge.train.tracking import NullTracker, make_tracker
 
-DATA_LOADERS = ("ray", "memory")
+# stream: exact seeded epochs streamed from Parquet row groups (data/stream.py), the default;
+# memory: the whole split in each worker's memory (the same batches as stream for small data);
+# ray: Ray Data shards (decoding in Ray Data tasks; a local shuffle buffer, so not exact).
+DATA_LOADERS = ("stream", "memory", "ray")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class TrainLaunch:
     run_uri: str  # the run folder (path or URI) the chief writes records and samples to
     run_name: str  # the run's name (tracking, metrics tags)
     data_dir: str  # the prepared dataset, absolute (every node reads it)
-    data_loader: str  # 'ray': Ray Data shards; 'memory': deterministic in-memory global batches
+    data_loader: str  # one of DATA_LOADERS
     threads: int  # torch threads per worker
     train_rows: int  # images in the training split
     resume_from: str | None = None  # a checkpoint folder to start from when Ray holds none of this run
@@ -137,7 +140,12 @@ def worker_loop(config: dict) -> None:
         return ray.train.torch.prepare_model(module)  # DDP when world > 1, the module itself otherwise
 
     local_batch = cfg.train.global_batch_size // world
-    if launch.data_loader == "ray":
+    if launch.data_loader == "stream":
+        from latentforge.data.stream import StreamBatches
+
+        stream = StreamBatches(launch.data_dir, "train", cfg.train.global_batch_size, cfg.train.seed, rank, world, device,
+                               window_bytes=cfg.train.shuffle_window_mb << 20)
+    elif launch.data_loader == "ray":
         from latentforge.data.ray_reader import ShardBatches
 
         stream = ShardBatches(ray.train.get_dataset_shard("train"), local_batch, launch.train_rows // world,
@@ -178,7 +186,7 @@ def worker_loop(config: dict) -> None:
 
 def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, out: str | None = None,
               storage: str | None = None, max_failures: int = 2, resume: str | None = None,
-              address: str | None = None, data_loader: str = "ray", log=print) -> dict:
+              address: str | None = None, data_loader: str = "stream", log=print) -> dict:
     """Train `cfg` data-parallel on `workers` Ray Train workers.
 
     Args:
@@ -190,7 +198,8 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
             as single-process runs).
         max_failures: worker-group failures to recover from (restart from the latest checkpoint).
         address: an existing cluster's address (default: start a local cluster).
-        data_loader: 'ray' (Ray Data shards) or 'memory' (deterministic in-memory global batches).
+        data_loader: 'stream' (exact seeded epochs from Parquet row groups), 'memory' (the split in
+            memory) or 'ray' (Ray Data shards, not exact).
 
     Returns:
         The final record plus `run_dir` and `checkpoint`.
@@ -222,7 +231,7 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
 
 
 def make_trainer(cfg, data_dir: str | Path, workers: int, run: RunDir, *,
-                 use_gpu: bool = False, max_failures: int = 2, data_loader: str = "ray",
+                 use_gpu: bool = False, max_failures: int = 2, data_loader: str = "stream",
                  resume_from: str | None = None, callbacks: list | None = None):
     """A `TorchTrainer` running `worker_loop` for `cfg` (used by `train_ray` and by sweep trials).
 

@@ -45,7 +45,7 @@ class SweepConfig(StrictConfig):
     report_every: int = Field(25, ge=1)  # steps between reports (losses, gradient norms) to the stopper
     metric: str = "fid"  # metric to optimise: one of metrics.names.REPORTED_METRICS (fid, kid, recall, val_neg_elbo, ...)
     mode: Literal["min", "max"] = "min"
-    data_loader: Literal["memory", "ray"] = "memory"  # memory: each worker reads the prepared split itself
+    data_loader: Literal["memory", "stream", "ray"] = "memory"  # memory: each worker reads the prepared split itself
     scheduler: SchedulerConfig = SchedulerConfig()
     search: SearchConfig = SearchConfig()
     stopper: InstabilityThresholds = InstabilityThresholds()

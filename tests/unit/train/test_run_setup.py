@@ -69,7 +69,7 @@ def test_train_launch_validates_itself(tmp_path):
     good = dict(experiment=tiny("dcgan-mnist"), spec=MNIST, run_uri=str(tmp_path), run_name="r",
                 data_dir=str(tmp_path), data_loader="memory", threads=1, train_rows=100)
     assert TrainLaunch(**good).data_loader == "memory"
-    with pytest.raises(ConfigError, match="unknown data loader 'disk'; choose one of: ray, memory"):
+    with pytest.raises(ConfigError, match="unknown data loader 'disk'; choose one of: stream, memory, ray"):
         TrainLaunch(**{**good, "data_loader": "disk"})
     with pytest.raises(ConfigError, match="data_dir must be absolute"):
         TrainLaunch(**{**good, "data_dir": "data/mnist"})
