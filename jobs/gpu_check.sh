@@ -55,10 +55,11 @@ from latentforge.serve.runner import start_serve
 url = start_serve(ServeConfig(registry=sys.argv[1]), port=8123)
 req = urllib.request.Request(f"{url}/v1/models/gan/generate", data=json.dumps({"n": 4, "seed": 1}).encode(),
                              headers={"content-type": "application/json"})
-t = time.perf_counter()
-with urllib.request.urlopen(req, timeout=120) as r:
-    body = json.loads(r.read())
-print(f"served {len(body['images'])} images in {time.perf_counter() - t:.2f} s")
+for what in ("first request (loads the model)", "second request"):
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        body = json.loads(r.read())
+    print(f"{what}: {len(body['images'])} images in {time.perf_counter() - t:.2f} s")
 from ray import serve
 serve.shutdown()
 PYEOF
