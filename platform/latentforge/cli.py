@@ -13,6 +13,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from latentforge.config import DATA_LOADERS  # pydantic and yaml only: the CLI stays quick to start
+
 if TYPE_CHECKING:
     from latentforge.serve.config import ServeConfig
 
@@ -142,7 +144,7 @@ def add_train(verbs: Verbs) -> None:
     tr.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its latest checkpoint")
     tr.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
-    tr.add_argument("--data-loader", choices=["stream", "memory", "ray"], default="stream",
+    tr.add_argument("--data-loader", choices=DATA_LOADERS, default="stream",
                     help="stream: exact seeded epochs streamed from the Parquet row groups (default); memory: the "
                          "split in each worker's memory; ray: Ray Data shards (local shuffle buffer, not exact)")
     add_json_flag(tr)
@@ -168,6 +170,9 @@ def cmd_train(args: argparse.Namespace) -> Result:
     if args.workers == 0:
         from latentforge.train.local import train_local
 
+        if args.data_loader != "stream":
+            raise ConfigError(f"--data-loader {args.data_loader} applies to Ray workers; --workers 0 always streams "
+                              "(the same batches as memory for a split that fits one shuffle window)")
         run = resolve_run_dir(args.out, args.storage, args.resume, cfg.name)
         if not run.is_local:
             raise ConfigError(f"{run.uri} is remote storage: --workers 0 writes local folders; use --workers 1 or more")
@@ -226,7 +231,7 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--data", help="prepared dataset (default: mnist5k prepared in a temp folder)")
     bt.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     bt.add_argument("--steps", type=int, default=100, help="timed steps")
-    bt.add_argument("--data-loader", choices=["stream", "memory", "ray"], default="stream", help="Ray workers' data path")
+    bt.add_argument("--data-loader", choices=DATA_LOADERS, default="stream", help="Ray workers' data path")
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
     bt.add_argument("--modes", default="fp32,bf16,bf16+channels_last",
                     help="precision/layout modes of the plain loop, comma-separated ('' for none)")

@@ -72,7 +72,7 @@ class TrainConfig(StrictConfig):
     global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
     per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
     seed: int = 0  # seeds weights, noise and data order
-    shuffle_window_mb: int = Field(256, ge=1)  # stream loader: MB of pixels shuffled together; a worker holds two windows at most
+    shuffle_window_mb: int = Field(256, ge=1)  # stream loader: MB of pixels shuffled together; a worker holds about three
     log_every: int = Field(25, ge=1)  # steps between console/JSON-lines log records
     sample_every: int = Field(250, ge=1)  # steps between sample grids
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
@@ -109,6 +109,21 @@ class VAEExperiment(StrictConfig):
 
 Experiment = Annotated[Union[GANExperiment, VAEExperiment], Field(discriminator="algorithm")]
 _ADAPTER = TypeAdapter(Experiment)
+
+
+# Ways the training split reaches the workers (`--data-loader`):
+# stream: exact seeded epochs streamed from Parquet row groups (data/stream.py), the default;
+# memory: the whole split in each worker's memory (the same batches as stream for small data);
+# ray: Ray Data shards (decoding in Ray Data tasks; a local shuffle buffer, so not exact).
+DATA_LOADERS = ("stream", "memory", "ray")
+
+# Named precision/layout modes: config overrides that benchmarks, the demo and tests share.
+PRECISION_MODES: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "bf16": {"train.precision": "bf16"},
+    "bf16+channels_last": {"train.precision": "bf16", "train.channels_last": True},
+    "bf16+channels_last+compile": {"train.precision": "bf16", "train.channels_last": True, "train.compile": True},
+}
 
 
 def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from latentforge.config import StrictConfig, load_yaml_model
+from latentforge.config import DATA_LOADERS, StrictConfig, load_yaml_model
 from latentforge.errors import LatentForgeError
 
 
@@ -30,9 +30,9 @@ class TrainJob(StrictConfig):
     workers: int = Field(2, ge=1)
     gpus: bool = False
     storage: str = "runs"  # path or URI (s3://, gs://, file://)
-    name: str | None = None  # run name (default: unique)
+    name: str | None = None  # run folder under storage, or a whole path/URI (default: a unique name under storage)
     max_failures: int = Field(2, ge=0)
-    data_loader: Literal["stream", "memory", "ray"] = "stream"  # see `latentforge train --help`
+    data_loader: Literal[DATA_LOADERS] = "stream"  # config.DATA_LOADERS
 
 
 class TuneJob(StrictConfig):
@@ -85,9 +85,14 @@ def run(kind: str, spec) -> dict:
         from latentforge.config import load_experiment
         from latentforge.train.ray_train import train_ray
 
+        from latentforge.storage import is_uri
+
         cfg = load_experiment(spec.preset, spec.overrides)
+        full_name = spec.name is not None and (is_uri(spec.name) or Path(spec.name).is_absolute())
+        # a name that is a whole location needs no storage root, unless the spec gives one on purpose
+        storage = None if full_name and "storage" not in spec.model_fields_set else spec.storage
         return train_ray(cfg, _dataset(spec.data), workers=spec.workers, use_gpu=spec.gpus, out=spec.name,
-                         storage=spec.storage, max_failures=spec.max_failures, data_loader=spec.data_loader)
+                         storage=storage, max_failures=spec.max_failures, data_loader=spec.data_loader)
     if kind == "tune":
         from latentforge.tune.space import load_sweep
         from latentforge.tune.sweep import run_sweep

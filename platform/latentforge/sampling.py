@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentforge.algorithms.precision import Precision
+from latentforge.algorithms.precision import Precision, inference_precision
 from latentforge.checkpoint import LoadedCheckpoint
 from latentforge.errors import LatentForgeError
 
@@ -90,7 +90,8 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
 
     Args:
         max_n: refuse larger requests (None: no limit, for evaluation).
-        precision: 'fp32' or 'bf16' forward passes (default: the precision the model trained in).
+        precision: 'fp32' or 'bf16' forward passes (default: the precision the model trained in,
+            fp32 where bf16 is only emulated).
 
     Returns:
         images (n, C, H, W) in [-1, 1], the latents used, and the labels used (or None).
@@ -103,4 +104,5 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
     net = ckpt.inference_generator()
     z = sample_latents(n, net.z_dim, seed, truncation)
     labels = default_labels(ckpt, n, label)
-    return decode_latents(net, z, labels, precision=precision or ckpt.precision), z, labels
+    device = next(net.parameters()).device.type
+    return decode_latents(net, z, labels, precision=precision or inference_precision(ckpt.precision, device)), z, labels

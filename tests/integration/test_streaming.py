@@ -30,7 +30,7 @@ def test_a_split_larger_than_the_object_store_streams_through_ray_train(small_st
     c, h, w = ds.image_shape
     rows = ds.manifest["splits"]["train"]["count"]
     object_store = small_store_cluster.available_resources()["object_store_memory"]
-    assert rows * c * h * w > object_store and rows * c * h * w * 4 > 4 * object_store  # raw and decoded both exceed it
+    assert rows * c * h * w > object_store  # the raw pixels alone exceed the object store (decoded: 4x more)
     cfg = tiny("dcgan-mnist", train__steps=4, train__checkpoint_every=4, train__shuffle_window_mb=8,
                train__global_batch_size=16)
     result = train_ray(cfg, data, workers=2, out="big", storage=str(tmp_path / "runs"), log=lambda *_: None)

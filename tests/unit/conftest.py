@@ -8,16 +8,14 @@ REFUSAL = ("a unit test tried to start a Ray cluster (ray.init); unit tests cove
            "Test the pure function instead, or move the test to tests/integration/ and use the ray_cluster fixture")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _no_ray_cluster():
+@pytest.fixture(autouse=True)
+def _no_ray_cluster(monkeypatch):
+    """Per test, so that the refusal ends with the unit tests whatever order a run takes."""
     import ray
     from ray._private import worker
 
     def refuse(*args, **kwargs):
         raise RuntimeError(REFUSAL)
 
-    patch = pytest.MonkeyPatch()
-    patch.setattr(ray, "init", refuse)
-    patch.setattr(worker, "init", refuse)
-    yield
-    patch.undo()
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(worker, "init", refuse)

@@ -12,7 +12,8 @@ are stored under `NAME@bf16`; no metric may be NaN or infinite in either.
 Tolerance: fp32 rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
 norms). One torch thread makes the reductions' order fixed; what is left is the CPU's vector
 width, which moves the numbers around 1e-6 relative after three steps. bf16 rtol 1e-2, atol
-1e-4: bf16 kernels differ more between CPU generations (native bf16 instructions or emulation).
+1e-4 (d_acc, a count of 16, within 1/16): bf16 kernels differ more between CPU generations
+(native bf16 instructions or emulation).
 
 Updating the numbers is a deliberate act: run
     LATENTFORGE_UPDATE_GOLDEN=1 pytest tests/unit/test_preset_regression.py
@@ -30,7 +31,7 @@ import pytest
 import torch
 
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.config import load_experiment, preset_names
+from latentforge.config import PRECISION_MODES, load_experiment, preset_names
 from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
 from latentforge.train.batches import InMemoryBatches
@@ -40,7 +41,10 @@ GOLDEN = Path(__file__).parent / "golden" / "preset_losses.json"
 STEPS = 3
 BATCH = 8
 TOLERANCE = {"fp32": (1e-3, 1e-5), "bf16": (1e-2, 1e-4)}  # (rtol, atol)
-MODES = {"fp32": {}, "bf16": {"train.precision": "bf16", "train.channels_last": True}}
+MODES = {"fp32": PRECISION_MODES["fp32"], "bf16": PRECISION_MODES["bf16+channels_last"]}
+# d_acc counts logits on the right side of 0 among 16 images: one logit near 0 that a CPU's bf16
+# kernels round the other way moves it by 1/16, which no relative tolerance covers.
+QUANTISED_ATOL = {"d_acc": 1 / 16 + 1e-6}
 # The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
 INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3)}
 
@@ -107,6 +111,7 @@ def test_preset_reproduces_stored_losses(name, mode):
     for step, (g, e) in enumerate(zip(got, expected)):
         assert set(g) == set(e), f"{key} step {step}: metrics {sorted(g)} != stored {sorted(e)}"
         for k in e:
-            assert math.isclose(g[k], e[k], rel_tol=rtol, abs_tol=atol), (
+            tol = QUANTISED_ATOL.get(k, atol) if mode != "fp32" else atol
+            assert math.isclose(g[k], e[k], rel_tol=rtol, abs_tol=tol), (
                 f"{key} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {rtol}, atol {atol}); if the "
                 "change is intended, regenerate with LATENTFORGE_UPDATE_GOLDEN=1 and say why in the commit")

@@ -2,7 +2,9 @@
 
 bf16 autocast needs no loss scaler (bf16 has fp32's exponent range). Only forward passes run
 under it: the step functions cast logits and decoder outputs to fp32 before any loss, so losses,
-gradient penalties (their input gradients are taken in fp32), EMA and optimiser state stay fp32.
+EMA and optimiser state stay fp32. Gradient penalties take the input gradient of D's fp32 logits
+with respect to fp32 inputs; it flows back through D's bf16 layers, and the penalty itself (the
+norm and its square) is computed in fp32.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ class Precision:
 
 
 FP32 = Precision()
+
+
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 runs natively here (AVX512-BF16/AMX CPUs, Ampere+ GPUs); elsewhere it is
+    emulated and slower than fp32."""
+    try:
+        if device_type == "cuda":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_precision(trained: str, device_type: str) -> str:
+    """The precision to generate in by default: the one the model trained in, unless that is bf16
+    and this device only emulates it (a model trained in bf16 on a GPU, served on an older CPU)."""
+    return "fp32" if trained == "bf16" and not native_bf16(device_type) else trained
 
 
 def precision_for(train_cfg, device: torch.device | str) -> Precision:

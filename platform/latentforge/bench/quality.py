@@ -46,7 +46,8 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         result = evaluate(run, data_dir, samples=samples, net=net, log=log)
         label = preset if modes == ("fp32",) else f"{preset} ({mode})"
         label += f", seed {seed}" if len(seeds) > 1 else ""
-        rows.append({"preset": label, "mode": mode, "seed": seed, "steps": steps, "train_seconds": seconds, **result})
+        rows.append({"preset": label, "base_preset": preset, "mode": mode, "seed": seed, "steps": steps,
+                     "train_seconds": seconds, **result})
         log(f"{label}: FID {result['fid']:.1f}, recall {result['recall']:.3f} ({seconds:.0f}s)")
     lines = [
         "# Sample quality on mnist5k",
@@ -54,7 +55,8 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         f"Made by `latentforge bench quality --steps {steps} --samples {samples}"
         + (f" --modes {','.join(modes)}" if modes != ("fp32",) else "")
         + (f" --seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else "") + "` on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}: every preset trained from seed 0 for {steps} steps "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}: every preset trained from seed "
+        f"{', '.join(map(str, seeds))} for {steps} steps "
         f"(global batch 64; a WGAN-GP step is 5 critic updates) in one process (`--workers 0`), then "
         f"{samples} samples scored against the training split.",
         "",
@@ -69,7 +71,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
     ]
     if len(seeds) > 1:  # GAN metrics move with the seed: the mean over seeds is what compares modes
         for preset, mode in [(p, m) for p in presets for m in modes]:
-            group = [r for r in rows if r["preset"].startswith(preset) and r["mode"] == mode]
+            group = [r for r in rows if r.get("base_preset") == preset and r["mode"] == mode]
             mean = {c[0]: sum(r[c[0]] for r in group) / len(group) for c in COLUMNS if all(c[0] in r for r in group)}
             label = preset if modes == ("fp32",) else f"{preset} ({mode})"
             rows.append({"preset": f"**{label}, mean of {len(group)} seeds**", "mode": mode, "seed": None,

@@ -22,7 +22,7 @@ import torch
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.bench.hardware import count_flops, matmul_peak_gflops
 from latentforge.data.spec import DataSpec
-from latentforge.config import load_experiment
+from latentforge.config import PRECISION_MODES, load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.program import build_program
@@ -82,13 +82,7 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
     return {"images_per_s": per_step_images * n / step_time if step_time else float("nan"), "windows": len(after)}
 
 
-# precision/layout modes: name -> config overrides
-MODES = {
-    "fp32": {},
-    "bf16": {"train.precision": "bf16"},
-    "bf16+channels_last": {"train.precision": "bf16", "train.channels_last": True},
-    "bf16+channels_last+compile": {"train.precision": "bf16", "train.channels_last": True, "train.compile": True},
-}
+MODES = PRECISION_MODES  # precision/layout modes: name -> config overrides
 
 
 def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print) -> dict:

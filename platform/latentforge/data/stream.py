@@ -12,8 +12,9 @@ continues at its position on any number of workers:
    contiguous slice of each (the last incomplete batch of an epoch is dropped).
 
 When the split fits one window (small datasets), step 3 is exactly `InMemoryBatches`' permutation,
-so the two loaders give identical batches. Memory is bounded by two windows (the one being
-consumed and the one read ahead in a background thread), whatever the split's size. Resuming at
+so the two loaders give identical batches. Memory is bounded by about three windows (the shuffled
+window being consumed, the rows left over from the last one, and the next window read ahead in a
+background thread), whatever the split's size. Resuming at
 a position skips whole windows without reading them. Every worker reads every window: the price
 of batches that do not depend on the worker count (a read, not a decode: pixels are raw).
 """
@@ -32,7 +33,7 @@ from latentforge.data.dataset import PreparedDataset, decode_rows
 from latentforge.errors import ConfigError, DataError
 from latentforge.images import to_model_range
 
-WINDOW_BYTES = 256 * 1024 * 1024  # pixels held per window (uint8); two windows at most in memory
+WINDOW_BYTES = 256 * 1024 * 1024  # pixels (uint8) per window; a worker holds about three windows
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class Block:
     rows: int
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 7919 + epoch  # InMemoryBatches' seed for the same epoch
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's order (shared with `InMemoryBatches`, so the two loaders agree)."""
+    return seed * 7919 + epoch
 
 
 class StreamBatches:
@@ -93,11 +95,16 @@ class StreamBatches:
         self.blocks_read = 0  # row groups read so far (tests check that resuming skips)
 
     # ------------------------------------------------------------------------------ the order
+    @property
+    def fits_one_window(self) -> bool:
+        """The whole split is one window: blocks in file order, rows in `InMemoryBatches`' order."""
+        return self.rows <= self.window_rows
+
     def windows(self, epoch: int) -> list[list[Block]]:
         """The epoch's windows: consecutive blocks of its block order, about `window_rows` rows each."""
-        if self.rows <= self.window_rows:
+        if self.fits_one_window:
             return [list(self.blocks)]
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = [self.blocks[i] for i in torch.randperm(len(self.blocks), generator=gen).tolist()]
         windows, current, rows = [], [], 0
         for b in order:
@@ -111,7 +118,7 @@ class StreamBatches:
         return windows
 
     def _window_perm(self, epoch: int, w: int, n: int, single: bool) -> torch.Tensor:
-        seed = _epoch_seed(self.seed, epoch) if single else (_epoch_seed(self.seed, epoch) * 1_000_003 + w + 1)
+        seed = epoch_seed(self.seed, epoch) if single else (epoch_seed(self.seed, epoch) * 1_000_003 + w + 1)
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -120,7 +127,7 @@ class StreamBatches:
         out = []
         for w, blocks in enumerate(windows):
             ids = np.concatenate([np.arange(b.start, b.start + b.rows) for b in blocks])
-            out.append(ids[self._window_perm(epoch, w, len(ids), len(windows) == 1).numpy()])
+            out.append(ids[self._window_perm(epoch, w, len(ids), self.fits_one_window).numpy()])
         return np.concatenate(out)
 
     # ------------------------------------------------------------------------------ reading
@@ -156,7 +163,7 @@ class StreamBatches:
 
     def iterate(self, start: int = 0) -> Iterator[Batch]:
         """This worker's batches forever, positioned after `start` global batches."""
-        single = self.rows <= self.window_rows
+        single = self.fits_one_window
         source = self._windows_from(start)
         ahead = _ReadAhead(lambda: next(source), self._read)
         epoch, taken = divmod(start, self.batches_per_epoch)  # global batches taken in this epoch
@@ -171,11 +178,15 @@ class StreamBatches:
             pending_images.append(images[perm])
             if labels is not None:
                 pending_labels.append(labels[perm])
+            del images, labels  # the shuffled copy replaces the window as read
             buffered += len(perm)
             if buffered < self.global_batch_size:
                 continue
-            stream_images = np.concatenate(pending_images)
-            stream_labels = np.concatenate(pending_labels) if labels is not None else None
+            stream_images = pending_images[0] if len(pending_images) == 1 else np.concatenate(pending_images)
+            stream_labels = None
+            if pending_labels:
+                stream_labels = pending_labels[0] if len(pending_labels) == 1 else np.concatenate(pending_labels)
+            pending_images = pending_labels = None
             full = (buffered // self.global_batch_size) * self.global_batch_size
             for g0 in range(0, full, self.global_batch_size):
                 if taken >= self.batches_per_epoch:
@@ -185,9 +196,11 @@ class StreamBatches:
                 y = None if stream_labels is None else torch.from_numpy(stream_labels[lo : lo + self.local])
                 taken += 1
                 yield Batch(x, y).to(self.device)
-            pending_images = [stream_images[full:]]
-            pending_labels = [stream_labels[full:]] if stream_labels is not None else []
+            # copies, so that the window's array is freed rather than kept alive by a small view
+            pending_images = [stream_images[full:].copy()]
+            pending_labels = [stream_labels[full:].copy()] if stream_labels is not None else []
             buffered -= full
+            del stream_images, stream_labels
 
 
 class _ReadAhead:
@@ -213,7 +226,7 @@ class _ReadAhead:
 
     def next(self):
         self._thread.join()
-        result = self._result
+        result, self._result = self._result, None  # the consumer alone holds the window now
         if isinstance(result, BaseException):
             raise result
         self._thread = self._start()

@@ -96,7 +96,7 @@ def pca(model: nn.Module, algorithm: str, latents: torch.Tensor | None = None, k
     return [Direction(f"pca:{i}", _unit(b[i].float()), "pca", {"explained_variance": float(var[i])}) for i in range(k)]
 
 
-def class_boundaries(model: nn.Module, algorithm: str, classifier: nn.Module, num_classes: int, n: int = 4000,
+def class_boundaries(model: nn.Module, classifier: nn.Module, num_classes: int, n: int = 4000,
                      seed: int = 0, min_confidence: float = 0.8) -> list[Direction]:
     """InterFaceGAN: logistic-regression boundaries, one class against the rest, fitted on
     sampled latents labelled by the classifier's confident predictions."""
@@ -196,5 +196,5 @@ def compute_directions(ckpt, dataset=None, feature_net=None, k: int = 5, seed: i
     else:
         out += pca(model, algorithm, k=k, seed=seed)
         if feature_net is not None and feature_net.model.head is not None and not model.num_classes:
-            out += class_boundaries(model, algorithm, feature_net.model, feature_net.model.num_classes, seed=seed)
+            out += class_boundaries(model, feature_net.model, feature_net.model.num_classes, seed=seed)
     return out

@@ -34,7 +34,7 @@ def encode_vae(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
     return Inversion(mu, recon, (recon - images).pow(2).flatten(1).mean(1), 0)
 
 
-def project(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torch.Tensor | None = None,
+def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, feature_net: nn.Module | None = None, steps: int = 200,
             restarts: int = 4, lr: float = 0.05, prior_weight: float = 1e-3, feature_weight: float = 0.1,
             seed: int = 0, init: torch.Tensor | None = None) -> Inversion:
@@ -42,7 +42,6 @@ def project(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torc
 
     Args:
         model: a plain generator (GAN) or VAE (its decoder is used), frozen.
-        algorithm: 'gan' or 'vae'.
         images: (N, C, H, W) in [-1, 1].
         labels: (N,) for conditional models.
         mask: (N, 1 or C, H, W), 1 = observed; None = all observed.
@@ -108,4 +107,4 @@ def invert(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torch
     """The default inversion: the encoder for VAEs, projection for GANs."""
     if algorithm == "vae":
         return encode_vae(model, images, labels)
-    return project(model, algorithm, images, labels, feature_net=feature_net, **kwargs)
+    return project(model, images, labels, feature_net=feature_net, **kwargs)

@@ -49,7 +49,7 @@ def inpaint(model: nn.Module, algorithm: str, images: torch.Tensor, mask: torch.
         project_kwargs["init"] = encode_vae(model, warm, labels).latent
     if average > project_kwargs.get("restarts", 4):
         raise ValueError(f"average={average} needs at least as many restarts")
-    inv = project(model, algorithm, images, labels, mask=mask, **project_kwargs)
+    inv = project(model, images, labels, mask=mask, **project_kwargs)
     fill = inv.reconstruction
     if average > 1:
         best = inv.candidate_errors.topk(average, dim=0, largest=False).indices  # (k, N)
@@ -84,7 +84,7 @@ def denoise(model: nn.Module, algorithm: str, noisy: torch.Tensor, labels: torch
     if algorithm == "vae":
         x_hat = encode_vae(model, y, labels).reconstruction
     else:
-        x_hat = project(model, algorithm, y, labels, **project_kwargs).reconstruction
+        x_hat = project(model, y, labels, **project_kwargs).reconstruction
     n = y.shape[0]
     s = estimate_noise_sigma(y) if sigma is None else torch.as_tensor(sigma, dtype=y.dtype).expand(n)
     noise_var = s.to(y.device).pow(2).view(n, 1, 1, 1)

@@ -12,3 +12,5 @@ REPORTED_METRICS: dict[str, str] = {
     "recon_psnr": "max", "recon_ssim": "max", "val_neg_elbo": "min",
 }
 VAE_ONLY_METRICS = ("recon_psnr", "recon_ssim", "val_neg_elbo")
+LABELLED_DATA_METRICS = ("inception_score", "class_coverage", "label_kl", "class_accuracy")  # need the classifier's classes
+CONDITIONAL_MODEL_METRICS = ("class_accuracy",)  # the share of images of the class they were asked for

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from latentforge.algorithms.precision import inference_precision
 from latentforge.checkpoint import load_checkpoint
 from latentforge.editing.directions import apply_edit, load_directions, pca, sefa
 from latentforge.editing.inversion import invert
@@ -47,7 +48,8 @@ class ModelRuntime:
         self.ckpt = load_checkpoint(checkpoint_dir)
         self.model = self.ckpt.inference_generator()
         self.algorithm = self.ckpt.algorithm
-        self.precision = self.ckpt.precision  # generation runs as the model trained (projections stay fp32)
+        # generation runs as the model trained (fp32 where bf16 is only emulated); projections stay fp32
+        self.precision = inference_precision(self.ckpt.precision, "cpu")
         self.shape = tuple(self.ckpt.data.image_shape)
         self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
         self.projection_steps, self.restarts = projection_steps, restarts

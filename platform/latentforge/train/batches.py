@@ -14,6 +14,7 @@ import torch
 from latentforge.algorithms.batch import Batch
 from latentforge.data.dataset import Split
 from latentforge.images import to_model_range
+from latentforge.data.stream import epoch_seed
 from latentforge.errors import ConfigError
 
 
@@ -45,7 +46,7 @@ class InMemoryBatches:
         self.batches_per_epoch = len(split) // global_batch_size
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 
     def iterate(self, start: int = 0) -> Iterator[Batch]:
         """Yield batches forever, starting after `start` global batches have been consumed."""

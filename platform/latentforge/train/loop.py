@@ -125,8 +125,14 @@ def run_training(
         # count: a run may resume on a different number of workers with the same global batch.
         batches_consumed = int(state["data"]["batches_consumed"])
         saved_world = int(state.get("world_size", world))
+        saved_batch = int(state["data"].get("global_batch_size", t.global_batch_size))
+        if saved_batch != t.global_batch_size:  # keep the images seen, not the count of batches
+            batches_consumed = batches_consumed * saved_batch // t.global_batch_size
         if ctx.is_chief:
             log(f"resumed from {resume_from} at step {start}")
+            if saved_batch != t.global_batch_size:
+                log(f"note: the global batch changed from {saved_batch} to {t.global_batch_size}; the data resumes "
+                    f"after the same images ({batches_consumed} batches of the new size)")
             if saved_world != world:
                 log(f"note: the run trained on {saved_world} worker(s) and resumes on {world}; the global batch "
                     f"stays {t.global_batch_size} (per worker {t.global_batch_size // saved_world} -> {per_worker})")
@@ -144,7 +150,8 @@ def run_training(
                     "step": step_done,
                     "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
                     "rng": {"torch": torch.get_rng_state()},
-                    "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step},
+                    "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step,
+                             "global_batch_size": t.global_batch_size},
                     "world_size": world,
                 },
             )

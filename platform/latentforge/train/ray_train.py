@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from latentforge.config import GANExperiment, VAEExperiment
+from latentforge.config import DATA_LOADERS, GANExperiment, VAEExperiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
@@ -34,10 +34,7 @@ from latentforge.train.run_files import RunFiles
 from latentforge.train.setup import check_training_setup
 from latentforge.train.tracking import NullTracker, make_tracker
 
-# stream: exact seeded epochs streamed from Parquet row groups (data/stream.py), the default;
-# memory: the whole split in each worker's memory (the same batches as stream for small data);
-# ray: Ray Data shards (decoding in Ray Data tasks; a local shuffle buffer, so not exact).
-DATA_LOADERS = ("stream", "memory", "ray")
+
 
 
 @dataclass(frozen=True)

@@ -80,12 +80,12 @@ class InstabilityPolicy:
         Args:
             trial_id: the trial.
             result: its reported metrics.
-            loss: the trial's adversarial loss ('wgan-gp' changes which checks apply); the
-                policy's default when None. Fixed at the trial's first result.
+            loss: the trial's adversarial loss now ('wgan-gp' changes which checks apply); the
+                last one given, or the policy's default.
         """
-        state = self._trials.get(trial_id)
-        if state is None:
-            state = self._trials[trial_id] = _TrialState(loss=loss or self.loss)
+        state = self._trials.setdefault(trial_id, _TrialState(loss=self.loss))
+        if loss:  # PBT may hand a trial another trial's config, loss included
+            state.loss = loss
         if state.stopped is not None:
             return state.stopped
         step = result.get("step")

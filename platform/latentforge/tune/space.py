@@ -9,8 +9,13 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from latentforge.errors import ConfigError
-from latentforge.config import StrictConfig, apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
-from latentforge.metrics.names import REPORTED_METRICS, VAE_ONLY_METRICS
+from latentforge.config import DATA_LOADERS, StrictConfig, apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
+from latentforge.metrics.names import (
+    CONDITIONAL_MODEL_METRICS,
+    LABELLED_DATA_METRICS,
+    REPORTED_METRICS,
+    VAE_ONLY_METRICS,
+)
 from latentforge.tune.instability import InstabilityThresholds
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
@@ -45,7 +50,7 @@ class SweepConfig(StrictConfig):
     report_every: int = Field(25, ge=1)  # steps between reports (losses, gradient norms) to the stopper
     metric: str = "fid"  # metric to optimise: one of metrics.names.REPORTED_METRICS (fid, kid, recall, val_neg_elbo, ...)
     mode: Literal["min", "max"] = "min"
-    data_loader: Literal["memory", "stream", "ray"] = "memory"  # memory: each worker reads the prepared split itself
+    data_loader: Literal[DATA_LOADERS] = "memory"  # config.DATA_LOADERS; memory: each worker holds the small split
     scheduler: SchedulerConfig = SchedulerConfig()
     search: SearchConfig = SearchConfig()
     stopper: InstabilityThresholds = InstabilityThresholds()
@@ -107,13 +112,26 @@ def check_space(sweep: SweepConfig) -> None:
     metric is one this kind of model reports."""
     base, source = load_experiment_dict(sweep.base)
     base = apply_overrides(base, sweep.overrides)
-    algorithm = parse_experiment(base, source).algorithm
+    cfg = parse_experiment(base, source)
+    algorithm = cfg.algorithm
+    if sweep.metric in CONDITIONAL_MODEL_METRICS and not cfg.model.conditional:
+        raise ConfigError(f"sweep metric {sweep.metric!r} is reported by class-conditional models only and "
+                          f"{sweep.base} is not conditional; choose another metric or set model.conditional")
     if sweep.metric in VAE_ONLY_METRICS and algorithm != "vae":
         raise ConfigError(f"sweep metric {sweep.metric!r} is reported by VAEs only and {sweep.base} is a "
                           f"{algorithm}; choose one of: {', '.join(m for m in REPORTED_METRICS if m not in VAE_ONLY_METRICS)}")
     for key, spec in sweep.space.items():
         for value in _corners(spec):
             parse_experiment(apply_overrides(base, {key: value}), f"{source} with {key}={value!r} from the sweep space")
+
+
+def check_metric_for_data(sweep: SweepConfig, data_dir) -> None:
+    """Refuse, before any trial, a metric the dataset cannot produce (class metrics need labels)."""
+    from latentforge.data.dataset import PreparedDataset
+
+    if sweep.metric in LABELLED_DATA_METRICS and PreparedDataset(data_dir).num_classes == 0:
+        raise ConfigError(f"sweep metric {sweep.metric!r} needs class labels and {data_dir} has none; "
+                          f"choose one of: fid, kid, precision, recall, density, coverage")
 
 
 def experiment_for(sweep: SweepConfig, params: dict) -> Any:

@@ -22,7 +22,13 @@ from latentforge.errors import ConfigError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
 from latentforge.tune.rungs import RungRecheck
-from latentforge.tune.space import SweepConfig, distinct_points, experiment_for, tune_param_space
+from latentforge.tune.space import (
+    SweepConfig,
+    check_metric_for_data,
+    distinct_points,
+    experiment_for,
+    tune_param_space,
+)
 
 STOP_REASONS_FILE = "stop_reasons.json"
 # A trial stopped because its FID degraded had good checkpoints before it fell apart; a trial
@@ -40,16 +46,18 @@ class InstabilityStopper:
     def __init__(self, policy: InstabilityPolicy, sweep_dir: str, rungs: RungRecheck | None = None,
                  loss_of: Callable[[dict], str | None] = lambda params: None):
         self.policy, self.sweep_dir, self.rungs, self.loss_of = policy, sweep_dir, rungs, loss_of
-        self._losses: dict[str, str | None] = {}
+        self._losses: dict[tuple, str | None] = {}  # by the trial's parameters (PBT can change them)
         path = Path(sweep_dir) / STOP_REASONS_FILE
         self.reasons: dict[str, dict] = read_json(path) if path.is_file() else {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         # Tune puts the trial's sampled parameters in every result: a trial whose space sets
         # gan.loss is judged by its own loss's rules, not the base preset's.
-        if trial_id not in self._losses:
-            self._losses[trial_id] = self.loss_of(result.get("config") or {})
-        decision: StopDecision = self.policy.observe(trial_id, result, loss=self._losses[trial_id])
+        params = result.get("config") or {}
+        key = tuple(sorted((k, repr(v)) for k, v in params.items()))
+        if key not in self._losses:
+            self._losses[key] = self.loss_of(params)
+        decision: StopDecision = self.policy.observe(trial_id, result, loss=self._losses[key])
         if self.rungs is not None:  # sees every result, so that its rungs are complete
             behind = self.rungs.observe(trial_id, result)
             decision = decision if decision.stop else behind
@@ -147,8 +155,14 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     from latentforge.train.ray_train import make_trainer
     from latentforge.train.run_dir import RunDir
 
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.data.spec import DataSpec
+    from latentforge.train.setup import check_training_setup
+
     sw = SweepConfig.model_validate(sweep)
     cfg = experiment_for(sw, config)
+    ds = PreparedDataset(data_dir)  # a sampled configuration is held to the same checks as a train
+    check_training_setup(cfg, DataSpec.from_dataset(ds), sw.workers_per_trial, ds.manifest["splits"]["train"]["count"])
     trial_dir = Path(tune.get_context().get_trial_dir())
     name = f"attempt-{uuid.uuid4().hex[:8]}"
     forward_all = sw.scheduler.kind != "pbt"  # PBT needs the metric in every result it sees
@@ -283,8 +297,8 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     from latentforge.metrics.features import ensure_feature_net
     from latentforge.ray_cluster import ray_init
 
-    if "fid" in sw.metric or sw.metric in ("kid", "recall", "precision", "coverage", "class_coverage"):
-        ensure_feature_net(data_dir, log=log)
+    check_metric_for_data(sw, data_dir)
+    ensure_feature_net(data_dir, log=log)  # every trial's periodic evaluation loads it
     sweep_dir = Path(out) if out else Path("sweeps") / f"{sw.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = sweep_dir.resolve()
     if resume:

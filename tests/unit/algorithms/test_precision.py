@@ -23,9 +23,15 @@ def _split(n=32):
     return Split(torch.randint(0, 256, (n, 1, 16, 16), generator=gen, dtype=torch.uint8), torch.arange(n) % 4)
 
 
-def _steps(mode: dict, steps=4):
+def _steps(mode: dict, steps=4, dtypes: set | None = None):
+    """Train a tiny conditional GAN; `dtypes` collects the output dtypes of every convolution."""
     cfg = tiny("cdcgan-mnist", train__global_batch_size=8, **mode)
     program = build_program(cfg, SPEC, GlobalNoise(0))
+    if dtypes is not None:
+        for name in ("generator", "discriminator"):
+            for m in program.modules()[name].modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    m.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
     it = InMemoryBatches(_split(), 8, 0).iterate()
     records = [program.step([next(it)], s) for s in range(steps)]
     return records, program.modules()["generator"]
@@ -64,8 +70,10 @@ def test_channels_last_training_matches_nchw():
 
 def test_bf16_steps_agree_with_fp32():
     """Tolerance: every step metric within 5% (or 0.01 absolute) of fp32 over 4 steps; weights stay fp32."""
-    fp32, g1 = _steps({})
-    bf16, g2 = _steps({"train__precision": "bf16", "train__channels_last": True})
+    seen_fp32, seen_bf16 = set(), set()
+    fp32, g1 = _steps({}, dtypes=seen_fp32)
+    bf16, g2 = _steps({"train__precision": "bf16", "train__channels_last": True}, dtypes=seen_bf16)
+    assert seen_fp32 == {torch.float32} and seen_bf16 == {torch.bfloat16}  # bf16 really ran, every conv
     for a, b in zip(fp32, bf16):
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=5e-2, abs=1e-2), (k, a[k], b[k])
@@ -101,3 +109,13 @@ def test_compiled_forward_passes_give_the_same_losses():
         for a, b in zip(runs[False], runs[True]):
             for k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (preset, k)
+
+
+def test_bf16_models_generate_in_fp32_where_bf16_is_only_emulated(monkeypatch):
+    from latentforge.algorithms import precision
+
+    assert precision.inference_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": True)
+    assert precision.inference_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": False)
+    assert precision.inference_precision("bf16", "cpu") == "fp32"

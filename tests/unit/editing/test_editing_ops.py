@@ -78,7 +78,7 @@ def test_projection_recovers_the_generators_own_images(generator):
     with torch.no_grad():
         target = generator(torch.randn(4, 16, generator=gen))
     start_err = (generator(torch.randn(4, 16, generator=torch.Generator().manual_seed(99))) - target).pow(2).flatten(1).mean(1)
-    inv = project(generator, "gan", target, steps=150, restarts=2, lr=0.05)
+    inv = project(generator, target, steps=150, restarts=2, lr=0.05)
     assert (inv.error < 0.25 * start_err.detach()).all(), (inv.error, start_err)
 
 

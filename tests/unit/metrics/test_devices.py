@@ -18,6 +18,9 @@ class WrongDevice(AssertionError):
     pass
 
 
+CHECKED = {"inputs": 0}  # forward passes the guard has seen (a test must get as far as one)
+
+
 def on_meta_with_guard(module: nn.Module) -> nn.Module:
     module = module.to("meta")
 
@@ -25,6 +28,7 @@ def on_meta_with_guard(module: nn.Module) -> nn.Module:
         own = next(mod.parameters(recurse=False), None)
         if own is None:
             return
+        CHECKED["inputs"] += 1
         for t in [*args, *kwargs.values()]:
             if isinstance(t, torch.Tensor) and t.device != own.device:
                 raise WrongDevice(f"{type(mod).__name__} lives on {own.device} but got an input on {t.device}")
@@ -35,10 +39,13 @@ def on_meta_with_guard(module: nn.Module) -> nn.Module:
 
 
 def runs_on_the_model_device(fn) -> None:
-    """`fn` must get past every forward pass without a device mismatch (it then fails on meta data)."""
+    """`fn` must reach the model and get past every forward pass without a device mismatch (it
+    then fails where it first needs real numbers, which meta tensors do not have)."""
+    before = CHECKED["inputs"]
     with pytest.raises(Exception) as e:
         fn()
     assert not isinstance(e.value, WrongDevice), str(e.value)
+    assert CHECKED["inputs"] > before, f"failed before any forward pass: {e.value}"
 
 
 def test_guard_catches_a_cpu_input_to_a_model_elsewhere():

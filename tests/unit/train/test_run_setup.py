@@ -75,3 +75,25 @@ def test_train_launch_validates_itself(tmp_path):
         TrainLaunch(**{**good, "data_dir": "data/mnist"})
     with pytest.raises(TypeError, match="validated config"):
         TrainLaunch(**{**good, "experiment": {"name": "x"}})
+
+
+def test_resume_with_a_new_global_batch_continues_after_the_same_images(mnist_dir, tmp_path):
+    from latentforge.checkpoint import find_checkpoints, load_training_state
+    from latentforge.train.local import train_local
+
+    quiet = lambda *_: None  # noqa: E731
+    train_local(tiny("dcgan-mnist", train__steps=6, train__checkpoint_every=6), mnist_dir, tmp_path, log=quiet)
+    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 6, "global_batch_size": 16}
+    bigger = tiny("dcgan-mnist", train__steps=8, train__checkpoint_every=8, train__global_batch_size=32)
+    train_local(bigger, mnist_dir, tmp_path, resume=True, log=quiet)
+    # 6 batches of 16 = 3 batches of 32 seen before, then 2 more
+    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 5, "global_batch_size": 32}
+
+
+def test_workers_0_refuses_a_ray_data_loader(mnist_dir, tmp_path, capsys):
+    from latentforge.cli import main
+
+    code = main(["train", "dcgan-mnist", "--data", str(mnist_dir), "--workers", "0", "--data-loader", "memory",
+                 "--out", str(tmp_path / "r")])
+    assert code == 2 and "--data-loader memory applies to Ray workers" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -120,3 +120,8 @@ def test_each_trial_is_judged_by_its_own_loss(tmp_path):
     policy = InstabilityPolicy()  # the same stream under the non-saturating loss is stopped
     decisions = [policy.observe("ns", {"step": s, **wins}, loss="ns") for s in (25, 50, 75)]
     assert decisions[-1].reason == "discriminator_wins"
+
+
+def test_conditional_only_metric_on_an_unconditional_base_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="class_accuracy.*class-conditional models only"):
+        load_sweep(_write(tmp_path, GOOD + "metric: class_accuracy\nmode: max\n"))
