@@ -140,7 +140,7 @@ def test_out_names_the_same_run_folder_for_every_worker_count(ray_cluster, mnist
     for workers in (0, 2):
         out = f"runs-here/w{workers}"
         assert main(["train", "dcgan-mnist", "--data", str(mnist_dir), "--workers", str(workers), "--out", out,
-                     "--data-loader", "memory", *tiny_flags]) == 0
+                     *tiny_flags]) == 0
         run = tmp_path / out
         assert json.loads((run / "run.json").read_text())["workers"] == max(1, workers)
         assert load_checkpoint(run).step == 2
