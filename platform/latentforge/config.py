@@ -151,7 +151,13 @@ def load_yaml_model(path: str | Path, model: type[BaseModel], what: str) -> Base
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} {path} does not exist")
-    data = _read_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}; check its permissions and that it is UTF-8 text") from e
+    data = _read_yaml(text, str(p)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of fields at the top level, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:

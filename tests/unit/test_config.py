@@ -64,3 +64,17 @@ def test_parse_override_types():
     assert parse_override("model.conditional=true") == ("model.conditional", True)
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("gan.lr_g")
+
+
+def test_yaml_model_files_that_cannot_be_read_fail_clearly(tmp_path):
+    from latentforge.config import load_yaml_model
+    from latentforge.serve.config import ServeConfig
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot read serve config .*UTF-8"):
+        load_yaml_model(binary, ServeConfig, "serve config")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping of fields at the top level, got list"):
+        load_yaml_model(listing, ServeConfig, "serve config")
