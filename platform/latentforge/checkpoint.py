@@ -171,7 +171,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     modules = {}
     for name, spec in config["modules"].items():
         try:
-            modules[name] = build_module(spec["class"], spec["args"])
+            modules[name] = build_module(spec)
+        except CheckpointError as e:  # a plug-in that is not allowed or cannot be imported
+            raise CheckpointError(f"{path}: module {name!r}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
     _load_weights(path, modules)

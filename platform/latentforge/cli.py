@@ -279,7 +279,8 @@ def add_bench_quality(bench: Verbs) -> None:
     bq.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
     bq.add_argument("--steps", type=int, default=2000, help="training steps per preset")
     bq.add_argument("--samples", type=int, default=5000, help="samples scored per preset")
-    bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset)")
+    bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset); PRESET@key=value,... "
+                    "adds a variant with overrides, e.g. resnet-diffaug-mnist@gan.ema_decay=0 to measure what EMA gives")
     bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
     bq.add_argument("--modes", default="fp32", help="precision/layout modes to train each preset in, comma-separated "
                     "(fp32, bf16, bf16+channels_last, ...): a row per preset and mode")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from latentforge.errors import ConfigError
 
@@ -24,8 +24,32 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_arch(cfg, algorithm: str, option_fields: dict[str, str]):
+    """`model.arch` names a registered family of this algorithm (or a plug-in reference, whose
+    constructor checks its own options at build time); each `*_options` mapping fits its role."""
+    from latentforge.models.architectures import get_family
+    from latentforge.models.plugins import is_plugin_ref
+
+    if is_plugin_ref(cfg.arch):
+        return cfg
+    fam = get_family(cfg.arch, algorithm)  # ValueError lists the valid names
+    for fld, role in option_fields.items():
+        given = getattr(cfg, fld)
+        schema = fam.options.get(role)
+        if schema is None:
+            if given:
+                raise ValueError(f"{fld}: the {cfg.arch!r} family takes no {role} options (got {sorted(given)})")
+            continue
+        try:
+            schema.model_validate(given)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"{fld} for the {cfg.arch!r} family: {problems}") from None
+    return cfg
+
+
 class GANModelConfig(StrictConfig):
-    arch: Literal["dcgan"] = "dcgan"  # generator/discriminator family (models.architectures.GAN_ARCHITECTURES)
+    arch: str = "dcgan"  # generator/discriminator family: dcgan | resnet (models.architectures), or a plug-in package.module:Generator
     z_dim: int = Field(64, ge=1, le=1024)  # latent size
     g_width: int = Field(32, ge=4, le=512)  # generator channels at full resolution (x2 per halving, up to x8)
     d_width: int = Field(32, ge=4, le=512)  # discriminator channels at full resolution
@@ -33,15 +57,26 @@ class GANModelConfig(StrictConfig):
     d_norm: Literal["spectral", "layer", "instance", "none"] = "spectral"  # no BatchNorm in D by design
     conditional: bool = False  # class-conditional G (label embedding) and projection D
     embed_dim: int = Field(32, ge=1, le=1024)  # label embedding size in G (conditional only)
+    g_options: dict[str, Any] = {}  # family-specific generator keywords (resnet: blocks_per_stage, attention_res, spectral_norm)
+    d_options: dict[str, Any] = {}  # family-specific discriminator keywords (resnet: extra_blocks, attention_res)
+
+    @model_validator(mode="after")
+    def _arch(self):
+        return _check_arch(self, "gan", {"g_options": "generator", "d_options": "discriminator"})
 
 
 class VAEModelConfig(StrictConfig):
-    arch: Literal["conv_vae"] = "conv_vae"  # VAE family (models.architectures.VAE_ARCHITECTURES)
+    arch: str = "conv_vae"  # VAE family: conv_vae | resnet_vae (models.architectures), or a plug-in package.module:VAE
     z_dim: int = Field(16, ge=1, le=1024)  # latent size
     width: int = Field(32, ge=4, le=512)  # encoder/decoder channels at full resolution
     conditional: bool = False  # class-conditional encoder and decoder
     embed_dim: int = Field(16, ge=1, le=1024)  # label embedding size (conditional only)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # decoder likelihood p(x|z)
+    options: dict[str, Any] = {}  # family-specific keywords (resnet_vae: learn_sigma, blocks_per_stage)
+
+    @model_validator(mode="after")
+    def _arch(self):
+        return _check_arch(self, "vae", {"options": "vae"})
 
 
 class GANConfig(StrictConfig):
@@ -53,6 +88,12 @@ class GANConfig(StrictConfig):
     n_critic: int = Field(1, ge=1, le=20)  # discriminator updates per generator update
     gp_weight: float = Field(10.0, ge=0)  # gradient-penalty weight (wgan-gp only)
     r1_weight: float = Field(0.0, ge=0)  # R1 penalty gamma on real data (0 = off)
+    r1_interval: int = Field(1, ge=1, le=64)  # lazy R1 (StyleGAN2): the penalty every k D updates, weighted by k
+    augment: Literal["none", "diffaugment", "ada"] = "none"  # augment D's inputs (reals and fakes alike): for small data
+    diffaugment_policy: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]  # DiffAugment ops
+    ada_target: float = Field(0.6, gt=0, lt=1)  # ADA: wanted E[sign(D(real))]; above it p grows
+    ada_interval: int = Field(4, ge=1)  # ADA: D updates between adjustments of p
+    ada_kimg: float = Field(100.0, gt=0)  # ADA: thousands of images for p to move from 0 to 1 (paper: 500)
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of generator weights (ramped up early in training)
     grad_clip: float | None = Field(None, gt=0)  # clip each network's gradient norm (None = off)
 
@@ -71,6 +112,7 @@ class TrainConfig(StrictConfig):
     steps: int = Field(2000, ge=1)  # optimisation steps (a GAN step = n_critic D updates + 1 G update)
     global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
     per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
+    accumulate: int = Field(1, ge=1, le=256)  # micro-batches per worker batch (gradient accumulation; DDP syncs once)
     seed: int = 0  # seeds weights, noise and data order
     shuffle_window_mb: int = Field(256, ge=1)  # stream loader: MB of pixels shuffled together; a worker holds about three
     log_every: int = Field(25, ge=1)  # steps between console/JSON-lines log records

@@ -46,7 +46,7 @@ MODES = {"fp32": PRECISION_MODES["fp32"], "bf16": PRECISION_MODES["bf16+channels
 # kernels round the other way moves it by 1/16, which no relative tolerance covers.
 QUANTISED_ATOL = {"d_acc": 1 / 16 + 1e-6}
 # The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
-INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3)}
+INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3), "-color": (3, 32, 3)}
 
 
 def tiny_input(name: str) -> tuple[Split, DataSpec]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     a forward through the DDP wrapper is a collective (buffer broadcast) even under no_grad.
     """
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def no_sync_unless(module: nn.Module, last: bool):
+    """DDP's `no_sync` on every gradient-accumulation micro-batch but the last (gradients are
+    all-reduced once per update); a no-op for plain modules and on the last micro-batch."""
+    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def grad_norm(params) -> torch.Tensor:

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from latentforge.algorithms.batch import Batch, grad_norm, unwrap
+from latentforge.algorithms.augment import NO_AUGMENT, Augmenter
+from latentforge.algorithms.batch import Batch, grad_norm, no_sync_unless, unwrap
 from latentforge.algorithms.ema import ema_decay_at, ema_update
 from latentforge.algorithms.losses import get_loss, gradient_penalty, r1_penalty
 from latentforge.algorithms.noise import GlobalNoise
@@ -47,9 +48,10 @@ class GANStepMetrics:
     d_fake_logit: float  # mean raw D(G(z))
     d_acc: float  # fraction of real with D(x) > 0 and fakes with D(G(z)) < 0
     gp: float  # gradient penalty (0 unless wgan-gp)
-    r1: float  # R1 penalty (0 unless r1_weight > 0)
+    r1: float  # R1 penalty (0 unless r1_weight > 0, and on updates lazy R1 skips)
     grad_norm_d: float  # D gradient norm before clipping (last critic update)
     grad_norm_g: float  # G gradient norm before clipping
+    aug_p: float = 0.0  # augmentation probability of D's inputs (ADA's p; 1 for DiffAugment; 0 without)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -78,8 +80,12 @@ def _clip(params, max_norm: float | None) -> torch.Tensor:
     return norm
 
 
+def _micro(t: torch.Tensor | None, m: int, size: int) -> torch.Tensor | None:
+    return None if t is None else t[m * size : (m + 1) * size]
+
+
 def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, step: int,
-             precision: Precision = FP32) -> GANStepMetrics:
+             precision: Precision = FP32, accumulate: int = 1, augment: Augmenter = NO_AUGMENT) -> GANStepMetrics:
     """One GAN training step.
 
     Args:
@@ -90,6 +96,11 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
         cfg: `GANConfig` (loss, n_critic, penalties, EMA, clipping).
         step: the global step (0-based); seeds the noise.
         precision: how forward passes run (bf16 autocast, channels_last); losses stay fp32.
+        accumulate: micro-batches per batch; each is forwarded and backpropagated alone with its
+            loss scaled by 1/accumulate, and DDP all-reduces once, on the last. Noise and
+            augmentation are drawn for the whole batch and sliced, so the update equals the
+            unsplit one (up to summation order) for BatchNorm-free networks.
+        augment: transforms of D's inputs (reals and fakes alike, in the D and the G pass).
 
     Returns:
         Scalar metrics of the step (this worker's share).
@@ -101,54 +112,84 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
     device = batches[0].images.device
     z_dim = g_plain.z_dim
     zero = torch.zeros((), device=device)
+    n_aug = augment.n_params
 
     # 1. Discriminator updates.
     for k, batch in enumerate(batches):
-        real, labels = precision.images(batch.images), batch.labels
-        b = real.shape[0]
-        z = noise.normal(step, GlobalNoise.LATENT_D + 10 * k, b, z_dim).to(device)
-        with torch.no_grad(), precision.autocast():
-            fake = g_plain(z, labels).float()
-        parts = [real, fake]
-        use_r1 = cfg.r1_weight > 0
-        if use_r1:
-            real = real.detach().requires_grad_(True)
-            parts[0] = real
-        if loss.needs_gradient_penalty:
-            alpha = noise.uniform(step, GlobalNoise.PENALTY_MIX + 10 * k, b, 1, 1, 1).to(device)
-            mix = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
-            parts.append(mix)
-        d_labels = None if labels is None else labels.repeat(len(parts))
-        with precision.autocast():
-            logits = state.d(torch.cat(parts), d_labels)  # one forward: DDP all-reduces D's grads
-        logits = logits.float()
-        real_logits, fake_logits = logits[:b], logits[b : 2 * b]
-        d_loss = loss.d_loss(real_logits, fake_logits)
-        total = d_loss
-        gp = r1 = zero
-        if loss.needs_gradient_penalty:
-            gp = gradient_penalty(logits[2 * b :], mix)
-            total = total + cfg.gp_weight * gp
-        if use_r1:
-            r1 = r1_penalty(real_logits, real)
-            total = total + 0.5 * cfg.r1_weight * r1
+        b = len(batch)
+        if b % accumulate:
+            raise ValueError(f"a worker batch of {b} images cannot be split into {accumulate} equal micro-batches")
+        mb = b // accumulate
+        d_update = step * cfg.n_critic + k
+        use_r1 = cfg.r1_weight > 0 and d_update % cfg.r1_interval == 0  # lazy R1: every r1_interval updates
+        z_all = noise.normal(step, GlobalNoise.LATENT_D + 10 * k, b, z_dim).to(device)
+        alpha_all = (noise.uniform(step, GlobalNoise.PENALTY_MIX + 10 * k, b, 1, 1, 1).to(device)
+                     if loss.needs_gradient_penalty else None)
+        u_real = noise.uniform(step, GlobalNoise.AUG_REAL + 10 * k, b, n_aug) if n_aug else None
+        u_fake = noise.uniform(step, GlobalNoise.AUG_FAKE + 10 * k, b, n_aug) if n_aug else None
         state.opt_d.zero_grad(set_to_none=True)
-        total.backward()
+        sums = torch.zeros(3, device=device)  # d_loss, gp, r1 (means over micro-batches)
+        real_parts, fake_parts = [], []
+        for m in range(accumulate):
+            real, labels = precision.images(_micro(batch.images, m, mb)), _micro(batch.labels, m, mb)
+            with torch.no_grad(), precision.autocast():
+                fake = g_plain(_micro(z_all, m, mb), labels).float()
+            if use_r1:
+                real = real.detach().requires_grad_(True)  # R1 is the gradient w.r.t. the un-augmented reals
+            parts = [real, fake]
+            if loss.needs_gradient_penalty:
+                alpha = _micro(alpha_all, m, mb)
+                mix = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
+                parts.append(mix)
+            if augment.active:
+                parts[0] = augment(real, _micro(u_real, m, mb))
+                parts[1] = augment(fake, _micro(u_fake, m, mb))
+            d_labels = None if labels is None else labels.repeat(len(parts))
+            with no_sync_unless(state.d, m == accumulate - 1):
+                with precision.autocast():
+                    logits = state.d(torch.cat(parts), d_labels)  # one forward: DDP all-reduces D's grads
+                logits = logits.float()
+                real_logits, fake_logits = logits[:mb], logits[mb : 2 * mb]
+                d_loss = loss.d_loss(real_logits, fake_logits)
+                total = d_loss
+                gp = r1 = zero
+                if loss.needs_gradient_penalty:
+                    gp = gradient_penalty(logits[2 * mb :], mix)
+                    total = total + cfg.gp_weight * gp
+                if use_r1:
+                    r1 = r1_penalty(real_logits, real)
+                    total = total + 0.5 * cfg.r1_weight * cfg.r1_interval * r1
+                (total / accumulate).backward()
+            sums += torch.stack([d_loss.detach(), gp.detach(), r1.detach()]) / accumulate
+            real_parts.append(real_logits.detach())
+            fake_parts.append(fake_logits.detach())
         gn_d = _clip(state.d.parameters(), cfg.grad_clip)
         state.opt_d.step()
+        rl, fl = torch.cat(real_parts), torch.cat(fake_parts)
+        if augment.ada is not None:
+            augment.ada.observe(rl)
 
     # 2. Generator update: D frozen and unwrapped, so its gradients are neither computed nor reduced.
     last = batches[-1]
     b = len(last)
+    mb = b // accumulate
     d_plain.requires_grad_(False)
     try:
-        z = noise.normal(step, GlobalNoise.LATENT_G, b, z_dim).to(device)
-        with precision.autocast():
-            fake = state.g(z, last.labels)  # through the wrapper: DDP all-reduces G's grads
-            fake_logits_g = d_plain(fake, last.labels)
-        g_loss = loss.g_loss(fake_logits_g.float())
+        z_all = noise.normal(step, GlobalNoise.LATENT_G, b, z_dim).to(device)
+        u_g = noise.uniform(step, GlobalNoise.AUG_G, b, n_aug) if n_aug else None
         state.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        g_loss_sum = torch.zeros((), device=device)
+        for m in range(accumulate):
+            labels = _micro(last.labels, m, mb)
+            with no_sync_unless(state.g, m == accumulate - 1):
+                with precision.autocast():
+                    fake = state.g(_micro(z_all, m, mb), labels)  # through the wrapper: DDP all-reduces G's grads
+                    if augment.active:
+                        fake = augment(fake, _micro(u_g, m, mb))
+                    fake_logits_g = d_plain(fake, labels)
+                g_loss = loss.g_loss(fake_logits_g.float())
+                (g_loss / accumulate).backward()
+            g_loss_sum += g_loss.detach() / accumulate
         gn_g = _clip(state.g.parameters(), cfg.grad_clip)
         state.opt_g.step()
     finally:
@@ -156,10 +197,9 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
     ema_update(state.g_ema, g_plain, ema_decay_at(step, cfg.ema_decay))
 
     with torch.no_grad():
-        rl, fl = real_logits.detach(), fake_logits.detach()
         acc = ((rl > 0).float().mean() + (fl < 0).float().mean()) / 2
         values = torch.stack([
-            d_loss.detach(), g_loss.detach(), torch.sigmoid(rl).mean(), torch.sigmoid(fl).mean(),
-            rl.mean(), fl.mean(), acc, gp.detach(), r1.detach(), gn_d.to(device), gn_g.to(device),
+            sums[0], g_loss_sum, torch.sigmoid(rl).mean(), torch.sigmoid(fl).mean(),
+            rl.mean(), fl.mean(), acc, sums[1], sums[2], gn_d.to(device), gn_g.to(device),
         ]).tolist()  # one device sync for all metrics
-    return GANStepMetrics(*values)
+    return GANStepMetrics(*values, aug_p=augment.probability)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.algorithms.batch import Batch, grad_norm, unwrap
+from latentforge.algorithms.batch import Batch, grad_norm, no_sync_unless, unwrap
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import FP32, Precision
 
@@ -40,7 +40,16 @@ def make_vae_state(vae: nn.Module, cfg, wrap=lambda m: m) -> VAEState:
     return VAEState(vae=wrap(vae), opt=opt)
 
 
-def reconstruction_nll(raw: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
+def decoder_sigma(vae: nn.Module, fixed: float) -> float | torch.Tensor:
+    """The Gaussian decoder's std: a VAE's learned per-channel `decoder_log_sigma` (shaped to
+    broadcast over (B, C, H, W)) when it has one, else the configured fixed value."""
+    log_sigma = getattr(vae, "decoder_log_sigma", None)
+    if log_sigma is None:
+        return fixed
+    return log_sigma.float().exp()[None, :, None, None]
+
+
+def reconstruction_nll(raw: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float | torch.Tensor) -> torch.Tensor:
     """Per-image −log p(x|z) (B,), summed over pixels.
 
     Args:
@@ -50,7 +59,8 @@ def reconstruction_nll(raw: torch.Tensor, x: torch.Tensor, likelihood: str, sigm
     """
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(raw, (x + 1) / 2, reduction="none").flatten(1).sum(1)
-    per_pixel = 0.5 * ((x - raw) / sigma).pow(2) + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+    sigma = torch.as_tensor(sigma, dtype=raw.dtype, device=raw.device)
+    per_pixel = 0.5 * ((x - raw) / sigma).pow(2) + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
     return per_pixel.flatten(1).sum(1)
 
 
@@ -65,7 +75,7 @@ def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
 
 
 def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int,
-             precision: Precision = FP32) -> VAEStepMetrics:
+             precision: Precision = FP32, accumulate: int = 1) -> VAEStepMetrics:
     """One VAE update on this worker's share of a global batch.
 
     Args:
@@ -75,18 +85,31 @@ def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int,
         cfg: `VAEConfig`.
         step: the global step (0-based).
         precision: how the forward pass runs (bf16 autocast, channels_last); the ELBO stays fp32.
+        accumulate: micro-batches, each backpropagated alone (DDP all-reduces on the last).
     """
     plain = unwrap(state.vae)
-    eps = noise.normal(step, GlobalNoise.REPARAM, len(batch), plain.z_dim).to(batch.images.device)
-    with precision.autocast():
-        raw, mu, logvar = state.vae(precision.images(batch.images), batch.labels, noise=eps)
-    raw, mu, logvar = raw.float(), mu.float(), logvar.float()
-    nll = reconstruction_nll(raw, batch.images, plain.likelihood, cfg.decoder_sigma)
-    kl = kl_standard_normal(mu, logvar)
+    b = len(batch)
+    if b % accumulate:
+        raise ValueError(f"a worker batch of {b} images cannot be split into {accumulate} equal micro-batches")
+    mb = b // accumulate
+    eps_all = noise.normal(step, GlobalNoise.REPARAM, b, plain.z_dim).to(batch.images.device)
     beta_t = kl_weight(step, cfg.beta, cfg.kl_warmup_steps)
-    loss = (nll + beta_t * kl).mean()
     state.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    nlls, kls, losses = [], [], []
+    for m in range(accumulate):
+        sl = slice(m * mb, (m + 1) * mb)
+        x, y = batch.images[sl], None if batch.labels is None else batch.labels[sl]
+        last = m == accumulate - 1
+        with no_sync_unless(state.vae, last):
+            with precision.autocast():
+                raw, mu, logvar = state.vae(precision.images(x), y, noise=eps_all[sl])
+            raw, mu, logvar = raw.float(), mu.float(), logvar.float()
+            nll = reconstruction_nll(raw, x, plain.likelihood, decoder_sigma(plain, cfg.decoder_sigma))
+            kl = kl_standard_normal(mu, logvar)
+            loss = (nll + beta_t * kl).mean()
+            (loss / accumulate).backward()
+        nlls.append(nll.detach()), kls.append(kl.detach()), losses.append(loss.detach())
+    nll, kl, loss = torch.cat(nlls), torch.cat(kls), torch.stack(losses).mean()
     params = list(state.vae.parameters())
     gn = grad_norm(params)
     if cfg.grad_clip is not None:
@@ -107,7 +130,7 @@ def vae_negative_elbo(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor
         vae: an unwrapped VAE (evaluated in eval mode).
         images: (N, C, H, W) in [-1, 1].
         labels: (N,) or None.
-        sigma: Gaussian decoder std (ignored for bernoulli).
+        sigma: Gaussian decoder std (ignored for bernoulli, and where the VAE learns its own).
         seed: seeds the reparameterisation noise, so repeated calls agree.
     """
     was_training = vae.training
@@ -121,7 +144,7 @@ def vae_negative_elbo(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor
             y = None if labels is None else labels[i : i + batch_size].to(device)
             eps = torch.randn(len(x), vae.z_dim, generator=gen).to(device)
             raw, mu, logvar = vae(x, y, noise=eps)
-            nll_sum += reconstruction_nll(raw, x, vae.likelihood, sigma).sum().item()
+            nll_sum += reconstruction_nll(raw, x, vae.likelihood, decoder_sigma(vae, sigma)).sum().item()
             kl_sum += kl_standard_normal(mu, logvar).sum().item()
     finally:
         vae.train(was_training)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentforge.errors import LatentForgeError
+from latentforge.models.interface import FirstLayerEditable
 from latentforge.storage import atomic_write_json, staged_dir
 
 DIRECTIONS_DIR = "directions"
@@ -52,14 +53,16 @@ def apply_edit(z: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Te
     return z + torch.as_tensor(alpha, dtype=z.dtype, device=z.device).reshape(-1, 1) * _unit(d)
 
 
-def _first_linear(model: nn.Module, algorithm: str) -> nn.Linear:
-    return model.decoder.project if algorithm == "vae" else model.net.project
+def first_layer_editable(model: nn.Module) -> bool:
+    """Whether the model exposes its first layer (`models.interface.FirstLayerEditable`): SeFa and
+    GANSpace need it; other directions do not."""
+    return isinstance(model, FirstLayerEditable)
 
 
 @torch.no_grad()
 def sefa(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:
     """Closed-form factorisation of the first layer: top eigenvectors of AᵀA (z columns only)."""
-    w = _first_linear(model, algorithm).weight[:, : model.z_dim].double()  # (out, z_dim)
+    w = model.first_layer_weight().double()  # (out, z_dim)
     evals, evecs = torch.linalg.eigh(w.T @ w)
     order = torch.argsort(evals, descending=True)[:k]
     return [Direction(f"sefa:{i}", _unit(evecs[:, j].float()), "sefa", {"eigenvalue": float(evals[j])})
@@ -82,11 +85,7 @@ def pca(model: nn.Module, algorithm: str, latents: torch.Tensor | None = None, k
                 for i in range(min(k, vt.shape[0]))]
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.z_dim, generator=gen)
-    inputs = z
-    if model.embed is not None:
-        y = labels if labels is not None else torch.arange(n) % model.num_classes
-        inputs = torch.cat([z, model.embed(y)], dim=1)
-    h = _first_linear(model, algorithm)(inputs).double()  # (n, F)
+    h = model.first_layer(z, labels).flatten(1).double()  # (n, F)
     hc = h - h.mean(0)
     _, s, vt = torch.linalg.svd(hc, full_matrices=False)
     var = (s**2) / (s**2).sum()
@@ -179,7 +178,8 @@ def compute_directions(ckpt, dataset=None, feature_net=None, k: int = 5, seed: i
     from latentforge.images import to_model_range
 
     model, algorithm = ckpt.inference_generator(), ckpt.algorithm
-    out = sefa(model, algorithm, k)
+    editable = first_layer_editable(model)  # SeFa and GANSpace need the first layer; the rest do not
+    out = sefa(model, algorithm, k) if editable else []
     if algorithm == "vae":
         if dataset is None:
             raise ValueError("VAE directions need the dataset (posterior means of real images)")
@@ -194,7 +194,8 @@ def compute_directions(ckpt, dataset=None, feature_net=None, k: int = 5, seed: i
         if train.attributes:
             out += attribute_regression(mu, train.attributes)
     else:
-        out += pca(model, algorithm, k=k, seed=seed)
+        if editable:
+            out += pca(model, algorithm, k=k, seed=seed)
         if feature_net is not None and feature_net.model.head is not None and not model.num_classes:
             out += class_boundaries(model, feature_net.model, feature_net.model.num_classes, seed=seed)
     return out

@@ -213,7 +213,7 @@ def load_feature_net(dataset_dir: str | Path, device: str = "cpu") -> FeatureNet
     if config.get("dataset_content_hash") != ds.content_hash:
         raise DataError(f"the feature network in {folder} was trained on other data; run: latentforge data features {dataset_dir}")
     spec = config["module"]
-    model = build_module(spec["class"], spec["args"])
+    model = build_module(spec)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     model = model.to(device).eval().requires_grad_(False)
     raw = load_file(str(folder / "real_stats.safetensors"))

@@ -1,48 +1,175 @@
-"""The architecture catalogue: architecture names for configs, class names for checkpoints
-(the promoted-model registry is `latentforge.registry`).
+"""The architecture catalogue: model families for configs, module classes for checkpoints (the
+promoted-model registry is `latentforge.registry`).
 
-Checkpoints name a class from `MODEL_CLASSES`; nothing else can be instantiated from a file.
+A family is registered with `register_model(name, algorithm=..., generator=..., ...)`; a config
+names it in `model.arch`. A user's own family needs no registration: `model.arch:
+my_package.my_module:MyGenerator` names a generator class whose `discriminator_class` attribute is
+its discriminator (GANs), or a VAE class (see `models.plugins` for when such modules are imported).
+
+Checkpoints record each module's class: a registered name, or for plug-ins the 'module:Class'
+reference with the distribution and version that provided it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from latentforge.models import interface, plugins
 from latentforge.models.classifier import FeatureClassifier
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from latentforge.models.resnet import ResNetDiscriminator, ResNetGenerator, ResNetVAE
 from latentforge.models.vae import ConvVAE
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    "DCGANGenerator": DCGANGenerator,
-    "DCGANDiscriminator": DCGANDiscriminator,
-    "ConvVAE": ConvVAE,
-    "FeatureClassifier": FeatureClassifier,
-}
 
-# Architecture names used in presets, and the classes they build.
-GAN_ARCHITECTURES = {"dcgan": (DCGANGenerator, DCGANDiscriminator)}
-VAE_ARCHITECTURES = {"conv_vae": ConvVAE}
+@dataclass(frozen=True)
+class ModelFamily:
+    """A named architecture family.
+
+    classes: role → class ('generator' and 'discriminator' for GANs, 'vae' for VAEs).
+    options: role → pydantic model of that role's family-specific constructor keywords
+        (`model.g_options` / `model.d_options` / `model.options` in a config).
+    resolutions: image sides the family supports.
+    """
+
+    name: str
+    algorithm: str
+    classes: dict[str, type[nn.Module]]
+    options: dict[str, type[BaseModel]] = field(default_factory=dict)
+    resolutions: tuple[int, ...] = ()
+    description: str = ""
+    plugin: bool = False
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"FeatureClassifier": FeatureClassifier}
+_ROLES = {"gan": ("generator", "discriminator"), "vae": ("vae",)}
+
+
+def register_model(name: str, *, algorithm: str, classes: dict[str, type[nn.Module]],
+                   options: dict[str, type[BaseModel]] | None = None, resolutions: tuple[int, ...] = (),
+                   description: str = "") -> ModelFamily:
+    """Add a family to the catalogue (and its classes to what checkpoints may name).
+
+    Raises:
+        ValueError: a taken name, a wrong set of roles, or a class that lacks the interface.
+    """
+    if name in FAMILIES:
+        raise ValueError(f"model family {name!r} is already registered")
+    if algorithm not in _ROLES or set(classes) != set(_ROLES[algorithm]):
+        raise ValueError(f"a {algorithm!r} family needs classes for {_ROLES.get(algorithm)}, got {sorted(classes)}")
+    for role, cls in classes.items():
+        missing = interface.missing_members(cls, role)
+        if missing:
+            raise ValueError(f"{cls.__name__} lacks the {role} interface: {', '.join(missing)}")
+        MODEL_CLASSES[cls.__name__] = cls
+    fam = ModelFamily(name, algorithm, dict(classes), dict(options or {}), resolutions, description)
+    FAMILIES[name] = fam
+    return fam
+
+
+class ResNetGOptions(NoOptions):
+    blocks_per_stage: int = Field(1, ge=1, le=8)  # residual blocks per resolution
+    attention_res: int = Field(0, ge=0)  # feature-map side with self-attention (0: none)
+    spectral_norm: bool = False  # spectral norm in G as well (BigGAN, SAGAN)
+
+
+class ResNetDOptions(NoOptions):
+    extra_blocks: int = Field(1, ge=0, le=8)  # non-downsampling blocks at the base resolution
+    attention_res: int = Field(0, ge=0)  # feature-map side with self-attention (0: none)
+
+
+class ResNetVAEOptions(NoOptions):
+    learn_sigma: bool = False  # Gaussian decoder: learn one log-std per channel
+    blocks_per_stage: int = Field(1, ge=1, le=8)  # decoder residual blocks per resolution
+
+
+register_model("dcgan", algorithm="gan", classes={"generator": DCGANGenerator, "discriminator": DCGANDiscriminator},
+               resolutions=(8, 16, 28, 32, 64), description="DCGAN-style transposed-conv G, strided-conv D")
+register_model("resnet", algorithm="gan", classes={"generator": ResNetGenerator, "discriminator": ResNetDiscriminator},
+               options={"generator": ResNetGOptions, "discriminator": ResNetDOptions},
+               resolutions=(16, 28, 32, 64, 128, 256),
+               description="SNGAN/BigGAN-style residual G and D, conditional norms, projection D, self-attention")
+register_model("conv_vae", algorithm="vae", classes={"vae": ConvVAE}, resolutions=(8, 16, 28, 32, 64),
+               description="convolutional encoder and decoder")
+register_model("resnet_vae", algorithm="vae", classes={"vae": ResNetVAE}, options={"vae": ResNetVAEOptions},
+               resolutions=(16, 28, 32, 64, 128),
+               description="residual encoder and decoder, Gaussian decoder with fixed or learned sigma")
+
+
+def family_names(algorithm: str | None = None) -> list[str]:
+    return [n for n, f in FAMILIES.items() if algorithm in (None, f.algorithm)]
+
+
+def get_family(arch: str, algorithm: str, *, trusted: bool = True) -> ModelFamily:
+    """The family a config's `model.arch` names: a registered name or a plug-in reference.
+
+    Args:
+        trusted: the name comes from the user's own config (a plug-in is then allowed by naming it).
+
+    Raises:
+        ValueError: unknown name (listing the valid ones), or a plug-in of the wrong kind.
+        plugins.PluginError: a plug-in that is not allowed or cannot be imported.
+    """
+    if arch in FAMILIES:
+        fam = FAMILIES[arch]
+        if fam.algorithm != algorithm:
+            raise ValueError(f"model.arch {arch!r} is a {fam.algorithm} family; a {algorithm} experiment needs "
+                             f"one of: {', '.join(family_names(algorithm))}")
+        return fam
+    if not plugins.is_plugin_ref(arch):
+        raise ValueError(f"unknown model.arch {arch!r}; choose one of: {', '.join(family_names(algorithm))}, "
+                         "or a plug-in as package.module:ClassName")
+    cls = plugins.load_plugin_class(arch, trusted=trusted)
+    if algorithm == "gan":
+        d_cls = getattr(cls, "discriminator_class", None)
+        if not (isinstance(d_cls, type) and issubclass(d_cls, nn.Module)):
+            raise ValueError(f"plug-in generator {arch} needs a `discriminator_class` attribute naming its "
+                             "discriminator (an nn.Module class)")
+        classes = {"generator": cls, "discriminator": d_cls}
+    else:
+        classes = {"vae": cls}
+    for role, c in classes.items():
+        missing = interface.missing_members(c, role)
+        if missing:
+            raise ValueError(f"plug-in {c.__module__}:{c.__qualname__} lacks the {role} interface: {', '.join(missing)}")
+    return ModelFamily(arch, algorithm, classes, plugin=True)
+
+
+def _resolve_class(spec: dict) -> type[nn.Module]:
+    name = spec["class"]
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name]
+    if plugins.is_plugin_ref(name):
+        return plugins.load_plugin_class(name, provenance=spec.get("plugin"))
+    raise KeyError(f"unknown model class {name!r}; choose one of: {', '.join(MODEL_CLASSES)}, "
+                   "or a plug-in recorded as package.module:ClassName")
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The registered class called `name`.
+    """The registered class called `name` (plug-ins only when allowed).
 
     Raises:
         KeyError: with the list of valid names.
+        plugins.PluginError: a plug-in that is not allowed or cannot be imported.
     """
-    try:
-        return MODEL_CLASSES[name]
-    except KeyError:
-        raise KeyError(f"unknown model class {name!r}; choose one of: {', '.join(MODEL_CLASSES)}") from None
+    return _resolve_class({"class": name})
 
 
-def build_module(class_name: str, args: dict) -> nn.Module:
-    """Instantiate a registered class from its recorded constructor arguments."""
-    return model_class(class_name)(**args)
+def build_module(spec: dict) -> nn.Module:
+    """Instantiate a module from a checkpoint's record {'class', 'args'[, 'plugin']}."""
+    return _resolve_class(spec)(**spec["args"])
 
 
 def describe(module: nn.Module) -> dict:
-    """{'class': name, 'args': constructor arguments} for a registered module."""
-    name = type(module).__name__
-    model_class(name)
-    return {"class": name, "args": dict(module.init_args)}
+    """A module's record for a checkpoint: {'class', 'args'} plus, for plug-ins, where it came from."""
+    cls = type(module)
+    if MODEL_CLASSES.get(cls.__name__) is cls:
+        return {"class": cls.__name__, "args": dict(module.init_args)}
+    return {"class": plugins.class_ref(cls), "args": dict(module.init_args), "plugin": plugins.plugin_provenance(cls)}

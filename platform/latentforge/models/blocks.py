@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-SUPPORTED_RESOLUTIONS = (8, 16, 28, 32, 64)
+SUPPORTED_RESOLUTIONS = (8, 16, 28, 32, 64, 128, 256)  # each family lists the ones it supports
 G_NORMS = ("batch", "layer", "none")
 D_NORMS = ("spectral", "layer", "instance", "none")
 

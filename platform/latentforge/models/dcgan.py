@@ -37,12 +37,25 @@ class DCGANGenerator(nn.Module):
         self.net = UpStack(in_dim=z_dim + (embed_dim if num_classes else 0), out_channels=channels,
                            resolution=resolution, width=width, norm=norm)
 
+    def _input(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return z
+        if labels is None:
+            raise ValueError("this generator is class-conditional: pass labels")
+        return torch.cat([z, self.embed(labels)], dim=1)
+
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            if labels is None:
-                raise ValueError("this generator is class-conditional: pass labels")
-            z = torch.cat([z, self.embed(labels)], dim=1)
-        return torch.tanh(self.net(z))
+        return torch.tanh(self.net(self._input(z, labels)))
+
+    def first_layer(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations of the linear projection of z (GANSpace); conditional models cycle the labels."""
+        if self.embed is not None and labels is None:
+            labels = torch.arange(len(z), device=z.device) % self.num_classes
+        return self.net.project(self._input(z, labels))
+
+    def first_layer_weight(self) -> torch.Tensor:
+        """The projection's columns that act on z (SeFa)."""
+        return self.net.project.weight[:, : self.z_dim]
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latents → images in [-1, 1]: the name every latent-variable model shares (see

@@ -50,6 +50,15 @@ class ConvVAE(nn.Module):
         mu, logvar = self.to_posterior(self._cond(self.encoder(x), labels)).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
+    def first_layer(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's linear projection of z (conditional models cycle the labels)."""
+        if self.embed is not None and labels is None:
+            labels = torch.arange(len(z), device=z.device) % self.num_classes
+        return self.decoder.project(self._cond(z, labels))
+
+    def first_layer_weight(self) -> torch.Tensor:
+        return self.decoder.project.weight[:, : self.z_dim]
+
     def decode_raw(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, z_dim) → decoder output (B, C, H, W): logits (bernoulli) or mean in [-1, 1] (gaussian)."""
         out = self.decoder(self._cond(z, labels))

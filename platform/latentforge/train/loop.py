@@ -109,7 +109,7 @@ def run_training(
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)
-    program = build_program(cfg, spec, noise, ctx.device, ctx.wrap)
+    program = build_program(cfg, spec, noise, ctx.device, ctx.wrap, ctx.reduce_mean)
     per_worker = t.global_batch_size // world
     start, last_ckpt = 0, None
     if resume_from is not None:
@@ -118,6 +118,7 @@ def run_training(
         for name, opt in program.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         program.apply_hyperparameters()  # the config's learning rates win over the checkpoint's
+        program.load_state_dict(state.get("algorithm", {}))
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         last_ckpt = Path(resume_from).name
@@ -150,6 +151,7 @@ def run_training(
                     "step": step_done,
                     "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
                     "rng": {"torch": torch.get_rng_state()},
+                    "algorithm": program.state_dict(),
                     "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step,
                              "global_batch_size": t.global_batch_size},
                     "world_size": world,

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from latentforge.algorithms.augment import AdaState, Augmenter
 from latentforge.algorithms.batch import Batch, unwrap
 from latentforge.algorithms.gan import gan_step, make_gan_state
 from latentforge.algorithms.losses import get_loss
@@ -33,6 +34,8 @@ class TrainingProgram:
     optimizers: dict[str, torch.optim.Optimizer]
     sample: Callable[[], torch.Tensor]  # a fixed-noise sample grid (N, C, H, W) in [-1, 1]
     hyperparameters: dict[str, dict]  # optimiser name -> {"lr": ..., "betas": ...} from the config
+    state_dict: Callable[[], dict] = dict  # algorithm state beyond weights and optimisers (ADA's p), checkpointed
+    load_state_dict: Callable[[dict], None] = lambda state: None
 
     def apply_hyperparameters(self) -> None:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
@@ -56,8 +59,20 @@ def _place(module: nn.Module, device, precision: Precision) -> nn.Module:
     return module.to(memory_format=torch.channels_last) if precision.channels_last else module
 
 
-def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
+def make_augmenter(cfg, reduce_mean) -> Augmenter:
+    """The run's augmentation of D's inputs; ADA's p moves on the all-reduced r_t, so it is the same
+    on every worker."""
+    g = cfg.gan
+    ada = None
+    if g.augment == "ada":
+        ada = AdaState(target=g.ada_target, interval=g.ada_interval, kimg=g.ada_kimg,
+                       images_per_update=cfg.train.global_batch_size, reduce_mean=reduce_mean)
+    return Augmenter(g.augment, tuple(g.diffaugment_policy), ada)
+
+
+def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean) -> TrainingProgram:
     precision = precision_for(cfg.train, device)
+    augment = make_augmenter(cfg, reduce_mean)
     g, d = build_gan(cfg.model, spec)
     state = make_gan_state(_place(g, device, precision), _place(d, device, precision), cfg.gan, wrap=wrap)
     if cfg.train.compile:
@@ -72,16 +87,19 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
     return TrainingProgram(
         algorithm="gan",
         batches_per_step=cfg.gan.n_critic,
-        step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step, precision).as_dict(),
+        step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step, precision, cfg.train.accumulate,
+                                            augment).as_dict(),
         modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
         optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
         sample=lambda: decode_latents(state.g_ema, z, labels, precision=precision.name),
         hyperparameters={"generator": {"lr": cfg.gan.lr_g, "betas": (cfg.gan.beta1, cfg.gan.beta2)},
                          "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
+        state_dict=lambda: {"ada": augment.ada.state_dict()} if augment.ada is not None else {},
+        load_state_dict=lambda st: augment.ada.load_state_dict(st["ada"]) if augment.ada is not None and "ada" in st else None,
     )
 
 
-def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> TrainingProgram:
+def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean) -> TrainingProgram:
     precision = precision_for(cfg.train, device)
     vae = _place(build_vae(cfg.model, spec), device, precision)
     state = make_vae_state(vae, cfg.vae, wrap=wrap)
@@ -91,7 +109,8 @@ def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
     return TrainingProgram(
         algorithm="vae",
         batches_per_step=1,
-        step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step, precision).as_dict(),
+        step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step, precision,
+                                            cfg.train.accumulate).as_dict(),
         modules=lambda: {"vae": unwrap(state.vae)},
         optimizers={"vae": state.opt},
         sample=lambda: decode_latents(unwrap(state.vae), z, labels, precision=precision.name),
@@ -102,8 +121,11 @@ def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap) -> 
 PROGRAM_BUILDERS = {"gan": build_gan_program, "vae": build_vae_program}
 
 
-def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=lambda m: m) -> TrainingProgram:
+def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=lambda m: m,
+                  reduce_mean=lambda t: t) -> TrainingProgram:
     """Build the program for `cfg.algorithm`.
+
+    `reduce_mean` averages a tensor over the workers (state that must agree everywhere, e.g. ADA).
 
     Weights are initialised from `cfg.train.seed`, so every worker builds identical networks.
     """
@@ -111,4 +133,4 @@ def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=la
     if torch.device(device).type == "cuda":  # both switches: PyTorch's defaults differ (matmul off, cuDNN on)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap)
+    return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap, reduce_mean)

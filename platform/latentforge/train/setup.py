@@ -19,7 +19,7 @@ def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use
         train_rows: images in the training split.
         use_gpu: whether the workers train on GPUs.
     """
-    check_compatible(cfg.model, spec)
+    check_compatible(cfg.model, spec, cfg.algorithm)
     t = cfg.train
     problems = []
     if t.global_batch_size % workers:

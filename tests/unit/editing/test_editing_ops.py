@@ -112,7 +112,7 @@ def test_sefa_gives_orthonormal_eigenvectors_and_directions_round_trip(generator
     dirs = sefa(generator, "gan", k=4)
     m = torch.stack([d.vector for d in dirs])
     assert torch.allclose(m @ m.T, torch.eye(4), atol=1e-4)
-    w = generator.net.project.weight.detach()
+    w = generator.first_layer_weight().detach()
     # the first direction maximises ||A d|| among unit vectors
     assert (w @ m[0]).norm() >= (w @ torch.nn.functional.normalize(torch.randn(16), dim=0)).norm()
     save_directions(tmp_path, dirs + [Direction("attr:size", torch.ones(16) / 4, "attribute_regression", {"r2": 0.5})])

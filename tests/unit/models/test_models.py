@@ -106,7 +106,7 @@ def test_rebuild_from_description_and_state_gives_identical_outputs(factory):
         inputs = (torch.randn(4, c, r, r), torch.randint(0, 3, (4,)) if m.num_classes else None)
     m(*inputs)
     desc = describe(m)
-    clone = build_module(desc["class"], desc["args"])
+    clone = build_module(desc)
     clone.load_state_dict(m.state_dict())
     m.eval(), clone.eval()
     if isinstance(m, ConvVAE):
@@ -118,4 +118,4 @@ def test_rebuild_from_description_and_state_gives_identical_outputs(factory):
 
 def test_unknown_class_is_refused():
     with pytest.raises(KeyError, match="DCGANGenerator"):
-        build_module("os.system", {})
+        build_module({"class": "os.system", "args": {}})
