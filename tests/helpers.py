@@ -3,6 +3,8 @@ once there is more than one)."""
 
 from __future__ import annotations
 
+import textwrap
+
 TINY_GAN = {"train.tracking": "none", "model.g_width": 8, "model.d_width": 8, "model.z_dim": 16, "train.global_batch_size": 16,
             "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.sample_count": 16}
 TINY_VAE = {"train.tracking": "none", "model.width": 8, "model.z_dim": 8, "train.global_batch_size": 16,
@@ -12,9 +14,9 @@ TINY_VAE = {"train.tracking": "none", "model.width": 8, "model.z_dim": 8, "train
 def tiny(preset: str, **overrides):
     """A preset shrunk for tests (8-channel nets, batch 16), with dotted overrides as kwargs
     (use '__' for '.', e.g. train__steps=10)."""
-    from latentforge.config import load_experiment
+    from latentforge.config import load_experiment, load_experiment_dict
 
-    base = TINY_VAE if preset.startswith(("vae", "cvae", "betavae")) else TINY_GAN
+    base = TINY_VAE if load_experiment_dict(preset)[0].get("algorithm") == "vae" else TINY_GAN
     extra = {k.replace("__", "."): v for k, v in overrides.items()}
     return load_experiment(preset, {**base, **extra})
 
@@ -54,3 +56,53 @@ def sweep_file(tmp_path, name="tiny", space="  gan.lr_g: {grid: [2.0e-4, 1.0]}",
     f = tmp_path / f"{name}.yaml"
     f.write_text(SWEEP_TINY.format(name=name, space=space, trials=trials, steps=steps, scheduler=scheduler, eval_every=eval_every))
     return f
+
+
+# A user's own GAN in a module outside the package (plug-in tests write it to a temporary folder).
+PLUGIN_SOURCE = textwrap.dedent('''
+    """A user's own GAN, outside the package."""
+    import torch
+    from torch import nn
+
+
+    class TinyDiscriminator(nn.Module):
+        def __init__(self, *, channels, resolution, width, norm, num_classes):
+            super().__init__()
+            self.init_args = dict(channels=channels, resolution=resolution, width=width, norm=norm, num_classes=num_classes)
+            self.num_classes = num_classes
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * resolution * resolution, width), nn.LeakyReLU(0.2),
+                                     nn.Linear(width, 1))
+
+        def forward(self, x, labels=None):
+            return self.net(x).squeeze(1)
+
+
+    class OpaqueGenerator(nn.Module):
+        """The least a generator needs: z_dim, num_classes, init_args, forward and decode."""
+
+        discriminator_class = TinyDiscriminator
+
+        def __init__(self, *, z_dim, channels, resolution, width, norm, num_classes, embed_dim, scale=1.0):
+            super().__init__()
+            self.init_args = dict(z_dim=z_dim, channels=channels, resolution=resolution, width=width, norm=norm,
+                                  num_classes=num_classes, embed_dim=embed_dim, scale=scale)
+            self.z_dim, self.num_classes, self.shape = z_dim, num_classes, (channels, resolution, resolution)
+            self.net = nn.Sequential(nn.Linear(z_dim, width), nn.ReLU(), nn.Linear(width, channels * resolution ** 2))
+            self.scale = scale
+
+        def forward(self, z, labels=None):
+            return torch.tanh(self.scale * self.net(z)).view(-1, *self.shape)
+
+        def decode(self, z, labels=None):
+            return self(z, labels)
+
+
+    class TinyGenerator(OpaqueGenerator):
+        """Also exposes its first layer, so SeFa and GANSpace directions work."""
+
+        def first_layer(self, z, labels=None):
+            return self.net[0](z)
+
+        def first_layer_weight(self):
+            return self.net[0].weight
+''')

@@ -435,9 +435,11 @@ def add_serve(verbs: Verbs) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
-def _serve_config(config: str | None, registry: str | None = None, api_key: str | None = None) -> ServeConfig:
+def _serve_config(config: str | None, registry: str | None = None, api_key: str | None = None,
+                  allow_plugins: list[str] | None = None) -> ServeConfig:
     """The validated serve config: the YAML file `config` (defaults without one), then the
-    command-line `registry` / `api_key` over it. The overrides are validated too.
+    command-line `registry` / `api_key` over it, and `--allow-plugin` modules added to its
+    `allow_plugins`. The overrides are validated too.
 
     Raises:
         ConfigError: a missing or unreadable file, or every invalid field, each named.
@@ -450,6 +452,8 @@ def _serve_config(config: str | None, registry: str | None = None, api_key: str 
 
     updates = {k: v for k, v in (("registry", registry), ("api_key", api_key)) if v}
     base = load_yaml_model(config, ServeConfig, "serve config").model_dump() if config else {}
+    if allow_plugins:
+        updates["allow_plugins"] = sorted(set(base.get("allow_plugins", [])) | set(allow_plugins))
     try:
         # ServeConfig is frozen and model_copy(update=...) would skip validation: rebuild instead
         return ServeConfig.model_validate(base | updates)
@@ -459,7 +463,7 @@ def _serve_config(config: str | None, registry: str | None = None, api_key: str 
 
 
 def cmd_serve(args: argparse.Namespace) -> Result:
-    cfg = _serve_config(args.config, args.registry, args.api_key)  # before Ray starts: a bad file fails fast
+    cfg = _serve_config(args.config, args.registry, args.api_key, args.allow_plugin)  # a bad file fails before Ray starts
     from latentforge.serve.runner import serve_forever
 
     serve_forever(cfg, args.host, args.port, args.address)
@@ -510,6 +514,9 @@ def cmd_presets(args: argparse.Namespace) -> Result:
 def build_parser() -> argparse.ArgumentParser:
     """Every verb, in the order `latentforge --help` lists them."""
     p = argparse.ArgumentParser(prog="latentforge", description="Train, tune and serve GANs and VAEs on Ray.")
+    p.add_argument("--allow-plugin", action="append", default=[], metavar="MODULE",
+                   help="allow loading checkpoints whose architecture comes from this module (a plug-in, "
+                        "model.arch: package.module:Class); repeatable; also LATENTFORGE_PLUGINS=a,b")
     verbs = p.add_subparsers(dest="verb", required=True)
     data = add_data(verbs)
     add_data_prepare(data)
@@ -542,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.allow_plugin:
+            from latentforge.models.plugins import allow_plugins
+
+            allow_plugins(args.allow_plugin)
         result = args.func(args)
         if getattr(args, "json", False) and result is not None:
             _print_json_last(result)  # last, after anything the verb printed

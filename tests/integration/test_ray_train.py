@@ -55,6 +55,26 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
     assert moved >= len(init) // 2
 
 
+def test_ddp_matches_single_process_with_resnet_ada_and_accumulation(ray_cluster, mnist_dir, tmp_path):
+    """The same for a ResNet GAN (spectral-norm D) with ADA and 2 accumulation micro-batches: ADA's
+    probability, moved by the all-reduced D outputs, ends the same on 2 workers as in 1 process."""
+    from latentforge.checkpoint import load_training_state
+
+    k = 3
+    cfg = tiny("resnet-mnist", model__g_norm="layer", gan__augment="ada", gan__ada_p_init=0.5, gan__ada_interval=1,
+               gan__ada_kimg=0.2, train__accumulate=2, train__steps=k, train__checkpoint_every=k)
+    train_local(cfg, mnist_dir, tmp_path / "single", log=quiet)
+    train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), log=quiet)
+    single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)
+    assert single.keys() == ddp.keys()
+    for key in single:
+        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
+    p_single = load_training_state(tmp_path / "single" / f"step_{k:06d}")["algorithm"]["ada"]
+    p_ddp = load_training_state(tmp_path / "runs" / "ddp" / f"step_{k:06d}")["algorithm"]["ada"]
+    assert p_single["updates"] == p_ddp["updates"] == k
+    assert p_single["p"] == pytest.approx(p_ddp["p"], abs=1e-12) and p_single["p"] != 0.5
+
+
 def test_ray_data_run_writes_a_complete_run_folder(ray_cluster, mnist_dir, tmp_path):
     cfg = tiny("cdcgan-mnist", train__steps=6, train__checkpoint_every=3, train__sample_every=3, train__log_every=2,
                train__tracking="wandb")

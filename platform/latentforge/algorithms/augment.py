@@ -199,7 +199,7 @@ class AdaState:
 
     def observe(self, real_logits: torch.Tensor) -> None:
         """Record one D update's real logits; adjust p every `interval` updates."""
-        self.sign_sum += float(real_logits.detach().sign().float().mean())
+        self.sign_sum += float(real_logits.detach().sign().double().mean())
         self.updates += 1
         if self.updates % self.interval == 0:
             local = torch.tensor([self.sign_sum / self.interval], dtype=torch.float64, device=real_logits.device)

@@ -95,6 +95,14 @@ def pca(model: nn.Module, algorithm: str, latents: torch.Tensor | None = None, k
     return [Direction(f"pca:{i}", _unit(b[i].float()), "pca", {"explained_variance": float(var[i])}) for i in range(k)]
 
 
+def data_free_directions(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:
+    """Directions that need no data: SeFa (and GANSpace for GANs) where the model exposes its first
+    layer; none otherwise (supervised ones come from `latentforge directions`)."""
+    if not first_layer_editable(model):
+        return []
+    return sefa(model, algorithm, k) + (pca(model, algorithm, k=k) if algorithm == "gan" else [])
+
+
 def class_boundaries(model: nn.Module, classifier: nn.Module, num_classes: int, n: int = 4000,
                      seed: int = 0, min_confidence: float = 0.8) -> list[Direction]:
     """InterFaceGAN: logistic-regression boundaries, one class against the rest, fitted on

@@ -68,7 +68,10 @@ class _Models:
     def __init__(self, cfg: ServeConfig):
         import torch
 
+        from latentforge.models.plugins import allow_plugins
+
         torch.set_num_threads(cfg.threads_per_replica)
+        allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
         self.cfg = cfg
         from ray.util.metrics import Counter
 

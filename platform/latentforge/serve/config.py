@@ -38,3 +38,4 @@ class ServeConfig(StrictConfig):
     access_log: bool = True  # a log line per request and per replica call (off: more requests/s on a small machine)
     api_key: str | None = None  # if set, /v1/* requires header `X-API-Key` (or `Authorization: Bearer`)
     model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
+    allow_plugins: list[str] = []  # plug-in architecture modules replicas may import (models.plugins); none by default

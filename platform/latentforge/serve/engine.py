@@ -11,7 +11,7 @@ import torch
 
 from latentforge.algorithms.precision import inference_precision
 from latentforge.checkpoint import load_checkpoint
-from latentforge.editing.directions import apply_edit, load_directions, pca, sefa
+from latentforge.editing.directions import apply_edit, data_free_directions, load_directions
 from latentforge.editing.inversion import invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
@@ -54,11 +54,8 @@ class ModelRuntime:
         self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
         self.projection_steps, self.restarts = projection_steps, restarts
         self.directions = load_directions(checkpoint_dir)
-        if not self.directions:  # data-free directions, so that every model can be edited
-            found = sefa(self.model, self.algorithm, k=5)
-            if self.algorithm == "gan":
-                found += pca(self.model, self.algorithm, k=5)
-            self.directions = {d.name: d for d in found}
+        if not self.directions:  # data-free directions, so that every model that exposes its first layer can be edited
+            self.directions = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
 
     # ------------------------------------------------------------------------------ helpers
     def info(self) -> dict:

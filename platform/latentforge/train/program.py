@@ -65,7 +65,7 @@ def make_augmenter(cfg, reduce_mean) -> Augmenter:
     g = cfg.gan
     ada = None
     if g.augment == "ada":
-        ada = AdaState(target=g.ada_target, interval=g.ada_interval, kimg=g.ada_kimg,
+        ada = AdaState(p=g.ada_p_init, target=g.ada_target, interval=g.ada_interval, kimg=g.ada_kimg,
                        images_per_update=cfg.train.global_batch_size, reduce_mean=reduce_mean)
     return Augmenter(g.augment, tuple(g.diffaugment_policy), ada)
 

@@ -30,6 +30,10 @@ def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use
             f"train.per_worker_batch_size={t.per_worker_batch_size} does not match global batch "
             f"{t.global_batch_size} / {workers} workers = {t.global_batch_size // workers}; the per-worker batch "
             "is derived from the global one: set train.global_batch_size instead, or remove per_worker_batch_size")
+    elif (t.global_batch_size // workers) % t.accumulate:
+        problems.append(f"train.accumulate={t.accumulate} does not divide the per-worker batch "
+                        f"({t.global_batch_size} / {workers} workers = {t.global_batch_size // workers}); choose an "
+                        "accumulate that divides it, so every micro-batch has the same size")
     if train_rows < t.global_batch_size:
         problems.append(f"train.global_batch_size={t.global_batch_size} is larger than the training split "
                         f"({train_rows} images)")

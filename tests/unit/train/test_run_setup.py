@@ -49,6 +49,13 @@ def test_per_worker_batch_size_is_checked_not_ignored():
         check_training_setup(cfg, MNIST, workers=1, train_rows=100)
 
 
+def test_accumulation_must_divide_the_per_worker_batch():
+    cfg = tiny("dcgan-mnist", train__global_batch_size=16, train__accumulate=4)
+    check_training_setup(cfg, MNIST, workers=2, train_rows=100)  # 8 per worker, micro-batches of 2
+    with pytest.raises(ConfigError, match=r"train.accumulate=4 does not divide the per-worker batch \(16 / 8 workers = 2\)"):
+        check_training_setup(cfg, MNIST, workers=8, train_rows=100)
+
+
 def test_sync_batchnorm_on_cpu_is_an_error():
     cfg = tiny("dcgan-mnist", train__sync_batchnorm=True)
     with pytest.raises(ConfigError, match="sync_batchnorm needs GPU workers"):

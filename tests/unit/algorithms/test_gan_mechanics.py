@@ -1,0 +1,120 @@
+"""Lazy R1 and gradient accumulation: each equals the computation it stands for."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tiny
+from latentforge.algorithms.augment import Augmenter
+from latentforge.algorithms.batch import Batch
+from latentforge.algorithms.gan import gan_step, make_gan_state
+from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.vae import make_vae_state, vae_step
+from latentforge.builders import build_gan, build_vae
+from latentforge.data.spec import DataSpec
+
+SPEC = DataSpec((1, 16, 16), 0, ())
+
+
+def _state(cfg):
+    torch.manual_seed(0)
+    g, d = build_gan(cfg.model, SPEC)
+    return make_gan_state(g, d, cfg.gan)
+
+
+def _images(n=8, seed=1):
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def test_r1_every_update_equals_the_penalty_written_out():
+    """r1_interval=1 (eager R1): D's update equals softplus loss + gamma/2 * E||grad D(x)||^2 by hand."""
+    cfg = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", gan__r1_weight=5.0)
+    state = _state(cfg)
+    d_ref = copy.deepcopy(state.d)
+    opt_ref = torch.optim.Adam(d_ref.parameters(), lr=cfg.gan.lr_d, betas=(cfg.gan.beta1, cfg.gan.beta2))
+    real = _images()
+    z = GlobalNoise(0).normal(0, GlobalNoise.LATENT_D, 8, cfg.model.z_dim)
+    with torch.no_grad():
+        fake = state.g(z)
+    x = real.clone().requires_grad_(True)
+    logits = d_ref(torch.cat([x, fake]))
+    (grad,) = torch.autograd.grad(logits[:8].sum(), x, create_graph=True)
+    loss = F.softplus(-logits[:8]).mean() + F.softplus(logits[8:]).mean() + 0.5 * 5.0 * grad.pow(2).flatten(1).sum(1).mean()
+    opt_ref.zero_grad()
+    loss.backward()
+    opt_ref.step()
+    m = gan_step(state, [Batch(real)], GlobalNoise(0), cfg.gan, 0)
+    assert m.r1 > 0
+    _assert_same(_params(state.d), _params(d_ref), atol=1e-6)
+
+
+def test_lazy_r1_applies_k_times_the_penalty_every_k_updates():
+    """k=2: update 0 equals eager R1 with gamma doubled; update 1 equals no R1 at all."""
+    lazy = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", gan__r1_weight=2.0, gan__r1_interval=2)
+    doubled = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", gan__r1_weight=4.0)
+    none = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", gan__r1_weight=0.0)
+    a, b = _state(lazy), _state(doubled)
+    ma = gan_step(a, [Batch(_images(seed=1))], GlobalNoise(0), lazy.gan, 0)
+    gan_step(b, [Batch(_images(seed=1))], GlobalNoise(0), doubled.gan, 0)
+    _assert_same(_params(a.d), _params(b.d))
+    assert ma.r1 > 0
+    c = copy.deepcopy(a)
+    mc = gan_step(a, [Batch(_images(seed=2))], GlobalNoise(0), lazy.gan, 1)
+    gan_step(c, [Batch(_images(seed=2))], GlobalNoise(0), none.gan, 1)
+    _assert_same(_params(a.d), _params(c.d))
+    assert mc.r1 == 0.0  # skipped this update
+
+
+@pytest.mark.parametrize("overrides", [
+    {"gan__loss": "wgan-gp", "gan__n_critic": 2},  # gradient penalty per micro-batch
+    {"gan__r1_weight": 1.0, "gan__augment": "diffaugment"},  # R1 through augmented reals
+    {"gan__augment": "ada", "gan__ada_p_init": 0.7},
+])
+def test_accumulated_micro_batches_equal_the_whole_batch(overrides):
+    """accumulate=4 (micro-batches of 4) == one batch of 16 for BatchNorm-free networks: noise and
+    augmentation are drawn per global batch and sliced."""
+    whole = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", **overrides)
+    cfg = whole
+    a, b = _state(cfg), _state(cfg)
+    aug_a = Augmenter(cfg.gan.augment, tuple(cfg.gan.diffaugment_policy))
+    aug_b = copy.deepcopy(aug_a)
+    if aug_a.ada is not None:
+        aug_a.ada.p = aug_b.ada.p = 0.7
+    for step in range(2):
+        batches = [Batch(_images(16, seed=10 * step + k)) for k in range(cfg.gan.n_critic)]
+        ma = gan_step(a, batches, GlobalNoise(0), cfg.gan, step, augment=aug_a)
+        mb = gan_step(b, batches, GlobalNoise(0), cfg.gan, step, accumulate=4, augment=aug_b)
+        assert ma.d_loss == pytest.approx(mb.d_loss, abs=1e-5) and ma.g_loss == pytest.approx(mb.g_loss, abs=1e-5)
+    for net in ("g", "d", "g_ema"):
+        _assert_same(_params(getattr(a, net)), _params(getattr(b, net)), atol=2e-5)
+
+
+def test_accumulation_must_split_the_batch_evenly():
+    cfg = tiny("dcgan-mnist")
+    with pytest.raises(ValueError, match="16 images cannot be split into 3 equal micro-batches"):
+        gan_step(_state(cfg), [Batch(_images(16))], GlobalNoise(0), cfg.gan, 0, accumulate=3)
+
+
+def test_vae_accumulation_equals_the_whole_batch():
+    cfg = tiny("vae-mnist")
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model, SPEC)
+    a, b = make_vae_state(vae, cfg.vae), make_vae_state(copy.deepcopy(vae), cfg.vae)
+    for step in range(2):
+        batch = Batch(_images(16, seed=step))
+        ma = vae_step(a, batch, GlobalNoise(0), cfg.vae, step)
+        mb = vae_step(b, batch, GlobalNoise(0), cfg.vae, step, accumulate=2)
+        assert ma.loss == pytest.approx(mb.loss, rel=1e-6)
+    _assert_same(_params(a.vae), _params(b.vae), atol=1e-6)
