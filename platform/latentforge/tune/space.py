@@ -19,6 +19,7 @@ from latentforge.metrics.names import (
 from latentforge.tune.instability import InstabilityThresholds
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
+FAMILY_SEP = "::"  # Tune parameter names of family sub-spaces: '<arch>::<dotted key>'
 
 
 class SchedulerConfig(StrictConfig):
@@ -40,7 +41,8 @@ class SweepConfig(StrictConfig):
     name: str  # sweep name (folder name prefix)
     base: str  # preset name or YAML path every trial starts from
     overrides: dict[str, Any] = {}  # fixed overrides of the base (dotted keys)
-    space: dict[str, Any]  # dotted key -> constant or {choice|uniform|loguniform|randint|grid: [...]}
+    space: dict[str, Any] = {}  # dotted key -> constant or {choice|uniform|loguniform|randint|grid: [...]}
+    families: dict[str, dict[str, Any]] = {}  # model.arch -> its own sub-space (same syntax); a trial picks one family
     trials: int = Field(8, ge=1, le=10000)  # sampled configurations (grid: repeats of the grid)
     workers_per_trial: int = Field(1, ge=1)  # Ray Train workers per trial
     max_concurrent: int = Field(2, ge=1)  # trials running at once
@@ -74,18 +76,50 @@ class SweepConfig(StrictConfig):
     @field_validator("space")
     @classmethod
     def _check_space(cls, space: dict) -> dict:
-        for key, spec in space.items():
-            if isinstance(spec, dict):
-                if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                    raise ValueError(f"space.{key}: give one of {', '.join(DISTRIBUTIONS)} (got {list(spec)})")
-                kind, args = next(iter(spec.items()))
-                if not isinstance(args, list) or not args:
-                    raise ValueError(f"space.{key}.{kind}: needs a non-empty list")
-                if kind in ("uniform", "loguniform", "randint") and len(args) != 2:
-                    raise ValueError(f"space.{key}.{kind}: needs [low, high]")
-                if kind == "loguniform" and not 0 < float(args[0]) < float(args[1]):
-                    raise ValueError(f"space.{key}.loguniform: needs 0 < low < high (got {args})")
+        _check_subspace("space", space)
         return space
+
+    @model_validator(mode="after")
+    def _check_families(self):
+        if not self.families:
+            if not self.space:
+                raise ValueError("give a search space: space (dotted keys) and/or families (model.arch -> sub-space)")
+            return self
+        if "model.arch" in self.space:
+            raise ValueError("with families, the family names choose model.arch: remove model.arch from space")
+        for arch, subspace in self.families.items():
+            if not isinstance(subspace, dict):
+                raise ValueError(f"families.{arch}: give a mapping of dotted keys to values or distributions")
+            _check_subspace(f"families.{arch}", subspace)
+        return self
+
+
+def _check_subspace(where: str, space: dict) -> None:
+    for key, spec in space.items():
+        if FAMILY_SEP in key:
+            raise ValueError(f"{where}.{key}: '{FAMILY_SEP}' is reserved in keys")
+        if isinstance(spec, dict):
+            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise ValueError(f"{where}.{key}: give one of {', '.join(DISTRIBUTIONS)} (got {list(spec)})")
+            kind, args = next(iter(spec.items()))
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"{where}.{key}.{kind}: needs a non-empty list")
+            if kind in ("uniform", "loguniform", "randint") and len(args) != 2:
+                raise ValueError(f"{where}.{key}.{kind}: needs [low, high]")
+            if kind == "loguniform" and not 0 < float(args[0]) < float(args[1]):
+                raise ValueError(f"{where}.{key}.loguniform: needs 0 < low < high (got {args})")
+
+
+def trial_params(sweep: "SweepConfig", params: dict) -> dict:
+    """The overrides a trial's sampled parameters stand for: the shared ones, plus, with families,
+    `model.arch` and the chosen family's own (the other families' samples are ignored)."""
+    if not sweep.families:
+        return dict(params)
+    arch = params["model.arch"]
+    out = {k: v for k, v in params.items() if FAMILY_SEP not in k}
+    prefix = f"{arch}{FAMILY_SEP}"
+    out.update({k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)})
+    return out
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -123,6 +157,13 @@ def check_space(sweep: SweepConfig) -> None:
     for key, spec in sweep.space.items():
         for value in _corners(spec):
             parse_experiment(apply_overrides(base, {key: value}), f"{source} with {key}={value!r} from the sweep space")
+    for arch, subspace in sweep.families.items():
+        family_base = apply_overrides(base, {"model.arch": arch})
+        parse_experiment(family_base, f"{source} with model.arch={arch!r} from the sweep families")
+        for key, spec in subspace.items():
+            for value in _corners(spec):
+                parse_experiment(apply_overrides(family_base, {key: value}),
+                                 f"{source} with model.arch={arch!r}, {key}={value!r} from the sweep families")
 
 
 def check_metric_for_data(sweep: SweepConfig, data_dir) -> None:
@@ -137,7 +178,7 @@ def check_metric_for_data(sweep: SweepConfig, data_dir) -> None:
 def experiment_for(sweep: SweepConfig, params: dict) -> Any:
     """The experiment config of one trial: base + fixed overrides + sampled parameters."""
     base, source = load_experiment_dict(sweep.base)
-    data = apply_overrides(apply_overrides(base, sweep.overrides), params)
+    data = apply_overrides(apply_overrides(base, sweep.overrides), trial_params(sweep, params))
     data = apply_overrides(data, {"train.steps": sweep.steps, "train.eval_every": sweep.eval_every,
                                   "train.eval_samples": sweep.eval_samples, "train.checkpoint_every": sweep.eval_every,
                                   "train.log_every": sweep.report_every, "train.tracking": "none",
@@ -162,17 +203,33 @@ def distinct_points(sweep: SweepConfig) -> list[dict] | None:
 
     if sweep.search.algorithm != "random":
         return None
-    keys, values = [], []
-    for key, spec in sweep.space.items():
-        if isinstance(spec, dict):
-            kind, args = next(iter(spec.items()))
-            if kind != "choice":
-                return None
-            keys.append(key)
-            values.append(list(args))
-    if not keys:
+
+    def choices(space: dict, prefix: str = "") -> tuple[list[str], list[list]] | None:
+        """Keys and their values (a constant is a single value); None when a dimension is not finite."""
+        keys, values = [], []
+        for key, spec in space.items():
+            if isinstance(spec, dict):
+                kind, args = next(iter(spec.items()))
+                if kind != "choice":
+                    return None
+            keys.append(prefix + key)
+            values.append(list(args) if isinstance(spec, dict) else [spec])
+        return keys, values
+
+    shared = choices(sweep.space)
+    if shared is None:
         return None
-    product = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    if sweep.families:  # the union over families of each one's product; other families' keys get their first value
+        subs = {arch: choices(space, f"{arch}{FAMILY_SEP}") for arch, space in sweep.families.items()}
+        if any(s is None for s in subs.values()):
+            return None
+        filler = {k: v[0] for keys, vals in subs.values() for k, v in zip(keys, vals)}
+        product = [{**filler, **dict(zip(shared[0] + keys, combo)), "model.arch": arch}
+                   for arch, (keys, vals) in subs.items() for combo in itertools.product(*shared[1], *vals)]
+    else:
+        if not any(isinstance(spec, dict) for spec in sweep.space.values()):
+            return None
+        product = [dict(zip(shared[0], combo)) for combo in itertools.product(*shared[1])]
     rng = random.Random(sweep.search.seed)
     points: list[dict] = []
     while len(points) < sweep.trials:
@@ -186,7 +243,11 @@ def tune_param_space(sweep: SweepConfig) -> dict:
     from ray import tune
 
     out = {}
-    for key, spec in sweep.space.items():
+    entries = list(sweep.space.items())
+    if sweep.families:
+        out["model.arch"] = tune.choice(list(sweep.families))
+        entries += [(f"{arch}{FAMILY_SEP}{key}", spec) for arch, space in sweep.families.items() for key, spec in space.items()]
+    for key, spec in entries:
         if not isinstance(spec, dict):
             out[key] = spec
             continue

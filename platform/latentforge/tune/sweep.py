@@ -27,6 +27,7 @@ from latentforge.tune.space import (
     check_metric_for_data,
     distinct_points,
     experiment_for,
+    trial_params,
     tune_param_space,
 )
 
@@ -374,7 +375,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
             history = [(float(s), float(m)) for s, m in zip(df["step"], df[sw.metric]) if _finite(m)]
         steps_used = int(df["step"].max()) if df is not None and "step" in df and len(df) else 0
         best_metric = better((m for _, m in history), default=float("nan"))
-        config = {k: v for k, v in (result.config or {}).items()}
+        config = trial_params(sw, result.config or {})  # with families: the chosen family's parameters only
         if trial_id in reasons:
             status = f"stopped: {reasons[trial_id]['reason']}"
         elif result.error is not None:

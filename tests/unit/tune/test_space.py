@@ -66,7 +66,7 @@ def test_a_finite_space_is_sampled_without_replacement(tmp_path):
     points = distinct_points(sw)
     keys = [tuple(sorted(p.items())) for p in points]
     assert len(points) == 8 and len(set(keys)) == 8  # no configuration twice
-    assert all(set(p) == {"gan.lr_g", "gan.lr_d", "gan.beta1"} for p in points)
+    assert all(set(p) == {"gan.lr_g", "gan.lr_d", "gan.beta1", "gan.n_critic"} for p in points)  # constants ride along
     assert points == distinct_points(sw)  # the seed fixes the trials
     other = distinct_points(sw.model_copy(update={"search": sw.search.model_copy(update={"seed": 1})}))
     assert other != points
@@ -125,3 +125,62 @@ def test_each_trial_is_judged_by_its_own_loss(tmp_path):
 def test_conditional_only_metric_on_an_unconditional_base_fails_at_load(tmp_path):
     with pytest.raises(ConfigError, match="class_accuracy.*class-conditional models only"):
         load_sweep(_write(tmp_path, GOOD + "metric: class_accuracy\nmode: max\n"))
+
+
+FAMILIES_SWEEP = """
+name: fam
+base: dcgan-mnist
+space:
+  gan.loss: {choice: [ns, hinge]}
+families:
+  dcgan:
+    model.g_width: {choice: [16, 32]}
+  resnet:
+    model.g_width: 16
+    model.g_options.attention_res: {choice: [0, 14]}
+    gan.beta1: 0.0
+trials: 6
+"""
+
+
+def test_a_sweep_over_families_gives_each_trial_its_familys_own_parameters(tmp_path):
+    from latentforge.tune.space import trial_params
+
+    f = tmp_path / "fam.yaml"
+    f.write_text(FAMILIES_SWEEP)
+    sw = load_sweep(f)
+    points = distinct_points(sw)
+    # the union of each family's product with the shared loss: dcgan 2 x 2, resnet 2 x 2
+    effective = {tuple(sorted(trial_params(sw, p).items())) for p in points}
+    assert len(points) == 6 and len(effective) == 6
+    for p in points:
+        cfg = experiment_for(sw, p)
+        assert cfg.model.arch == p["model.arch"] and cfg.gan.loss == p["gan.loss"]
+        if cfg.model.arch == "resnet":
+            assert cfg.gan.beta1 == 0.0 and cfg.model.g_options["attention_res"] == p["resnet::model.g_options.attention_res"]
+            assert set(trial_params(sw, p)) == {"model.arch", "gan.loss", "model.g_width", "model.g_options.attention_res",
+                                                "gan.beta1"}
+        else:
+            assert cfg.gan.beta1 == 0.5 and cfg.model.g_options == {}  # resnet's settings do not leak into dcgan trials
+            assert cfg.model.g_width == p["dcgan::model.g_width"]
+
+
+def test_a_family_sub_space_is_checked_at_load(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(FAMILIES_SWEEP.replace("model.g_options.attention_res: {choice: [0, 14]}",
+                                        "model.g_options.attention_rez: {choice: [0, 14]}"))
+    with pytest.raises(ConfigError, match="model.arch='resnet'.*attention_rez"):
+        load_sweep(f)
+    f.write_text(FAMILIES_SWEEP.replace("  resnet:", "  stylegan9:"))
+    with pytest.raises(ConfigError, match="unknown model.arch 'stylegan9'"):
+        load_sweep(f)
+    f.write_text(FAMILIES_SWEEP.replace("  gan.loss: {choice: [ns, hinge]}", "  model.arch: {choice: [dcgan]}"))
+    with pytest.raises(ConfigError, match="remove model.arch from space"):
+        load_sweep(f)
+
+
+def test_the_shipped_architecture_sweep_loads():
+    from pathlib import Path
+
+    sw = load_sweep(Path(__file__).parents[3] / "jobs" / "sweeps" / "arch-mnist.yaml")
+    assert set(sw.families) == {"dcgan", "resnet"} and len(distinct_points(sw)) == sw.trials
