@@ -22,12 +22,14 @@ def tiny(preset: str, **overrides):
 
 
 def serve_registry(root, mnist_dir) -> str:
-    """A registry under `root` with a 3-step conditional GAN ('gan') and VAE ('vae')."""
+    """A registry under `root` with 3-step models: a conditional DCGAN ('gan'), a VAE ('vae') and a
+    ResNet GAN with self-attention and DiffAugment ('resnet')."""
     from latentforge.registry import promote
     from latentforge.train.local import train_local
 
-    for name, preset in (("gan", "cdcgan-mnist"), ("vae", "vae-mnist")):
-        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3), mnist_dir, root / f"run-{name}",
+    for name, preset, extra in (("gan", "cdcgan-mnist", {}), ("vae", "vae-mnist", {}),
+                                ("resnet", "resnet-diffaug-mnist", {"model__g_options": {"attention_res": 14}})):
+        train_local(tiny(preset, train__steps=3, train__checkpoint_every=3, **extra), mnist_dir, root / f"run-{name}",
                     log=lambda *_: None)
         promote(root / f"run-{name}", str(root / "registry"), name)
     return str(root / "registry")

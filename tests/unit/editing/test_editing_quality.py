@@ -44,3 +44,4 @@ def test_betavae_size_direction_changes_size_more_than_position(shapes_dir, tmp_
     assert size > 0.05, r
     assert size > 2 * max(others["x"], others["y"]), (size, others)
     assert r["dir_attr:size_moves_intended_way_rate"] > 0.7
+

@@ -130,3 +130,14 @@ def test_nan_never_reaches_a_model():
         InterpolateRequest.model_validate({"a": {"latent": [float("inf")] * 4}, "b": {"seed": 1}})
     with pytest.raises(ValidationError, match="exactly one of seed, image, latent"):
         InterpolateRequest.model_validate({"a": {"seed": 1, "latent": [0.0]}, "b": {"seed": 1}})
+
+
+def test_a_resnet_model_generates_and_edits_through_the_interface(registry):
+    rn = ModelRuntime("resnet", local_checkpoint(registry, "resnet"))
+    a = rn.generate_many([GenerateRequest(n=2, seed=5)])[0]
+    assert a == rn.generate_many([GenerateRequest(n=2, seed=5)])[0] and decode(a["images"][0]).shape == (28, 28)
+    assert {"sefa:0", "pca:0"} <= set(rn.directions)  # from first_layer_weight / first_layer, not model attributes
+    e = rn.edit(EditRequest(source={"seed": 3}, direction="sefa:1", alpha=2.0))
+    z0 = torch.tensor(rn.generate_many([GenerateRequest(n=1, seed=3)])[0]["latents"][0])
+    assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(2.0, rel=1e-4)
+    assert e["images"][0] != e["original"]
