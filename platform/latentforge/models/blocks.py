@@ -52,6 +52,17 @@ def maybe_sn(module: nn.Module, use: bool) -> nn.Module:
     return spectral_norm(module) if use else module
 
 
+def projection_logit(head: nn.Module, embed: nn.Module | None, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """A discriminator's logit from pooled features h (B, F): w·h, plus <embed(y), h> for a
+    projection discriminator (Miyato & Koyama, 2018)."""
+    logit = head(h).squeeze(1)
+    if embed is not None:
+        if labels is None:
+            raise ValueError("this discriminator is class-conditional: pass labels")
+        logit = logit + (embed(labels) * h).sum(dim=1)
+    return logit
+
+
 class UpStack(nn.Module):
     """Latent vector → feature map at full resolution: a linear projection to (C0, base, base),
     then 2x transposed-conv stages, then a 3x3 conv to the output channels (no activation).
@@ -77,10 +88,12 @@ class UpStack(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(width, out_channels, 3, 1, 1)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, C, H, W)
-        h = self.project(v).view(-1, self.c0, self.base, self.base)
-        h = torch.relu(self.project_norm(h))
+    def from_projection(self, p: torch.Tensor) -> torch.Tensor:  # (B, C0*base*base) → (B, C, H, W)
+        h = torch.relu(self.project_norm(p.view(-1, self.c0, self.base, self.base)))
         return self.to_image(self.stages(h))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, C, H, W)
+        return self.from_projection(self.project(v))
 
 
 class DownStack(nn.Module):

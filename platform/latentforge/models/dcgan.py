@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentforge.models.blocks import D_NORMS, G_NORMS, DownStack, UpStack, maybe_sn
+from latentforge.models.blocks import D_NORMS, G_NORMS, DownStack, UpStack, maybe_sn, projection_logit
 
 
 class DCGANGenerator(nn.Module):
@@ -87,10 +87,4 @@ class DCGANDiscriminator(nn.Module):
         self.embed = maybe_sn(nn.Embedding(num_classes, self.features.out_features), sn) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x)  # (B, F)
-        logit = self.head(h).squeeze(1)
-        if self.embed is not None:
-            if labels is None:
-                raise ValueError("this discriminator is class-conditional: pass labels")
-            logit = logit + (self.embed(labels) * h).sum(dim=1)
-        return logit
+        return projection_logit(self.head, self.embed, self.features(x), labels)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.blocks import level_channels, maybe_sn, resolution_plan
-from latentforge.models.vae import LIKELIHOODS
+from latentforge.models.blocks import level_channels, maybe_sn, projection_logit, resolution_plan
+from latentforge.models.vae import LIKELIHOODS, LatentVAE
 
 RESNET_G_NORMS = ("batch", "layer", "none")
 RESNET_D_NORMS = ("spectral", "none")
@@ -240,15 +240,10 @@ class ResNetDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling (B, C)
-        logit = self.head(h).squeeze(1)
-        if self.embed is not None:
-            if labels is None:
-                raise ValueError("this discriminator is class-conditional: pass labels")
-            logit = logit + (self.embed(labels) * h).sum(dim=1)
-        return logit
+        return projection_logit(self.head, self.embed, h, labels)
 
 
-class ResNetVAE(nn.Module):
+class ResNetVAE(LatentVAE):
     """A VAE with a residual encoder (D blocks without spectral norm) and decoder (G blocks with
     batch-independent GroupNorm), for 32-128 px.
 
@@ -293,38 +288,15 @@ class ResNetVAE(nn.Module):
         self.to_image = nn.Conv2d(width, channels, 3, 1, 1)
         self.decoder_log_sigma = nn.Parameter(torch.full((channels,), -2.3)) if learn_sigma else None
 
-    def _cond(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.embed is None:
-            return v
-        if labels is None:
-            raise ValueError("this VAE is class-conditional: pass labels")
-        return torch.cat([v, self.embed(labels)], dim=1)
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).flatten(1)
 
-    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.to_posterior(self._cond(self.encoder(x).flatten(1), labels)).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
+    @property
+    def latent_projection(self) -> nn.Linear:
+        return self.project
 
-    def first_layer(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None and labels is None:
-            labels = torch.arange(len(z), device=z.device) % self.num_classes
-        return self.project(self._cond(z, labels))
-
-    def first_layer_weight(self) -> torch.Tensor:
-        return self.project.weight[:, : self.z_dim]
-
-    def decode_raw(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.project(self._cond(z, labels)).view(-1, self.c0, self.base, self.base)
+    def from_projection(self, p: torch.Tensor) -> torch.Tensor:
+        h = p.view(-1, self.c0, self.base, self.base)
         for block in self.decoder_blocks:
             h = block(h, None)
-        out = self.to_image(F.relu(self.out_norm(h, None)))
-        return out if self.likelihood == "bernoulli" else torch.tanh(out)
-
-    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.decode_raw(z, labels)
-        return torch.sigmoid(out) * 2 - 1 if self.likelihood == "bernoulli" else out
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None):
-        mu, logvar = self.encode(x, labels)
-        eps = torch.randn_like(mu) if noise is None else noise
-        z = mu + eps * torch.exp(0.5 * logvar)
-        return self.decode_raw(z, labels), mu, logvar
+        return self.to_image(F.relu(self.out_norm(h, None)))

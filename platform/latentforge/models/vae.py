@@ -10,7 +10,65 @@ from latentforge.models.blocks import DownStack, UpStack
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-class ConvVAE(nn.Module):
+class LatentVAE(nn.Module):
+    """What every VAE family shares: label conditioning, the posterior head, the first layer of
+    the decoder (for SeFa / PCA), decoding by likelihood and the reparameterised forward.
+
+    A family sets `z_dim`, `num_classes`, `likelihood`, `embed` (or None) and `to_posterior`, and
+    implements `encoder_features(x)` → (B, F), `latent_projection` (the decoder's first linear
+    layer, from [z, label embedding]) and `from_projection(p)` → the decoder's pre-activation image.
+    """
+
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def latent_projection(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def from_projection(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cond(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return v
+        if labels is None:
+            raise ValueError("this VAE is class-conditional: pass labels")
+        return torch.cat([v, self.embed(labels)], dim=1)
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [-1, 1] → (mu, logvar), each (B, z_dim)."""
+        mu, logvar = self.to_posterior(self._cond(self.encoder_features(x), labels)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def first_layer(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's linear projection of z (conditional models cycle the labels)."""
+        if self.embed is not None and labels is None:
+            labels = torch.arange(len(z), device=z.device) % self.num_classes
+        return self.latent_projection(self._cond(z, labels))
+
+    def first_layer_weight(self) -> torch.Tensor:
+        return self.latent_projection.weight[:, : self.z_dim]
+
+    def decode_raw(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, z_dim) → decoder output (B, C, H, W): logits (bernoulli) or mean in [-1, 1] (gaussian)."""
+        out = self.from_projection(self.latent_projection(self._cond(z, labels)))
+        return out if self.likelihood == "bernoulli" else torch.tanh(out)
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """z → the decoder's mean image in [-1, 1]."""
+        out = self.decode_raw(z, labels)
+        return torch.sigmoid(out) * 2 - 1 if self.likelihood == "bernoulli" else out
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """Returns (decoder output, mu, logvar); `noise` (B, z_dim) fixes the reparameterisation."""
+        mu, logvar = self.encode(x, labels)
+        eps = torch.randn_like(mu) if noise is None else noise
+        z = mu + eps * torch.exp(0.5 * logvar)
+        return self.decode_raw(z, labels), mu, logvar
+
+
+class ConvVAE(LatentVAE):
     """Encoder q(z|x[,y]) = N(mu, diag(exp(logvar))), decoder p(x|z[,y]).
 
     Args:
@@ -38,40 +96,12 @@ class ConvVAE(nn.Module):
         self.to_posterior = nn.Linear(self.encoder.out_features + cond, 2 * z_dim)
         self.decoder = UpStack(in_dim=z_dim + cond, out_channels=channels, resolution=resolution, width=width, norm="none")
 
-    def _cond(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.embed is None:
-            return v
-        if labels is None:
-            raise ValueError("this VAE is class-conditional: pass labels")
-        return torch.cat([v, self.embed(labels)], dim=1)
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
 
-    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) in [-1, 1] → (mu, logvar), each (B, z_dim)."""
-        mu, logvar = self.to_posterior(self._cond(self.encoder(x), labels)).chunk(2, dim=1)
-        return mu, logvar.clamp(-30.0, 20.0)
+    @property
+    def latent_projection(self) -> nn.Linear:
+        return self.decoder.project
 
-    def first_layer(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's linear projection of z (conditional models cycle the labels)."""
-        if self.embed is not None and labels is None:
-            labels = torch.arange(len(z), device=z.device) % self.num_classes
-        return self.decoder.project(self._cond(z, labels))
-
-    def first_layer_weight(self) -> torch.Tensor:
-        return self.decoder.project.weight[:, : self.z_dim]
-
-    def decode_raw(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z (B, z_dim) → decoder output (B, C, H, W): logits (bernoulli) or mean in [-1, 1] (gaussian)."""
-        out = self.decoder(self._cond(z, labels))
-        return out if self.likelihood == "bernoulli" else torch.tanh(out)
-
-    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z → the decoder's mean image in [-1, 1]."""
-        out = self.decode_raw(z, labels)
-        return torch.sigmoid(out) * 2 - 1 if self.likelihood == "bernoulli" else out
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None):
-        """Returns (decoder output, mu, logvar); `noise` (B, z_dim) fixes the reparameterisation."""
-        mu, logvar = self.encode(x, labels)
-        eps = torch.randn_like(mu) if noise is None else noise
-        z = mu + eps * torch.exp(0.5 * logvar)
-        return self.decode_raw(z, labels), mu, logvar
+    def from_projection(self, p: torch.Tensor) -> torch.Tensor:
+        return self.decoder.from_projection(p)
