@@ -6,8 +6,11 @@ family-specific options for each role."""
 
 from __future__ import annotations
 
+import json
+
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
+from latentforge.models import interface
 from latentforge.models.architectures import ModelFamily, get_family
 
 
@@ -45,9 +48,21 @@ def check_compatible(model_cfg, spec: DataSpec, algorithm: str) -> ModelFamily:
 def _construct(family: ModelFamily, role: str, **kwargs):
     cls = family.classes[role]
     try:
-        return cls(**kwargs)
+        module = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build the {role} of model.arch {family.name!r}: {e}") from e
+    except Exception as e:  # a plug-in's constructor may raise anything: say whose it was
+        raise ConfigError(f"the {role} of model.arch {family.name!r} failed to build: {type(e).__name__}: {e}") from e
+    missing = interface.missing_members(module, role)
+    if missing:
+        raise ConfigError(f"the {role} of model.arch {family.name!r} lacks {', '.join(missing)} "
+                          "(the model interface: docs/models.md)")
+    try:
+        json.dumps(module.init_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"the {role} of model.arch {family.name!r} has init_args that are not JSON ({e}); "
+                          "a checkpoint records them to rebuild the module") from e
+    return module
 
 
 def build_gan(model_cfg, spec: DataSpec):

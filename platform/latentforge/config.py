@@ -41,10 +41,12 @@ def _check_arch(cfg, algorithm: str, option_fields: dict[str, str]):
                 raise ValueError(f"{fld}: the {cfg.arch!r} family takes no {role} options (got {sorted(given)})")
             continue
         try:
-            schema.model_validate(given)
+            valid = schema.model_validate(given)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ValueError(f"{fld} for the {cfg.arch!r} family: {problems}") from None
+        # keep the validated values ('false' → False, 2.0 → 2), only the keys given
+        object.__setattr__(cfg, fld, valid.model_dump(exclude_unset=True))
     return cfg
 
 
@@ -283,13 +285,25 @@ def load_experiment_dict(preset_or_path: str) -> tuple[dict, str]:
 
 
 def load_experiment(preset_or_path: str, overrides: dict[str, Any] | None = None) -> GANExperiment | VAEExperiment:
-    """Load, override and validate a preset or YAML file.
+    """Load, override and validate a preset or YAML file: the user's own config, so a plug-in
+    architecture it names is allowed in this process (`allow_own_plugin`).
 
     Raises:
         ConfigError: unknown preset, unreadable YAML, or invalid fields (all listed).
     """
     data, source = load_experiment_dict(preset_or_path)
-    return parse_experiment(apply_overrides(data, overrides or {}), source)
+    return allow_own_plugin(parse_experiment(apply_overrides(data, overrides or {}), source))
+
+
+def allow_own_plugin(cfg):
+    """Allow the plug-in module a config the user gave names (naming it is the allowance). Configs
+    read back from storage (a run's run.json, a checkpoint's config.json) do not come through
+    here: their plug-ins need --allow-plugin or LATENTFORGE_PLUGINS."""
+    from latentforge.models.plugins import allow_plugins, is_plugin_ref, split_ref
+
+    if is_plugin_ref(cfg.model.arch):
+        allow_plugins([split_ref(cfg.model.arch)[0]])
+    return cfg
 
 
 def experiment_to_dict(cfg: GANExperiment | VAEExperiment) -> dict:

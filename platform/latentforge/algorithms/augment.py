@@ -58,7 +58,7 @@ def _translate(x: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Ten
 
 def diff_augment(x: torch.Tensor, u: torch.Tensor, policy: tuple[str, ...] = DIFFAUGMENT_OPS) -> torch.Tensor:
     """DiffAugment of images in [-1, 1] (B, C, H, W) with per-image uniforms `u` (B, 8)."""
-    u = u.to(x.device, x.dtype)
+    u = u.to(x.device, torch.float32)
     b, c, h, w = x.shape
     if "color" in policy:
         x = x + _per_image(u[:, 0] - 0.5)  # brightness
@@ -244,11 +244,14 @@ class Augmenter:
         return self.ada.p if self.ada is not None else (1.0 if self.kind == "diffaugment" else 0.0)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.kind == "diffaugment":
-            return diff_augment(x, u, self.policy)
-        if self.kind == "ada":
-            return ada_augment(x, u, self.ada.p)
-        return x
+        """Augment in fp32 outside autocast (bf16 would round the uniforms and the warp grid, so
+        the G pass would see other transforms than the D pass), then return x's dtype."""
+        if self.kind == "none":
+            return x
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf, uf = x.float(), u.float()
+            out = diff_augment(xf, uf, self.policy) if self.kind == "diffaugment" else ada_augment(xf, uf, self.ada.p)
+        return out.to(x.dtype)
 
 
 NO_AUGMENT = Augmenter("none")

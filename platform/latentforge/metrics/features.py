@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from latentforge.data.dataset import PreparedDataset
 
 from latentforge.images import to_model_range
-from latentforge.errors import DataError
+from latentforge.errors import DataError, LatentForgeError
 from latentforge.metrics.distribution import gaussian_stats
 from latentforge.models.blocks import UpStack
 from latentforge.models.classifier import FeatureClassifier
@@ -212,9 +212,12 @@ def load_feature_net(dataset_dir: str | Path, device: str = "cpu") -> FeatureNet
     config = read_json(folder / "config.json")
     if config.get("dataset_content_hash") != ds.content_hash:
         raise DataError(f"the feature network in {folder} was trained on other data; run: latentforge data features {dataset_dir}")
-    spec = config["module"]
-    model = build_module(spec)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    try:
+        model = build_module(config["module"])
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except (KeyError, TypeError, ValueError, RuntimeError, LatentForgeError) as e:
+        raise DataError(f"the feature network in {folder} cannot be loaded ({e}); run: latentforge data features "
+                        f"{dataset_dir}") from e
     model = model.to(device).eval().requires_grad_(False)
     raw = load_file(str(folder / "real_stats.safetensors"))
     real = {}

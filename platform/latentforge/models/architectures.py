@@ -68,6 +68,9 @@ def register_model(name: str, *, algorithm: str, classes: dict[str, type[nn.Modu
         missing = interface.missing_members(cls, role)
         if missing:
             raise ValueError(f"{cls.__name__} lacks the {role} interface: {', '.join(missing)}")
+        if MODEL_CLASSES.get(cls.__name__, cls) is not cls:
+            raise ValueError(f"another class is already registered as {cls.__name__!r}; checkpoints name classes by "
+                             "name, so rename the class")
         MODEL_CLASSES[cls.__name__] = cls
     fam = ModelFamily(name, algorithm, dict(classes), dict(options or {}), resolutions, description)
     FAMILIES[name] = fam
@@ -107,11 +110,12 @@ def family_names(algorithm: str | None = None) -> list[str]:
     return [n for n, f in FAMILIES.items() if algorithm in (None, f.algorithm)]
 
 
-def get_family(arch: str, algorithm: str, *, trusted: bool = True) -> ModelFamily:
+def get_family(arch: str, algorithm: str, *, trusted: bool = False) -> ModelFamily:
     """The family a config's `model.arch` names: a registered name or a plug-in reference.
 
     Args:
-        trusted: the name comes from the user's own config (a plug-in is then allowed by naming it).
+        trusted: import a plug-in even if it is not allowed (only for names the user just typed;
+            configs the user loads allow their plug-in through `config.load_experiment`).
 
     Raises:
         ValueError: unknown name (listing the valid ones), or a plug-in of the wrong kind.
@@ -136,6 +140,7 @@ def get_family(arch: str, algorithm: str, *, trusted: bool = True) -> ModelFamil
     else:
         classes = {"vae": cls}
     for role, c in classes.items():
+        plugins.class_ref(c)  # top-level classes only: a checkpoint must be able to name them
         missing = interface.missing_members(c, role)
         if missing:
             raise ValueError(f"plug-in {c.__module__}:{c.__qualname__} lacks the {role} interface: {', '.join(missing)}")

@@ -59,6 +59,8 @@ class VAE(Protocol):
     num_classes: int
     likelihood: str  # 'bernoulli' | 'gaussian'
     init_args: dict
+    # optional: `decoder_log_sigma` (C,), a learned per-channel Gaussian decoder std used by the loss
+    # instead of the configured vae.decoder_sigma (algorithms.vae.decoder_sigma)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 

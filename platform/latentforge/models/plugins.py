@@ -82,7 +82,15 @@ def plugin_provenance(cls: type) -> dict:
 
 
 def class_ref(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+    """'module:Class' for a class defined at the top level of its module.
+
+    Raises:
+        PluginError: a nested or local class (a checkpoint could not name it).
+    """
+    ref = f"{cls.__module__}:{cls.__qualname__}"
+    if not _REF.match(ref):
+        raise PluginError(f"{ref} cannot be recorded in a checkpoint: define plug-in classes at the top level of a module")
+    return ref
 
 
 def load_plugin_class(ref: str, *, trusted: bool = False, provenance: dict | None = None) -> type[nn.Module]:
@@ -107,9 +115,12 @@ def load_plugin_class(ref: str, *, trusted: bool = False, provenance: dict | Non
     except ImportError as e:
         dist = (provenance or {}).get("distribution")
         version = (provenance or {}).get("version")
-        hint = (f"pip install {dist}=={version}" if dist and version else f"pip install {dist}" if dist
-                else f"install the package that provides {module} or put it on PYTHONPATH")
+        hint = (f"the checkpoint says it was made with {dist} {version or ''}".rstrip()
+                + f"; if you trust that package, install it (pip install {dist}{'==' + version if version else ''})"
+                if dist else f"install the package that provides {module}, or put it on PYTHONPATH")
         raise PluginError(f"cannot import plug-in module {module!r} ({e}); {hint}") from e
+    except Exception as e:  # the module itself is broken: its import raised
+        raise PluginError(f"importing plug-in module {module!r} failed: {type(e).__name__}: {e}") from e
     cls = getattr(mod, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise PluginError(f"{ref} is not a torch.nn.Module class")

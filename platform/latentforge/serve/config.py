@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+
+from pydantic import Field, field_validator
 
 from latentforge.config import StrictConfig
 
@@ -39,3 +41,11 @@ class ServeConfig(StrictConfig):
     api_key: str | None = None  # if set, /v1/* requires header `X-API-Key` (or `Authorization: Bearer`)
     model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
     allow_plugins: list[str] = []  # plug-in architecture modules replicas may import (models.plugins); none by default
+
+    @field_validator("allow_plugins")
+    @classmethod
+    def _module_names(cls, modules: list[str]) -> list[str]:
+        bad = [m for m in modules if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", m)]
+        if bad:
+            raise ValueError(f"not module names: {bad}; give dotted module paths such as my_package.models")
+        return modules

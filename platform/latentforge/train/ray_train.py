@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from latentforge.config import DATA_LOADERS, GANExperiment, VAEExperiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
+from latentforge.models.plugins import allow_plugins, allowed_modules
 from latentforge.ray_cluster import ray_init
 from latentforge.storage import is_uri, join_uri, write_bytes_uri
 from latentforge.train.batches import InMemoryBatches
@@ -51,6 +52,7 @@ class TrainLaunch:
     threads: int  # torch threads per worker
     train_rows: int  # images in the training split
     resume_from: str | None = None  # a checkpoint folder to start from when Ray holds none of this run
+    plugins: tuple[str, ...] = field(default_factory=lambda: tuple(allowed_modules()))  # the driver's allowed plug-in modules
 
     def __post_init__(self):
         if not isinstance(self.experiment, (GANExperiment, VAEExperiment)):
@@ -120,6 +122,7 @@ def worker_loop(config: dict) -> None:
     import ray.train.torch
 
     launch: TrainLaunch = config["launch"]
+    allow_plugins(launch.plugins)  # exactly what the driver allowed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(launch.threads)

@@ -9,6 +9,18 @@ from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
 
 
+def check_buildable(cfg, spec: DataSpec) -> None:
+    """Build the networks once on the 'meta' device (no memory, no compute), so that what only a
+    constructor can check (an attention side the resolution lacks, a plug-in's own arguments)
+    fails here as a ConfigError instead of in every Ray worker."""
+    import torch
+
+    from latentforge.builders import build_gan, build_vae
+
+    with torch.device("meta"):
+        build_gan(cfg.model, spec) if cfg.algorithm == "gan" else build_vae(cfg.model, spec)
+
+
 def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use_gpu: bool = False) -> None:
     """Raise ConfigError listing every way `cfg` cannot run as asked.
 
@@ -20,6 +32,7 @@ def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use
         use_gpu: whether the workers train on GPUs.
     """
     check_compatible(cfg.model, spec, cfg.algorithm)
+    check_buildable(cfg, spec)
     t = cfg.train
     problems = []
     if t.global_batch_size % workers:

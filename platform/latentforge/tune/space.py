@@ -9,7 +9,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from latentforge.errors import ConfigError
-from latentforge.config import DATA_LOADERS, StrictConfig, apply_overrides, load_experiment_dict, load_yaml_model, parse_experiment
+from latentforge.config import (
+    DATA_LOADERS,
+    StrictConfig,
+    allow_own_plugin,
+    apply_overrides,
+    load_experiment_dict,
+    load_yaml_model,
+    parse_experiment,
+)
 from latentforge.metrics.names import (
     CONDITIONAL_MODEL_METRICS,
     LABELLED_DATA_METRICS,
@@ -87,10 +95,16 @@ class SweepConfig(StrictConfig):
             return self
         if "model.arch" in self.space:
             raise ValueError("with families, the family names choose model.arch: remove model.arch from space")
+        if self.scheduler.kind == "pbt":
+            raise ValueError("scheduler pbt cannot search families: a trial that exploits another would change its "
+                             "architecture and load weights of another shape; use asha or fifo")
         for arch, subspace in self.families.items():
             if not isinstance(subspace, dict):
                 raise ValueError(f"families.{arch}: give a mapping of dotted keys to values or distributions")
             _check_subspace(f"families.{arch}", subspace)
+            grids = [k for k, spec in subspace.items() if isinstance(spec, dict) and "grid" in spec]
+            if grids:
+                raise ValueError(f"families.{arch}.{grids[0]}: grid would multiply every family's trials; use choice")
         return self
 
 
@@ -183,7 +197,7 @@ def experiment_for(sweep: SweepConfig, params: dict) -> Any:
                                   "train.eval_samples": sweep.eval_samples, "train.checkpoint_every": sweep.eval_every,
                                   "train.log_every": sweep.report_every, "train.tracking": "none",
                                   "train.sample_every": sweep.eval_every})
-    return parse_experiment(data, f"{source} (sweep trial)")
+    return allow_own_plugin(parse_experiment(data, f"{source} (sweep trial)"))  # the sweep file is the user's
 
 
 def distinct_points(sweep: SweepConfig) -> list[dict] | None:

@@ -148,3 +148,18 @@ def test_ada_probability_is_checkpointed_and_restored(mnist_dir, tmp_path):
     train_local(first, mnist_dir, tmp_path / "b", log=lambda *_: None)
     train_local(cfg, mnist_dir, tmp_path / "b", resume=True, log=lambda *_: None)
     assert load_training_state(tmp_path / "b" / "step_000008")["algorithm"]["ada"]["p"] == p8
+
+
+@pytest.mark.parametrize("kind", ["diffaugment", "ada"])
+def test_bf16_inputs_get_the_same_transforms_as_fp32(kind):
+    """The G pass augments bf16 fakes under autocast: the parameters and the warp stay fp32, so
+    the transforms are the ones the D pass applied to fp32 tensors."""
+    aug = Augmenter(kind, ada=AdaState(p=0.8) if kind == "ada" else None)
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    u = torch.rand(8, aug.n_params)
+    u[:, 5:7] = 0.9995  # bf16 would round these to 1.0 and move the cutout off its range
+    ref = aug(x, u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = aug(x.bfloat16(), u)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.02  # bf16 rounding of the result only

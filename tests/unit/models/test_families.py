@@ -143,6 +143,11 @@ def test_family_options_are_checked_when_the_config_loads():
         build_gan(cfg.model, _spec(1, 28, 0))
 
 
+def test_family_options_keep_their_validated_values():
+    cfg = load_experiment("resnet-mnist", {"model.g_options": {"spectral_norm": "false", "blocks_per_stage": 2.0}})
+    assert cfg.model.g_options == {"spectral_norm": False, "blocks_per_stage": 2}  # not the truthy string 'false'
+
+
 def test_a_family_outside_its_resolutions_says_which_it_supports():
     from latentforge.builders import build_gan
 

@@ -34,12 +34,16 @@ SPEC = DataSpec((1, 8, 8), 0, ())
 
 
 def _checkpoint(path, arch="lf_test_plugin:TinyGenerator"):
+    """Train-side: the user's config names the plug-in (which allows it), builds and saves; then the
+    allowance is dropped, as in a fresh process that only has the checkpoint."""
     cfg = load_experiment("dcgan-mnist", {"model.arch": arch, "model.z_dim": 4, "model.g_width": 8, "model.d_width": 8,
                                           "model.g_options": {"scale": 0.5}})
+    assert plugins.is_allowed("lf_test_plugin")  # naming it in one's own config allows it
     torch.manual_seed(0)
-    g, d = build_gan(cfg.model, SPEC)  # naming it in one's own config allows it
+    g, d = build_gan(cfg.model, SPEC)
     save_checkpoint(path, algorithm="gan", experiment=cfg.model_dump(mode="json"), data=SPEC,
                     modules={"generator": g, "discriminator": d, "generator_ema": g.__class__(**g.init_args)}, step=1)
+    plugins._allowed.clear()
     return g
 
 
@@ -80,6 +84,23 @@ def test_a_planted_checkpoint_naming_an_unlisted_module_is_refused_without_impor
     plant("os.system")  # not a plug-in reference at all
     with pytest.raises(CheckpointError, match="unknown model class 'os.system'"):
         load_checkpoint(plugin_dir / "ck")
+
+
+def test_a_config_read_back_from_storage_does_not_allow_its_plugin(plugin_dir):
+    """A run's run.json (what --resume reads) is parsed, not loaded as the user's config: building
+    from it needs the module allowed, and nothing is imported before that."""
+    from latentforge.config import parse_experiment
+
+    cfg = parse_experiment({"name": "x", "algorithm": "gan", "model": {"arch": "lf_planted:Gen"}})
+    with pytest.raises(CheckpointError, match="'lf_planted', which is not allowed"):
+        build_gan(cfg.model, SPEC)
+    assert not (plugin_dir / "IMPORTED").exists()
+
+
+def test_plugin_constructor_errors_are_config_errors(plugin_dir):
+    cfg = load_experiment("dcgan-mnist", {"model.arch": "lf_test_plugin:TinyGenerator", "model.g_options": {"nope": 1}})
+    with pytest.raises(ConfigError, match="cannot build the generator of model.arch 'lf_test_plugin:TinyGenerator'.*nope"):
+        build_gan(cfg.model, SPEC)
 
 
 def test_an_allowed_module_that_is_not_a_model_is_refused(plugin_dir):

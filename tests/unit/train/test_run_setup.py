@@ -104,3 +104,14 @@ def test_workers_0_refuses_a_ray_data_loader(mnist_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "r")])
     assert code == 2 and "--data-loader memory applies to Ray workers" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_what_only_a_constructor_can_check_fails_on_the_driver():
+    """resnet-ada-color puts attention on 16x16 maps, which a 28-px model does not have: the
+    driver says so before any worker starts (the networks are built on the 'meta' device)."""
+    from latentforge.config import load_experiment
+
+    cfg = load_experiment("resnet-ada-color", {"train.global_batch_size": 16})
+    with pytest.raises(ConfigError, match="attention_res 16 is not a feature-map side below the 28-px output"):
+        check_training_setup(cfg, MNIST, workers=1, train_rows=100)
+    check_training_setup(cfg, DataSpec((3, 32, 32), 0), workers=1, train_rows=100)

@@ -184,3 +184,13 @@ def test_the_shipped_architecture_sweep_loads():
 
     sw = load_sweep(Path(__file__).parents[3] / "jobs" / "sweeps" / "arch-mnist.yaml")
     assert set(sw.families) == {"dcgan", "resnet"} and len(distinct_points(sw)) == sw.trials
+
+
+def test_families_refuse_pbt_and_grids(tmp_path):
+    f = tmp_path / "pbt.yaml"
+    f.write_text(FAMILIES_SWEEP + "scheduler: {kind: pbt}\n")
+    with pytest.raises(ConfigError, match="pbt cannot search families"):
+        load_sweep(f)
+    f.write_text(FAMILIES_SWEEP.replace("model.g_width: {choice: [16, 32]}", "model.g_width: {grid: [16, 32]}"))
+    with pytest.raises(ConfigError, match="grid would multiply"):
+        load_sweep(f)
