@@ -111,6 +111,8 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("--samples", type=int, default=5000, help="images to generate (checkpoints)")
     ev.add_argument("--seed", type=int, default=0, help="latent seed")
     ev.add_argument("--reference", choices=["train", "val"], default="train", help="real split to compare with")
+    ev.add_argument("--no-ema", dest="ema", action="store_false",
+                    help="GANs: score the raw generator instead of its EMA copy (what EMA contributes, from one run)")
     ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
                     "backbone (paper-comparable FID) instead of the dataset's feature network")
     add_json_flag(ev)
@@ -121,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
     from latentforge.metrics.evaluate import evaluate
 
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
-                      inception=args.inception)
+                      inception=args.inception, ema=args.ema)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

@@ -134,11 +134,13 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
-             log=print) -> dict:
+             ema: bool = True, log=print) -> dict:
     """Score a checkpoint (or run folder) or a set of generated images against a dataset.
 
     The backbone is the dataset's own feature network, or Inception-v3 when `inception` names a
     weights file; one result never mixes the two.
+
+    `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy.
 
     Returns:
         One flat dict: every metric, plus backbone, samples, seed, reference, timing.
@@ -165,8 +167,14 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
             raise LatentForgeError(f"{ckpt.path} makes {ckpt.data.image_shape} images; {dataset_dir} has {ds.image_shape}")
         if ckpt.data.content_hash and ckpt.data.content_hash != ds.content_hash:
             log(f"note: {ckpt.path} was trained on other data ({ckpt.data.content_hash[:19]}...) than {dataset_dir}")
+        if not ema:
+            if ckpt.algorithm != "gan":
+                raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only GANs keep an EMA copy (drop --no-ema)")
+            ckpt.modules["generator_ema"] = ckpt.modules["generator"]  # sampling then uses the raw generator
         fake, _, requested = generate(ckpt, samples, seed, max_n=None)
         out.update({"checkpoint": str(ckpt.path), "step": ckpt.step, "algorithm": ckpt.algorithm})
+        if ckpt.algorithm == "gan":
+            out["generator"] = "ema" if ema else "raw"
         if not ckpt.inference_generator().num_classes:
             requested = None
     else:

@@ -52,6 +52,20 @@ def test_periodic_evaluation_reports_fid_with_training_metrics(mnist_dir, mnist_
     assert all(r["eval_samples"] == 200 and "class_accuracy" in r and "recon_psnr" in r for r in evals)
 
 
+def test_no_ema_scores_the_raw_generator(mnist_dir, mnist_features, tmp_path):
+    """Early in training the EMA copy lags the raw generator far behind (decay ramps up from 0):
+    the two score differently, and the result says which one was scored."""
+    cfg = tiny("dcgan-mnist", train__steps=30, train__checkpoint_every=30)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    ema = evaluate(tmp_path, mnist_dir, samples=300, net=mnist_features, log=quiet)
+    raw = evaluate(tmp_path, mnist_dir, samples=300, net=mnist_features, ema=False, log=quiet)
+    assert (ema["generator"], raw["generator"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
+    vae = tiny("vae-mnist", train__steps=2, train__checkpoint_every=2)
+    train_local(vae, mnist_dir, tmp_path / "vae", log=quiet)
+    with pytest.raises(LatentForgeError, match="only GANs keep an EMA copy"):
+        evaluate(tmp_path / "vae", mnist_dir, samples=100, net=mnist_features, ema=False, log=quiet)
+
+
 def test_inception_backbone_is_named_and_never_mixed(tmp_path):
     from torchvision.models import inception_v3
 
