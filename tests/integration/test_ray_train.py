@@ -67,8 +67,12 @@ def test_ddp_matches_single_process_with_resnet_ada_and_accumulation(ray_cluster
     train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), log=quiet)
     single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)
     assert single.keys() == ddp.keys()
+    # Tolerance 1e-4: the ResNet D's sum pooling gives larger gradients whose float summation order
+    # differs between 1 and 2 processes, and Adam's first updates amplify that for near-zero
+    # gradients (measured: 1.7e-5). A wrong split of the global batch (noise, augmentation
+    # parameters, micro-batches) moves weights by a whole Adam step, ~lr = 4e-4 per step.
     for key in single:
-        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
+        assert torch.allclose(single[key], ddp[key], atol=1e-4, rtol=0), (key, (single[key] - ddp[key]).abs().max())
     p_single = load_training_state(tmp_path / "single" / f"step_{k:06d}")["algorithm"]["ada"]
     p_ddp = load_training_state(tmp_path / "runs" / "ddp" / f"step_{k:06d}")["algorithm"]["ada"]
     assert p_single["updates"] == p_ddp["updates"] == k
