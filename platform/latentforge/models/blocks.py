@@ -52,6 +52,20 @@ def maybe_sn(module: nn.Module, use: bool) -> nn.Module:
     return spectral_norm(module) if use else module
 
 
+def with_label_embedding(v: torch.Tensor, embed: nn.Module | None, labels: torch.Tensor | None,
+                         what: str) -> torch.Tensor:
+    """[v, embed(labels)] for a class-conditional `what` (generator, VAE); v itself otherwise.
+
+    Raises:
+        ValueError: a conditional model called without labels.
+    """
+    if embed is None:
+        return v
+    if labels is None:
+        raise ValueError(f"this {what} is class-conditional: pass labels")
+    return torch.cat([v, embed(labels)], dim=1)
+
+
 def projection_logit(head: nn.Module, embed: nn.Module | None, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """A discriminator's logit from pooled features h (B, F): w·h, plus <embed(y), h> for a
     projection discriminator (Miyato & Koyama, 2018)."""

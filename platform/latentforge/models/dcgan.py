@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentforge.models.blocks import D_NORMS, G_NORMS, DownStack, UpStack, maybe_sn, projection_logit
+from latentforge.models.blocks import D_NORMS, G_NORMS, DownStack, UpStack, maybe_sn, projection_logit, with_label_embedding
 
 
 class DCGANGenerator(nn.Module):
@@ -38,11 +38,7 @@ class DCGANGenerator(nn.Module):
                            resolution=resolution, width=width, norm=norm)
 
     def _input(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.embed is None:
-            return z
-        if labels is None:
-            raise ValueError("this generator is class-conditional: pass labels")
-        return torch.cat([z, self.embed(labels)], dim=1)
+        return with_label_embedding(z, self.embed, labels, "generator")
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return torch.tanh(self.net(self._input(z, labels)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentforge.models.blocks import DownStack, UpStack
+from latentforge.models.blocks import DownStack, UpStack, with_label_embedding
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -30,11 +30,7 @@ class LatentVAE(nn.Module):
         raise NotImplementedError
 
     def _cond(self, v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.embed is None:
-            return v
-        if labels is None:
-            raise ValueError("this VAE is class-conditional: pass labels")
-        return torch.cat([v, self.embed(labels)], dim=1)
+        return with_label_embedding(v, self.embed, labels, "VAE")
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [-1, 1] → (mu, logvar), each (B, z_dim)."""
