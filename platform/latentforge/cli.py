@@ -238,15 +238,19 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--modes", default="fp32,bf16,bf16+channels_last",
                     help="precision/layout modes of the plain loop, comma-separated ('' for none)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
+    bt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a preset field in every run, e.g. train.batch_size=512 for a GPU")
     add_json_flag(bt)
     bt.set_defaults(func=cmd_bench_train)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> Result:
     from latentforge.bench.train_bench import bench_train
+    from latentforge.config import parse_override
 
     return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
-                       use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray)
+                       use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray,
+                       overrides=dict(parse_override(item) for item in (args.set or [])))
 
 
 def _modes(text: str) -> tuple[str, ...]:

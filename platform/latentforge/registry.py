@@ -3,7 +3,9 @@ filesystem URI.
 
     REGISTRY/<name>/model.json        what it is: algorithm, data, metrics, lineage (sweep, trial,
                                       hyperparameters, dataset hash, source checkpoint), time
-    REGISTRY/<name>/checkpoint/       config.json + model.safetensors (inference only)
+    REGISTRY/<name>/checkpoint/       config.json + model.safetensors (inference only), and
+                                      directions/ (edit directions: the checkpoint's own, else the
+                                      data-free ones computed at promotion)
 
 An entry exists once its model.json exists: it is written last (locally the whole entry is also
 built under a temporary name and renamed). Names are restricted to `[a-z0-9][a-z0-9._-]*` so
@@ -12,6 +14,7 @@ that a model id can only ever name an entry, never a path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from latentforge import __version__
 from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
+from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.errors import LatentForgeError
 from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
 
@@ -81,25 +85,37 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         "lineage": {"source_checkpoint": str(ck_path), **(lineage or {})},
         "capabilities": _capabilities(ck.algorithm, bool(gen.num_classes)),
     }
-    files = [CONFIG, WEIGHTS] + [p.name for p in ck_path.iterdir() if p.name.startswith("directions")]
-    payload = json.dumps(entry, indent=2, sort_keys=True).encode()
-    if is_uri(registry):
-        for f in files:
-            src = ck_path / f
-            if src.is_file():
-                write_bytes_uri(join_uri(entry_uri, "checkpoint", f), src.read_bytes())
-        write_bytes_uri(join_uri(entry_uri, ENTRY_FILE), payload)  # last: the entry now exists
-    else:
-        with staged_dir(Path(registry) / name, overwrite=overwrite) as tmp:
-            (tmp / "checkpoint").mkdir()
-            for f in files:
-                src = ck_path / f
-                if src.is_dir():
-                    shutil.copytree(src, tmp / "checkpoint" / f)
-                elif src.is_file():
-                    shutil.copy2(src, tmp / "checkpoint" / f)
-            (tmp / ENTRY_FILE).write_bytes(payload)
+    with tempfile.TemporaryDirectory(prefix="lf-promote-") as scratch:
+        directions_dir = _directions_for(ck_path, gen, ck.algorithm, Path(scratch))
+        entry["directions"] = sorted(load_directions(directions_dir.parent)) if directions_dir else []
+        files = {f: ck_path / f for f in (CONFIG, WEIGHTS)}
+        if directions_dir is not None:
+            files.update({f"{DIRECTIONS_DIR}/{p.name}": p for p in sorted(directions_dir.iterdir()) if p.is_file()})
+        payload = json.dumps(entry, indent=2, sort_keys=True).encode()
+        if is_uri(registry):
+            for rel, src in files.items():
+                write_bytes_uri(join_uri(entry_uri, "checkpoint", *rel.split("/")), src.read_bytes())
+            write_bytes_uri(join_uri(entry_uri, ENTRY_FILE), payload)  # last: the entry now exists
+        else:
+            with staged_dir(Path(registry) / name, overwrite=overwrite) as tmp:
+                for rel, src in files.items():
+                    (tmp / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, tmp / "checkpoint" / rel)
+                (tmp / ENTRY_FILE).write_bytes(payload)
     return entry
+
+
+def _directions_for(ck_path: Path, generator, algorithm: str, scratch: Path) -> Path | None:
+    """The directions folder an entry ships with: the checkpoint's own (`latentforge directions`),
+    else the data-free ones computed now (SeFa, GANSpace), so that no server ever computes them on
+    a request; None for a model with neither (no first layer exposed, no supervised directions)."""
+    from latentforge.editing.directions import data_free_directions, save_directions
+
+    own = ck_path / DIRECTIONS_DIR
+    if (own / "directions.json").is_file():
+        return own
+    found = data_free_directions(generator, algorithm)
+    return save_directions(scratch, found) if found else None
 
 
 def list_entries(registry: str) -> list[dict]:
@@ -135,16 +151,30 @@ def show(registry: str, name: str) -> dict:
     return json.loads(raw)
 
 
+DIRECTION_FILES = ("directions.json", "directions.safetensors")
+
+
 def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = None) -> Path:
-    """A local folder holding the entry's checkpoint (downloaded to `cache_dir` for URIs)."""
-    show(registry, name)
+    """A local folder holding the entry's checkpoint; for URIs a download into `cache_dir`
+    (default: one fixed folder per registry under the temp dir, so repeated loads reuse it).
+
+    The download folder is named by the hash of the entry's model.json, which promotion rewrites:
+    a replica that loads the model after `promote --overwrite` gets the new weights, never a mix.
+    Every file is written atomically and config.json, the completeness mark, last: a download cut
+    short is finished by the next load, never used half-done. Edit directions come along."""
+    entry = show(registry, name)
     if not is_uri(registry):
         return Path(registry) / name / "checkpoint"
-    cache = Path(cache_dir or tempfile.mkdtemp(prefix="lf-registry-")) / name
-    if not (cache / CONFIG).is_file():
-        for f in (CONFIG, WEIGHTS):
-            data = read_bytes_uri(join_uri(registry, name, "checkpoint", f))
-            if data is None:
-                raise RegistryError(f"registry entry {name!r} is missing checkpoint/{f}")
-            write_bytes_uri(str(cache / f), data)
+    version = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "latentforge-registry-cache" / \
+        hashlib.sha256(registry.encode()).hexdigest()[:16]
+    cache = root / name / version
+    if (cache / CONFIG).is_file():
+        return cache
+    wanted = [WEIGHTS] + [f"{DIRECTIONS_DIR}/{f}" for f in DIRECTION_FILES if entry.get("directions")] + [CONFIG]
+    for rel in wanted:
+        data = read_bytes_uri(join_uri(registry, name, "checkpoint", *rel.split("/")))
+        if data is None:
+            raise RegistryError(f"registry entry {name!r} is missing checkpoint/{rel}; promote it again")
+        write_bytes_uri(str(cache / rel), data)
     return cache

@@ -85,9 +85,11 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
 MODES = PRECISION_MODES  # precision/layout modes: name -> config overrides
 
 
-def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print) -> dict:
+def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print,
+                overrides: dict | None = None) -> dict:
     """The plain loop in each mode; fp32 is measured first and last (the machine's speed drifts)
-    and its mean is the baseline of every speed-up."""
+    and its mean is the baseline of every speed-up. `overrides` (e.g. a GPU-sized batch) apply to
+    every mode."""
     import torch
 
     peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
@@ -95,7 +97,7 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
     order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
     runs: dict[str, list[dict]] = {}
     for mode in order:
-        cfg = load_experiment(preset, {"train.tracking": "none", **MODES[mode]})
+        cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {}), **MODES[mode]})
         runs.setdefault(mode, []).append(plain_loop(cfg, data_dir, warmup, steps, device))
         log(f"  {mode:<28s} {runs[mode][-1]['images_per_s']:8.1f} images/s")
     out = {}
@@ -114,19 +116,19 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
                 data_loader: str = "stream", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
-                log=print) -> dict:
+                log=print, overrides: dict | None = None) -> dict:
     """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
     and GFLOP/s. `ray=False` measures the modes only."""
     from latentforge.ray_cluster import ray_init
 
-    cfg = load_experiment(preset, {"train.tracking": "none"})
+    cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {})})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     data_dir = mnist5k_unless(data_dir)
     device = "cuda" if use_gpu else "cpu"
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
     log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores")
-    precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log) if modes else {}
+    precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log, overrides) if modes else {}
     if not ray:
         return {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
                 "warmup_steps": warmup, "timed_steps": steps, **precision_table}

@@ -79,20 +79,50 @@ def pca(model: nn.Module, algorithm: str, latents: torch.Tensor | None = None, k
             raise ValueError("PCA directions of a VAE need the posterior means of real data")
         z = latents.double()
         zc = z - z.mean(0)
-        _, s, vt = torch.linalg.svd(zc, full_matrices=False)
-        var = (s**2) / (s**2).sum()
+        s, vt = top_components(zc, k)
+        var = s**2 / (zc**2).sum()
         return [Direction(f"pca:{i}", _unit(vt[i].float()), "pca", {"explained_variance": float(var[i])})
-                for i in range(min(k, vt.shape[0]))]
+                for i in range(len(s))]
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.z_dim, generator=gen)
     h = model.first_layer(z, labels).flatten(1).double()  # (n, F)
     hc = h - h.mean(0)
-    _, s, vt = torch.linalg.svd(hc, full_matrices=False)
-    var = (s**2) / (s**2).sum()
-    coords = hc @ vt[:k].T  # (n, k): each sample's coordinates on the top components
+    s, vt = top_components(hc, k)
+    var = s**2 / (hc**2).sum()
+    coords = hc @ vt.T  # (n, k): each sample's coordinates on the top components
     # regress z on the coordinates: z ≈ coords @ B, the rows of B are the z-space directions
     b = torch.linalg.lstsq(coords, z.double()).solution  # (k, D)
-    return [Direction(f"pca:{i}", _unit(b[i].float()), "pca", {"explained_variance": float(var[i])}) for i in range(k)]
+    return [Direction(f"pca:{i}", _unit(b[i].float()), "pca", {"explained_variance": float(var[i])})
+            for i in range(len(s))]
+
+
+EXACT_SVD_MAX = 512  # up to this many columns a full SVD is cheap; beyond it, Lanczos for the top k
+
+
+def top_components(x: torch.Tensor, k: int):
+    """The top-k singular values and right singular vectors of `x` (n, F): `(s (k,), vt (k, F))`.
+
+    Wide matrices use ARPACK's implicitly restarted Lanczos (scipy's `svds`) from a fixed start
+    vector: the full SVD of a trained DCGAN's first-layer activations (5,000 × 6,272) took 48 s on
+    2 cores (87 s on one, on the path where a served model first needed its directions); Lanczos
+    took 1.9 s and matched it to 1e-15 in the top five, whose singular values lie within 3% of each
+    other (a randomized SVD with 8 power iterations still missed them by 25°). Signs are fixed (each
+    vector's largest entry positive) so results do not depend on the LAPACK build."""
+    k = min(k, *x.shape)
+    if x.shape[1] <= EXACT_SVD_MAX or k >= min(x.shape) - 1:
+        _, s, vt = torch.linalg.svd(x, full_matrices=False)
+        s, vt = s[:k], vt[:k]
+    else:
+        import numpy as np
+        from scipy.sparse.linalg import svds
+
+        a = x.detach().cpu().double().numpy()
+        start = np.full(min(a.shape), min(a.shape) ** -0.5)
+        _, s_np, vt_np = svds(a, k=k, v0=start, tol=1e-10, solver="arpack")
+        order = np.argsort(-s_np)
+        s, vt = torch.from_numpy(s_np[order].copy()).to(x), torch.from_numpy(vt_np[order].copy()).to(x)
+    sign = torch.sign(vt.gather(1, vt.abs().argmax(1, keepdim=True)))
+    return s, vt * sign
 
 
 def data_free_directions(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:

@@ -23,7 +23,7 @@ from ray import serve
 
 from latentforge import __version__
 from latentforge.registry import RegistryError, UnknownModel, check_name, list_entries, local_checkpoint, show
-from latentforge.serve.codec import BadInput
+from latentforge.serve.codec import RETRY_AFTER_S, BadInput
 from latentforge.serve.config import AutoscalingSettings, ServeConfig
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
 
@@ -65,14 +65,14 @@ async def _per_model(items: list, run) -> list:
 class _Models:
     """Registry loading shared by both deployments (a replica-local LRU via @serve.multiplexed)."""
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, directions: bool = False):
         import torch
 
         from latentforge.models.plugins import allow_plugins
 
         torch.set_num_threads(cfg.threads_per_replica)
         allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
-        self.cfg = cfg
+        self.cfg, self.directions = cfg, directions
         from ray.util.metrics import Counter
 
         self.loads = Counter("latentforge_serve_model_loads", "Models loaded into a replica", tag_keys=("model",))
@@ -82,6 +82,8 @@ class _Models:
 
         path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir)
         runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
+        if self.directions:  # the Editor's: read them, or compute missing ones off the request path
+            runtime.prepare_directions(background=True)
         self.loads.inc(tags={"model": model_id})
         return runtime
 
@@ -150,7 +152,7 @@ class Generator:
 class Editor:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.models = _Models(self.cfg)
+        self.models = _Models(self.cfg, directions=True)
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, model_id: str):
@@ -202,7 +204,8 @@ class _HTTPError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)

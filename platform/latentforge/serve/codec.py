@@ -16,6 +16,9 @@ from latentforge.errors import LatentForgeError
 from latentforge.images import grid_uint8, png_bytes
 
 
+RETRY_AFTER_S = 5  # what a 503 asks a client to wait (e.g. a model's directions are being computed)
+
+
 class BadInput(LatentForgeError):
     """A request that cannot be served as sent (→ HTTP 4xx); `status` says which."""
 

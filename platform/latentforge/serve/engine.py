@@ -4,19 +4,21 @@ engine directly."""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from pathlib import Path
 
 import torch
 
 from latentforge.algorithms.precision import inference_precision
 from latentforge.checkpoint import load_checkpoint
-from latentforge.editing.directions import apply_edit, data_free_directions, load_directions
+from latentforge.editing.directions import apply_edit, data_free_directions, first_layer_editable, load_directions
 from latentforge.editing.inversion import invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
 from latentforge.sampling import decode_latents, sample_latents
-from latentforge.serve.codec import BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
+from latentforge.serve.codec import RETRY_AFTER_S, BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
 from latentforge.serve.schemas import (
     EditRequest,
     GenerateRequest,
@@ -28,6 +30,8 @@ from latentforge.serve.schemas import (
 )
 
 MAX_LATENT_ABS = 50.0  # |z| entries beyond this are not latents a Gaussian prior ever produces
+
+logger = logging.getLogger("latentforge.serve")
 
 
 class ModelRuntime:
@@ -53,9 +57,56 @@ class ModelRuntime:
         self.shape = tuple(self.ckpt.data.image_shape)
         self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
         self.projection_steps, self.restarts = projection_steps, restarts
-        self.directions = load_directions(checkpoint_dir)
-        if not self.directions:  # data-free directions, so that every model that exposes its first layer can be edited
-            self.directions = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
+        # Edit directions are read (or computed) only by what edits: generation never waits for them.
+        self._checkpoint_dir = Path(checkpoint_dir)
+        self._directions: dict | None = None
+        self._directions_lock = threading.Lock()
+        self._computing: threading.Thread | None = None
+        self._directions_error: str | None = None
+
+    # ------------------------------------------------------------------------------ directions
+    def prepare_directions(self, background: bool = False) -> None:
+        """Read the saved directions; where there are none (an entry promoted before promotion
+        computed them) compute the data-free ones (SeFa, GANSpace), in a background thread when
+        `background`: a replica answers "computing" meanwhile instead of holding a request."""
+        with self._directions_lock:
+            if self._directions is not None or self._computing is not None:
+                return
+            stored = load_directions(self._checkpoint_dir)
+            if stored or not first_layer_editable(self.model):
+                self._directions = stored
+                return
+            if not background:
+                self._directions = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
+                return
+            self._computing = threading.Thread(target=self._compute_directions, daemon=True,
+                                               name=f"directions-{self.name}")
+            self._computing.start()
+
+    def _compute_directions(self) -> None:
+        try:
+            found = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
+        except Exception as e:  # noqa: BLE001 - reported by directions_info / edit, never a crash
+            logger.exception("computing the directions of %s failed", self.name)
+            found, self._directions_error = {}, f"computing them failed ({type(e).__name__})"
+        with self._directions_lock:
+            self._directions, self._computing = found, None
+
+    @property
+    def directions_ready(self) -> bool:
+        return self._directions is not None
+
+    @property
+    def directions(self) -> dict:
+        """The model's edit directions by name; BadInput 503 while they are being computed."""
+        if self._directions is None and self._computing is None:
+            self.prepare_directions()
+        found = self._directions
+        if found is None:
+            raise BadInput(f"the edit directions of model {self.name!r} are being computed (this model was promoted "
+                           f"without them; `latentforge registry promote` now stores them); retry in "
+                           f"{RETRY_AFTER_S} s", status=503)
+        return found
 
     # ------------------------------------------------------------------------------ helpers
     def info(self) -> dict:
@@ -185,7 +236,11 @@ class ModelRuntime:
         return {"model": self.name, "images": self._images(clean)}
 
     def directions_info(self) -> dict:
-        return {"model": self.name, "directions": [
+        if self._directions is None and self._computing is not None:
+            return {"model": self.name, "status": "computing", "retry_after_s": RETRY_AFTER_S, "directions": []}
+        directions = self.directions
+        status = "failed: " + self._directions_error if self._directions_error else "ready"
+        return {"model": self.name, "status": status, "directions": [
             {"name": d.name, "method": d.method, **{k: v for k, v in d.meta.items() if isinstance(v, (int, float, str))
                                                     and not (isinstance(v, float) and not math.isfinite(v))}}
-            for d in sorted(self.directions.values(), key=lambda d: d.name)]}
+            for d in sorted(directions.values(), key=lambda d: d.name)]}
