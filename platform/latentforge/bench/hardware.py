@@ -7,8 +7,11 @@ import time
 import torch
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dtype=torch.float32) -> float:
-    """Achieved GFLOP/s of an n x n matmul with all threads: the practical peak to compare against."""
+def matmul_peak_gflops(n: int | None = None, repeats: int = 10, device: str = "cpu", dtype=torch.float32) -> float:
+    """Achieved GFLOP/s of an n x n matmul with all threads: the practical peak to compare against.
+    n defaults to 1024 on a CPU and 8192 on a GPU: on an H200, 1024² bf16 products reach about 90
+    TFLOP/s of the ~790 that 8192² products do, which made every fraction of peak look 9× better."""
+    n = n or (1024 if device == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
