@@ -115,6 +115,9 @@ def add_evaluate(verbs: Verbs) -> None:
                     help="GANs: score the raw generator instead of its EMA copy (what EMA contributes, from one run)")
     ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
                     "backbone (paper-comparable FID) instead of the dataset's feature network")
+    ev.add_argument("--inception-protocol", choices=["clean", "legacy"], default="clean",
+                    help="how images reach Inception: clean (8-bit, antialiased bicubic resize, as clean-fid) or "
+                         "legacy (bilinear float resize, as pytorch-fid/torchmetrics); results name it")
     add_json_flag(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -123,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
     from latentforge.metrics.evaluate import evaluate
 
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
-                      inception=args.inception, ema=args.ema)
+                      inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
@@ -437,15 +440,19 @@ def add_serve(verbs: Verbs) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--address", help="join an existing Ray cluster")
-    sv.add_argument("--api-key", help="require this key in X-API-Key (or set LATENTFORGE_API_KEY)")
+    sv.add_argument("--api-key-file", help="require the key in this file (X-API-Key or Authorization: Bearer); "
+                    "or set LATENTFORGE_API_KEY. Never a key on the command line: argv is visible to every user")
+    sv.add_argument("--allow-unauthenticated", action="store_true",
+                    help="serve on a non-loopback --host without an API key (behind your own authenticating proxy)")
     sv.set_defaults(func=cmd_serve)
 
 
-def _serve_config(config: str | None, registry: str | None = None, api_key: str | None = None,
+def _serve_config(config: str | None, registry: str | None = None, api_key_file: str | None = None,
                   allow_plugins: list[str] | None = None) -> ServeConfig:
     """The validated serve config: the YAML file `config` (defaults without one), then the
-    command-line `registry` / `api_key` over it, and `--allow-plugin` modules added to its
-    `allow_plugins`. The overrides are validated too.
+    command-line `registry` / `api_key_file` over it, `--allow-plugin` modules added to its
+    `allow_plugins`, and LATENTFORGE_API_KEY from this process's environment where the config
+    names no key source. The overrides are validated too.
 
     Raises:
         ConfigError: a missing or unreadable file, or every invalid field, each named.
@@ -456,8 +463,15 @@ def _serve_config(config: str | None, registry: str | None = None, api_key: str 
     from latentforge.errors import ConfigError
     from latentforge.serve.config import ServeConfig
 
-    updates = {k: v for k, v in (("registry", registry), ("api_key", api_key)) if v}
+    import os
+
+    updates = {k: v for k, v in (("registry", registry), ("api_key_file", api_key_file)) if v}
     base = load_yaml_model(config, ServeConfig, "serve config").model_dump() if config else {}
+    if base.get("api_key") is not None:
+        base["api_key"] = base["api_key"].get_secret_value()
+    has_source = any(base.get(k) or updates.get(k) for k in ("api_key", "api_key_file", "api_key_env"))
+    if not has_source and os.environ.get("LATENTFORGE_API_KEY"):  # read here, by the driver, not by a replica
+        updates["api_key"] = os.environ["LATENTFORGE_API_KEY"]
     if allow_plugins:
         updates["allow_plugins"] = sorted(set(base.get("allow_plugins", [])) | set(allow_plugins))
     try:
@@ -469,10 +483,11 @@ def _serve_config(config: str | None, registry: str | None = None, api_key: str 
 
 
 def cmd_serve(args: argparse.Namespace) -> Result:
-    cfg = _serve_config(args.config, args.registry, args.api_key, args.allow_plugin)  # a bad file fails before Ray starts
-    from latentforge.serve.runner import serve_forever
+    cfg = _serve_config(args.config, args.registry, args.api_key_file, args.allow_plugin)  # a bad file fails before Ray starts
+    from latentforge.serve.runner import check_exposure, serve_forever
 
-    serve_forever(cfg, args.host, args.port, args.address)
+    check_exposure(cfg, args.host, args.allow_unauthenticated)
+    serve_forever(cfg, args.host, args.port, args.address, allow_unauthenticated=args.allow_unauthenticated)
     return None
 
 

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from latentforge.config import DATA_LOADERS, StrictConfig, load_yaml_model
 from latentforge.errors import LatentForgeError
+from latentforge.serve.config import ServeConfig
 
 
 class JobData(StrictConfig):
@@ -53,9 +54,10 @@ class EvaluateJob(StrictConfig):
 
 class DeployJob(StrictConfig):
     kind: Literal["deploy"] = "deploy"
-    serve: dict[str, Any] = {}  # ServeConfig fields (registry, limits, batching, autoscaling, ...)
+    serve: ServeConfig = ServeConfig()  # registry, limits, batching, autoscaling, the API key's source...
     host: str = "0.0.0.0"
     port: int = 8000
+    allow_unauthenticated: bool = False  # serve on a non-loopback host without an API key
 
 
 JOBS = {"train": TrainJob, "tune": TuneJob, "evaluate": EvaluateJob, "deploy": DeployJob}
@@ -106,10 +108,9 @@ def run(kind: str, spec) -> dict:
         if spec.out:
             atomic_write_json(spec.out, result)
         return result
-    from latentforge.serve.config import ServeConfig
     from latentforge.serve.runner import start_serve
 
-    url = start_serve(ServeConfig.model_validate(spec.serve), spec.host, spec.port)
+    url = start_serve(spec.serve, spec.host, spec.port, allow_unauthenticated=spec.allow_unauthenticated)
     return {"url": url}
 
 

@@ -29,7 +29,7 @@ from latentforge.errors import LatentForgeError
 from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
 
 ENTRY_FILE = "model.json"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # always fullmatch
 
 
 class RegistryError(LatentForgeError):
@@ -42,7 +42,7 @@ class UnknownModel(RegistryError):
 
 def check_name(name: str) -> str:
     """Return `name` if it can name an entry; raise otherwise (no paths, no traversal)."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "gan\n" is no name
         raise RegistryError(
             f"invalid model name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
         )
@@ -129,7 +129,7 @@ def list_entries(registry: str) -> list[dict]:
         return []
     entries = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        if info.type != pafs.FileType.Directory or info.base_name.startswith(".") or not NAME_RE.match(info.base_name):
+        if info.type != pafs.FileType.Directory or info.base_name.startswith(".") or not NAME_RE.fullmatch(info.base_name):
             continue
         raw = read_bytes_uri(join_uri(registry, info.base_name, ENTRY_FILE))
         if raw is not None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.errors import LatentForgeError
+
 
 @dataclass
 class Inversion:
@@ -34,10 +36,14 @@ def encode_vae(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
     return Inversion(mu, recon, (recon - images).pow(2).flatten(1).mean(1), 0)
 
 
+class ProjectionStopped(LatentForgeError):
+    """`project` was told to stop (its `should_stop()` turned true) before finishing."""
+
+
 def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, feature_net: nn.Module | None = None, steps: int = 200,
             restarts: int = 4, lr: float = 0.05, prior_weight: float = 1e-3, feature_weight: float = 0.1,
-            seed: int = 0, init: torch.Tensor | None = None) -> Inversion:
+            seed: int = 0, init: torch.Tensor | None = None, should_stop=None) -> Inversion:
     """Find latents whose decoded images match `images` where `mask` is 1.
 
     Args:
@@ -53,6 +59,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
         feature_weight: weight of the feature-space MSE.
         seed: seeds the starts.
         init: (N, D) a starting latent (e.g. an encoder's guess) used as the first start.
+        should_stop: called before every step; when it returns true, `ProjectionStopped` is raised
+            (a server's deadline, or a client that went away).
 
     Returns:
         The best latent per image, its decoding and its observed-pixel MSE.
@@ -80,6 +88,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     opt = torch.optim.Adam([z], lr=lr)
     try:
         for _ in range(steps):
+            if should_stop is not None and should_stop():  # a server's deadline passed, or its client left
+                raise ProjectionStopped("projection stopped before its last step")
             out = model.decode(z, y)
             diff = (out - x).pow(2)
             pix = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)

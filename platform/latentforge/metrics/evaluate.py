@@ -134,11 +134,12 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
-             ema: bool = True, log=print) -> dict:
+             ema: bool = True, inception_protocol: str = "clean", log=print) -> dict:
     """Score a checkpoint (or run folder) or a set of generated images against a dataset.
 
     The backbone is the dataset's own feature network, or Inception-v3 when `inception` names a
-    weights file; one result never mixes the two.
+    weights file (its input prepared by `inception_protocol`, "clean" or "legacy": see
+    metrics.inception); one result never mixes backbones or protocols.
 
     `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy.
 
@@ -154,7 +155,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     if net is None and inception is not None:
         from latentforge.metrics.inception import load_inception_net
 
-        net = load_inception_net(dataset_dir, inception, log=log)
+        net = load_inception_net(dataset_dir, inception, inception_protocol, log=log)
     net = net or ensure_feature_net(dataset_dir, log=log)
     target = Path(target)
     out: dict = {"backbone": net.backbone, "backbone_val_accuracy": net.val_accuracy, "seed": seed,

@@ -1,10 +1,22 @@
 """The standard Inception-v3 backbone, for users who have its weights on disk.
 
 Nothing is downloaded: the user points at a torchvision `inception_v3` state dict (for example
-`inception_v3_google-0cc3c7bd.pth`). Images are resized to 299x299, greyscale is repeated to
-RGB, and the 2048-d pool features give FID/KID/precision/recall comparable with papers that
-use torchvision's Inception (not bit-identical to the TF-FID port). Real statistics are cached
-in the dataset's features folder under the weights' hash; results name this backbone.
+`inception_v3_google-0cc3c7bd.pth`). Greyscale is repeated to RGB, images are resized to
+299x299 by one of two named protocols, and the 2048-d pool features give FID/KID/precision/recall:
+
+- `clean` (the default; Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
+  Evaluation", clean-fid): images quantised to 8 bits as saved files would be, then resized with
+  PIL's bicubic kernel, antialiased (torch's `antialias=True` bicubic is that kernel).
+- `legacy` (pytorch-fid, torchmetrics): a bilinear resize of the float images, no antialiasing.
+
+The weights torchvision ships for Inception-v3 are Google's port, and torchvision forces
+`transform_input=True` for them: the model maps ImageNet-normalised input back to
+(x - 0.5) / 0.5. Feeding ImageNet-normalised pixels to a model built without that transform, as
+this module did before, shifted every feature. Here the network gets (x - 0.5) / 0.5 of [0, 1]
+pixels, which equals what torchvision's own pipeline feeds its layers (checked in the tests
+against torchvision with `transform_input=True`, and FID against torchmetrics on the same
+features). Real statistics are cached per weights hash *and* protocol, and results name both, so
+the two protocols are never mixed.
 """
 
 from __future__ import annotations
@@ -21,16 +33,27 @@ from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import FEATURES_DIR, FeatureNet, RealStats, real_stats
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+PROTOCOLS = ("clean", "legacy")
+SIZE = 299
+
+
+def resize_for_inception(x01: torch.Tensor, protocol: str) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] → (N, C, 299, 299) in [0, 1] by the named protocol."""
+    if protocol == "clean":
+        x01 = (x01.clamp(0, 1) * 255).round() / 255  # what a saved 8-bit image holds
+        return F.interpolate(x01, size=(SIZE, SIZE), mode="bicubic", antialias=True, align_corners=False)
+    if protocol == "legacy":
+        return F.interpolate(x01, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    raise LatentForgeError(f"unknown Inception protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
 
 class InceptionFeatures(nn.Module):
     """Adapter with the FeatureClassifier interface: `features(x)` (2048-d pool) and `head`."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, protocol: str = "clean"):
         super().__init__()
-        self.net = net
+        resize_for_inception(torch.zeros(1, 3, 2, 2), protocol)  # an unknown protocol fails here
+        self.net, self.protocol = net, protocol
         self.head = net.fc
         net.fc = nn.Identity()
         self.num_classes, self.feature_dim = self.head.out_features, 2048
@@ -39,8 +62,8 @@ class InceptionFeatures(nn.Module):
         x = (x.float() + 1) / 2  # [-1, 1] → [0, 1]
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net((x - _MEAN.to(x)) / _STD.to(x))
+        x = resize_for_inception(x, self.protocol)
+        return self.net((x - 0.5) / 0.5)  # = torchvision's transform_input applied to ImageNet-normalised input
 
 
 def _file_hash(path: Path) -> str:
@@ -51,8 +74,9 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def load_inception(weights: str | Path) -> InceptionFeatures:
-    """torchvision Inception-v3 with the user's weights (loaded with weights_only=True).
+def load_inception(weights: str | Path, protocol: str = "clean") -> InceptionFeatures:
+    """torchvision Inception-v3 with the user's weights (loaded with weights_only=True), its input
+    prepared by `protocol` ("clean" or "legacy").
 
     Raises:
         LatentForgeError: missing file or weights that do not fit the architecture.
@@ -72,14 +96,15 @@ def load_inception(weights: str | Path) -> InceptionFeatures:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise LatentForgeError(f"{weights} is not a torchvision inception_v3 state dict: {e}") from e
-    return InceptionFeatures(net).eval().requires_grad_(False)
+    return InceptionFeatures(net, protocol).eval().requires_grad_(False)
 
 
-def load_inception_net(dataset_dir: str | Path, weights: str | Path, log=print) -> FeatureNet:
-    """A FeatureNet on Inception-v3, with the dataset's real statistics (computed once, cached)."""
-    model = load_inception(weights)
+def load_inception_net(dataset_dir: str | Path, weights: str | Path, protocol: str = "clean", log=print) -> FeatureNet:
+    """A FeatureNet on Inception-v3, with the dataset's real statistics (computed once per weights
+    and protocol, cached)."""
+    model = load_inception(weights, protocol)
     tag = _file_hash(Path(weights))
-    cache = Path(dataset_dir) / FEATURES_DIR / f"inception-{tag}.safetensors"
+    cache = Path(dataset_dir) / FEATURES_DIR / f"inception-{protocol}-{tag}.safetensors"
     ds = PreparedDataset(dataset_dir)
     if cache.is_file():
         raw = load_file(str(cache))
@@ -96,4 +121,4 @@ def load_inception_net(dataset_dir: str | Path, weights: str | Path, log=print) 
         tmp.replace(cache)
     real = {s: RealStats(raw[f"{s}.mu"], raw[f"{s}.sigma"], raw[f"{s}.features"], None, None)
             for s in ("train", "val") if f"{s}.mu" in raw}
-    return FeatureNet(model, f"torchvision-inception-v3@{tag}", None, real, cache)
+    return FeatureNet(model, f"torchvision-inception-v3-{protocol}@{tag}", None, real, cache)

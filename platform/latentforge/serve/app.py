@@ -10,7 +10,7 @@ the Serve config / RayService in `cluster/`.
 import asyncio
 import hmac
 import logging
-import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from latentforge import __version__
@@ -162,7 +163,17 @@ class Editor:
         """Load (or reuse) `model_id`, then run `op` on it in a thread: inversion and inpainting
         take seconds, and the replica's event loop must keep accepting requests meanwhile."""
         runtime = await self.get_model(model_id)
-        return await asyncio.to_thread(op, runtime)
+        stop = threading.Event()
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+
+        def run():
+            with runtime.stoppable(lambda: stop.is_set() or time.monotonic() > deadline, self.cfg.request_timeout_s):
+                return op(runtime)
+
+        try:
+            return await asyncio.to_thread(run)
+        finally:  # also when cancelled (the client left, the gateway timed out): the projection stops
+            stop.set()
 
     # One method per operation; the gateway hands over request bodies it has already validated.
     async def reconstruct(self, model_id: str, body: ImageRequest) -> dict:
@@ -204,8 +215,22 @@ class _HTTPError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+    """Every error the API answers has this one shape: {"error": message}."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="latentforge"'
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers or None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown routes (404), wrong methods (405) and the like, in the API's error shape."""
+    message = {404: f"no route {request.url.path[:200]!r}; the API is under /v1 (see /docs)",
+               405: f"method {request.method} is not allowed on {request.url.path[:200]!r}"}.get(exc.status_code, str(exc.detail))
+    response = _error(exc.status_code, message)
+    for k, v in (exc.headers or {}).items():
+        response.headers[k] = v
+    return response
 
 
 @app.exception_handler(RequestValidationError)
@@ -223,18 +248,17 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-_BODY_LIMIT = {"max_bytes": 4 * 1024 * 1024}  # set from the config by the Gateway replica
-
-
 class BodyLimit:
-    """ASGI middleware: refuse bodies over the limit (413) without reading them whole."""
+    """ASGI middleware: refuse bodies over the limit (413) without reading them whole.
+
+    The limit is a class attribute that the Gateway replica sets from its config. (Serve pickles
+    the Gateway class by value with copies of the module globals it uses, so a module-level dict
+    written there is not the one this middleware reads; a class importable by name is shared.)"""
+
+    max_bytes = 4 * 1024 * 1024
 
     def __init__(self, inner):
         self.inner = inner
-
-    @property
-    def max_bytes(self) -> int:
-        return _BODY_LIMIT["max_bytes"]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -243,23 +267,85 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             resp = _error(413, f"request body is {int(length)} bytes; the limit is {self.max_bytes}")
             return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        if length is not None:  # the server holds a sized body to its length
+            return await self.inner(scope, receive, send)
+        # chunked: read up to the limit here (the app reads it whole anyway), 413 past it, then replay
+        chunks, seen = [], 0
+        while True:
             message = await receive()
+            if message["type"] != "http.request":
+                return await self.inner(scope, _replay([message]), send)  # e.g. the client left
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise BadInput(f"request body is over the limit of {self.max_bytes} bytes", status=413)
-            return message
+                return await _error(413, f"request body is over the limit of {self.max_bytes} bytes")(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        return await self.inner(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
+                                               receive), send)
 
-        try:
-            return await self.inner(scope, limited, send)
-        except BadInput as e:
-            return await _error(e.status, str(e))(scope, receive, send)
+
+def _replay(messages: list, then=None):
+    """An ASGI receive that hands out `messages`, then defers to `then` (disconnect notices)."""
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+    return receive
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/"})  # liveness and the playground page itself (it asks for the key)
+
+
+def presented_key(headers: dict) -> str | None:
+    """The key a request carries: `X-API-Key`, or `Authorization: Bearer KEY` (scheme in any case)."""
+    key = headers.get(b"x-api-key")
+    if key is not None:
+        return key.decode("latin-1").strip()
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class ApiKeyAuth:
+    """ASGI middleware, outermost: with a key configured, every route but the public ones answers
+    401 before anything else runs (body limits, validation, model lookups tell a stranger nothing).
+    The key is a class attribute the Gateway replica sets (see BodyLimit on why not a global)."""
+
+    key: str | None = None
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        key = ApiKeyAuth.key
+        if scope["type"] == "http" and key and scope.get("path") not in PUBLIC_PATHS:
+            given = presented_key(dict(scope.get("headers") or []))
+            if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+                resp = _error(401, "missing or wrong API key: send it in the X-API-Key header (or Authorization: Bearer)")
+                return await resp(scope, receive, send)
+        return await self.inner(scope, receive, send)
 
 
 app.add_middleware(BodyLimit)
+app.add_middleware(ApiKeyAuth)  # added last: runs first
+
+
+def _awaited(awaitable):
+    async def wait():
+        return await awaitable
+    return wait()
+
+
+def public_lineage(lineage: dict) -> dict:
+    """A registry entry's lineage without where things lie on the server (checkpoint folders, run
+    folders, storage URIs): the sweep, trial, hyperparameters and hashes stay."""
+    def private(v) -> bool:
+        return isinstance(v, str) and (v.startswith(("/", "~", "\\")) or "://" in v or ":\\" in v)
+    return {k: v for k, v in lineage.items() if k != "source_checkpoint" and not private(v)}
 
 
 @serve.deployment(name="Gateway")
@@ -268,18 +354,12 @@ class Gateway:
     def __init__(self, generator, editor, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
         self.generator, self.editor = generator, editor
-        self.api_key = self.cfg.api_key or os.environ.get("LATENTFORGE_API_KEY")
-        _BODY_LIMIT["max_bytes"] = self.cfg.limits.max_body_bytes
+        # the key arrives resolved in the deployment's arguments (ServeConfig.replica_args); this
+        # replica's own environment is never consulted: on a cluster it is not the user's
+        ApiKeyAuth.key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
+        BodyLimit.max_bytes = self.cfg.limits.max_body_bytes
         self._forward.set_max_batch_size(self.cfg.max_batch_images)
         self._entries: dict[str, tuple[float, dict | tuple[int, str]]] = {}
-
-    def _auth(self, request: Request) -> JSONResponse | None:
-        if not self.api_key:
-            return None
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            return _error(401, "missing or wrong API key: send it in the X-API-Key header")
-        return None
 
     def _entry(self, model_id: str) -> dict:
         """The registry entry of `model_id`, or a 404/400. Answers (unknown ids too) are kept for
@@ -290,8 +370,8 @@ class Gateway:
         if hit is None or now - hit[0] >= self.cfg.registry_refresh_s:
             try:
                 answer: dict | tuple[int, str] = show(self.cfg.registry, model_id)
-            except UnknownModel as e:
-                answer = (404, str(e))
+            except UnknownModel:  # neither the registry's location nor the other models' names
+                answer = (404, f"no model {model_id!r}; GET /v1/models lists the models")
             except RegistryError as e:
                 answer = (400, str(e))
             if len(self._entries) >= 1024:  # hostile ids cannot grow it without bound
@@ -302,22 +382,26 @@ class Gateway:
         return hit[1]
 
     async def _call(self, request: Request, model_id: str, coro_factory):
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
+        from ray.serve.exceptions import BackPressureError
+
         try:
-            self._entry(model_id)
-            result = await coro_factory()
+            await asyncio.to_thread(self._entry, model_id)  # registry I/O off the event loop
+            # the replica stops its own work at the deadline; this bounds queueing and loading too
+            result = await asyncio.wait_for(_awaited(coro_factory()), self.cfg.request_timeout_s + 5)
             if isinstance(result, BaseException):  # a batched call hands errors back as values
                 raise result
         except _HTTPError as e:
             return _error(e.status, e.message)
+        except TimeoutError:
+            return _error(504, f"the request took longer than the server's deadline of {self.cfg.request_timeout_s:g} s")
         except Exception as e:  # noqa: BLE001 - every failure becomes a clear JSON error
             err = _unwrap(e)
             if isinstance(err, BadInput):
                 return _error(err.status, str(err))
+            if isinstance(err, BackPressureError):
+                return _error(503, "the server is busy (its queue for this kind of request is full); retry shortly")
             if isinstance(err, UnknownModel):
-                return _error(404, str(err))
+                return _error(404, f"no model {model_id!r}; GET /v1/models lists the models")
             if isinstance(err, RegistryError):
                 return _error(400, str(err))
             logger.exception("request failed")
@@ -345,14 +429,12 @@ class Gateway:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
+        entries = await asyncio.to_thread(list_entries, self.cfg.registry)
         return {"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
                             "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
                             "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
-                            "supports": e.get("capabilities", []), "lineage": e.get("lineage", {})}
-                           for e in list_entries(self.cfg.registry)]}
+                            "supports": e.get("capabilities", []), "lineage": public_lineage(e.get("lineage", {}))}
+                           for e in entries]}
 
     def _editor(self, model_id: str):
         """The Editor handle routed to a replica that has (or will load) `model_id`; call one of
@@ -408,8 +490,9 @@ class Gateway:
 
 
 def build_application(cfg: ServeConfig):
-    """The bound Serve application for a config."""
-    raw = cfg.model_dump(mode="json")
+    """The bound Serve application for a config. The API key is resolved here (ValueError if a
+    configured source is missing) and travels in the deployments' arguments."""
+    raw = cfg.replica_args()
     opts = {"num_cpus": cfg.replica_cpus}
     logs = {"enable_access_log": cfg.access_log}
     generator = Generator.options(
@@ -417,7 +500,8 @@ def build_application(cfg: ServeConfig):
         max_ongoing_requests=cfg.max_ongoing_requests, logging_config=logs,
     ).bind(raw)
     editor = Editor.options(ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.editor),
-                            max_ongoing_requests=8, logging_config=logs).bind(raw)
+                            max_ongoing_requests=cfg.editor_concurrency, max_queued_requests=cfg.editor_max_queued,
+                            logging_config=logs).bind(raw)
     return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
                            logging_config=logs).bind(generator, editor, raw)
 

@@ -16,6 +16,7 @@ from latentforge.errors import LatentForgeError
 from latentforge.images import grid_uint8, png_bytes
 
 
+ACCEPTED_FORMATS = ("PNG", "JPEG")  # the image formats the API documents and decodes; no other parser runs
 RETRY_AFTER_S = 5  # what a 503 asks a client to wait (e.g. a model's directions are being computed)
 
 
@@ -44,12 +45,13 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
-            img = Image.open(io.BytesIO(raw))
+            # only the documented formats' parsers ever see the bytes (an EPS would reach Ghostscript)
+            img = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
         w, h = img.size
     except Image.DecompressionBombError as e:
         raise BadInput(f"{field}: image is far too large ({e})", status=413) from e
     except Exception as e:
-        raise BadInput(f"{field}: not a readable image (send a base64 PNG)") from e
+        raise BadInput(f"{field}: not a readable image: send a base64 {' or '.join(ACCEPTED_FORMATS)}") from e
     if w > max_side or h > max_side:
         raise BadInput(f"{field}: image is {w}x{h}; the largest accepted side is {max_side}", status=413)
     mh, mw = size

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from latentforge.config import StrictConfig
 
@@ -38,9 +41,68 @@ class ServeConfig(StrictConfig):
     projection_restarts: int = Field(2, ge=1)
     registry_refresh_s: float = Field(2.0, ge=0)  # how long the gateway trusts what it read about a model id
     access_log: bool = True  # a log line per request and per replica call (off: more requests/s on a small machine)
-    api_key: str | None = None  # if set, /v1/* requires header `X-API-Key` (or `Authorization: Bearer`)
+    # The API key: every route but /healthz and the playground page then requires `X-API-Key` (or
+    # `Authorization: Bearer`). Give at most one source; all are resolved where the application is
+    # built (the driver of `latentforge serve`, or the Serve controller for a config file on a
+    # cluster) and reach the gateway replicas inside the deployment's arguments, never its env.
+    api_key: SecretStr | None = None  # the key itself (masked when the config is printed)
+    api_key_file: str | None = None  # a file holding it, e.g. a mounted Kubernetes Secret
+    api_key_env: str | None = None  # an environment variable holding it, e.g. set from a Secret
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)  # per request; past it a 504 (a client cannot lift it)
+    editor_max_queued: int = Field(16, ge=1)  # edit requests waiting per Editor deployment before 503s
     model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
     allow_plugins: list[str] = []  # plug-in architecture modules replicas may import (models.plugins); none by default
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.limits.max_n > self.max_batch_images:
+            raise ValueError(f"limits.max_n ({self.limits.max_n}) is above max_batch_images ({self.max_batch_images}): "
+                             "one request could never fit a batch; lower max_n or raise max_batch_images")
+        given = [k for k in ("api_key", "api_key_file", "api_key_env") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of api_key, api_key_file, api_key_env (got {', '.join(given)})")
+        return self
+
+    def resolve_api_key(self) -> str | None:
+        """The key from whichever source is configured; None for no authentication.
+
+        Raises:
+            ValueError: a configured source that is missing or empty (never serve unprotected
+                because a Secret failed to mount).
+        """
+        if self.api_key is not None:
+            key = self.api_key.get_secret_value()
+            where = "api_key"
+        elif self.api_key_file is not None:
+            where = f"api_key_file {self.api_key_file}"
+            try:
+                key = Path(self.api_key_file).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ValueError(f"{where} cannot be read ({e.strerror}); mount the Secret there or fix the path") from None
+        elif self.api_key_env is not None:
+            where = f"api_key_env {self.api_key_env}"
+            key = os.environ.get(self.api_key_env, "")
+        else:
+            return None
+        key = key.strip()
+        if len(key) < 16:
+            raise ValueError(f"{where}: the API key is {'empty' if not key else 'shorter than 16 characters'}; "
+                             "use a long random key, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return key
+
+    def replica_args(self) -> dict:
+        """The config as JSON for the deployments' arguments, with the key resolved into it."""
+        raw = self.model_dump(mode="json", exclude={"api_key", "api_key_file", "api_key_env"})
+        key = self.resolve_api_key()
+        if key is not None:
+            raw["api_key"] = key
+        return raw
+
+    @property
+    def editor_concurrency(self) -> int:
+        """Requests an Editor replica runs at once: one per CPU it reserves (at least one), since
+        each projection keeps a core busy."""
+        return max(1, math.floor(self.replica_cpus))
 
     @field_validator("allow_plugins")
     @classmethod

@@ -4,6 +4,7 @@ engine directly."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -14,7 +15,7 @@ import torch
 from latentforge.algorithms.precision import inference_precision
 from latentforge.checkpoint import load_checkpoint
 from latentforge.editing.directions import apply_edit, data_free_directions, first_layer_editable, load_directions
-from latentforge.editing.inversion import invert
+from latentforge.editing.inversion import ProjectionStopped, invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
 from latentforge.sampling import decode_latents, sample_latents
@@ -63,6 +64,7 @@ class ModelRuntime:
         self._directions_lock = threading.Lock()
         self._computing: threading.Thread | None = None
         self._directions_error: str | None = None
+        self._local = threading.local()  # per request thread: what tells a projection to stop
 
     # ------------------------------------------------------------------------------ directions
     def prepare_directions(self, background: bool = False) -> None:
@@ -132,12 +134,37 @@ class ModelRuntime:
             raise BadInput(f"steps: {steps} is above the limit of {self.limits.max_projection_steps}")
         return steps
 
+    def _projection(self, steps: int | None, images: int = 1) -> dict:
+        """Keyword arguments of a GAN projection (Adam steps, random starts, the stop check), once
+        the request's whole projection work (steps × starts × images) is within the budget: a
+        request of a kilobyte must not buy minutes of a replica."""
+        steps = self._steps(steps)
+        work = steps * self.restarts * images
+        if work > self.limits.max_projection_work:
+            raise BadInput(f"this request needs {steps} steps × {self.restarts} starts × {images} image(s) = {work} "
+                           f"projection steps; the limit per request is {self.limits.max_projection_work}: ask for "
+                           "fewer steps (or send latents or seeds instead of images)")
+        return {"steps": steps, "restarts": self.restarts, "should_stop": getattr(self._local, "should_stop", None)}
+
+    @contextlib.contextmanager
+    def stoppable(self, should_stop, deadline_s: float):
+        """Projections run in this thread under the block stop at their next step once
+        `should_stop()` is true (the server's deadline of `deadline_s` passed, or the client went
+        away); the request then fails with a 504."""
+        self._local.should_stop = should_stop
+        try:
+            yield
+        except ProjectionStopped as e:
+            raise BadInput(f"the request ran past the server's deadline of {deadline_s:g} s and was stopped; ask for "
+                           "fewer projection steps", status=504) from e
+        finally:
+            self._local.should_stop = None
+
     def _image(self, data: str, field: str = "image") -> torch.Tensor:
         return decode_image_b64(data, field, self.shape, self.limits.max_image_side)
 
     def _invert(self, x: torch.Tensor, labels, steps: int | None):
-        return invert(self.model, self.algorithm, x, labels,
-                      **({} if self.algorithm == "vae" else {"steps": self._steps(steps), "restarts": self.restarts}))
+        return invert(self.model, self.algorithm, x, labels, **({} if self.algorithm == "vae" else self._projection(steps)))
 
     def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(z (D,), labels (1,) or None, provenance) for a LatentSource."""
@@ -190,6 +217,8 @@ class ModelRuntime:
     def interpolate(self, r: InterpolateRequest) -> dict:
         if r.steps > self.limits.max_steps:
             raise BadInput(f"steps: {r.steps} is above the limit of {self.limits.max_steps}")
+        if self.algorithm != "vae":  # the budget counts both ends before either is inverted
+            self._projection(r.projection_steps, images=sum(s.image is not None for s in (r.a, r.b)))
         za, ya, pa = self._latent(r.a, r.projection_steps)
         zb, yb, pb = self._latent(r.b, r.projection_steps)
         path = interpolation_path(za, zb, r.steps, r.method)
@@ -220,7 +249,7 @@ class ModelRuntime:
         labels = self._labels(1, r.label)
         if r.method == "chain" and self.algorithm != "vae":
             raise BadInput("method: 'chain' needs a VAE; use 'optimize' for GANs")
-        kwargs = {} if r.method == "chain" else {"steps": self._steps(r.steps), "restarts": self.restarts}
+        kwargs = {} if r.method == "chain" else self._projection(r.steps)
         if r.method == "optimize" and self.algorithm == "gan":
             kwargs["average"] = self.restarts  # the fill is the mean of every start's fit
         filled, inv = inpaint(self.model, self.algorithm, x, keep, labels, method=r.method, **kwargs)
@@ -231,7 +260,7 @@ class ModelRuntime:
     def denoise(self, r: ImageRequest) -> dict:
         x = self._image(r.image)
         labels = self._labels(1, r.label)
-        kwargs = {} if self.algorithm == "vae" else {"steps": self._steps(r.steps), "restarts": self.restarts}
+        kwargs = {} if self.algorithm == "vae" else self._projection(r.steps)
         clean = denoise(self.model, self.algorithm, x, labels, **kwargs)
         return {"model": self.name, "images": self._images(clean)}
 

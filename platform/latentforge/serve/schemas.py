@@ -18,15 +18,17 @@ class ServeLimits(StrictConfig):
     max_n: int = Field(64, ge=1, le=4096)  # images per generate request
     max_steps: int = Field(32, ge=2, le=1024)  # images along an interpolation
     max_projection_steps: int = Field(500, ge=1)  # optimisation steps for GAN inversion/inpainting
+    max_projection_work: int = Field(1000, ge=1)  # steps × random starts × images inverted, per request
     max_image_side: int = Field(1024, ge=8)  # larger images are refused from the PNG header, before decoding
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # request bodies above this are 413s
     max_alpha: float = Field(10.0, gt=0)  # |alpha| for edits
 
 
 class StrictRequest(BaseModel):
-    """Base of every HTTP request body: unknown fields and NaN/inf are 422s."""
+    """Base of every HTTP request body: unknown fields, NaN/inf and values of the wrong JSON type
+    (true or "3" for a number, 1 for a boolean) are 422s."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class LatentSource(StrictRequest):
@@ -78,3 +80,12 @@ class EditRequest(StrictRequest):
     alpha: float = Field(ge=-1e6, le=1e6)  # range checked against ServeLimits.max_alpha
     orthogonal_to: list[str] = Field(default_factory=list, max_length=16)
     projection_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _orthogonal_to_others(self):
+        if self.direction in self.orthogonal_to:
+            raise ValueError(f"orthogonal_to: contains the edited direction {self.direction!r} itself "
+                             "(the edit would be projected to nothing)")
+        if len(set(self.orthogonal_to)) != len(self.orthogonal_to):
+            raise ValueError("orthogonal_to: lists a direction more than once")
+        return self

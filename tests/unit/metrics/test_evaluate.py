@@ -76,7 +76,7 @@ def test_inception_backbone_is_named_and_never_mixed(tmp_path):
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
     np.savez(tmp_path / "fake.npz", images=np.zeros((20, 16, 16), np.uint8))
     r = evaluate(tmp_path / "fake.npz", data, inception=weights, log=quiet)
-    assert r["backbone"].startswith("torchvision-inception-v3@")
+    assert r["backbone"].startswith("torchvision-inception-v3-clean@")
     assert "class_coverage" not in r  # ImageNet classes are not the dataset's classes
     assert np.isfinite(r["fid"]) and r["fid"] > 0
     (tmp_path / "bad.pth").write_bytes(b"nope")
