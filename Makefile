@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit browser-deps clean
+.PHONY: install demo test test-unit browser-deps data-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test-unit: install
 # Debian's chromium for the playground's browser test (the test skips without it).
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+# colour data: Dungeon Crawl's CC0 tile sheets for `latentforge data prepare crawl-tiles`
+data-deps:
+	@test -f /usr/share/crawl/dat/tiles/main.png || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data)
 
 clean:
 	rm -rf demo-output runs .pytest_cache

@@ -209,6 +209,55 @@ def load_shapes(opts: SourceOptions) -> SourceImages:
     return SourceImages(images, labels, list(SHAPE_NAMES), attributes=factors)
 
 
+# Dungeon Crawl Stone Soup's tiles (CC0; https://github.com/crawl/tiles), as Debian's
+# crawl-tiles-data package installs them: sheets of 32x32 RGBA sprites, one class per sheet.
+CRAWL_TILES_DIR = "/usr/share/crawl/dat/tiles"
+CRAWL_SHEETS = {"feat.png": "dungeon feature", "floor.png": "floor", "main.png": "item",
+                "player.png": "monster or player", "wall.png": "wall"}
+CRAWL_TILE = 32
+CRAWL_MIN_OPAQUE = 0.05  # tiles with fewer opaque pixels are empty slots of a sheet
+
+
+def load_crawl_tiles(opts: SourceOptions) -> SourceImages:
+    """About 5,800 distinct 32x32 colour sprites in 5 classes (features, floors, items, monsters
+    and player parts, walls), cut from the sheets of Debian's `crawl-tiles-data` (CC0 art of
+    Dungeon Crawl Stone Soup). Empty slots (under 5% opaque pixels) and exact duplicates are
+    dropped; transparency is composited on black. `LATENTFORGE_CRAWL_TILES` points at another
+    folder holding the same sheets."""
+    import hashlib
+    import os
+
+    root = Path(os.environ.get("LATENTFORGE_CRAWL_TILES", CRAWL_TILES_DIR))
+    missing = [name for name in CRAWL_SHEETS if not (root / name).is_file()]
+    if missing:
+        raise DataError(
+            f"source 'crawl-tiles' reads the tile sheets of Debian's crawl-tiles-data package, and {root} has no "
+            f"{missing[0]}: install it with `make data-deps` (or `sudo apt-get install crawl-tiles-data`), or set "
+            "LATENTFORGE_CRAWL_TILES to a folder holding the sheets"
+        )
+    tiles, labels, names, seen = [], [], [], set()
+    for label, sheet_name in enumerate(CRAWL_SHEETS):
+        sheet = np.asarray(decode_image(root / sheet_name, str(root / sheet_name)).convert("RGBA"))
+        rows, cols = sheet.shape[0] // CRAWL_TILE, sheet.shape[1] // CRAWL_TILE
+        for r in range(rows):
+            for c in range(cols):
+                tile = sheet[r * CRAWL_TILE:(r + 1) * CRAWL_TILE, c * CRAWL_TILE:(c + 1) * CRAWL_TILE]
+                if (tile[..., 3] > 0).mean() < CRAWL_MIN_OPAQUE:
+                    continue
+                digest = hashlib.sha1(tile.tobytes()).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                tiles.append(Image.fromarray(np.ascontiguousarray(tile), mode="RGBA"))
+                labels.append(label)
+                names.append(f"{sheet_name} row {r} column {c}")
+    if not tiles:
+        raise DataError(f"the sheets in {root} hold no tiles; reinstall crawl-tiles-data")
+    images = arrays_from_pil(tiles, names, opts)
+    src = SourceImages(images, np.asarray(labels, np.int64), list(CRAWL_SHEETS.values()))
+    return _cap(src, opts.count, opts.seed)
+
+
 def _collect_bad(name: str, err: DataError, opts: SourceOptions, skipped: list[dict]) -> None:
     if not opts.skip_bad:
         raise DataError(f"{err}; fix or remove the file, or pass --skip-bad to skip unreadable images") from err
@@ -359,6 +408,7 @@ BUILTIN_SOURCES: dict[str, Callable[[SourceOptions], SourceImages]] = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
     "shapes": load_shapes,
+    "crawl-tiles": load_crawl_tiles,
 }
 PREFIXED_SOURCES: dict[str, Callable[[str, SourceOptions], SourceImages]] = {
     "folder": load_folder,

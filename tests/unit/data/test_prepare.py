@@ -157,3 +157,55 @@ def test_existing_output_is_not_clobbered(tmp_path):
 def test_not_a_dataset_folder(tmp_path):
     with pytest.raises(DataError, match="not a prepared dataset"):
         PreparedDataset(tmp_path)
+
+
+def _sheet(tiles: list[np.ndarray], cols: int = 4) -> Image.Image:
+    """An RGBA sheet of 32x32 tiles, row-major, empty slots transparent."""
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = np.zeros((rows * 32 + 3, cols * 32, 4), np.uint8)  # +3: a ragged edge, as the real sheets have
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = t
+    return Image.fromarray(sheet, mode="RGBA")
+
+
+def test_crawl_tiles_cut_sheets_into_labelled_distinct_tiles(tmp_path, monkeypatch):
+    from latentforge.data.sources import CRAWL_SHEETS, load_crawl_tiles
+
+    def tile(rgb, opaque=1.0):
+        t = np.zeros((32, 32, 4), np.uint8)
+        t[..., :3] = rgb
+        t[: int(32 * opaque), :, 3] = 255  # the top rows opaque, the rest transparent
+        return t
+
+    red, green = tile((200, 10, 10)), tile((10, 200, 10), opaque=0.5)
+    sheets = {name: [tile((i * 40, 100, 50))] for i, name in enumerate(CRAWL_SHEETS)}
+    sheets["floor.png"] = [red, green, red.copy(), tile((0, 0, 255), opaque=0.0), tile((5, 5, 5), opaque=0.03)]
+    for name, tiles in sheets.items():
+        _sheet(tiles).save(tmp_path / name)
+    monkeypatch.setenv("LATENTFORGE_CRAWL_TILES", str(tmp_path))
+    src = load_crawl_tiles(SourceOptions())
+    labels = list(src.labels)
+    floor = list(CRAWL_SHEETS).index("floor.png")
+    # the duplicate red, the empty slot and the 3%-opaque tile are dropped; one tile per other sheet
+    assert labels.count(floor) == 2 and len(labels) == 2 + len(CRAWL_SHEETS) - 1
+    assert src.images.shape[1:] == (32, 32, 3) and src.class_names == list(CRAWL_SHEETS.values())
+    g = src.images[labels.index(floor) + 1]
+    assert tuple(g[0, 0]) == (10, 200, 10) and tuple(g[31, 0]) == (0, 0, 0)  # transparency composited on black
+    big = load_crawl_tiles(SourceOptions(size=64))
+    assert big.images.shape[1:] == (64, 64, 3)
+
+    (tmp_path / "wall.png").unlink()
+    with pytest.raises(DataError, match="crawl-tiles-data.*make data-deps"):
+        load_crawl_tiles(SourceOptions())
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/crawl/dat/tiles/main.png").is_file(),
+                    reason="Debian's crawl-tiles-data is not installed (make data-deps)")
+def test_crawl_tiles_from_the_debian_package(tmp_path):
+    prepare_dataset("crawl-tiles", tmp_path / "tiles", SourceOptions(), log=lambda *_: None)
+    ds = PreparedDataset(tmp_path / "tiles")
+    train, val = ds.load("train"), ds.load("val")
+    assert len(train) + len(val) >= 5000 and ds.num_classes == 5 and ds.image_shape == (3, 32, 32)
+    assert set(np.unique(train.labels)) == set(range(5))
+    assert train.images.float().std() > 20  # colour sprites, not blank slots
