@@ -74,19 +74,41 @@ class _Models:
         torch.set_num_threads(cfg.threads_per_replica)
         allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
         self.cfg, self.directions = cfg, directions
+        self.failed: dict[str, float] = {}  # model id -> when its load last failed (a negative cache)
         from ray.util.metrics import Counter
 
         self.loads = Counter("latentforge_serve_model_loads", "Models loaded into a replica", tag_keys=("model",))
 
+    def check_loadable(self, model_id: str) -> None:
+        """Before the multiplexed cache is touched: a model whose load failed in the last
+        `model_retry_s` is answered 503 at once, never retried in a loop, and never evicts a
+        healthy model to make room for another failure."""
+        when = self.failed.get(model_id)
+        if when is not None and time.monotonic() - when < self.cfg.model_retry_s:
+            raise _unavailable(model_id, self.cfg.model_retry_s - (time.monotonic() - when))
+
     def load(self, model_id: str):
         from latentforge.serve.engine import ModelRuntime
 
-        path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir)
-        runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
+        try:
+            path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir)
+            runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
+        except RegistryError:
+            raise  # unknown or invalid ids: the gateway's 404/400
+        except Exception:  # noqa: BLE001 - corrupt weights, a refused plug-in, storage down: the details go to the log
+            logger.exception("loading model %s failed", model_id)
+            self.failed[model_id] = time.monotonic()
+            raise _unavailable(model_id, self.cfg.model_retry_s) from None
+        self.failed.pop(model_id, None)
         if self.directions:  # the Editor's: read them, or compute missing ones off the request path
             runtime.prepare_directions(background=True)
         self.loads.inc(tags={"model": model_id})
         return runtime
+
+
+def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
+    return BadInput(f"model {model_id!r} is unavailable: it failed to load on this server (the server log has "
+                    f"details); it is tried again in {max(1, round(retry_in_s))} s", status=503)
 
 
 @serve.deployment(name="Generator")
@@ -132,10 +154,12 @@ class Generator:
         req = GenerateRequest.model_validate(request)
         if self.cfg.batching:
             return await self._batched((model_id, req))
+        self.models.check_loadable(model_id)
         runtime = await self.get_model(model_id)
         return (await asyncio.to_thread(self._run_safely, runtime, [req]))[0]
 
     async def _generate_batch(self, model_id: str, requests: list[GenerateRequest]) -> list:
+        self.models.check_loadable(model_id)
         runtime = await self.get_model(model_id)
         return await asyncio.to_thread(self._run_safely, runtime, requests)
 
@@ -162,6 +186,7 @@ class Editor:
     async def _on_model(self, model_id: str, op: "Callable[[ModelRuntime], dict]") -> dict:
         """Load (or reuse) `model_id`, then run `op` on it in a thread: inversion and inpainting
         take seconds, and the replica's event loop must keep accepting requests meanwhile."""
+        self.models.check_loadable(model_id)
         runtime = await self.get_model(model_id)
         stop = threading.Event()
         deadline = time.monotonic() + self.cfg.request_timeout_s

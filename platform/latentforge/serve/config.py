@@ -50,6 +50,7 @@ class ServeConfig(StrictConfig):
     api_key_env: str | None = None  # an environment variable holding it, e.g. set from a Secret
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # per request; past it a 504 (a client cannot lift it)
     editor_max_queued: int = Field(16, ge=1)  # edit requests waiting per Editor deployment before 503s
+    model_retry_s: float = Field(30.0, ge=0)  # after a model fails to load, 503s without retrying for this long
     model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
     allow_plugins: list[str] = []  # plug-in architecture modules replicas may import (models.plugins); none by default
 
