@@ -292,7 +292,8 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             resp = _error(413, f"request body is {int(length)} bytes; the limit is {self.max_bytes}")
             return await resp(scope, receive, send)
-        if length is not None:  # the server holds a sized body to its length
+        chunked = b"chunked" in dict(scope.get("headers") or []).get(b"transfer-encoding", b"").lower()
+        if not chunked:  # a sized body is held to its length by the server; without either, there is none
             return await self.inner(scope, receive, send)
         # chunked: read up to the limit here (the app reads it whole anyway), 413 past it, then replay
         chunks, seen = [], 0
