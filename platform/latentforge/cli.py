@@ -209,12 +209,31 @@ def add_generate(verbs: Verbs) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+def _check_latent_args(seed: int, truncation: float | None) -> None:
+    """The API's rules for seeds and truncation (serve.schemas), so the CLI refuses what it refuses.
+
+    Raises:
+        ConfigError: a seed outside 0..2^63-1, or a truncation that is not a number in (0, 10].
+    """
+    import math
+
+    from latentforge.errors import ConfigError
+    from latentforge.serve.schemas import MAX_SEED, MAX_TRUNCATION
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed} is out of range: give a seed in 0..{MAX_SEED}")
+    if truncation is not None and not (math.isfinite(truncation) and 0 < truncation <= MAX_TRUNCATION):
+        raise ConfigError(f"--truncation {truncation} is not a number in (0, {MAX_TRUNCATION:g}]: latents are "
+                          f"truncated to |z| <= T, so T must be positive and finite")
+
+
 def cmd_generate(args: argparse.Namespace) -> Result:
     from latentforge.checkpoint import load_checkpoint
     from latentforge.images import grid_png
     from latentforge.sampling import generate
     from latentforge.storage import atomic_write_bytes
 
+    _check_latent_args(args.seed, args.truncation)
     ckpt = load_checkpoint(args.checkpoint)
     images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation,
                             precision=args.precision)
@@ -434,7 +453,8 @@ def cmd_registry_promote(args: argparse.Namespace) -> Result:
 
 # ------------------------------------------------------------------------------------------ serve
 def add_serve(verbs: Verbs) -> None:
-    sv = verbs.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)")
+    # no abbreviations: `--api-key SECRET` must not be taken for --api-key-file and echoed back
+    sv = verbs.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)", allow_abbrev=False)
     sv.add_argument("--registry", help="registry folder or URI (default ./registry)")
     sv.add_argument("--config", help="serve config YAML (limits, batching, autoscaling; see cluster/serve-config.yaml)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

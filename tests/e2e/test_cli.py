@@ -70,3 +70,18 @@ def test_serve_config_errors_name_the_field_before_ray_starts(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "limits.max_nn" in p.stderr and "unknown key" in p.stderr and str(bad) in p.stderr
     assert "serving registry" not in p.stdout  # it stopped before deploying anything
+
+
+def test_generate_refuses_what_the_api_refuses(trained, tmp_path):
+    for flags, message in ((["--truncation", "nan"], "--truncation nan"), (["--truncation", "-1"], "--truncation -1"),
+                           (["--seed", str(2**63)], "out of range")):
+        p = lf("generate", trained, "--out", tmp_path / "x.png", *flags, check=False)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not (tmp_path / "x.png").exists()
+
+
+def test_serve_refuses_a_public_host_without_a_key_and_never_takes_one_on_argv(tmp_path):
+    p = lf("serve", "--registry", tmp_path / "registry", "--host", "0.0.0.0", check=False)
+    assert p.returncode == 2 and "without an API key" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = lf("serve", "--registry", tmp_path / "registry", "--api-key", "x" * 20, check=False)
+    assert p.returncode == 2 and "unrecognized arguments: --api-key" in p.stderr

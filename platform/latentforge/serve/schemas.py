@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from latentforge.config import StrictConfig
 
 MAX_SEED = 2**63 - 1
+MAX_TRUNCATION = 10.0
 
 
 class ServeLimits(StrictConfig):
@@ -51,7 +52,7 @@ class GenerateRequest(StrictRequest):
     n: int = Field(1, ge=1)  # upper bound checked against ServeLimits.max_n
     seed: int = Field(0, ge=0, le=MAX_SEED)
     label: int | None = Field(None, ge=0)
-    truncation: float | None = Field(None, gt=0, le=10)
+    truncation: float | None = Field(None, gt=0, le=MAX_TRUNCATION)
     include_latents: bool = True
 
 
