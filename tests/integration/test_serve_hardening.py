@@ -164,7 +164,17 @@ def test_the_key_is_accepted_in_every_documented_form_and_public_routes_need_non
     page = requests.get(f"{server}/", timeout=30)
     assert page.status_code == 200 and 'id="api-key"' in page.text
     contract = call(server, "GET", "/openapi.json", headers=AUTH)
-    assert contract.status_code == 200 and "/v1/models/{model_id}/generate" in contract.json()["paths"]
+    assert contract.status_code == 200
+    doc = contract.json()
+    for path, item in doc["paths"].items():  # every status a model route can answer is in the contract
+        if path.startswith("/v1/models/{model_id}/"):
+            op = next(iter(item.values()))
+            assert {"400", "401", "404", "413", "422", "503", "504"} <= set(op["responses"]), path
+            assert op["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+            assert op["parameters"][0]["schema"]["pattern"] == "^[a-z0-9][a-z0-9._-]{0,63}$"
+    assert call(server, "GET", "/readyz").status_code == 401
+    ready = call(server, "GET", "/readyz", headers=AUTH)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["models"] >= 3
     # a JPEG (documented) is decoded
     r = call(server, "POST", "/v1/models/vae/reconstruct", {"image": image_b64("JPEG")}, AUTH)
     assert r.status_code == 200, r.text[:200]

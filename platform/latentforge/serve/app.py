@@ -14,9 +14,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import FastAPI, Request
+from fastapi import Path as FastAPIPath
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -239,6 +241,29 @@ class _HTTPError(Exception):
         self.status, self.message = status, message
 
 
+class ErrorBody(BaseModel):
+    """The one shape of every error the API answers."""
+
+    error: str
+
+
+_STATUS_TEXT = {400: "an invalid model id", 401: "a missing or wrong API key (when the server has one)",
+                404: "no such model or route", 413: "a body or image over the size limit",
+                422: "a request that is not valid: the message names the field",
+                503: "busy (a full queue), a model that failed to load, or directions being computed; see Retry-After",
+                504: "past the server's deadline"}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses, all with the error schema."""
+    return {s: {"model": ErrorBody, "description": _STATUS_TEXT[s]} for s in statuses}
+
+
+MODEL_ERRORS = _errors(400, 401, 404, 413, 422, 503, 504)  # every /v1/models/{model_id}/... route
+ModelId = Annotated[str, FastAPIPath(description="a registry model name",
+                                     json_schema_extra={"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$", "maxLength": 64})]
+
+
 def _error(status: int, message: str) -> JSONResponse:
     """Every error the API answers has this one shape: {"error": message}."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
@@ -324,7 +349,7 @@ def _replay(messages: list, then=None):
     return receive
 
 
-PUBLIC_PATHS = frozenset({"/healthz", "/"})  # liveness and the playground page itself (it asks for the key)
+PUBLIC_PATHS = frozenset({"/healthz", "/"})  # /readyz too asks for the key: it counts the models  # liveness and the playground page itself (it asks for the key)
 
 
 def presented_key(headers: dict) -> str | None:
@@ -451,9 +476,24 @@ class Gateway:
 
     @app.get("/healthz")
     async def healthz(self):
+        """Liveness: the gateway answers."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/v1/models")
+    @app.get("/readyz", responses=_errors(401, 503))
+    async def readyz(self):
+        """Readiness: the registry can be read (a gateway that cannot reach it serves nothing)."""
+        try:
+            entries = await asyncio.to_thread(list_entries, self.cfg.registry)
+        except Exception as e:  # noqa: BLE001 - storage down, permissions: not ready
+            logger.warning("registry unreadable: %s", e)
+            return _error(503, "not ready: the model registry cannot be read (the server log has details)")
+        return {"status": "ready", "models": len(entries)}
+
+    def check_health(self):
+        """Serve's replica health check (every 10 s): the registry must be readable."""
+        list_entries(self.cfg.registry)
+
+    @app.get("/v1/models", responses=_errors(401))
     async def models(self, request: Request):
         entries = await asyncio.to_thread(list_entries, self.cfg.registry)
         return {"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
@@ -467,8 +507,8 @@ class Gateway:
         its typed operations on it, e.g. `self._editor(m).reconstruct.remote(m, body)`."""
         return self.editor.options(multiplexed_model_id=model_id)
 
-    @app.get("/v1/models/{model_id}/directions")
-    async def directions(self, model_id: str, request: Request):
+    @app.get("/v1/models/{model_id}/directions", responses=MODEL_ERRORS)
+    async def directions(self, model_id: ModelId, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).directions.remote(model_id))
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, max_concurrent_batches=2,
@@ -488,30 +528,30 @@ class Gateway:
             return self._forward((model_id, body))
         return self.generator.options(multiplexed_model_id=model_id).generate.remote(model_id, body)
 
-    @app.post("/v1/models/{model_id}/generate")
-    async def generate(self, model_id: str, body: GenerateRequest, request: Request):
+    @app.post("/v1/models/{model_id}/generate", responses=MODEL_ERRORS)
+    async def generate(self, model_id: ModelId, body: GenerateRequest, request: Request):
         if body.n > self.cfg.limits.max_n:
             return _error(422, f"n: {body.n} is above the limit of {self.cfg.limits.max_n} images per request")
         return await self._call(request, model_id, lambda: self._generate(model_id, body.model_dump()))
 
-    @app.post("/v1/models/{model_id}/reconstruct")
-    async def reconstruct(self, model_id: str, body: ImageRequest, request: Request):
+    @app.post("/v1/models/{model_id}/reconstruct", responses=MODEL_ERRORS)
+    async def reconstruct(self, model_id: ModelId, body: ImageRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).reconstruct.remote(model_id, body))
 
-    @app.post("/v1/models/{model_id}/interpolate")
-    async def interpolate(self, model_id: str, body: InterpolateRequest, request: Request):
+    @app.post("/v1/models/{model_id}/interpolate", responses=MODEL_ERRORS)
+    async def interpolate(self, model_id: ModelId, body: InterpolateRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).interpolate.remote(model_id, body))
 
-    @app.post("/v1/models/{model_id}/edit")
-    async def edit(self, model_id: str, body: EditRequest, request: Request):
+    @app.post("/v1/models/{model_id}/edit", responses=MODEL_ERRORS)
+    async def edit(self, model_id: ModelId, body: EditRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).edit.remote(model_id, body))
 
-    @app.post("/v1/models/{model_id}/inpaint")
-    async def inpaint(self, model_id: str, body: InpaintRequest, request: Request):
+    @app.post("/v1/models/{model_id}/inpaint", responses=MODEL_ERRORS)
+    async def inpaint(self, model_id: ModelId, body: InpaintRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).inpaint.remote(model_id, body))
 
-    @app.post("/v1/models/{model_id}/denoise")
-    async def denoise(self, model_id: str, body: ImageRequest, request: Request):
+    @app.post("/v1/models/{model_id}/denoise", responses=MODEL_ERRORS)
+    async def denoise(self, model_id: ModelId, body: ImageRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).denoise.remote(model_id, body))
 
 
