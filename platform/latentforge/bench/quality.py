@@ -71,14 +71,19 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
                      "images": images, "train_seconds": seconds, **result})
         log(f"{label}: FID {result['fid']:.1f}, precision {result.get('precision', float('nan')):.3f}, "
             f"recall {result['recall']:.3f} ({seconds:.0f}s)")
-        _write_table(out, command, rows, presets, modes, seeds, net, real, complete=len(rows) == len(variants) * len(modes) * len(seeds))
+        _write_table(out, command, rows, presets, modes, seeds, net, real, complete=len(rows) == len(variants) * len(modes) * len(seeds),
+                     dataset=data_dir)
     log(f"wrote {out}")
     return rows
 
 
-def _write_table(out, command, rows, presets, modes, seeds, net, real, complete: bool) -> None:
+def _write_table(out, command, rows, presets, modes, seeds, net, real, complete: bool, dataset) -> None:
+    from latentforge.data.dataset import PreparedDataset
+
+    ds = PreparedDataset(dataset)
+    c, h, w = ds.image_shape
     lines = [
-        "# Sample quality on mnist5k",
+        f"# Sample quality on {ds.manifest.get('source', Path(dataset).name)} ({h}x{w}, {c} channel{'s' if c > 1 else ''})",
         "",
         f"Made by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: every row trained from seed "
         f"{', '.join(map(str, seeds))} for the steps shown (global batch 64 unless the preset says otherwise; "
@@ -107,7 +112,8 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
     for r in shown:
         cells = [c[2].format(r[c[0]]) if c[0] in r else "—" for c in COLUMNS]
         lines.append(f"| {r['preset']} | {r['images']:,} | {r['train_seconds'] / 60:.1f} min | " + " | ".join(cells) + " |")
-    lines += ["", "Real validation images scored the same way give the floor for this backbone:", ""]
+    lines += ["", f"Real validation images ({len(ds.load('val')):,} of them, against the models' "
+              f"{rows[0].get('samples', '?') if rows else '?'} samples) scored the same way give the floor for this backbone:", ""]
     lines.append("| real val split | — | — | " + " | ".join(c[2].format(real[c[0]]) if c[0] in real else "—" for c in COLUMNS) + " |")
     atomic_write_text(out, "\n".join(lines) + "\n")
 
