@@ -251,3 +251,31 @@ def test_configuration_mistakes_fail_before_serving(tmp_path):
 
     job = DeployJob.model_validate({"serve": {"api_key": KEY}})
     assert KEY not in job.model_dump_json()  # what the deploy job prints back
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="Debian's chromium is not installed (make browser-deps)")
+def test_the_playground_asks_for_the_key_and_works_with_it(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server + "/")
+        page.wait_for_function("document.querySelector('#error').textContent.includes('API key')", timeout=60000)
+        assert page.locator("#model option").count() == 0  # nothing loaded without the key
+        page.fill("#api-key", KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.querySelectorAll('#model option').length >= 3", timeout=60000)
+        page.select_option("#model", "gan")
+        page.wait_for_function("document.querySelectorAll('#sliders input').length > 0", timeout=60000)
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#grid img').length > 0", timeout=60000)
+        assert KEY not in page.url
+        page.reload()  # the key is remembered for this tab only
+        page.wait_for_function("document.querySelectorAll('#model option').length >= 3", timeout=60000)
+        browser.close()
