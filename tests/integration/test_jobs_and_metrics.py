@@ -163,3 +163,42 @@ def test_every_dashboard_metric_is_exported(head, mnist_dir, mnist_features, tmp
     serve.shutdown()
     ray.shutdown()
     assert not missing, f"dashboard panels query metrics that are not exported: {sorted(missing)}"
+
+
+def test_serve_on_a_ray_start_head_takes_its_key_from_a_file_never_the_env(head, mnist_dir, tmp_path):
+    """The key reaches the gateway replicas of a cluster started with `ray start` (whose workers
+    never saw this process's environment) through the deployment's arguments."""
+    import secrets
+
+    import ray
+    from ray import serve
+
+    from helpers import tiny
+    from latentforge.ray_cluster import ray_init
+    from latentforge.registry import promote
+    from latentforge.serve.config import ServeConfig
+    from latentforge.serve.runner import start_serve
+    from latentforge.train.local import train_local
+
+    assert "LATENTFORGE_API_KEY" not in os.environ
+    key = secrets.token_urlsafe(24)
+    (tmp_path / "api-key").write_text(key + "\n")  # as a user would keep it, e.g. a mounted Secret
+    train_local(tiny("dcgan-mnist", train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / "run",
+                log=lambda *_: None)
+    promote(tmp_path / "run", str(tmp_path / "registry"), "gan")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_init(head["address"])
+    cfg = ServeConfig.model_validate({"registry": str(tmp_path / "registry"), "api_key_file": str(tmp_path / "api-key"),
+                                      "replica_cpus": 0.2, "generator": {"min_replicas": 1, "max_replicas": 1},
+                                      "editor": {"min_replicas": 1, "max_replicas": 1}})
+    url = start_serve(cfg, port=free_port(), address=head["address"])
+    try:
+        assert requests.get(f"{url}/v1/models", timeout=60).status_code == 401
+        listed = requests.get(f"{url}/v1/models", headers={"X-API-Key": key}, timeout=60)
+        assert listed.status_code == 200 and [m["id"] for m in listed.json()["models"]] == ["gan"]
+        made = requests.post(f"{url}/v1/models/gan/generate", json={"n": 2}, timeout=120,
+                             headers={"Authorization": f"bearer {key}"})
+        assert made.status_code == 200 and len(made.json()["images"]) == 2
+    finally:
+        serve.shutdown()
