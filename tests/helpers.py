@@ -21,6 +21,16 @@ def tiny(preset: str, **overrides):
     return load_experiment(preset, {**base, **extra})
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it (never a browser download)
+
+
+def launch_chromium(playwright):
+    """Debian's chromium under Playwright, headless and quiet (no network beyond the test server)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
 def serve_registry(root, mnist_dir) -> str:
     """A registry under `root` with 3-step models: a conditional DCGAN ('gan'), a VAE ('vae') and a
     ResNet GAN with self-attention and DiffAugment ('resnet')."""

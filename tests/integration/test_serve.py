@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import serve_registry
+from helpers import CHROMIUM, launch_chromium, serve_registry
 from latentforge.registry import local_checkpoint
 from latentforge.serve.config import ServeConfig
 
@@ -241,9 +241,6 @@ def test_killed_replica_is_replaced_and_requests_keep_succeeding(server):
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
 
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it (never a browser download)
-
-
 def _img_array(src: str) -> np.ndarray:
     return decode(src.split(",", 1)[1]).astype(np.int16)
 
@@ -255,9 +252,7 @@ def test_playground_in_a_real_browser(server, tmp_path):
     artifacts = Path(os.environ.get("LATENTFORGE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_function("document.querySelectorAll('#model option').length >= 2", timeout=60000)

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import serve_registry
+from helpers import CHROMIUM, launch_chromium, serve_registry
 from latentforge.errors import ConfigError
 from latentforge.serve.config import ServeConfig
 from latentforge.serve.runner import check_exposure
@@ -253,17 +253,12 @@ def test_configuration_mistakes_fail_before_serving(tmp_path):
     assert KEY not in job.model_dump_json()  # what the deploy job prints back
 
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
-
-
 @pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="Debian's chromium is not installed (make browser-deps)")
 def test_the_playground_asks_for_the_key_and_works_with_it(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_function("document.querySelector('#error').textContent.includes('API key')", timeout=60000)
