@@ -220,6 +220,15 @@ def test_a_model_that_fails_to_load_is_unavailable_and_the_others_keep_serving(s
     (broken / "model.json").write_text(json.dumps({**entry, "name": "broken"}))
     (broken / "checkpoint" / "model.safetensors").write_bytes(b"\0" * 64)  # corrupt weights
     time.sleep(2.5)  # the gateway's registry_refresh_s
+    try:
+        _broken_model_is_unavailable(server, registry)
+    finally:
+        shutil.rmtree(broken)  # leave the registry as the other tests expect it
+
+
+def _broken_model_is_unavailable(server, registry):
+    import time
+
     for path, body in (("generate", {"n": 1}), ("edit", {"source": SEED, "direction": "sefa:0", "alpha": 1})):
         first = call(server, "POST", f"/v1/models/broken/{path}", body, AUTH)
         check_error(first, 503, "unavailable", registry)
@@ -269,7 +278,10 @@ def test_the_playground_asks_for_the_key_and_works_with_it(server):
         page.select_option("#model", "gan")
         page.wait_for_function("document.querySelectorAll('#sliders input').length > 0", timeout=60000)
         page.click("#generate")
-        page.wait_for_function("document.querySelectorAll('#grid img').length > 0", timeout=60000)
+        try:
+            page.wait_for_function("document.querySelectorAll('#grid img').length > 0", timeout=60000)
+        except Exception as e:  # say what the page showed
+            raise AssertionError(f"no images; the page says: {page.text_content('#error')!r} / {page.text_content('#status')!r}") from e
         assert KEY not in page.url
         page.reload()  # the key is remembered for this tab only
         page.wait_for_function("document.querySelectorAll('#model option').length >= 3", timeout=60000)
