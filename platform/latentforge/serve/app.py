@@ -412,31 +412,35 @@ class Gateway:
         self._forward.set_max_batch_size(self.cfg.max_batch_images)
         self._entries: dict[str, tuple[float, dict | tuple[int, str]]] = {}
 
-    def _entry(self, model_id: str) -> dict:
+    async def _entry(self, model_id: str) -> dict:
         """The registry entry of `model_id`, or a 404/400. Answers (unknown ids too) are kept for
         `registry_refresh_s`: reading the registry on every request cost a file read here and a
-        round trip to object storage on a cluster, and a flood of unknown ids rescanned it."""
-        now = time.monotonic()
+        round trip to object storage on a cluster, and a flood of unknown ids rescanned it. Only
+        a stale answer is read again, in a thread (registry I/O never runs on the event loop)."""
         hit = self._entries.get(model_id)
-        if hit is None or now - hit[0] >= self.cfg.registry_refresh_s:
-            try:
-                answer: dict | tuple[int, str] = show(self.cfg.registry, model_id)
-            except UnknownModel:  # neither the registry's location nor the other models' names
-                answer = (404, f"no model {model_id!r}; GET /v1/models lists the models")
-            except RegistryError as e:
-                answer = (400, str(e))
-            if len(self._entries) >= 1024:  # hostile ids cannot grow it without bound
-                self._entries.clear()
-            hit = self._entries[model_id] = (now, answer)
+        if hit is None or time.monotonic() - hit[0] >= self.cfg.registry_refresh_s:
+            hit = await asyncio.to_thread(self._read_entry, model_id)
         if isinstance(hit[1], tuple):
             raise _HTTPError(*hit[1])
         return hit[1]
+
+    def _read_entry(self, model_id: str) -> tuple:
+        try:
+            answer: dict | tuple[int, str] = show(self.cfg.registry, model_id)
+        except UnknownModel:  # neither the registry's location nor the other models' names
+            answer = (404, f"no model {model_id!r}; GET /v1/models lists the models")
+        except RegistryError as e:
+            answer = (400, str(e))
+        if len(self._entries) >= 1024:  # hostile ids cannot grow it without bound
+            self._entries.clear()
+        hit = self._entries[model_id] = (time.monotonic(), answer)
+        return hit
 
     async def _call(self, request: Request, model_id: str, coro_factory):
         from ray.serve.exceptions import BackPressureError
 
         try:
-            await asyncio.to_thread(self._entry, model_id)  # registry I/O off the event loop
+            await self._entry(model_id)
             # the replica stops its own work at the deadline; this bounds queueing and loading too
             result = await asyncio.wait_for(_awaited(coro_factory()), self.cfg.request_timeout_s + 5)
             if isinstance(result, BaseException):  # a batched call hands errors back as values
@@ -490,8 +494,12 @@ class Gateway:
         return {"status": "ready", "models": len(entries)}
 
     def check_health(self):
-        """Serve's replica health check (every 10 s): the registry must be readable."""
-        list_entries(self.cfg.registry)
+        """Serve's replica health check (every 10 s): the registry's root must be reachable (one
+        metadata call, not a read of every entry)."""
+        from latentforge.storage import resolve_filesystem
+
+        fs, root = resolve_filesystem(self.cfg.registry)
+        fs.get_file_info(root)
 
     @app.get("/v1/models", responses=_errors(401))
     async def models(self, request: Request):
