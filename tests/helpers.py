@@ -33,12 +33,14 @@ def launch_chromium(playwright):
 
 def serve_registry(root, mnist_dir) -> str:
     """A registry under `root` with 3-step models: a conditional DCGAN ('gan'), a VAE ('vae') and a
-    ResNet GAN with self-attention and DiffAugment ('resnet')."""
+    ResNet GAN with self-attention and DiffAugment ('resnet') and a StyleGAN2-style GAN with style
+    mixing ('stylegan', edited in W)."""
     from latentforge.registry import promote
     from latentforge.train.local import train_local
 
     for name, preset, extra in (("gan", "cdcgan-mnist", {}), ("vae", "vae-mnist", {}),
-                                ("resnet", "resnet-diffaug-mnist", {"model__g_options": {"attention_res": 14}})):
+                                ("resnet", "resnet-diffaug-mnist", {"model__g_options": {"attention_res": 14}}),
+                              ("stylegan", "stylegan2-mnist", {"model__g_options": {"style_mixing": 0.9}})):
         train_local(tiny(preset, train__steps=3, train__checkpoint_every=3, **extra), mnist_dir, root / f"run-{name}",
                     log=lambda *_: None)
         promote(root / f"run-{name}", str(root / "registry"), name)

@@ -97,6 +97,9 @@ class GANConfig(StrictConfig):
     ada_interval: int = Field(4, ge=1)  # ADA: D updates between adjustments of p
     ada_kimg: float = Field(100.0, gt=0)  # ADA: thousands of images for p to move from 0 to 1 (paper: 500)
     ada_p_init: float = Field(0.0, ge=0, le=1)  # ADA: p at the start of a run
+    pl_weight: float = Field(0.0, ge=0)  # path-length regulariser (StyleGAN2: 2); needs a generator with W (stylegan2)
+    pl_interval: int = Field(4, ge=1, le=64)  # lazy: the regulariser every k G updates, weighted by k
+    pl_decay: float = Field(0.01, gt=0, le=1)  # EMA rate of the running mean path length
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of generator weights (ramped up early in training)
     grad_clip: float | None = Field(None, gt=0)  # clip each network's gradient norm (None = off)
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from latentforge.algorithms.precision import Precision, inference_precision
 from latentforge.checkpoint import LoadedCheckpoint
+from latentforge.editing.space import edit_model, latents_from_noise, noise_dim
 from latentforge.errors import LatentForgeError
 
 MAX_GENERATE = 4096  # images per call; larger requests are split by the caller
@@ -94,15 +95,25 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
             fp32 where bf16 is only emulated).
 
     Returns:
-        images (n, C, H, W) in [-1, 1], the latents used, and the labels used (or None).
+        images (n, C, H, W) in [-1, 1], the latents used (w for W models), and the labels used (or None).
 
     Raises:
         LatentForgeError: n out of range, or a label the model does not have.
     """
     if n < 1 or (max_n is not None and n > max_n):
         raise LatentForgeError(f"n must be between 1 and {max_n} (got {n})")
-    net = ckpt.inference_generator()
-    z = sample_latents(n, net.z_dim, seed, truncation)
+    net = edit_model(ckpt.inference_generator())
     labels = default_labels(ckpt, n, label)
+    z = seeded_latents(net, n, seed, truncation, labels)
     device = next(net.parameters()).device.type
     return decode_latents(net, z, labels, precision=precision or inference_precision(ckpt.precision, device)), z, labels
+
+
+def seeded_latents(model: nn.Module, n: int, seed: int, truncation: float | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """A seed's `n` edit latents for `model` (an `editing.space.edit_model`): z drawn by
+    `sample_latents` (truncation: redraw beyond ±truncation), or for a W model w mapped from that
+    noise (truncation: StyleGAN's ψ towards the mean w)."""
+    if not hasattr(model, "latents_from_noise"):
+        return sample_latents(n, model.z_dim, seed, truncation)
+    return latents_from_noise(model, sample_latents(n, noise_dim(model), seed), labels, truncation)

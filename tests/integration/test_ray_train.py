@@ -81,6 +81,22 @@ def test_ddp_matches_single_process_with_resnet_ada_and_accumulation(ray_cluster
     assert p_single["p"] == pytest.approx(p_ddp["p"], abs=1e-12) and p_single["p"] != 0.5
 
 
+def test_ddp_matches_single_process_with_stylegan2(ray_cluster, mnist_dir, tmp_path):
+    """The same for the StyleGAN2-style family with lazy R1: the tracked mean w is averaged over the
+    global batch, so g_ema's w_avg matches too. Noise inputs and style mixing draw per-worker random
+    numbers (the same distribution, not the same bits), so they are off here."""
+    k = 3
+    cfg = tiny("stylegan2-mnist", model__g_options={"noise": False, "style_mixing": 0.0}, gan__r1_interval=2,
+               train__steps=k, train__checkpoint_every=k)
+    train_local(cfg, mnist_dir, tmp_path / "single", log=quiet)
+    train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), log=quiet)
+    single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)
+    assert single.keys() == ddp.keys() and "generator_ema.mapping_net.w_avg" in single
+    assert single["generator_ema.mapping_net.w_avg"].abs().sum() > 0
+    for key in single:
+        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
+
+
 def test_ray_data_run_writes_a_complete_run_folder(ray_cluster, mnist_dir, tmp_path):
     cfg = tiny("cdcgan-mnist", train__steps=6, train__checkpoint_every=3, train__sample_every=3, train__log_every=2,
                train__tracking="wandb")

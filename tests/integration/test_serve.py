@@ -74,7 +74,7 @@ def post(url, path, body, **kw):
 def test_every_endpoint(server, digit):
     assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"
     models = {m["id"]: m for m in requests.get(f"{server}/v1/models", timeout=30).json()["models"]}
-    assert set(models) == {"gan", "vae", "resnet"} and models["gan"]["num_classes"] == 10 and "edit" in models["vae"]["supports"]
+    assert set(models) == {"gan", "vae", "resnet", "stylegan"} and models["gan"]["num_classes"] == 10 and "edit" in models["vae"]["supports"]
     assert requests.get(f"{server}/openapi.json", timeout=30).json()["info"]["title"] == "LatentForge"
     assert requests.get(f"{server}/docs", timeout=30).status_code == 200
     g = post(server, "/v1/models/gan/generate", {"n": 4, "seed": 3, "label": 2}).json()
@@ -97,6 +97,9 @@ def test_every_endpoint(server, digit):
         ("resnet", "generate", {"n": 2, "seed": 1}),
         ("resnet", "edit", {"source": {"seed": 4}, "direction": "sefa:0", "alpha": 2.0}),
         ("resnet", "interpolate", {"a": {"seed": 1}, "b": {"seed": 2}, "steps": 3}),
+        ("stylegan", "generate", {"n": 2, "seed": 1, "truncation": 0.7}),
+        ("stylegan", "edit", {"source": {"seed": 4}, "direction": "sefa:0", "alpha": 2.0}),
+        ("stylegan", "reconstruct", {"image": img, "steps": 10}),
     ]:
         r = post(server, f"/v1/models/{model}/{path}", body)
         assert r.status_code == 200, (model, path, r.text)

@@ -38,6 +38,35 @@ class GANState:
     opt_d: torch.optim.Optimizer
 
 
+class PathLength:
+    """Lazy path-length regularisation (StyleGAN2): every `interval` G updates, the penalty
+    (|J_wᵀ y| − a)², with `a` the running mean of the lengths (EMA at rate `decay`, over the global
+    batch: `reduce_mean` averages across workers so `a` is the same everywhere), weighted by
+    `weight · interval`. Computed on every other sample (the reference's batch shrink of 2), in fp32."""
+
+    def __init__(self, weight: float, interval: int, decay: float, reduce_mean=lambda t: t):
+        self.weight, self.interval, self.decay, self.reduce_mean = weight, interval, decay, reduce_mean
+        self.mean = 0.0
+
+    def due(self, step: int) -> bool:
+        return self.weight > 0 and step % self.interval == 0
+
+    def penalty(self, g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        lengths = g.path_lengths(z, labels, y)
+        batch_mean = float(self.reduce_mean(lengths.detach().mean().reshape(1)).cpu()[0])
+        self.mean = self.mean + self.decay * (batch_mean - self.mean)
+        return (lengths - self.mean).square().mean()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.mean = float(st["mean"])
+
+
+NO_PATH_LENGTH = PathLength(0.0, 1, 0.01)
+
+
 @dataclass
 class GANStepMetrics:
     d_loss: float  # discriminator loss of the last critic update (penalties excluded)
@@ -51,6 +80,7 @@ class GANStepMetrics:
     r1: float  # R1 penalty (0 unless r1_weight > 0, and on updates lazy R1 skips)
     grad_norm_d: float  # D gradient norm before clipping (last critic update)
     grad_norm_g: float  # G gradient norm before clipping
+    pl: float = 0.0  # path-length penalty (0 unless pl_weight > 0, and on updates lazy regularisation skips)
     aug_p: float = 0.0  # augmentation probability of D's inputs (ADA's p; 1 for DiffAugment; 0 without)
 
     def as_dict(self) -> dict[str, float]:
@@ -85,7 +115,8 @@ def _micro(t: torch.Tensor | None, m: int, size: int) -> torch.Tensor | None:
 
 
 def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, step: int,
-             precision: Precision = FP32, accumulate: int = 1, augment: Augmenter = NO_AUGMENT) -> GANStepMetrics:
+             precision: Precision = FP32, accumulate: int = 1, augment: Augmenter = NO_AUGMENT,
+             path_length: PathLength = NO_PATH_LENGTH) -> GANStepMetrics:
     """One GAN training step.
 
     Args:
@@ -101,6 +132,7 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
             augmentation are drawn for the whole batch and sliced, so the update equals the
             unsplit one (up to summation order) for BatchNorm-free networks.
         augment: transforms of D's inputs (reals and fakes alike, in the D and the G pass).
+        path_length: the lazy path-length regulariser of G (generators with W).
 
     Returns:
         Scalar metrics of the step (this worker's share).
@@ -177,8 +209,13 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
     try:
         z_all = noise.normal(step, GlobalNoise.LATENT_G, b, z_dim).to(device)
         u_g = noise.uniform(step, GlobalNoise.AUG_G, b, n_aug) if n_aug else None
+        use_pl = path_length.due(step)
+        if use_pl:
+            _, c, h, w = last.images.shape
+            y_all = noise.normal(step, GlobalNoise.PATH_LENGTH, b, c, h, w).to(device) / (h * w) ** 0.5
         state.opt_g.zero_grad(set_to_none=True)
         g_loss_sum = torch.zeros((), device=device)
+        pl_sum = torch.zeros((), device=device)
         for m in range(accumulate):
             labels = _micro(last.labels, m, mb)
             with no_sync_unless(state.g, m == accumulate - 1):
@@ -188,7 +225,13 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
                         fake = augment(fake, _micro(u_g, m, mb))
                     fake_logits_g = d_plain(fake, labels)
                 g_loss = loss.g_loss(fake_logits_g.float())
-                (g_loss / accumulate).backward()
+                total = g_loss
+                if use_pl:  # every other sample: the same global samples however the batch is split
+                    pl = path_length.penalty(g_plain, _micro(z_all, m, mb)[::2],
+                                             None if labels is None else labels[::2], _micro(y_all, m, mb)[::2])
+                    total = total + path_length.weight * path_length.interval * pl
+                    pl_sum += pl.detach() / accumulate
+                (total / accumulate).backward()
             g_loss_sum += g_loss.detach() / accumulate
         gn_g = _clip(state.g.parameters(), cfg.grad_clip)
         state.opt_g.step()
@@ -200,6 +243,6 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
         acc = ((rl > 0).float().mean() + (fl < 0).float().mean()) / 2
         values = torch.stack([
             sums[0], g_loss_sum, torch.sigmoid(rl).mean(), torch.sigmoid(fl).mean(),
-            rl.mean(), fl.mean(), acc, sums[1], sums[2], gn_d.to(device), gn_g.to(device),
+            rl.mean(), fl.mean(), acc, sums[1], sums[2], gn_d.to(device), gn_g.to(device), pl_sum,
         ]).tolist()  # one device sync for all metrics
     return GANStepMetrics(*values, aug_p=augment.probability)

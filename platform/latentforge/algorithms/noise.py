@@ -23,7 +23,7 @@ class GlobalNoise:
     """
 
     # Streams: one per kind of draw within a step; D sub-steps use stream + 10*k.
-    LATENT_D, LATENT_G, PENALTY_MIX, REPARAM, AUG_REAL, AUG_FAKE, AUG_G = 1, 2, 3, 4, 5, 6, 7
+    LATENT_D, LATENT_G, PENALTY_MIX, REPARAM, AUG_REAL, AUG_FAKE, AUG_G, PATH_LENGTH = 1, 2, 3, 4, 5, 6, 7, 8
 
     def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
         self.seed, self.rank, self.world_size = seed, rank, world_size

@@ -11,6 +11,8 @@ Unsupervised:
   of sampled latents, mapped back to z by regression (GANs); of posterior means (VAEs).
 - `sefa` (Shen & Zhou 2021): eigenvectors of AᵀA for the first layer's weight A.
 An edit is z + α·d for a unit direction d, optionally projected orthogonal to other directions.
+For generators with W every direction lives in W (`editing.space`), and an edit of a W+ latent
+moves every layer's w.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from latentforge.editing.space import edit_model, random_latents
 from latentforge.errors import LatentForgeError
 from latentforge.models.interface import FirstLayerEditable
 from latentforge.storage import atomic_write_json, staged_dir
@@ -50,7 +53,8 @@ def apply_edit(z: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Te
     if orthogonal_to:
         basis = torch.linalg.qr(torch.stack([o.to(z) for o in orthogonal_to], dim=1)).Q  # (D, k) orthonormal
         d = d - basis @ (basis.T @ d)
-    return z + torch.as_tensor(alpha, dtype=z.dtype, device=z.device).reshape(-1, 1) * _unit(d)
+    a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device).reshape(-1, *([1] * (z.dim() - 1)))
+    return z + a * _unit(d)  # z (N, D), or W+ (N, num_ws, D): every layer moves
 
 
 def first_layer_editable(model: nn.Module) -> bool:
@@ -84,7 +88,7 @@ def pca(model: nn.Module, algorithm: str, latents: torch.Tensor | None = None, k
         return [Direction(f"pca:{i}", _unit(vt[i].float()), "pca", {"explained_variance": float(var[i])})
                 for i in range(len(s))]
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.z_dim, generator=gen)
+    z = random_latents(model, n, gen, labels)  # N(0, I) in z; mapped noise in W
     h = model.first_layer(z, labels).flatten(1).double()  # (n, F)
     hc = h - h.mean(0)
     s, vt = top_components(hc, k)
@@ -127,7 +131,9 @@ def top_components(x: torch.Tensor, k: int):
 
 def data_free_directions(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:
     """Directions that need no data: SeFa (and GANSpace for GANs) where the model exposes its first
-    layer; none otherwise (supervised ones come from `latentforge directions`)."""
+    layer; none otherwise (supervised ones come from `latentforge directions`). A generator with W
+    gets them in W (`editing.space`)."""
+    model = edit_model(model)
     if not first_layer_editable(model):
         return []
     return sefa(model, algorithm, k) + (pca(model, algorithm, k=k) if algorithm == "gan" else [])
@@ -142,7 +148,7 @@ def class_boundaries(model: nn.Module, classifier: nn.Module, num_classes: int, 
     from latentforge.sampling import decode_latents
 
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.z_dim, generator=gen)
+    z = random_latents(model, n, gen)
     images = decode_latents(model, z, None)
     with torch.no_grad():
         probs = torch.softmax(classifier(images), dim=1)
@@ -215,7 +221,7 @@ def compute_directions(ckpt, dataset=None, feature_net=None, k: int = 5, seed: i
     """
     from latentforge.images import to_model_range
 
-    model, algorithm = ckpt.inference_generator(), ckpt.algorithm
+    model, algorithm = edit_model(ckpt.inference_generator()), ckpt.algorithm
     editable = first_layer_editable(model)  # SeFa and GANSpace need the first layer; the rest do not
     out = sefa(model, algorithm, k) if editable else []
     if algorithm == "vae":

@@ -4,6 +4,11 @@ only part of the image is observed).
 Projection: Adam on z from several seeded random starts, minimising pixel MSE on the observed
 pixels (+ a feature loss with the dataset's feature network when the whole image is observed)
 + a Gaussian prior term λ·||z||²/D; the best start per image wins.
+
+In W (a `editing.space.WSpace` model) the first start is the mean w, as in StyleGAN2's projector
+(Karras et al. 2020), the others are mapped random z, and the prior pulls towards the mean w:
+λ·||w − w̄||²/D. `plus=True` optimises one w per layer (W+: Abdal et al. 2019, Image2StyleGAN),
+which fits images closer at the cost of leaving the space the generator was trained on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from latentforge.errors import LatentForgeError
 
 @dataclass
 class Inversion:
-    latent: torch.Tensor  # (N, D)
+    latent: torch.Tensor  # (N, D), or (N, num_ws, D) for a W+ projection
     reconstruction: torch.Tensor  # (N, C, H, W) in [-1, 1]
     error: torch.Tensor  # (N,) MSE on the observed pixels, [-1, 1] units
     steps: int  # optimisation steps per start (0 for an encoder)
@@ -43,7 +48,7 @@ class ProjectionStopped(LatentForgeError):
 def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
             mask: torch.Tensor | None = None, feature_net: nn.Module | None = None, steps: int = 200,
             restarts: int = 4, lr: float = 0.05, prior_weight: float = 1e-3, feature_weight: float = 0.1,
-            seed: int = 0, init: torch.Tensor | None = None, should_stop=None) -> Inversion:
+            seed: int = 0, init: torch.Tensor | None = None, should_stop=None, plus: bool = False) -> Inversion:
     """Find latents whose decoded images match `images` where `mask` is 1.
 
     Args:
@@ -61,19 +66,32 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
         init: (N, D) a starting latent (e.g. an encoder's guess) used as the first start.
         should_stop: called before every step; when it returns true, `ProjectionStopped` is raised
             (a server's deadline, or a client that went away).
+        plus: W+ (one w per layer) for a model in W; latents come back as (N, num_ws, D).
 
     Returns:
         The best latent per image, its decoding and its observed-pixel MSE.
     """
+    from latentforge.editing.space import random_latents
+
+    if plus and not hasattr(model, "num_ws"):
+        raise LatentForgeError("W+ projection needs a model with a W space (a StyleGAN-style generator)")
     model.eval()
     n = images.shape[0]
     d = model.z_dim
     device = images.device
     gen = torch.Generator().manual_seed(seed)
-    z0 = torch.randn(restarts, n, d, generator=gen).to(device)
+    center = getattr(model, "prior_center", None)  # W: the mean w; z: the origin
+    z0 = random_latents(model, restarts * n, gen, None if labels is None else labels.cpu().repeat(restarts))
+    z0 = z0.view(restarts, n, d).to(device)
+    if center is not None:
+        z0[0] = center.detach().float().to(device)  # StyleGAN2's projector starts at the mean w
+        center = center.detach().float().to(device)
     if init is not None:
         z0[0] = init
-    z = z0.reshape(restarts * n, d).clone().requires_grad_(True)
+    z = z0.reshape(restarts * n, d)
+    if plus:
+        z = z[:, None].repeat(1, model.num_ws, 1)
+    z = z.clone().requires_grad_(True)
     x = images.repeat(restarts, 1, 1, 1)
     y = None if labels is None else labels.repeat(restarts)
     m = None if mask is None else mask.float().repeat(restarts, 1, 1, 1)
@@ -93,7 +111,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
             out = model.decode(z, y)
             diff = (out - x).pow(2)
             pix = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
-            loss = pix + prior_weight * z.pow(2).mean(1)
+            dev = z if center is None else z - center
+            loss = pix + prior_weight * dev.pow(2).flatten(1).mean(1)
             if target_feats is not None:
                 loss = loss + feature_weight * F.mse_loss(feature_net.features(out), target_feats, reduction="none").mean(1)
             opt.zero_grad(set_to_none=True)

@@ -23,8 +23,9 @@ from latentforge.data.dataset import PreparedDataset
 
 from latentforge.images import to_model_range
 from latentforge.editing.directions import apply_edit, compute_directions, load_directions, save_directions
-from latentforge.editing.inversion import invert
+from latentforge.editing.inversion import invert, project
 from latentforge.editing.latent import interpolation_path
+from latentforge.editing.space import default_interpolation, edit_model, random_latents
 from latentforge.editing.restoration import denoise, inpaint, paste
 from latentforge.metrics.reconstruction import psnr, ssim
 from latentforge.sampling import decode_latents
@@ -96,7 +97,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     ck = load_checkpoint(checkpoint)
     ds = PreparedDataset(dataset_dir)
     net = ensure_feature_net(dataset_dir, log=log)
-    model, algo = ck.inference_generator(), ck.algorithm
+    model, algo = edit_model(ck.inference_generator()), ck.algorithm  # W models are edited in W
     classifier = net.model if net.model.head is not None else None
     n = images or (64 if algo == "gan" else 256)
     val, train = ds.load("val"), ds.load("train")
@@ -116,6 +117,10 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     out["recon_psnr"] = float(psnr(inv.reconstruction, x).mean())
     out["recon_ssim"] = float(ssim(inv.reconstruction, x).mean())
     log(f"  reconstruction: PSNR {out['recon_psnr']:.2f} dB, SSIM {out['recon_ssim']:.3f}")
+    if hasattr(model, "num_ws"):  # a W model: W+ (one w per layer) fits closer than W
+        inv_plus = project(model, x, y_cond, feature_net=net.model, plus=True, **proj)
+        out["recon_psnr_wplus"] = float(psnr(inv_plus.reconstruction, x).mean())
+        log(f"  reconstruction in W+: PSNR {out['recon_psnr_wplus']:.2f} dB")
 
     # 2. inpainting vs baselines
     train_x = to_model_range(train.images[:5000])
@@ -153,7 +158,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     if algo == "vae":
         z_src = inv.latent  # edit real validation images
     else:
-        z_src = torch.randn(n, model.z_dim, generator=torch.Generator().manual_seed(seed + 2))
+        z_src = random_latents(model, n, torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         src_images = decode_latents(model, z_src, y_cond)
         src_feats = net.embed(src_images)[0]
@@ -198,7 +203,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
             ya = y_cond[idx_a] if y_cond is not None else None
         else:
             g2 = torch.Generator().manual_seed(seed + 3)
-            za, zb, ya = torch.randn(n, model.z_dim, generator=g2), torch.randn(n, model.z_dim, generator=g2), None
+            za, zb, ya = random_latents(model, n, g2), random_latents(model, n, g2), None
         norm_dev = {"slerp": [], "lerp": []}
         for i in range(len(za)):
             for method in ("slerp", "lerp"):
@@ -206,7 +211,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
                 t = torch.linspace(0, 1, 9)
                 expected = (1 - t) * za[i].norm() + t * zb[i].norm()  # endpoint norms, blended
                 norm_dev[method].append(float(((path.norm(dim=1) - expected).abs() / expected).max()))
-            path = interpolation_path(za[i], zb[i], 9, "slerp" if algo == "gan" else "lerp")
+            path = interpolation_path(za[i], zb[i], 9, default_interpolation(model, algo))
             labels = None if ya is None else ya[i].repeat(9)
             preds = net.embed(decode_latents(model, path, labels))[1].argmax(1)
             if preds[0] == preds[-1]:

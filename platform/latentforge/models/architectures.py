@@ -21,6 +21,7 @@ from latentforge.models import interface, plugins
 from latentforge.models.classifier import FeatureClassifier
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.models.resnet import ResNetDiscriminator, ResNetGenerator, ResNetVAE
+from latentforge.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from latentforge.models.vae import ConvVAE
 
 
@@ -93,12 +94,28 @@ class ResNetVAEOptions(NoOptions):
     blocks_per_stage: int = Field(1, ge=1, le=8)  # decoder residual blocks per resolution
 
 
+class StyleGAN2GOptions(NoOptions):
+    w_dim: int = Field(128, ge=8, le=1024)  # size of w (512 in the paper)
+    mapping_layers: int = Field(2, ge=1, le=8)  # mapping FC layers (8 in the paper, 2 for small data as in ADA's CIFAR config)
+    style_mixing: float = Field(0.0, ge=0, le=1)  # share of training samples with two ws (0.9 in the paper, 0 in ADA's CIFAR config)
+    noise: bool = True  # per-pixel noise inputs (fixed noise in eval mode)
+
+
+class StyleGAN2DOptions(NoOptions):
+    mbstd_group: int = Field(4, ge=0, le=32)  # minibatch-std group size (0: off)
+
+
 register_model("dcgan", algorithm="gan", classes={"generator": DCGANGenerator, "discriminator": DCGANDiscriminator},
                resolutions=(8, 16, 28, 32, 64), description="DCGAN-style transposed-conv G, strided-conv D")
 register_model("resnet", algorithm="gan", classes={"generator": ResNetGenerator, "discriminator": ResNetDiscriminator},
                options={"generator": ResNetGOptions, "discriminator": ResNetDOptions},
                resolutions=(16, 28, 32, 64, 128, 256),
                description="SNGAN/BigGAN-style residual G and D, conditional norms, projection D, self-attention")
+register_model("stylegan2", algorithm="gan",
+               classes={"generator": StyleGAN2Generator, "discriminator": StyleGAN2Discriminator},
+               options={"generator": StyleGAN2GOptions, "discriminator": StyleGAN2DOptions},
+               resolutions=(8, 16, 28, 32, 64, 128, 256),
+               description="StyleGAN2-style mapping network, modulated convs, noise, W-space editing; residual D with R1")
 register_model("conv_vae", algorithm="vae", classes={"vae": ConvVAE}, resolutions=(8, 16, 28, 32, 64),
                description="convolutional encoder and decoder")
 register_model("resnet_vae", algorithm="vae", classes={"vae": ResNetVAE}, options={"vae": ResNetVAEOptions},

@@ -78,6 +78,27 @@ class FirstLayerEditable(Protocol):
     def first_layer_weight(self) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class StyleEditable(Protocol):
+    """A generator with an intermediate latent space W (StyleGAN-style); editing works in W
+    (`editing.space.WSpace`).
+
+    mapping(z, labels, truncation_psi) -> w (B, w_dim); synthesis(ws) -> images for ws (B, w_dim)
+    or W+ (B, num_ws, w_dim); w_avg (w_dim,) the mean w; style_weight() -> (S, w_dim) the stacked
+    affine maps from w to every layer's styles.
+    """
+
+    w_dim: int
+    num_ws: int
+
+    def mapping(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                truncation_psi: float = 1.0) -> torch.Tensor: ...
+
+    def synthesis(self, ws: torch.Tensor) -> torch.Tensor: ...
+
+    def style_weight(self) -> torch.Tensor: ...
+
+
 ROLES = {"generator": Generator, "discriminator": Discriminator, "vae": VAE}
 
 

@@ -18,7 +18,8 @@ from latentforge.editing.directions import apply_edit, data_free_directions, fir
 from latentforge.editing.inversion import ProjectionStopped, invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
-from latentforge.sampling import decode_latents, sample_latents
+from latentforge.editing.space import edit_model
+from latentforge.sampling import decode_latents, seeded_latents
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
 from latentforge.serve.schemas import (
     EditRequest,
@@ -51,7 +52,7 @@ class ModelRuntime:
         self.name = name
         self.limits = limits or ServeLimits()
         self.ckpt = load_checkpoint(checkpoint_dir)
-        self.model = self.ckpt.inference_generator()
+        self.model = edit_model(self.ckpt.inference_generator())  # latents are w for generators with W
         self.algorithm = self.ckpt.algorithm
         # generation runs as the model trained (fp32 where bf16 is only emulated); projections stay fp32
         self.precision = inference_precision(self.ckpt.precision, "cpu")
@@ -112,7 +113,8 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------------------ helpers
     def info(self) -> dict:
-        return {"z_dim": self.z_dim, "num_classes": self.num_classes, "image_shape": list(self.shape),
+        return {"z_dim": self.z_dim, "latent_space": "w" if hasattr(self.model, "latents_from_noise") else "z",
+                "num_classes": self.num_classes, "image_shape": list(self.shape),
                 "algorithm": self.algorithm, "directions": sorted(self.directions)}
 
     def _labels(self, n: int, label: int | None, cycle: bool = False) -> torch.Tensor | None:
@@ -170,7 +172,7 @@ class ModelRuntime:
         """(z (D,), labels (1,) or None, provenance) for a LatentSource."""
         labels = self._labels(1, src.label, cycle=True)
         if src.seed is not None:
-            return sample_latents(1, self.z_dim, src.seed)[0], labels, {"seed": src.seed}
+            return seeded_latents(self.model, 1, src.seed, labels=labels)[0], labels, {"seed": src.seed}
         if src.latent is not None:
             z = torch.tensor(src.latent, dtype=torch.float32)
             if z.numel() != self.z_dim:
@@ -192,8 +194,8 @@ class ModelRuntime:
         for r in requests:
             if r.n > self.limits.max_n:
                 raise BadInput(f"n: {r.n} is above the limit of {self.limits.max_n} images per request")
-            zs.append(sample_latents(r.n, self.z_dim, r.seed, r.truncation))
             ys.append(self._labels(r.n, r.label, cycle=True))
+            zs.append(seeded_latents(self.model, r.n, r.seed, r.truncation, ys[-1]))
             sizes.append(r.n)
         labels = torch.cat(ys) if self.num_classes else None
         images = decode_latents(self.model, torch.cat(zs), labels, precision=self.precision)
@@ -221,12 +223,13 @@ class ModelRuntime:
             self._projection(r.projection_steps, images=sum(s.image is not None for s in (r.a, r.b)))
         za, ya, pa = self._latent(r.a, r.projection_steps)
         zb, yb, pb = self._latent(r.b, r.projection_steps)
-        path = interpolation_path(za, zb, r.steps, r.method)
+        method = r.method or getattr(self.model, "interpolation", "slerp")
+        path = interpolation_path(za, zb, r.steps, method)
         labels = None
         if self.num_classes:  # the label switches halfway (labels are discrete)
             labels = torch.where(torch.arange(r.steps) < r.steps / 2, ya[0], yb[0])
         images = decode_latents(self.model, path, labels, precision=self.precision)
-        return {"model": self.name, "method": r.method, "images": self._images(images), "latents": path.tolist(),
+        return {"model": self.name, "method": method, "images": self._images(images), "latents": path.tolist(),
                 "a": pa, "b": pb}
 
     def edit(self, r: EditRequest) -> dict:

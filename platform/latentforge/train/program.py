@@ -15,7 +15,7 @@ from torch import nn
 
 from latentforge.algorithms.augment import AdaState, Augmenter
 from latentforge.algorithms.batch import Batch, unwrap
-from latentforge.algorithms.gan import gan_step, make_gan_state
+from latentforge.algorithms.gan import NO_PATH_LENGTH, PathLength, gan_step, make_gan_state
 from latentforge.algorithms.losses import get_loss
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import Precision, precision_for
@@ -23,6 +23,7 @@ from latentforge.algorithms.vae import make_vae_state, vae_step
 from latentforge.data.spec import DataSpec
 from latentforge.sampling import decode_latents
 from latentforge.builders import build_gan, build_vae
+from latentforge.errors import ConfigError
 
 
 @dataclass
@@ -74,6 +75,12 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, red
     precision = precision_for(cfg.train, device)
     augment = make_augmenter(cfg, reduce_mean)
     g, d = build_gan(cfg.model, spec)
+    path_length = NO_PATH_LENGTH
+    if cfg.gan.pl_weight > 0:
+        if not callable(getattr(g, "path_lengths", None)):
+            raise ConfigError(f"gan.pl_weight needs a generator with a W space and `path_lengths` (model.arch "
+                              f"stylegan2); {cfg.model.arch!r} has none: set gan.pl_weight=0")
+        path_length = PathLength(cfg.gan.pl_weight, cfg.gan.pl_interval, cfg.gan.pl_decay, reduce_mean)
     state = make_gan_state(_place(g, device, precision), _place(d, device, precision), cfg.gan, wrap=wrap)
     if cfg.train.compile:
         # In place (the modules, their DDP wrappers and checkpoint keys stay as they are); the EMA
@@ -88,15 +95,32 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, red
         algorithm="gan",
         batches_per_step=cfg.gan.n_critic,
         step=lambda batches, step: gan_step(state, batches, noise, cfg.gan, step, precision, cfg.train.accumulate,
-                                            augment).as_dict(),
+                                            augment, path_length).as_dict(),
         modules=lambda: {"generator": unwrap(state.g), "discriminator": unwrap(state.d), "generator_ema": state.g_ema},
         optimizers={"generator": state.opt_g, "discriminator": state.opt_d},
         sample=lambda: decode_latents(state.g_ema, z, labels, precision=precision.name),
         hyperparameters={"generator": {"lr": cfg.gan.lr_g, "betas": (cfg.gan.beta1, cfg.gan.beta2)},
                          "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
-        state_dict=lambda: {"ada": augment.ada.state_dict()} if augment.ada is not None else {},
-        load_state_dict=lambda st: augment.ada.load_state_dict(st["ada"]) if augment.ada is not None and "ada" in st else None,
+        state_dict=lambda: _gan_algorithm_state(augment, path_length),
+        load_state_dict=lambda st: _load_gan_algorithm_state(st, augment, path_length),
     )
+
+
+def _gan_algorithm_state(augment: Augmenter, path_length: PathLength) -> dict:
+    """What a GAN run keeps besides weights and optimisers: ADA's p, the running mean path length."""
+    st = {}
+    if augment.ada is not None:
+        st["ada"] = augment.ada.state_dict()
+    if path_length.weight > 0:
+        st["path_length"] = path_length.state_dict()
+    return st
+
+
+def _load_gan_algorithm_state(st: dict, augment: Augmenter, path_length: PathLength) -> None:
+    if augment.ada is not None and "ada" in st:
+        augment.ada.load_state_dict(st["ada"])
+    if path_length.weight > 0 and "path_length" in st:
+        path_length.load_state_dict(st["path_length"])
 
 
 def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean) -> TrainingProgram:

@@ -118,3 +118,49 @@ def test_vae_accumulation_equals_the_whole_batch():
         mb = vae_step(b, batch, GlobalNoise(0), cfg.vae, step, accumulate=2)
         assert ma.loss == pytest.approx(mb.loss, rel=1e-6)
     _assert_same(_params(a.vae), _params(b.vae), atol=1e-6)
+
+
+def _sg2(**overrides):
+    return tiny("stylegan2-mnist", **{"model__g_options": {"noise": False}, "gan__pl_weight": 2.0, "gan__pl_interval": 2,
+                                      **overrides})
+
+
+def test_path_length_penalty_is_written_out_and_lazy():
+    """pl_interval=2: G's update at step 0 equals g_loss + 2·2·E[(|J_wᵀy| − a)²] by hand on every
+    other sample (a: the running mean after its first EMA step), and at step 1 equals no penalty."""
+    from latentforge.algorithms.gan import PathLength
+
+    cfg, none = _sg2(), _sg2(gan__pl_weight=0.0)
+    state = _state(cfg)
+    g_ref, d_ref, g0 = copy.deepcopy(state.g), copy.deepcopy(state.d), copy.deepcopy(state.g)
+    pl = PathLength(2.0, 2, cfg.gan.pl_decay)
+    real = _images()
+    m = gan_step(state, [Batch(real)], GlobalNoise(0), cfg.gan, 0, path_length=pl)
+    # by hand: the same D update (no PL in D), then the G update with the penalty written out
+    ref = make_gan_state(g_ref, d_ref, cfg.gan)
+    gan_step(ref, [Batch(real)], GlobalNoise(0), none.gan, 0)  # D and G without PL ...
+    assert not torch.allclose(_params(state.g)["const"], _params(ref.g)["const"])  # ... differ in G only
+    _assert_same(_params(state.d), _params(ref.d))
+    z = GlobalNoise(0).normal(0, GlobalNoise.LATENT_G, 8, cfg.model.z_dim)[::2]
+    y = GlobalNoise(0).normal(0, GlobalNoise.PATH_LENGTH, 8, 1, 16, 16)[::2] / 16.0
+    ws = g0.mapping_net(z, update_avg=False)[:, None].repeat(1, g0.num_ws, 1)
+    (grad,) = torch.autograd.grad((g0.synthesis(ws) * y).sum(), ws, create_graph=True)
+    lengths = grad.pow(2).sum(2).mean(1).sqrt()
+    a = cfg.gan.pl_decay * lengths.mean().item()
+    assert pl.mean == pytest.approx(a, rel=1e-6) and m.pl == pytest.approx(((lengths - a) ** 2).mean().item(), rel=1e-5)
+    # step 1 is not due: the update equals one without the regulariser, and the mean stays
+    s2, r2 = copy.deepcopy(state), copy.deepcopy(state)
+    m1 = gan_step(s2, [Batch(_images(seed=3))], GlobalNoise(0), cfg.gan, 1, path_length=pl)
+    gan_step(r2, [Batch(_images(seed=3))], GlobalNoise(0), none.gan, 1)
+    _assert_same(_params(s2.g), _params(r2.g))
+    assert m1.pl == 0.0 and pl.mean == pytest.approx(a, rel=1e-6)
+    assert PathLength(2.0, 2, 0.01).state_dict() == {"mean": 0.0}
+
+
+def test_path_length_needs_a_generator_with_w():
+    from latentforge.errors import ConfigError
+    from latentforge.train.program import build_program
+
+    cfg = tiny("dcgan-mnist", gan__pl_weight=2.0)
+    with pytest.raises(ConfigError, match="gan.pl_weight needs a generator with a W space"):
+        build_program(cfg, DataSpec((1, 28, 28), 0, ()), GlobalNoise(0), torch.device("cpu"), lambda m: m, lambda t: t)

@@ -18,13 +18,17 @@ GAN_FAMILIES = [n for n, f in FAMILIES.items() if f.algorithm == "gan"]
 VAE_FAMILIES = [n for n, f in FAMILIES.items() if f.algorithm == "vae"]
 
 
+NORMS = {"stylegan2": ("none", "none")}  # demodulation and R1 replace BatchNorm and spectral norm
+
+
 def _gan(family: str, res: int, ch: int = 3, k: int = 0, width: int = 4, **opts):
     fam = FAMILIES[family]
+    g_norm, d_norm = NORMS.get(family, ("batch", "spectral"))
     g_opts = {key: v for key, v in opts.items() if key in getattr(fam.options.get("generator"), "model_fields", {})}
     d_opts = {key: v for key, v in opts.items() if key in getattr(fam.options.get("discriminator"), "model_fields", {})}
-    g = fam.classes["generator"](z_dim=8, channels=ch, resolution=res, width=width, norm="batch", num_classes=k,
+    g = fam.classes["generator"](z_dim=8, channels=ch, resolution=res, width=width, norm=g_norm, num_classes=k,
                                  embed_dim=4, **g_opts)
-    d = fam.classes["discriminator"](channels=ch, resolution=res, width=width, norm="spectral", num_classes=k, **d_opts)
+    d = fam.classes["discriminator"](channels=ch, resolution=res, width=width, norm=d_norm, num_classes=k, **d_opts)
     return g, d
 
 
@@ -39,7 +43,7 @@ def test_gan_family_shapes_at_every_supported_resolution(family):
         torch.manual_seed(0)
         g, d = _gan(family, res, ch=3, k=3)
         y = torch.tensor([0, 2])
-        x = g(torch.randn(2, 8), y)
+        x = g.decode(torch.randn(2, 8), y)  # StyleGAN-style G may leave [-1, 1] in training; decode clamps
         assert x.shape == (2, 3, res, res), (family, res)
         assert x.min() >= -1 and x.max() <= 1
         assert d(x, y).shape == (2,)
@@ -94,6 +98,7 @@ def _spec(ch, res, k):
     ("resnet-mnist", {"model.conditional": True, "model.g_options": {"attention_res": 14}}),
     ("resnet-ada-color", {}),
     ("resnet-vae-mnist", {}),
+    ("stylegan2-mnist", {"model.conditional": True, "model.g_options": {"style_mixing": 0.5}}),
 ])
 def test_checkpoint_round_trip_gives_identical_outputs_and_generation_is_deterministic(preset, overrides, tmp_path):
     from latentforge.builders import build_gan, build_vae
@@ -120,6 +125,13 @@ def test_checkpoint_round_trip_gives_identical_outputs_and_generation_is_determi
     with torch.no_grad():
         a, b, c = net.decode(z, y), loaded.decode(z, y), loaded.decode(z, y)
     assert torch.equal(a, b) and torch.equal(b, c)
+    if preset.startswith("stylegan2"):  # edited in W: SeFa factorises the style affine weights
+        from latentforge.editing.space import edit_model
+
+        w_dim = cfg.model.g_options.get("w_dim", 128)
+        assert torch.equal(loaded.w_avg, net.w_avg) and net.w_avg.abs().sum() > 0  # the tracked mean w travels
+        assert edit_model(loaded).first_layer_weight().shape[1] == w_dim
+        return
     assert isinstance(loaded, FirstLayerEditable)
     assert loaded.first_layer_weight().shape[1] == 8  # the map from z: what SeFa factorises
 

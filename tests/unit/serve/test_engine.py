@@ -141,3 +141,25 @@ def test_a_resnet_model_generates_and_edits_through_the_interface(registry):
     z0 = torch.tensor(rn.generate_many([GenerateRequest(n=1, seed=3)])[0]["latents"][0])
     assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(2.0, rel=1e-4)
     assert e["images"][0] != e["original"]
+
+
+def test_a_stylegan_model_is_served_in_w(registry):
+    sg = ModelRuntime("stylegan", local_checkpoint(registry, "stylegan"), projection_steps=10, restarts=1)
+    assert sg.info()["latent_space"] == "w" and sg.z_dim == 128  # the API's latents are ws
+    a = sg.generate_many([GenerateRequest(n=2, seed=5, truncation=0.5, include_latents=True)])[0]
+    assert a == sg.generate_many([GenerateRequest(n=2, seed=5, truncation=0.5, include_latents=True)])[0]
+    w = torch.tensor(a["latents"])
+    w_full = torch.tensor(sg.generate_many([GenerateRequest(n=2, seed=5, include_latents=True)])[0]["latents"])
+    w_avg = sg.model.prior_center
+    torch.testing.assert_close(w, w_avg + 0.5 * (w_full - w_avg))  # truncation is ψ in W
+    assert {"sefa:0", "pca:0"} <= set(sg.directions) and sg.directions["sefa:0"].vector.shape == (128,)
+    e = sg.edit(EditRequest(source={"seed": 3}, direction="sefa:1", alpha=2.0))
+    assert torch.tensor(e["latents"][0]).sub(w_full.new_tensor(
+        sg.generate_many([GenerateRequest(n=1, seed=3, include_latents=True)])[0]["latents"][0])).norm().item() == \
+        pytest.approx(2.0, rel=1e-4)
+    i = sg.interpolate(InterpolateRequest(a={"seed": 1}, b={"seed": 2}, steps=3))
+    assert i["method"] == "lerp"  # W is not Gaussian: straight lines by default
+    path = torch.tensor(i["latents"])
+    torch.testing.assert_close(path[1], (path[0] + path[2]) / 2)
+    r = sg.edit(EditRequest(source={"latent": path[1].tolist()}, direction="pca:0", alpha=-1.0))
+    assert r["images"][0] != r["original"]

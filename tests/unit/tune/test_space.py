@@ -183,7 +183,7 @@ def test_the_shipped_architecture_sweep_loads():
     from pathlib import Path
 
     sw = load_sweep(Path(__file__).parents[3] / "jobs" / "sweeps" / "arch-mnist.yaml")
-    assert set(sw.families) == {"dcgan", "resnet"} and len(distinct_points(sw)) == sw.trials
+    assert set(sw.families) == {"dcgan", "resnet", "stylegan2"} and len(distinct_points(sw)) == sw.trials
 
 
 def test_families_refuse_pbt_and_grids(tmp_path):
