@@ -93,8 +93,8 @@ def test_ddp_matches_single_process_with_stylegan2(ray_cluster, mnist_dir, tmp_p
     single, ddp = _weights(tmp_path / "single", k), _weights(tmp_path / "runs" / "ddp", k)
     assert single.keys() == ddp.keys() and "generator_ema.mapping_net.w_avg" in single
     assert single["generator_ema.mapping_net.w_avg"].abs().sum() > 0
-    for key in single:
-        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
+    for key in single:  # the mapping's weights are stored x100 (learning-rate multiplier 0.01): also relative
+        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=1e-6), (key, (single[key] - ddp[key]).abs().max())
 
 
 def test_ray_data_run_writes_a_complete_run_folder(ray_cluster, mnist_dir, tmp_path):
