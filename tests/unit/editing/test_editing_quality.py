@@ -45,3 +45,21 @@ def test_betavae_size_direction_changes_size_more_than_position(shapes_dir, tmp_
     assert size > 2 * max(others["x"], others["y"]), (size, others)
     assert r["dir_attr:size_moves_intended_way_rate"] > 0.7
 
+
+
+@pytest.mark.parametrize("preset", ["resnet-mnist", "stylegan2-mnist"])
+def test_gan_families_go_through_edit_eval(preset, mnist_dir, mnist_features, tmp_path):
+    """A ResNet and a StyleGAN2-style checkpoint through every edit-eval measurement: directions
+    live in the model's edit space (z, or w for StyleGAN2), and a W+ fit is at least as close as W."""
+    from latentforge.editing.directions import load_directions
+
+    cfg = tiny(preset, train__steps=30, train__checkpoint_every=30)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    r = edit_eval(str(tmp_path), str(mnist_dir), images=16, project_steps=40, log=quiet)
+    dirs = load_directions(tmp_path / "step_000030")
+    dim = cfg.model.g_options.get("w_dim", 128) if preset.startswith("stylegan2") else cfg.model.z_dim
+    assert {"sefa:0", "pca:0"} <= set(dirs) and all(d.vector.shape == (dim,) for d in dirs.values())
+    if preset.startswith("stylegan2"):
+        assert r["recon_psnr_wplus"] >= r["recon_psnr"] - 0.1, r
+    else:
+        assert "recon_psnr_wplus" not in r
