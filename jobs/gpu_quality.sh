@@ -36,6 +36,7 @@ RUNS=(
   "stylegan2+diffaug w32|stylegan2-mnist|gan.augment=diffaugment gan.diffaugment_policy=[translation,cutout] model.g_width=32 model.d_width=32"
   "stylegan2+diffaug mixing0.9|stylegan2-mnist|gan.augment=diffaugment gan.diffaugment_policy=[translation,cutout] model.g_options.style_mixing=0.9"
   "stylegan2+diffaug map8|stylegan2-mnist|gan.augment=diffaugment gan.diffaugment_policy=[translation,cutout] model.g_options.mapping_layers=8"
+  "stylegan2 paper regularisers|stylegan2-mnist|model.g_options.style_mixing=0.9 gan.pl_weight=2"
   "dcgan|dcgan-mnist|"
 )
 
