@@ -168,6 +168,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     """
     path = resolve_checkpoint(path)
     config = _read_config(path)
+    _check_shapes_before_allocating(path, config)
     modules = {}
     for name, spec in config["modules"].items():
         try:
@@ -180,6 +181,36 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     modules = {name: m.to(device).eval().requires_grad_(False) for name, m in modules.items()}
     return LoadedCheckpoint(path=path, config=config, modules=modules, step=int(config["step"]),
                             algorithm=config["algorithm"], data=DataSpec.from_json(config["data"]))
+
+
+def _check_shapes_before_allocating(path: Path, config: dict) -> None:
+    """Build every module on the meta device (no memory) and compare its tensors with the shapes
+    the weights file declares in its header: a config.json that does not describe the weights
+    beside it (planted, or from another model) is refused before anything is allocated, so what is
+    allocated is bounded by the file on disk."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
+    for name, spec in config.get("modules", {}).items():
+        try:
+            with torch.device("meta"):
+                module = build_module(spec)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: module {name!r}: {e}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
+        except (NotImplementedError, RuntimeError):
+            continue  # a constructor that computes on its tensors: checked when the weights load
+        for key, t in module.state_dict().items():
+            found = shapes.get(f"{name}.{key}", "missing")
+            if found != tuple(t.shape):
+                raise CheckpointError(f"{path}: {CONFIG} describes module {name!r} with {key} of shape "
+                                      f"{tuple(t.shape)}, but {WEIGHTS} holds {found}: the config does not belong "
+                                      "to these weights")
 
 
 def load_training_state(path: str | Path) -> dict:

@@ -102,8 +102,36 @@ def test_mismatched_weights_are_reported(gan_run, tmp_path):
     cfg = json.loads((ck / "config.json").read_text())
     cfg["modules"]["generator"]["args"]["width"] = 16
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="do not match"):
+    # found from the weights file's header, before the module is allocated
+    with pytest.raises(CheckpointError, match="describes module 'generator' with .* of shape .* but model.safetensors "
+                                              "holds .*: the config does not belong to these weights"):
         load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("module,field,value,message", [
+    ("generator", "width", 10**9, "width: Input should be less than or equal to 512"),
+    ("generator", "z_dim", -3, "z_dim: Input should be greater than or equal to 1"),
+    ("generator", "resolution", 4096, "resolution: Input should be less than or equal to 1024"),
+    ("discriminator", "resolution", 48, "resolution 48 is not one of the 'dcgan' family's 8, 16, 28, 32, 64"),
+    ("generator", "num_classes", 10**12, "num_classes: Input should be less than or equal to 100000"),
+])
+def test_planted_arguments_are_refused_before_anything_is_built(gan_run, tmp_path, module, field, value, message):
+    """A config.json with absurd sizes fails fast with the field and its bound, not by exhausting memory."""
+    ck = _copy(gan_run, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["modules"][module]["args"][field] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ck)
+
+
+def test_planted_family_options_are_refused(tmp_path):
+    from latentforge.models.architectures import build_module
+
+    spec = {"class": "ResNetGenerator", "args": {"z_dim": 8, "channels": 1, "resolution": 28, "width": 4,
+                                                  "blocks_per_stage": 10**9}}
+    with pytest.raises(ValueError, match="blocks_per_stage: Input should be less than or equal to 8"):
+        build_module(spec)
 
 
 def test_latents_of_a_seed_do_not_depend_on_how_many_are_asked_for():

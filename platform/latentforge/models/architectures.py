@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from latentforge.models import interface, plugins
@@ -184,9 +184,52 @@ def model_class(name: str) -> type[nn.Module]:
     return _resolve_class({"class": name})
 
 
+class SharedArgs(BaseModel):
+    """Bounds on the constructor keywords every family shares, as a checkpoint records them: a
+    planted config.json must not make a constructor loop or allocate without limit (the training
+    configs bound the same values when they load; a checkpoint skips that path)."""
+
+    model_config = ConfigDict(extra="allow")
+    z_dim: int = Field(1, ge=1, le=1024)
+    channels: int = Field(1, ge=1, le=4)
+    resolution: int = Field(8, ge=1, le=1024)
+    width: int = Field(4, ge=1, le=512)
+    num_classes: int = Field(0, ge=0, le=100_000)
+    embed_dim: int = Field(1, ge=1, le=1024)
+
+
+def check_module_args(cls: type[nn.Module], args) -> None:
+    """Validate a registered class's checkpoint keywords against its family's bounds and options.
+
+    Raises:
+        ValueError: naming the field and the bound (plug-ins check their own arguments).
+    """
+    fam_role = next(((f, r) for f in FAMILIES.values() for r, c in f.classes.items() if c is cls), None)
+    if fam_role is None:  # a class outside the catalogue (the classifier, plug-ins)
+        return
+    if not isinstance(args, dict):
+        raise ValueError(f"args of {cls.__name__} must be a mapping, got {type(args).__name__}")
+    fam, role = fam_role
+    try:
+        shared = SharedArgs.model_validate(args)
+        if "resolution" in args and fam.resolutions and shared.resolution not in fam.resolutions:
+            raise ValueError(f"resolution {shared.resolution} is not one of the {fam.name!r} family's "
+                             f"{', '.join(map(str, fam.resolutions))}")
+        schema = fam.options.get(role)
+        if schema is not None:
+            own = {k: v for k, v in args.items() if k in schema.model_fields}
+            schema.model_validate(own)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ValueError(f"{cls.__name__} arguments out of bounds: {problems}") from None
+
+
 def build_module(spec: dict) -> nn.Module:
-    """Instantiate a module from a checkpoint's record {'class', 'args'[, 'plugin']}."""
-    return _resolve_class(spec)(**spec["args"])
+    """Instantiate a module from a checkpoint's record {'class', 'args'[, 'plugin']}, after its
+    arguments are checked against its family's bounds."""
+    cls = _resolve_class(spec)
+    check_module_args(cls, spec["args"])
+    return cls(**spec["args"])
 
 
 def describe(module: nn.Module) -> dict:
