@@ -39,6 +39,7 @@ class WSpace(nn.Module):
         self.z_dim, self.noise_dim = generator.w_dim, generator.z_dim
         self.num_classes, self.num_ws = generator.num_classes, generator.num_ws
         self.init_args = dict(generator.init_args)
+        self.train(generator.training)  # a view of a loaded (eval) generator must not flip it to training
 
     def latents_from_noise(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                            truncation: float | None = None) -> torch.Tensor:

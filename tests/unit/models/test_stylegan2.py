@@ -142,3 +142,10 @@ def test_inversion_in_w_finds_a_generated_image_and_w_plus_fits_at_least_as_well
     assert (plus.error <= inv.error * 1.05).all(), (plus.error, inv.error)
     with pytest.raises(Exception, match="W\\+ projection needs a model with a W space"):
         project(torch.nn.Identity(), x, plus=True)
+
+
+def test_the_w_view_keeps_the_generators_mode():
+    g = _g().eval()
+    view = edit_model(g)
+    seeded_latents(view, 2, seed=1)
+    assert not g.training and not view.training  # eval stays eval: fixed noise, no w_avg updates
