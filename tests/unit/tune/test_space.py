@@ -194,3 +194,17 @@ def test_families_refuse_pbt_and_grids(tmp_path):
     f.write_text(FAMILIES_SWEEP.replace("model.g_width: {choice: [16, 32]}", "model.g_width: {grid: [16, 32]}"))
     with pytest.raises(ConfigError, match="grid would multiply"):
         load_sweep(f)
+
+
+def test_family_trials_are_spread_evenly_whatever_each_sub_space_size(tmp_path):
+    """A family with 16 times the points of another still gets only its share of the trials."""
+    f = tmp_path / "uneven.yaml"
+    f.write_text(FAMILIES_SWEEP.replace("    model.g_width: {choice: [16, 32]}\n", "    model.g_width: 32\n").replace(
+        "    model.g_width: 16\n    model.g_options.attention_res: {choice: [0, 14]}\n",
+        "    model.g_width: {choice: [8, 16, 24, 32]}\n    model.d_width: {choice: [8, 16, 24, 32]}\n"))
+    sw = load_sweep(f)
+    points = distinct_points(sw)
+    archs = [p["model.arch"] for p in points]
+    assert sorted(archs) == ["dcgan"] * 3 + ["resnet"] * 3, archs
+    resnet = [(p["resnet::model.g_width"], p["resnet::model.d_width"]) for p in points if p["model.arch"] == "resnet"]
+    assert len(set(resnet)) == 3  # without replacement within a family
