@@ -234,7 +234,9 @@ class StyleGAN2Generator(nn.Module):
     def synthesis(self, ws: torch.Tensor) -> torch.Tensor:
         """w (B, w_dim) or W+ (B, num_ws, w_dim) → images (B, C, H, W), not clamped."""
         ws = self.broadcast_ws(ws)
-        x = self.const[None].expand(len(ws), -1, -1, -1).to(ws.dtype)
+        # a copy, not an expand: a view of a parameter made under no_grad still "requires grad" as a
+        # leaf, which autograd hooks (FlopCounterMode, module trackers) cannot attach to
+        x = self.const.unsqueeze(0).repeat(len(ws), 1, 1, 1).to(ws.dtype)
         probe = self.convs[0].conv.weight
         if not probe.is_contiguous() and probe.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the model was put in channels_last

@@ -149,3 +149,14 @@ def test_the_w_view_keeps_the_generators_mode():
     view = edit_model(g)
     seeded_latents(view, 2, seed=1)
     assert not g.training and not view.training  # eval stays eval: fixed noise, no w_avg updates
+
+
+def test_flops_are_countable_without_grad():
+    """`bench train` counts a step's FLOPs under FlopCounterMode, whose hooks cannot attach to a
+    leaf that requires grad: the D pass makes its fakes under no_grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = _g()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        g(torch.randn(2, 8))
+    assert counter.get_total_flops() > 0
