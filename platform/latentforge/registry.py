@@ -25,7 +25,7 @@ from pathlib import Path
 from latentforge import __version__
 from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
 from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
-from latentforge.editing.space import WSpace, edit_model
+from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
 from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
 
@@ -78,7 +78,7 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         "step": ck.step,
         "experiment": ck.experiment.get("name"),
         "z_dim": edit_model(gen).z_dim,  # the size of the latents the API takes and returns (w for W models)
-        "latent_space": "w" if isinstance(edit_model(gen), WSpace) else "z",
+        "latent_space": latent_space(gen),
         "num_classes": gen.num_classes,
         "image_shape": list(ck.data.image_shape),
         "class_names": list(ck.data.class_names),

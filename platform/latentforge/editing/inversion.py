@@ -84,8 +84,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     z0 = random_latents(model, restarts * n, gen, None if labels is None else labels.cpu().repeat(restarts))
     z0 = z0.view(restarts, n, d).to(device)
     if center is not None:
-        z0[0] = center.detach().float().to(device)  # StyleGAN2's projector starts at the mean w
         center = center.detach().float().to(device)
+        z0[0] = center  # StyleGAN2's projector starts at the mean w
     if init is not None:
         z0[0] = init
     z = z0.reshape(restarts * n, d)

@@ -68,6 +68,11 @@ def edit_model(model: nn.Module) -> nn.Module:
     return WSpace(model) if isinstance(model, StyleEditable) and not isinstance(model, WSpace) else model
 
 
+def latent_space(model: nn.Module) -> str:
+    """'w' for a `WSpace` view (or a generator with W), 'z' otherwise: what an API's latents are."""
+    return "w" if isinstance(edit_model(model), WSpace) else "z"
+
+
 def noise_dim(model: nn.Module) -> int:
     """Size of the standard-normal noise that `latents_from_noise` maps to latents."""
     return getattr(model, "noise_dim", model.z_dim)
