@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -93,6 +94,8 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         files = {f: ck_path / f for f in (CONFIG, WEIGHTS)}
         if directions_dir is not None:
             files.update({f"{DIRECTIONS_DIR}/{p.name}": p for p in sorted(directions_dir.iterdir()) if p.is_file()})
+        # what a download is checked against (and what names the cached copy): the content itself
+        entry["files"] = {rel: _sha256_file(src) for rel, src in files.items()}
         payload = json.dumps(entry, indent=2, sort_keys=True).encode()
         if is_uri(registry):
             for rel, src in files.items():
@@ -154,16 +157,31 @@ def show(registry: str, name: str) -> dict:
 
 
 DIRECTION_FILES = ("directions.json", "directions.safetensors")
+DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
 
 
-def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = None) -> Path:
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = None,
+                     max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> Path:
     """A local folder holding the entry's checkpoint; for URIs a download into `cache_dir`
     (default: one fixed folder per registry under the temp dir, so repeated loads reuse it).
 
-    The download folder is named by the hash of the entry's model.json, which promotion rewrites:
-    a replica that loads the model after `promote --overwrite` gets the new weights, never a mix.
-    Every file is written atomically and config.json, the completeness mark, last: a download cut
-    short is finished by the next load, never used half-done. Edit directions come along."""
+    The download folder is named by the hash of the entry's model.json, which records the SHA-256
+    of every file and which promotion rewrites: a replica that loads the model after `promote
+    --overwrite` gets the new weights, never a mix. Each file is checked against its hash before it
+    is written (atomically), and config.json, the completeness mark, last: a download cut short or
+    damaged is never used, and the next load finishes it. Edit directions come along.
+
+    The cache is bounded: after a download, older versions of the same model are deleted (a replica
+    holds the weights it loaded in memory), then the least recently used versions of other models
+    until the cache holds at most `max_bytes` (the version just fetched always stays)."""
     entry = show(registry, name)
     if not is_uri(registry):
         return Path(registry) / name / "checkpoint"
@@ -172,11 +190,40 @@ def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = No
         hashlib.sha256(registry.encode()).hexdigest()[:16]
     cache = root / name / version
     if (cache / CONFIG).is_file():
+        os.utime(cache)  # recently used: the last to be evicted
         return cache
     wanted = [WEIGHTS] + [f"{DIRECTIONS_DIR}/{f}" for f in DIRECTION_FILES if entry.get("directions")] + [CONFIG]
+    hashes = entry.get("files") or {}  # entries promoted before hashes were recorded have none
     for rel in wanted:
         data = read_bytes_uri(join_uri(registry, name, "checkpoint", *rel.split("/")))
         if data is None:
             raise RegistryError(f"registry entry {name!r} is missing checkpoint/{rel}; promote it again")
+        if rel in hashes and hashlib.sha256(data).hexdigest() != hashes[rel]:
+            raise RegistryError(f"registry entry {name!r}: the downloaded checkpoint/{rel} does not match the hash in its "
+                                "model.json (damaged, or replaced during the download); retry, or promote it again")
         write_bytes_uri(str(cache / rel), data)
+    os.utime(cache)
+    prune_cache(root, keep=cache, max_bytes=max_bytes)
     return cache
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune_cache(root: Path, keep: Path, max_bytes: int) -> list[Path]:
+    """Delete the cached versions that `keep` supersedes (same model, other version), then the
+    least recently used ones until the cache holds at most `max_bytes`. Returns what was deleted."""
+    versions = [v for v in root.glob("*/*") if v.is_dir() and v != keep]
+    removed = [v for v in versions if v.parent == keep.parent]
+    rest = sorted((v for v in versions if v.parent != keep.parent), key=lambda v: v.stat().st_mtime)
+    sizes = {v: _tree_bytes(v) for v in rest}
+    total = _tree_bytes(keep) + sum(sizes.values())
+    for v in rest:
+        if total <= max_bytes:
+            break
+        removed.append(v)
+        total -= sizes[v]
+    for v in removed:
+        shutil.rmtree(v, ignore_errors=True)
+    return removed

@@ -93,7 +93,8 @@ class _Models:
         from latentforge.serve.engine import ModelRuntime
 
         try:
-            path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir)
+            path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir,
+                                    max_bytes=int(self.cfg.model_cache_max_gb * 2**30))
             runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
         except RegistryError:
             raise  # unknown or invalid ids: the gateway's 404/400

@@ -109,14 +109,52 @@ def test_uri_registry_carries_directions_and_replicas_pick_up_an_overwrite(gan_r
     assert local_checkpoint(registry, "gan", cache) == first and (first / "config.json").is_file()
 
     # promote --overwrite: a new version folder with the new weights
+    from safetensors.numpy import load_file
+
     from latentforge.train.local import train_local
+
+    a = load_file(str(first / "model.safetensors"))
 
     train_local(tiny("dcgan-mnist", train__steps=4, train__checkpoint_every=4, train__seed=5), mnist_dir,
                 tmp_path / "run2", log=lambda *_: None)
     promote(tmp_path / "run2", registry, "gan", overwrite=True)
     second = local_checkpoint(registry, "gan", cache)
     assert second != first and json.loads((second / "config.json").read_text())["step"] == 4
-    from safetensors.numpy import load_file
-
-    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    b = load_file(str(second / "model.safetensors"))
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert not first.exists()  # the superseded version is deleted, not left to fill the disk
+
+
+def test_a_damaged_download_is_refused_and_never_cached(gan_run, tmp_path):
+    from latentforge.registry import RegistryError
+
+    registry = f"file://{tmp_path / 'remote'}"
+    promote(gan_run, registry, "gan")
+    weights = tmp_path / "remote" / "gan" / "checkpoint" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-100] + bytes(100))  # a truncated / corrupted object in the store
+    cache = tmp_path / "cache"
+    with pytest.raises(RegistryError, match="does not match the hash"):
+        local_checkpoint(registry, "gan", cache)
+    assert not list(cache.rglob("model.safetensors"))  # nothing half-good left behind
+    weights.write_bytes(good)
+    path = local_checkpoint(registry, "gan", cache)
+    assert (path / "model.safetensors").read_bytes() == good
+
+
+def test_the_download_cache_is_bounded_and_evicts_the_least_recently_used(gan_run, tmp_path):
+    import os
+
+    registry = f"file://{tmp_path / 'remote'}"
+    for name in ("a", "b", "c"):
+        promote(gan_run, registry, name)
+    cache = tmp_path / "cache"
+    a = local_checkpoint(registry, "a", cache)
+    size = sum(f.stat().st_size for f in a.rglob("*") if f.is_file())
+    b = local_checkpoint(registry, "b", cache, max_bytes=int(2.5 * size))
+    os.utime(a, (1, 1)), os.utime(b, (2, 2))
+    assert local_checkpoint(registry, "a", cache, max_bytes=int(2.5 * size)) == a  # a hit: a is now the newest
+    c = local_checkpoint(registry, "c", cache, max_bytes=int(2.5 * size))  # over the bound: b, least recent, goes
+    assert a.exists() and c.exists() and not b.exists()
+    tiny_bound = local_checkpoint(registry, "b", cache, max_bytes=1)  # the version just fetched always stays
+    assert tiny_bound.exists() and not a.exists() and not c.exists()
