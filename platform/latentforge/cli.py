@@ -347,14 +347,24 @@ def add_bench_serve(bench: Verbs) -> None:
     bs.add_argument("--checkpoint", help="model to serve (default: an untrained dcgan-mnist)")
     bs.add_argument("--n", type=int, default=4, help="images per request")
     bs.add_argument("--requests", type=int, default=12, help="requests per client")
+    bs.add_argument("--mixed-seconds", type=float, default=0.0,
+                    help="also run a mixed generate/edit/interpolate load of 32 clients for this long (e.g. 60)")
+    bs.add_argument("--modes", default="default",
+                    help="Ray Serve request-path modes to compare, one process each: default, throughput, haproxy "
+                         "(comma-separated, e.g. default,throughput)")
     add_json_flag(bs)
     bs.set_defaults(func=cmd_bench_serve)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> Result:
-    from latentforge.bench.serve_bench import bench_serve
+    from latentforge.bench.serve_bench import bench_serve, bench_serve_modes
 
-    return bench_serve(args.checkpoint, n=args.n, requests_per_client=args.requests)
+    kwargs = {"checkpoint": args.checkpoint, "n": args.n, "requests_per_client": args.requests,
+              "mixed_seconds": args.mixed_seconds}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if modes == ["default"]:
+        return bench_serve(**kwargs)
+    return bench_serve_modes(modes, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ edit-eval

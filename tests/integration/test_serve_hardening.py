@@ -200,7 +200,18 @@ def test_a_full_edit_queue_sheds_load_with_503_and_retry_after(server, registry)
     png = image_b64("PNG")
     body = {"image": png, "label": 0, "steps": 3000}  # long (seconds), under the budget
     with cf.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda _: call(server, "POST", "/v1/models/gan/reconstruct", body, AUTH), range(6)))
+        pending = [pool.submit(call, server, "POST", "/v1/models/gan/reconstruct", body, AUTH) for _ in range(6)]
+        import time
+
+        time.sleep(1.0)  # the Editor is busy and its queue full now
+        # edits and interpolations of seeds invert nothing: they never wait behind projections
+        edit = call(server, "POST", "/v1/models/gan/edit", {"source": SEED, "direction": "sefa:0", "alpha": 1}, AUTH)
+        path = call(server, "POST", "/v1/models/gan/interpolate", {"a": SEED, "b": {"seed": 2, "label": 1}, "steps": 3}, AUTH)
+        still_busy = not all(f.done() for f in pending)
+        answers = [f.result() for f in pending]
+    assert edit.status_code == 200 and len(edit.json()["images"]) == 1, edit.text[:200]
+    assert path.status_code == 200 and len(path.json()["images"]) == 3, path.text[:200]
+    assert still_busy  # they were answered while the projections ran
     codes = [a.status_code for a in answers]
     assert 503 in codes and set(codes) <= {200, 503, 504}, codes
     busy = next(a for a in answers if a.status_code == 503)

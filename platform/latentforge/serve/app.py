@@ -118,7 +118,7 @@ def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
 class Generator:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.models = _Models(self.cfg)
+        self.models = _Models(self.cfg, directions=True)  # it also runs edits of seeds and latents
         from ray.util.metrics import Counter, Histogram
 
         self.batch_images = Histogram("latentforge_serve_batch_images", "Images per generation forward pass",
@@ -169,6 +169,16 @@ class Generator:
     async def generate_many(self, model_id: str, requests: list[dict]) -> list:
         """A batch the gateway already collected: one forward pass, one result or error each."""
         return await self._generate_batch(model_id, [GenerateRequest.model_validate(r) for r in requests])
+
+    async def latent_op(self, model_id: str, op: str, body: "EditRequest | InterpolateRequest") -> dict:
+        """An edit or interpolation whose sources are seeds or latents: a forward pass of a few
+        images, like generation, with nothing to invert. It runs here rather than in the Editor's
+        queue, where one slot per reserved CPU is kept for projections that take seconds."""
+        if op not in ("edit", "interpolate"):
+            raise ValueError(f"not a latent operation: {op!r}")
+        self.models.check_loadable(model_id)
+        runtime = await self.get_model(model_id)
+        return await asyncio.to_thread(getattr(runtime, op), body)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(r.n for _, r in items))
     async def _batched(self, items: list) -> list:
@@ -547,13 +557,21 @@ class Gateway:
     async def reconstruct(self, model_id: ModelId, body: ImageRequest, request: Request):
         return await self._call(request, model_id, lambda: self._editor(model_id).reconstruct.remote(model_id, body))
 
+    def _latent_op(self, model_id: str, op: str, body, sources: list):
+        """Work that inverts an image goes to the Editor (bounded queue, one projection per
+        reserved CPU); the same operation on seeds or latents is a forward pass and goes to the
+        Generator, so cheap edits never wait behind projections."""
+        if any(src.image is not None for src in sources):
+            return getattr(self._editor(model_id), op).remote(model_id, body)
+        return self.generator.options(multiplexed_model_id=model_id).latent_op.remote(model_id, op, body)
+
     @app.post("/v1/models/{model_id}/interpolate", responses=MODEL_ERRORS)
     async def interpolate(self, model_id: ModelId, body: InterpolateRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).interpolate.remote(model_id, body))
+        return await self._call(request, model_id, lambda: self._latent_op(model_id, "interpolate", body, [body.a, body.b]))
 
     @app.post("/v1/models/{model_id}/edit", responses=MODEL_ERRORS)
     async def edit(self, model_id: ModelId, body: EditRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).edit.remote(model_id, body))
+        return await self._call(request, model_id, lambda: self._latent_op(model_id, "edit", body, [body.source]))
 
     @app.post("/v1/models/{model_id}/inpaint", responses=MODEL_ERRORS)
     async def inpaint(self, model_id: ModelId, body: InpaintRequest, request: Request):
