@@ -396,6 +396,27 @@ app.add_middleware(BodyLimit)
 app.add_middleware(ApiKeyAuth)  # added last: runs first
 
 
+def _openapi() -> dict:
+    """FastAPI's document plus how to authenticate: the key's two headers as security schemes,
+    required on every route but the public ones (a server started without a key ignores them)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        for path, operations in doc.get("paths", {}).items():
+            for op in operations.values():
+                op["security"] = [] if path in PUBLIC_PATHS else [{"apiKey": []}, {"bearer": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
 def _awaited(awaitable):
     async def wait():
         return await awaitable
