@@ -260,6 +260,9 @@ def test_configuration_mistakes_fail_before_serving(tmp_path):
     with pytest.raises(ConfigError, match="without an API key"):
         check_exposure(ServeConfig(), "0.0.0.0")
     check_exposure(ServeConfig(), "0.0.0.0", allow_unauthenticated=True)  # explicitly allowed
+    with pytest.raises(ConfigError, match="every interface"):  # its replica ports are not on loopback
+        check_exposure(ServeConfig(), "127.0.0.1", request_path="haproxy")
+    check_exposure(ServeConfig(api_key=KEY), "127.0.0.1", request_path="haproxy")
     with pytest.raises(ConfigError, match="cannot be read"):
         check_exposure(ServeConfig(api_key_file=str(tmp_path / "missing")), "127.0.0.1")
     (tmp_path / "short").write_text("abc")

@@ -112,16 +112,6 @@ def mixed_load(url: str, model: str, concurrency: int = 32, seconds: float = 60.
             **{kind: {"requests": len(v), **_percentiles(v)} for kind, v in latencies.items() if v}}
 
 
-# Ray Serve's request-path modes (Ray >= 2.55; read from the environment when Serve starts): the
-# throughput-optimised mode (direct ingress to the replicas, gRPC between deployments, buffered
-# request logs, frozen start-up garbage) and, on top of it, HAProxy in place of the Python proxy.
-SERVE_MODES = {
-    "default": {},
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
-}
-
-
 def bench_serve_modes(modes: list[str], log=print, **kwargs) -> dict:
     """Run `bench_serve` once per Serve mode, each in a fresh process (the modes are read when
     Ray and Serve start), one after another on this machine, and compare them side by side."""
@@ -129,6 +119,8 @@ def bench_serve_modes(modes: list[str], log=print, **kwargs) -> dict:
     import os
     import subprocess
     import sys
+
+    from latentforge.serve.runner import REQUEST_PATHS as SERVE_MODES
 
     unknown = [m for m in modes if m not in SERVE_MODES]
     if unknown:
@@ -157,6 +149,19 @@ def bench_serve_modes(modes: list[str], log=print, **kwargs) -> dict:
             f"{r['batching_speedup_at_max_concurrency']:.2f}x, batched {r[f'batched_c{top}']['images_per_s']:.0f} images/s "
             f"({r['batched_vs_first_mode']:.2f}x {modes[0]}), request path {r['request_path_requests_per_s']:.0f}/s")
     return {"modes": results}
+
+
+def untrained_checkpoint(path: Path) -> Path:
+    """An untrained dcgan-mnist (28x28, unconditional) checkpoint at `path`."""
+    from latentforge.builders import build_gan
+    from latentforge.checkpoint import save_checkpoint
+    from latentforge.config import experiment_to_dict, load_experiment
+    from latentforge.data.spec import DataSpec
+
+    cfg = load_experiment("dcgan-mnist")
+    g, d = build_gan(cfg.model, DataSpec((1, 28, 28), 0))
+    return save_checkpoint(path, algorithm="gan", experiment=experiment_to_dict(cfg), data=DataSpec((1, 28, 28), 0),
+                           modules={"generator": g, "discriminator": d, "generator_ema": copy.deepcopy(g)}, step=0)
 
 
 def in_process(checkpoint_dir: str, n: int, batch_requests: int, repeats: int = 20, threads: int = 1) -> float:
@@ -190,17 +195,8 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
     from latentforge.ray_cluster import ray_init
 
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-serve-"))
-    if checkpoint is None:  # an untrained dcgan-mnist: throughput does not depend on training
-        from latentforge.data.spec import DataSpec
-        from latentforge.builders import build_gan
-        from latentforge.checkpoint import save_checkpoint
-        from latentforge.config import experiment_to_dict, load_experiment
-
-        cfg = load_experiment("dcgan-mnist")
-        g, d = build_gan(cfg.model, DataSpec((1, 28, 28), 0))
-        checkpoint = str(save_checkpoint(tmp / "ckpt", algorithm="gan", experiment=experiment_to_dict(cfg),
-                                         data=DataSpec((1, 28, 28), 0), modules={"generator": g, "discriminator": d,
-                                                                                 "generator_ema": copy.deepcopy(g)}, step=0))
+    if checkpoint is None:  # throughput does not depend on training
+        checkpoint = str(untrained_checkpoint(tmp / "ckpt"))
     registry = str(tmp / "registry")
     promote(checkpoint, registry, "bench")
     threads = 1
