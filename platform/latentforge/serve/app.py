@@ -77,6 +77,9 @@ class _Models:
         allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
         self.cfg, self.directions = cfg, directions
         self.failed: dict[str, float] = {}  # model id -> when its load last failed (a negative cache)
+        self.resident: set[str] = set()  # ids the multiplexed cache holds (added by `take`, dropped on eviction)
+        self.staged: dict[str, object] = {}  # loaded, not yet handed to the cache
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         from ray.util.metrics import Counter
 
         self.loads = Counter("latentforge_serve_model_loads", "Models loaded into a replica", tag_keys=("model",))
@@ -88,6 +91,25 @@ class _Models:
         when = self.failed.get(model_id)
         if when is not None and time.monotonic() - when < self.cfg.model_retry_s:
             raise _unavailable(model_id, self.cfg.model_retry_s - (time.monotonic() - when))
+
+    async def runtime(self, model_id: str, get_model):
+        """The loaded model, through the replica's multiplexed cache (`get_model`). Ray's cache
+        evicts its least recently used model before it calls the loader, so a model that is not
+        resident is loaded here first: one that fails to load answers 503 and evicts nothing."""
+        self.check_loadable(model_id)
+        if model_id not in self.resident:
+            async with self._locks[model_id]:  # concurrent first requests load it once
+                if model_id not in self.resident and model_id not in self.staged:
+                    self.staged[model_id] = await asyncio.to_thread(self.load, model_id)
+        return await get_model(model_id)
+
+    def take(self, model_id: str):
+        """The multiplexed loader: the staged model if there is one, else a load now. The cache
+        calls the returned runtime's `__del__` when it evicts it, which drops it from `resident`."""
+        runtime = self.staged.pop(model_id, None) or self.load(model_id)
+        runtime.__del__ = lambda: self.resident.discard(model_id)
+        self.resident.add(model_id)
+        return runtime
 
     def load(self, model_id: str):
         from latentforge.serve.engine import ModelRuntime
@@ -129,7 +151,7 @@ class Generator:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, model_id: str):
-        return await asyncio.to_thread(self.models.load, model_id)
+        return await asyncio.to_thread(self.models.take, model_id)
 
     def _run(self, runtime, requests):
         results = runtime.generate_many(requests)
@@ -157,13 +179,11 @@ class Generator:
         req = GenerateRequest.model_validate(request)
         if self.cfg.batching:
             return await self._batched((model_id, req))
-        self.models.check_loadable(model_id)
-        runtime = await self.get_model(model_id)
+        runtime = await self.models.runtime(model_id, self.get_model)
         return (await asyncio.to_thread(self._run_safely, runtime, [req]))[0]
 
     async def _generate_batch(self, model_id: str, requests: list[GenerateRequest]) -> list:
-        self.models.check_loadable(model_id)
-        runtime = await self.get_model(model_id)
+        runtime = await self.models.runtime(model_id, self.get_model)
         return await asyncio.to_thread(self._run_safely, runtime, requests)
 
     async def generate_many(self, model_id: str, requests: list[dict]) -> list:
@@ -176,8 +196,7 @@ class Generator:
         queue, where one slot per reserved CPU is kept for projections that take seconds."""
         if op not in ("edit", "interpolate"):
             raise ValueError(f"not a latent operation: {op!r}")
-        self.models.check_loadable(model_id)
-        runtime = await self.get_model(model_id)
+        runtime = await self.models.runtime(model_id, self.get_model)
         return await asyncio.to_thread(getattr(runtime, op), body)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.01, batch_size_fn=lambda items: sum(r.n for _, r in items))
@@ -194,13 +213,12 @@ class Editor:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, model_id: str):
-        return await asyncio.to_thread(self.models.load, model_id)
+        return await asyncio.to_thread(self.models.take, model_id)
 
     async def _on_model(self, model_id: str, op: "Callable[[ModelRuntime], dict]") -> dict:
         """Load (or reuse) `model_id`, then run `op` on it in a thread: inversion and inpainting
         take seconds, and the replica's event loop must keep accepting requests meanwhile."""
-        self.models.check_loadable(model_id)
-        runtime = await self.get_model(model_id)
+        runtime = await self.models.runtime(model_id, self.get_model)
         stop = threading.Event()
         deadline = time.monotonic() + self.cfg.request_timeout_s
 
