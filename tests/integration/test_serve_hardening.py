@@ -175,6 +175,7 @@ def test_the_key_is_accepted_in_every_documented_form_and_public_routes_need_non
     assert call(server, "GET", "/readyz").status_code == 401
     ready = call(server, "GET", "/readyz", headers=AUTH)
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["models"] >= 3
+    assert ready.json()["loaded"] in {m["id"] for m in call(server, "GET", "/v1/models", headers=AUTH).json()["models"]}
     # a JPEG (documented) is decoded
     r = call(server, "POST", "/v1/models/vae/reconstruct", {"image": image_b64("JPEG")}, AUTH)
     assert r.status_code == 200, r.text[:200]
@@ -247,6 +248,8 @@ def _broken_model_is_unavailable(server, registry):
         again = call(server, "POST", f"/v1/models/broken/{path}", body, AUTH)
         check_error(again, 503, "tried again in", registry)  # the negative cache answers, no reload
         assert time.monotonic() - t < 5
+    ready = call(server, "GET", "/readyz", headers=AUTH)  # "broken" sorts first: readiness moves on to a model that loads
+    assert ready.status_code == 200 and ready.json()["loaded"] not in (None, "broken"), ready.text[:200]
     assert call(server, "POST", "/v1/models/gan/generate", {"n": 1, "label": 0}, AUTH).status_code == 200
     assert call(server, "POST", "/v1/models/gan/edit", {"source": {"seed": 1, "label": 0}, "direction": "sefa:0",
                                                         "alpha": 1}, AUTH).status_code == 200

@@ -190,6 +190,11 @@ class Generator:
         """A batch the gateway already collected: one forward pass, one result or error each."""
         return await self._generate_batch(model_id, [GenerateRequest.model_validate(r) for r in requests])
 
+    async def ready(self, model_id: str) -> bool:
+        """Readiness: `model_id` is loaded (or loads now) on this replica."""
+        await self.models.runtime(model_id, self.get_model)
+        return True
+
     async def latent_op(self, model_id: str, op: str, body: "EditRequest | InterpolateRequest") -> dict:
         """An edit or interpolation whose sources are seeds or latents: a forward pass of a few
         images, like generation, with nothing to invert. It runs here rather than in the Editor's
@@ -535,13 +540,26 @@ class Gateway:
 
     @app.get("/readyz", responses=_errors(401, 503))
     async def readyz(self):
-        """Readiness: the registry can be read (a gateway that cannot reach it serves nothing)."""
+        """Readiness: the registry can be read and a model loads on a Generator replica (the
+        first of the registry's models that does; once loaded it stays resident, so later
+        probes cost a cache hit). An empty registry is ready: there is nothing to load yet."""
         try:
             entries = await asyncio.to_thread(list_entries, self.cfg.registry)
         except Exception as e:  # noqa: BLE001 - storage down, permissions: not ready
             logger.warning("registry unreadable: %s", e)
             return _error(503, "not ready: the model registry cannot be read (the server log has details)")
-        return {"status": "ready", "models": len(entries)}
+        for entry in entries[:3]:
+            name = entry["name"]
+            try:
+                await asyncio.wait_for(_awaited(self.generator.options(multiplexed_model_id=name).ready.remote(name)),
+                                       self.cfg.request_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a broken entry or a timeout: try the next one
+                logger.warning("readiness: model %s does not load: %s", name, type(_unwrap(e)).__name__)
+                continue
+            return {"status": "ready", "models": len(entries), "loaded": name}
+        if entries:
+            return _error(503, "not ready: none of the registry's first models loads (the server log has details)")
+        return {"status": "ready", "models": 0, "loaded": None}
 
     def check_health(self):
         """Serve's replica health check (every 10 s): the registry's root must be reachable (one
