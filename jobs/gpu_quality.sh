@@ -98,7 +98,8 @@ for j in range(n):
         out.write(json.dumps(row) + "\n")
         continue
     out.write(json.dumps(row) + "\n")
-    e, r, t = row["ema"], row["raw"], row["train"]
+    from latentforge.metrics.registry import metric_values  # evaluate's keys name the protocol
+    e, r, t = metric_values(row["ema"]), metric_values(row["raw"]), row["train"]
     print(f"{name:34s} {e['fid']:7.2f} {e.get('precision', float('nan')):6.3f} {e['recall']:6.3f} {r['fid']:8.2f} "
           f"{t.get('images_per_sec', float('nan')):7.0f}")
 PYEOF

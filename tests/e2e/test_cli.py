@@ -60,7 +60,12 @@ def test_evaluate_json_names_backbone_samples_and_seed(trained, mnist_dir, mnist
     p = lf("evaluate", trained, "--data", mnist_dir, "--samples", "300", "--seed", "4", "--json")
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["backbone"] == mnist_features.backbone and result["samples"] == 300 and result["seed"] == 4
-    assert {"fid", "kid", "precision", "recall", "density", "coverage", "class_coverage", "inception_score"} <= set(result)
+    from latentforge.metrics.registry import METRICS, metric_values
+
+    assert result["protocol"] == "300_train_lfclassifier"
+    assert {"fid", "kid", "precision", "recall", "density", "coverage", "class_coverage", "inception_score"} <= set(metric_values(result))
+    metrics = {k for k in result if any(k.startswith(name) for name in METRICS)}
+    assert metrics and all(k.endswith("300_train_lfclassifier") for k in metrics), metrics  # every metric names its protocol
 
 
 def test_serve_config_errors_name_the_field_before_ray_starts(tmp_path):

@@ -14,17 +14,17 @@ import torch
 from latentforge.config import load_experiment, parse_override
 from latentforge.metrics.evaluate import evaluate
 from latentforge.metrics.features import ensure_feature_net
+from latentforge.metrics.registry import METRICS, metric_values
 from latentforge.storage import atomic_write_text
 from latentforge.train.local import train_local
 from latentforge.bench import mnist5k_unless
 
 MNIST_PRESETS = ("dcgan-mnist", "sngan-hinge-mnist", "wgangp-mnist", "cdcgan-mnist", "resnet-mnist",
                  "resnet-diffaug-mnist", "vae-mnist", "cvae-mnist", "resnet-vae-mnist")
-COLUMNS = [("fid", "FID ↓", "{:.1f}"), ("kid", "KID ↓", "{:.2f}"), ("precision", "precision ↑", "{:.3f}"),
-           ("recall", "recall ↑", "{:.3f}"), ("coverage", "coverage ↑", "{:.3f}"),
-           ("class_coverage", "class cov. ↑", "{:.2f}"), ("inception_score", "IS ↑", "{:.2f}"),
-           ("class_accuracy", "cond. acc. ↑", "{:.3f}"), ("recon_psnr", "recon PSNR ↑", "{:.1f}"),
-           ("val_neg_elbo", "−ELBO ↓", "{:.1f}")]
+# the metrics a quality row shows; headings and formats come from the metric registry
+SHOWN = ("fid", "kid", "precision", "recall", "coverage", "class_coverage", "inception_score", "class_accuracy",
+         "recon_psnr", "val_neg_elbo")
+COLUMNS = [(name, METRICS[name].column, METRICS[name].fmt) for name in SHOWN]
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -63,7 +63,8 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         t0 = time.time()
         train_local(cfg, data_dir, run, log=log)
         seconds = time.time() - t0
-        result = evaluate(run, data_dir, samples=samples, net=net, log=log)
+        scored = evaluate(run, data_dir, samples=samples, net=net, log=log)
+        result = {**{k: v for k, v in scored.items() if k in ("samples", "protocol", "backbone")}, **metric_values(scored)}
         label = spec if modes == ("fp32",) else f"{spec} ({mode})"
         label += f", seed {seed}" if len(seeds) > 1 else ""
         images = steps * cfg.train.global_batch_size * (cfg.gan.n_critic if cfg.algorithm == "gan" else 1)
@@ -91,6 +92,8 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
         f"{rows[0].get('samples', '?') if rows else '?'} samples scored against the training split."
         + ("" if complete else " **Incomplete: the benchmark is still running or was stopped.**"),
         "",
+        f"Protocol: `{rows[0]['protocol'] if rows else '?'}` (sample count, real split, backbone; "
+        "`latentforge evaluate --json` names every metric with it, e.g. `fid` + that suffix). "
         f"Backbone: `{net.backbone}`, the dataset's own classifier (validation accuracy "
         f"{net.val_accuracy:.1%}); these numbers compare runs on this dataset, not with papers "
         "(use `latentforge evaluate --inception WEIGHTS` for that).",

@@ -16,24 +16,20 @@ from latentforge.data.dataset import PreparedDataset
 
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
-from latentforge.metrics.distribution import (
-    class_coverage,
-    density_coverage,
-    frechet_distance,
-    gaussian_stats,
-    inception_score,
-    kernel_inception_distance,
-    label_kl,
-    precision_recall,
-)
 from latentforge.metrics.features import FeatureNet
-
-MAX_KNN = 5000  # points per side for the k-NN metrics (memory is O(N^2))
+from latentforge.metrics.registry import (
+    SampleSet,
+    distribution_values,
+    protocol_key,
+    protocol_suffix,
+    reconstruction_suffix,
+)
 
 
 def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "train", seed: int = 0,
                          requested_labels: torch.Tensor | None = None) -> dict:
-    """All distribution metrics of generated images against a real split.
+    """Every registered distribution metric (metrics.registry) of generated images against a real
+    split, under its bare name.
 
     Args:
         fake: (N, C, H, W) in [-1, 1].
@@ -43,29 +39,13 @@ def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "
         requested_labels: for a conditional model, the class each image was asked to be.
 
     Returns:
-        fid, kid (+std), precision, recall, density, coverage; with labels also inception_score,
-        class_coverage, label_kl and (conditional) class_accuracy.
+        fid, kid (+std), precision, recall, density, coverage; with a classifier backbone also
+        inception_score, class_coverage, label_kl and (conditional) class_accuracy.
     """
     if reference not in net.real:
         raise LatentForgeError(f"no real statistics for split {reference!r}; choose one of: {', '.join(net.real)}")
-    real = net.real[reference]
     feats, probs = net.embed(fake)
-    mu, sigma = gaussian_stats(feats)
-    out = {"fid": frechet_distance(mu, sigma, real.mu.numpy(), real.sigma.numpy())}
-    out["kid"], out["kid_std"] = kernel_inception_distance(real.features, feats, seed=seed,
-                                                           subset_size=min(1000, len(feats), len(real.features)))
-    r, f = real.features[:MAX_KNN], feats[:MAX_KNN]
-    out["precision"], out["recall"] = precision_recall(r, f, k=3)
-    out["density"], out["coverage"] = density_coverage(r, f, k=5)
-    if probs is not None:
-        out["inception_score"], out["inception_score_std"] = inception_score(probs)
-    if probs is not None and real.class_share is not None and probs.shape[1] == len(real.class_share):
-        predicted = probs.argmax(1)
-        out["class_coverage"] = class_coverage(predicted, real.class_share)
-        out["label_kl"] = label_kl(predicted, real.class_share)
-        if requested_labels is not None:
-            out["class_accuracy"] = float((predicted == requested_labels.cpu()).float().mean())
-    return out
+    return distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
 
 
 def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -127,7 +107,7 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
     finally:
         vae.train(was_training)
     elbo = vae_negative_elbo(vae, x, y, sigma=sigma)
-    return {"recon_mse": float(mse(recon, x).mean()), "recon_psnr": float(psnr(recon, x).mean()),
+    return {"images": len(x), "recon_mse": float(mse(recon, x).mean()), "recon_psnr": float(psnr(recon, x).mean()),
             "recon_ssim": float(ssim(recon, x).mean()), "val_neg_elbo": elbo["neg_elbo"],
             "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
 
@@ -144,7 +124,10 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy.
 
     Returns:
-        One flat dict: every metric, plus backbone, samples, seed, reference, timing.
+        One flat dict: every metric under its protocol-named key (`fid5k_train_lfclassifier`:
+        metrics.registry.protocol_key; the VAE's reconstruction metrics `recon_psnr500_val`), the
+        suffixes as `protocol` / `reconstruction_protocol`, plus backbone, samples, seed,
+        reference, timing.
     """
     from latentforge.checkpoint import CONFIG, load_checkpoint
     from latentforge.metrics.features import ensure_feature_net
@@ -183,10 +166,13 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
         out["images"] = str(target)
     t_gen = time.time()
     out["samples"] = len(fake)
-    out.update(distribution_metrics(fake, net, reference, seed, requested))
+    out["protocol"] = suffix = protocol_suffix(len(fake), reference, net.backbone)
+    out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     if is_checkpoint and ckpt.algorithm == "vae":
         sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)
-        out.update(vae_reconstruction_metrics(ckpt.modules["vae"], ds, sigma))
+        recon = vae_reconstruction_metrics(ckpt.modules["vae"], ds, sigma)
+        out["reconstruction_protocol"] = rsuffix = reconstruction_suffix(recon.pop("images"))
+        out.update({protocol_key(k, rsuffix): v for k, v in recon.items()})
     out["generate_seconds"] = round(t_gen - t0, 3)
     out["metrics_seconds"] = round(time.time() - t_gen, 3)
     return out

@@ -13,7 +13,7 @@ import torch
 from latentforge.data.dataset import PreparedDataset
 from latentforge.metrics.evaluate import distribution_metrics, vae_reconstruction_metrics
 from latentforge.metrics.features import load_feature_net
-from latentforge.metrics.names import REPORTED_METRICS
+from latentforge.metrics.registry import REPORTED_METRICS
 from latentforge.sampling import decode_latents, sample_latents
 
 REPORTED = tuple(REPORTED_METRICS)

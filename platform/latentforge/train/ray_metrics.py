@@ -3,9 +3,11 @@ counters also a `_total` suffix). The dashboards in dashboards/ are built on the
 
 from __future__ import annotations
 
+from latentforge.metrics.registry import REPORTED_METRICS
+
 LOSS_KEYS = ("d_loss", "g_loss", "loss", "nll", "kl", "gp", "r1")
 GRAD_KEYS = ("grad_norm_d", "grad_norm_g", "grad_norm")
-EVAL_KEYS = ("fid", "kid", "precision", "recall", "class_coverage")
+EVAL_KEYS = tuple(REPORTED_METRICS)  # `latentforge_eval_metric{name=...}`: every metric periodic evaluation reports
 
 
 class TrainMetrics:

@@ -3,6 +3,8 @@ field, the schedule and the instability thresholds."""
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +20,7 @@ from latentforge.config import (
     load_yaml_model,
     parse_experiment,
 )
-from latentforge.metrics.names import (
+from latentforge.metrics.registry import (
     CONDITIONAL_MODEL_METRICS,
     LABELLED_DATA_METRICS,
     REPORTED_METRICS,
@@ -58,7 +60,7 @@ class SweepConfig(StrictConfig):
     eval_every: int = Field(100, ge=1)  # steps between evaluations (and Tune checkpoints)
     eval_samples: int = Field(500, ge=10)  # generated images per evaluation
     report_every: int = Field(25, ge=1)  # steps between reports (losses, gradient norms) to the stopper
-    metric: str = "fid"  # metric to optimise: one of metrics.names.REPORTED_METRICS (fid, kid, recall, val_neg_elbo, ...)
+    metric: str = "fid"  # metric to optimise: one of metrics.registry.REPORTED_METRICS (fid, kid, recall, val_neg_elbo, ...)
     mode: Literal["min", "max"] = "min"
     data_loader: Literal[DATA_LOADERS] = "memory"  # config.DATA_LOADERS; memory: each worker holds the small split
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -70,6 +72,11 @@ class SweepConfig(StrictConfig):
     @classmethod
     def _check_metric(cls, metric: str) -> str:
         if metric not in REPORTED_METRICS:
+            bare = next((m for m in sorted(REPORTED_METRICS, key=len, reverse=True)
+                         if re.fullmatch(rf"{m}\d+k?_(train|val)_[a-z0-9]+", metric)), None)
+            if bare is not None:  # an `evaluate` key: a sweep's protocol is its own eval_samples, training split
+                raise ValueError(f"unknown metric {metric!r}: sweeps optimise the bare name ({bare!r}); its protocol is "
+                                 "eval_samples samples against the training split in the dataset's feature network")
             raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(REPORTED_METRICS)}")
         return metric
 

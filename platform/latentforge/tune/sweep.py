@@ -403,7 +403,12 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
                "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
     atomic_write_json(sweep_dir / "summary.json", summary)
     keys = sorted({k for r in rows for k in r["config"]})
-    lines = [f"# Sweep {sw.name}", "", f"metric: {sw.metric} ({sw.mode}); scheduler: {sw.scheduler.kind}; "
+    from latentforge.metrics.registry import METRICS
+
+    protocol = ("reconstruction of up to 1,000 validation images" if "vae" in METRICS[sw.metric].requires else
+                f"{sw.eval_samples} samples against the training split in the dataset's feature network")
+    lines = [f"# Sweep {sw.name}", "", f"metric: {sw.metric}, {METRICS[sw.metric].description} ({protocol}); "
+             f"{'lower' if sw.mode == 'min' else 'higher'} is better; scheduler: {sw.scheduler.kind}; "
              f"steps used: {total_steps} of {sw.trials * sw.steps} possible", "",
              "| trial | " + " | ".join(keys) + f" | best {sw.metric} | steps | status |",
              "| --- | " + " | ".join("---" for _ in keys) + " | ---: | ---: | --- |"]

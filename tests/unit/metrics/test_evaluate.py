@@ -28,7 +28,9 @@ def test_npz_and_folder_of_real_images_score_like_real_data(mnist_dir, mnist_fea
     a = evaluate(tmp_path / "real.npz", mnist_dir, net=mnist_features, log=quiet)
     b = evaluate(folder, mnist_dir, net=mnist_features, log=quiet)
     assert a["samples"] == 500 and b["samples"] == 300
-    assert a["fid"] < 15 and a["class_coverage"] == 1.0 and a["backbone"] == mnist_features.backbone
+    assert a["protocol"] == "500_train_lfclassifier" and b["protocol"] == "300_train_lfclassifier"
+    assert a["fid500_train_lfclassifier"] < 15 and a["class_coverage500_train_lfclassifier"] == 1.0
+    assert a["backbone"] == mnist_features.backbone
 
 
 def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_path):
@@ -59,7 +61,8 @@ def test_no_ema_scores_the_raw_generator(mnist_dir, mnist_features, tmp_path):
     train_local(cfg, mnist_dir, tmp_path, log=quiet)
     ema = evaluate(tmp_path, mnist_dir, samples=300, net=mnist_features, log=quiet)
     raw = evaluate(tmp_path, mnist_dir, samples=300, net=mnist_features, ema=False, log=quiet)
-    assert (ema["generator"], raw["generator"]) == ("ema", "raw") and ema["fid"] != raw["fid"]
+    assert (ema["generator"], raw["generator"]) == ("ema", "raw")
+    assert ema["fid300_train_lfclassifier"] != raw["fid300_train_lfclassifier"]
     vae = tiny("vae-mnist", train__steps=2, train__checkpoint_every=2)
     train_local(vae, mnist_dir, tmp_path / "vae", log=quiet)
     with pytest.raises(LatentForgeError, match="only GANs keep an EMA copy"):
@@ -77,8 +80,9 @@ def test_inception_backbone_is_named_and_never_mixed(tmp_path):
     np.savez(tmp_path / "fake.npz", images=np.zeros((20, 16, 16), np.uint8))
     r = evaluate(tmp_path / "fake.npz", data, inception=weights, log=quiet)
     assert r["backbone"].startswith("torchvision-inception-v3-clean@")
-    assert "class_coverage" not in r  # ImageNet classes are not the dataset's classes
-    assert np.isfinite(r["fid"]) and r["fid"] > 0
+    assert r["protocol"] == "20_train_inceptionv3clean"  # the backbone and its input protocol are in every key
+    assert not any(k.startswith("class_coverage") for k in r)  # ImageNet classes are not the dataset's classes
+    assert np.isfinite(r["fid20_train_inceptionv3clean"]) and r["fid20_train_inceptionv3clean"] > 0
     (tmp_path / "bad.pth").write_bytes(b"nope")
     with pytest.raises(LatentForgeError, match="safely"):
         evaluate(tmp_path / "fake.npz", data, inception=tmp_path / "bad.pth", log=quiet)
