@@ -6,10 +6,15 @@ Reported (all PSNRs on [0, 1] pixels, masked-region PSNR counts only the missing
   (per-pixel training mean) and a nearest-neighbour fill (the training image closest on the
   observed pixels) baseline
 - denoising PSNR gain at σ = 0.1, 0.2, 0.3
-- per direction: how often the edit moves the classifier to the target class (or the measured
+- per direction: how often the edit moves the image to the target class (or the measured
   shapes factor the intended way) as α grows, and how much everything else moves
 - interpolation: share of paths between two different classes whose label changes at most
   once; norm preservation of slerp against lerp
+
+Classes are judged by the dataset's independent grader (metrics.grader: another architecture,
+seed and training split than the feature network that fitted the class boundaries); the feature
+network's own verdicts are reported beside them (`..._self`), so the gap shows how much of an
+edit only convinces the network that drew it.
 """
 
 from __future__ import annotations
@@ -99,6 +104,11 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     net = ensure_feature_net(dataset_dir, log=log)
     model, algo = edit_model(ck.inference_generator()), ck.algorithm  # W models are edited in W
     classifier = net.model if net.model.head is not None else None
+    grader = None
+    if classifier is not None:
+        from latentforge.metrics.grader import ensure_grader
+
+        grader = ensure_grader(dataset_dir, log=log)
     n = images or (64 if algo == "gan" else 256)
     val, train = ds.load("val"), ds.load("train")
     x = to_model_range(val.images[:n])
@@ -111,6 +121,8 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     # a VAE starts from its encoder, so one fit is enough
     inpaint_proj = proj if algo == "vae" else dict(proj, restarts=INPAINT_STARTS, average=INPAINT_STARTS)
     out: dict = {"checkpoint": str(ck.path), "algorithm": algo, "images": n, "backbone": net.backbone, "seed": seed}
+    if grader is not None:
+        out.update({"grader": grader.name, "grader_accuracy_on_train_split": grader.accuracy})
 
     # 1. reconstruction
     inv = invert(model, algo, x, y_cond, feature_net=net.model, **({} if algo == "vae" else proj))
@@ -166,13 +178,15 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     for name, d in sorted(directions.items()):
         if name.startswith("class:") and classifier is not None:
             target = int(name.split(":")[1])
-            rates, dists = [], []
+            rates, self_rates, dists = [], [], []
             for a in ALPHAS:
                 edited = decode_latents(model, apply_edit(z_src, d.vector, a), y_cond)
                 feats, probs = net.embed(edited)
-                rates.append(float((probs.argmax(1) == target).float().mean()))
+                rates.append(float((grader.predict(edited) == target).float().mean()))
+                self_rates.append(float((probs.argmax(1) == target).float().mean()))
                 dists.append(float((feats - src_feats).norm(dim=1).mean() / typical))
-            out[f"dir_{name}_target_rate_by_alpha"] = rates
+            out[f"dir_{name}_target_rate_by_alpha"] = rates  # the independent grader's verdict
+            out[f"dir_{name}_target_rate_by_alpha_self"] = self_rates  # the boundary-fitting network's
             out[f"dir_{name}_feature_shift_at_max_alpha"] = dists[-1]
         elif name.startswith("attr:") and ds.attributes:
             factor = name.split(":")[1]
@@ -191,7 +205,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
             out[f"dir_{name}_moves_intended_way_rate"] = float(((changes[2.0][factor] - changes[-2.0][factor]) > 0).float().mean())
     # 5. interpolation
     if classifier is not None and y_true is not None:
-        pairs, smooth = 0, 0
+        pairs, smooth, self_pairs, self_smooth = 0, 0, 0, 0
         if algo == "vae":
             idx_a, idx_b = [], []
             for i in range(n):
@@ -213,13 +227,19 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
                 norm_dev[method].append(float(((path.norm(dim=1) - expected).abs() / expected).max()))
             path = interpolation_path(za[i], zb[i], 9, default_interpolation(model, algo))
             labels = None if ya is None else ya[i].repeat(9)
-            preds = net.embed(decode_latents(model, path, labels))[1].argmax(1)
-            if preds[0] == preds[-1]:
-                continue  # endpoints of the same class: not a between-class path
-            pairs += 1
-            smooth += int((preds[1:] != preds[:-1]).sum() <= 1)
+            frames = decode_latents(model, path, labels)
+            for preds, judge in ((grader.predict(frames), "grader"), (net.embed(frames)[1].argmax(1), "self")):
+                if preds[0] == preds[-1]:
+                    continue  # endpoints of the same class: not a between-class path
+                once = int((preds[1:] != preds[:-1]).sum() <= 1)
+                if judge == "grader":
+                    pairs, smooth = pairs + 1, smooth + once
+                else:
+                    self_pairs, self_smooth = self_pairs + 1, self_smooth + once
         out["interp_pairs"] = pairs
         out["interp_label_changes_at_most_once_rate"] = smooth / max(1, pairs)
+        out["interp_pairs_self"] = self_pairs
+        out["interp_label_changes_at_most_once_rate_self"] = self_smooth / max(1, self_pairs)
         out["interp_slerp_max_norm_deviation"] = sum(norm_dev["slerp"]) / max(1, len(norm_dev["slerp"]))
         out["interp_lerp_max_norm_deviation"] = sum(norm_dev["lerp"]) / max(1, len(norm_dev["lerp"]))
     out["seconds"] = round(time.time() - t0, 1)

@@ -80,7 +80,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: float = 2.0) -> t
     return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
 
 
-def _fit_classifier(model, train, val, epochs, batch_size, seed, log):
+def _fit_classifier(model, train, val, epochs, batch_size, seed, log, what: str = "feature classifier"):
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     steps_per_epoch = max(1, len(train) // batch_size)
@@ -98,7 +98,7 @@ def _fit_classifier(model, train, val, epochs, batch_size, seed, log):
             opt.step()
             sched.step()
         acc = _accuracy(model, val)
-        log(f"  feature classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val accuracy {acc:.2%}")
+        log(f"  {what} epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, held-out accuracy {acc:.2%}")
     return _accuracy(model, val)
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from latentforge.models import interface, plugins
-from latentforge.models.classifier import FeatureClassifier
+from latentforge.models.classifier import FeatureClassifier, GraderClassifier
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.models.resnet import ResNetDiscriminator, ResNetGenerator, ResNetVAE
 from latentforge.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
@@ -49,7 +49,7 @@ class NoOptions(BaseModel):
 
 
 FAMILIES: dict[str, ModelFamily] = {}
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"FeatureClassifier": FeatureClassifier}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"FeatureClassifier": FeatureClassifier, "GraderClassifier": GraderClassifier}
 _ROLES = {"gan": ("generator", "discriminator"), "vae": ("vae",)}
 
 

@@ -51,3 +51,38 @@ class FeatureClassifier(nn.Module):
         """Class logits (B, num_classes); the features when there is no head."""
         h = self.body(x)
         return h if self.head is None else self.head(self.dropout(h))
+
+
+class GraderClassifier(nn.Module):
+    """An independent judge of edits: image (B, C, H, W) in [-1, 1] → class logits.
+
+    Deliberately unlike FeatureClassifier (which fits InterFaceGAN boundaries and computes the
+    metrics): strided 5x5 convolutions with GroupNorm and SiLU instead of 3x3 conv-BN-ReLU pairs
+    with max-pooling, global average pooling instead of a pooled embedding, and trained on other
+    images with another seed (metrics.grader). An edit that only fools one network's features
+    does not fool both.
+
+    Args:
+        channels: image channels.
+        resolution: image side (8..256).
+        num_classes: classes (at least 2).
+        width: channels of the first stage (doubled at each of the three stages).
+    """
+
+    def __init__(self, *, channels: int, resolution: int, num_classes: int, width: int = 24):
+        super().__init__()
+        if not 8 <= resolution <= 256 or num_classes < 2 or not 4 <= width <= 256:
+            raise ValueError(f"GraderClassifier: resolution 8..256, num_classes >= 2, width 4..256 "
+                             f"(got {resolution}, {num_classes}, {width})")
+        self.init_args = dict(channels=channels, resolution=resolution, num_classes=num_classes, width=width)
+        self.num_classes = num_classes
+        layers, c_in = [], channels
+        for i in range(3):
+            c_out = width * 2**i
+            layers += [nn.Conv2d(c_in, c_out, 5, 2, 2), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
+            c_in = c_out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2))
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))

@@ -28,9 +28,13 @@ def test_vae_editing_quality(vae_mnist, mnist_dir):
     assert r["inpaint_random_gain_over_mean_fill_db"] > 2.0, r
     for sigma in (0.1, 0.2, 0.3):
         assert r[f"denoise_gain_db_sigma{sigma}"] > 0, (sigma, r)
+    # judged by the independent grader, not the network whose features fitted the directions
+    assert r["grader"].startswith("lf-grader@") and r["grader_accuracy_on_train_split"] > 0.9
     rates = [r[f"dir_class:{c}_target_rate_by_alpha"] for c in range(10)]
     assert sum(rate[-1] for rate in rates) / 10 > 0.5  # most edits reach the target class at the largest α
     assert all(rate[-1] > rate[0] for rate in rates)  # and more of them than before the edit
+    assert all(len(r[f"dir_class:{c}_target_rate_by_alpha_self"]) == len(rates[0]) for c in range(10))
+    assert 0 <= r["interp_label_changes_at_most_once_rate"] <= 1 and "interp_label_changes_at_most_once_rate_self" in r
     assert (vae_mnist / "step_000400" / "directions" / "directions.json").is_file()  # saved beside it
 
 
