@@ -29,7 +29,8 @@ browser-deps:
 
 # colour data: Dungeon Crawl's CC0 tile sheets for `latentforge data prepare crawl-tiles`
 data-deps:
-	@test -f /usr/share/crawl/dat/tiles/main.png || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data)
+	@(test -f /usr/share/crawl/dat/tiles/main.png && test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf) || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data fonts-noto-color-emoji)
 
 clean:
 	rm -rf demo-output runs .pytest_cache

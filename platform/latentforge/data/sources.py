@@ -258,6 +258,64 @@ def load_crawl_tiles(opts: SourceOptions) -> SourceImages:
     return _cap(src, opts.count, opts.seed)
 
 
+# Google's Noto Color Emoji (SIL Open Font License), as Debian's fonts-noto-color-emoji installs it:
+# colour bitmap glyphs (CBDT) at 109 px, drawn with Pillow. One image per single-code-point emoji,
+# labelled by its Unicode block (https://www.unicode.org/charts/).
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+EMOJI_BLOCKS = {  # class -> code point ranges
+    "smiley": [(0x1F600, 0x1F64F)],  # Emoticons
+    "pictograph": [(0x1F300, 0x1F5FF)],  # Miscellaneous Symbols and Pictographs
+    "transport and map": [(0x1F680, 0x1F6FF)],  # Transport and Map Symbols
+    "supplemental pictograph": [(0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF)],  # Supplemental + Extended-A
+    "symbol": [(0x2600, 0x26FF), (0x2700, 0x27BF)],  # Miscellaneous Symbols, Dingbats
+}
+EMOJI_SIDE = 128  # rendered size before `--size`
+
+
+def load_emoji(opts: SourceOptions) -> SourceImages:
+    """About 1,290 colour emoji at 128x128 (use `--size 32` or `64`), one per single-code-point
+    emoji that Debian's `fonts-noto-color-emoji` draws, in 5 classes by Unicode block (smileys,
+    pictographs, transport and map, supplemental pictographs, symbols). Each glyph is cropped to
+    its opaque pixels, centred on a square and composited on black. `LATENTFORGE_EMOJI_FONT`
+    points at another copy of NotoColorEmoji.ttf."""
+    import os
+
+    from PIL import ImageDraw, ImageFont
+
+    path = Path(os.environ.get("LATENTFORGE_EMOJI_FONT", EMOJI_FONT))
+    if not path.is_file():
+        raise DataError(
+            f"source 'emoji' draws the glyphs of Debian's fonts-noto-color-emoji package, and {path} does not exist: "
+            "install it with `make data-deps` (or `sudo apt-get install fonts-noto-color-emoji`), or set "
+            "LATENTFORGE_EMOJI_FONT to a NotoColorEmoji.ttf"
+        )
+    try:
+        font = ImageFont.truetype(str(path), 109)  # the font's one bitmap strike
+    except OSError as e:
+        raise DataError(f"{path} cannot be read as a colour emoji font ({e}); reinstall fonts-noto-color-emoji") from None
+    tiles, labels, names = [], [], []
+    for label, ranges in enumerate(EMOJI_BLOCKS.values()):
+        for lo, hi in ranges:
+            for cp in range(lo, hi + 1):
+                glyph = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+                ImageDraw.Draw(glyph).text((8, 8), chr(cp), font=font, embedded_color=True)
+                alpha = np.asarray(glyph)[..., 3]
+                if (alpha > 0).mean() < 0.02:  # no glyph for this code point (or a blank one)
+                    continue
+                glyph = glyph.crop(glyph.getbbox())
+                side = max(glyph.size)
+                square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+                square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+                tiles.append(square.resize((EMOJI_SIDE, EMOJI_SIDE), Image.Resampling.LANCZOS))
+                labels.append(label)
+                names.append(f"U+{cp:04X}")
+    if not tiles:
+        raise DataError(f"{path} drew no emoji; is it Noto Color Emoji? reinstall fonts-noto-color-emoji")
+    images = arrays_from_pil(tiles, names, opts)
+    src = SourceImages(images, np.asarray(labels, np.int64), list(EMOJI_BLOCKS))
+    return _cap(src, opts.count, opts.seed)
+
+
 def _collect_bad(name: str, err: DataError, opts: SourceOptions, skipped: list[dict]) -> None:
     if not opts.skip_bad:
         raise DataError(f"{err}; fix or remove the file, or pass --skip-bad to skip unreadable images") from err
@@ -409,6 +467,7 @@ BUILTIN_SOURCES: dict[str, Callable[[SourceOptions], SourceImages]] = {
     "digits": load_digits,
     "shapes": load_shapes,
     "crawl-tiles": load_crawl_tiles,
+    "emoji": load_emoji,
 }
 PREFIXED_SOURCES: dict[str, Callable[[str, SourceOptions], SourceImages]] = {
     "folder": load_folder,

@@ -200,6 +200,35 @@ def test_crawl_tiles_cut_sheets_into_labelled_distinct_tiles(tmp_path, monkeypat
         load_crawl_tiles(SourceOptions())
 
 
+def test_emoji_without_the_font_names_the_package_and_the_command(tmp_path, monkeypatch):
+    from latentforge.data.sources import load_emoji
+
+    monkeypatch.setenv("LATENTFORGE_EMOJI_FONT", str(tmp_path / "missing.ttf"))
+    with pytest.raises(DataError, match="fonts-noto-color-emoji.*make data-deps"):
+        load_emoji(SourceOptions())
+    (tmp_path / "broken.ttf").write_bytes(b"not a font")
+    monkeypatch.setenv("LATENTFORGE_EMOJI_FONT", str(tmp_path / "broken.ttf"))
+    with pytest.raises(DataError, match="cannot be read as a colour emoji font"):
+        load_emoji(SourceOptions())
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file(),
+                    reason="Debian's fonts-noto-color-emoji is not installed (make data-deps)")
+def test_emoji_from_the_debian_package_are_colour_images_in_five_classes(tmp_path):
+    from latentforge.data.sources import load_emoji
+
+    prepare_dataset("emoji", tmp_path / "emoji", SourceOptions(size=32), log=lambda *_: None)
+    ds = PreparedDataset(tmp_path / "emoji")
+    train, val = ds.load("train"), ds.load("val")
+    assert len(train) + len(val) >= 1200 and ds.num_classes == 5 and ds.image_shape == (3, 32, 32)
+    assert set(np.unique(train.labels)) == set(range(5)) and ds.class_names[0] == "smiley"
+    x = train.images.float()
+    assert x.std() > 40 and (x.max(1).values - x.min(1).values).mean() > 20  # colour, not grey
+    again = load_emoji(SourceOptions(size=32, count=50))  # the same glyphs, drawn the same way
+    first = load_emoji(SourceOptions(size=32, count=50))
+    assert np.array_equal(again.images, first.images) and np.array_equal(again.labels, first.labels)
+
+
 @pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/crawl/dat/tiles/main.png").is_file(),
                     reason="Debian's crawl-tiles-data is not installed (make data-deps)")
 def test_crawl_tiles_from_the_debian_package(tmp_path):
