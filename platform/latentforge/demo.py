@@ -22,6 +22,7 @@ from latentforge.config import PRECISION_MODES
 FAST = native_bf16("cpu")
 FAST_PATH = PRECISION_MODES["bf16+channels_last"] if FAST else PRECISION_MODES["fp32"]
 DEMO_STEPS = {"dcgan-mnist": 800 if FAST else 400, "vae-mnist": 400}
+FID_SAMPLES = 5000
 
 
 def main() -> int:
@@ -35,6 +36,7 @@ def main() -> int:
     from latentforge.metrics.features import ensure_feature_net
     from latentforge.registry import promote
     from latentforge.images import grid_png
+    from latentforge.metrics.evaluate import distribution_metrics
     from latentforge.metrics.two_sample import c2st_accuracy
     from latentforge.sampling import generate
     from latentforge.storage import atomic_write_bytes
@@ -65,15 +67,20 @@ def main() -> int:
         images, _, _ = generate(ckpt, 64, seed=0)
         grid = out / f"{preset}-samples.png"
         atomic_write_bytes(grid, grid_png(images))
-        fakes, _, _ = generate(ckpt, len(real), seed=1)
-        acc = c2st_accuracy(real, fakes, steps=150)
-        pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc))
+        fakes, _, _ = generate(ckpt, FID_SAMPLES, seed=1)
+        fid = distribution_metrics(fakes, net, "train")["fid"]
+        acc = c2st_accuracy(real, fakes[: len(real)], steps=150)
+        pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc, fid))
         save_directions(ckpt.path, compute_directions(ckpt, ds, net))
         promote(ckpt.path, str(registry), preset, overwrite=True)
 
     print(f"\n== done in {time.time() - t0:.0f}s. Pictures to look at:")
-    for preset, grid, samples, acc in pictures:
+    floor = distribution_metrics(real, net, "train")["fid"]
+    for preset, grid, samples, acc, fid in pictures:
         print(f"   {grid}   ({preset}; training progress in {samples}/)")
+        print(f"      FID {fid:.1f}: the distance between {FID_SAMPLES:,} of its samples and the training digits in the "
+              f"features of the dataset's own classifier (lower is better; {len(real)} real held-out digits score "
+              f"{floor:.1f}, an untrained generator several hundred)")
         print(f"      a fresh classifier tells its samples from real digits with {acc:.0%} accuracy "
               f"(100% = obviously fake, 50% = indistinguishable)")
     print("   generate more: latentforge generate <run folder> --n 64 --seed 1 --out more.png")

@@ -259,6 +259,8 @@ def test_playground_in_a_real_browser(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_function("document.querySelectorAll('#model option').length >= 2", timeout=60000)
+        # the page opens with a grid of the first model already generated
+        page.wait_for_function("document.querySelectorAll('#grid img').length === 8", timeout=60000)
         page.select_option("#model", "gan")
         page.wait_for_function("document.querySelectorAll('#sliders input').length > 0", timeout=60000)
         # generate a grid
