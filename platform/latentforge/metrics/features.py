@@ -190,13 +190,49 @@ def train_feature_net(dataset_dir: str | Path, epochs: int | None = None, batch_
         "module": describe(model),
         "train_seconds": round(time.time() - t0, 1),
     }
-    with staged_dir(Path(dataset_dir) / FEATURES_DIR, overwrite=overwrite) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "real_stats.safetensors"))
-        atomic_write_json(tmp / "config.json", config)
+    store_network(dataset_dir, FEATURES_DIR, model, config, tensors, overwrite=overwrite)
     acc = f", validation accuracy {val_acc:.2%}" if val_acc is not None else ""
     log(f"feature network {backbone} stored in {Path(dataset_dir) / FEATURES_DIR}{acc} ({time.time() - t0:.0f}s)")
     return config
+
+
+def load_stored_network(dataset_dir: str | Path, subdir: str, what: str, cls: type, fix: str = "") -> tuple:
+    """A network stored beside a prepared dataset (`<dataset>/<subdir>/config.json` + weights):
+    checked to belong to this dataset's content and to be a `cls`, before its weights load.
+
+    Returns:
+        (model in eval mode, frozen, on the CPU; its config).
+
+    Raises:
+        DataError: none stored, one trained on other data, or one that cannot be loaded (`fix` is
+            appended to each message: how to make a new one).
+    """
+    ds = PreparedDataset(dataset_dir)
+    folder = Path(dataset_dir) / subdir
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{dataset_dir} has no {what} yet{fix}")
+    config = read_json(folder / "config.json")
+    if config.get("dataset_content_hash") != ds.content_hash:
+        raise DataError(f"the {what} in {folder} was trained on other data{fix}")
+    try:
+        model = build_module(config["module"])
+        if not isinstance(model, cls):
+            raise ValueError(f"{config['module'].get('class')} is not a {cls.__name__}")
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except (KeyError, TypeError, ValueError, RuntimeError, LatentForgeError) as e:
+        raise DataError(f"the {what} in {folder} cannot be loaded ({e}){fix}") from e
+    return model.eval().requires_grad_(False), config
+
+
+def store_network(dataset_dir: str | Path, subdir: str, model, config: dict, tensors: dict | None = None,
+                  overwrite: bool = True) -> None:
+    """Write a network beside a dataset, all at once (a staged folder renamed into place):
+    model.safetensors, config.json and, given `tensors`, real_stats.safetensors."""
+    with staged_dir(Path(dataset_dir) / subdir, overwrite=overwrite) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        if tensors is not None:
+            save_file(tensors, str(tmp / "real_stats.safetensors"))
+        atomic_write_json(tmp / "config.json", config)
 
 
 def load_feature_net(dataset_dir: str | Path, device: str = "cpu") -> FeatureNet:
@@ -205,20 +241,10 @@ def load_feature_net(dataset_dir: str | Path, device: str = "cpu") -> FeatureNet
     Raises:
         DataError: no features yet, or features computed for different data.
     """
-    ds = PreparedDataset(dataset_dir)
     folder = Path(dataset_dir) / FEATURES_DIR
-    if not (folder / "config.json").is_file():
-        raise DataError(f"{dataset_dir} has no feature network yet; run: latentforge data features {dataset_dir}")
-    config = read_json(folder / "config.json")
-    if config.get("dataset_content_hash") != ds.content_hash:
-        raise DataError(f"the feature network in {folder} was trained on other data; run: latentforge data features {dataset_dir}")
-    try:
-        model = build_module(config["module"])
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (KeyError, TypeError, ValueError, RuntimeError, LatentForgeError) as e:
-        raise DataError(f"the feature network in {folder} cannot be loaded ({e}); run: latentforge data features "
-                        f"{dataset_dir}") from e
-    model = model.to(device).eval().requires_grad_(False)
+    model, config = load_stored_network(dataset_dir, FEATURES_DIR, "feature network", FeatureClassifier,
+                                        fix=f"; run: latentforge data features {dataset_dir}")
+    model = model.to(device)
     raw = load_file(str(folder / "real_stats.safetensors"))
     real = {}
     for split in ("train", "val"):

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from latentforge.data.dataset import PreparedDataset
-from latentforge.errors import DataError, LatentForgeError
-from latentforge.models.architectures import build_module, describe
+from latentforge.errors import DataError
+from latentforge.models.architectures import describe
 from latentforge.models.classifier import GraderClassifier
-from latentforge.storage import atomic_write_json, read_json, staged_dir
 
 GRADER_DIR = "grader"
 GRADER_SEED = 1  # the feature network's default is 0
@@ -47,7 +45,7 @@ def train_grader(dataset_dir: str | Path, epochs: int | None = None, seed: int =
     Raises:
         DataError: an unlabelled dataset, or too few validation images to learn from.
     """
-    from latentforge.metrics.features import _accuracy, _fit_classifier
+    from latentforge.metrics.features import _accuracy, _fit_classifier, store_network
 
     t0 = time.time()
     ds = PreparedDataset(dataset_dir)
@@ -69,9 +67,7 @@ def train_grader(dataset_dir: str | Path, epochs: int | None = None, seed: int =
     config = {"kind": "latentforge.grader", "name": name, "dataset_content_hash": ds.content_hash,
               "trained_on": "val", "accuracy_on_train_split": accuracy, "epochs": epochs, "seed": seed,
               "module": describe(model), "train_seconds": round(time.time() - t0, 1)}
-    with staged_dir(Path(dataset_dir) / GRADER_DIR, overwrite=True) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        atomic_write_json(tmp / "config.json", config)
+    store_network(dataset_dir, GRADER_DIR, model, config)
     log(f"edit grader {name}: accuracy {accuracy:.2%} on the {len(train)} training images it never saw "
         f"({time.time() - t0:.0f}s)")
     return config
@@ -83,21 +79,10 @@ def load_grader(dataset_dir: str | Path) -> Grader:
     Raises:
         DataError: none yet, or one trained on other data.
     """
-    ds = PreparedDataset(dataset_dir)
-    folder = Path(dataset_dir) / GRADER_DIR
-    if not (folder / "config.json").is_file():
-        raise DataError(f"{dataset_dir} has no edit grader yet")
-    config = read_json(folder / "config.json")
-    if config.get("dataset_content_hash") != ds.content_hash:
-        raise DataError(f"the edit grader in {folder} was trained on other data")
-    try:
-        model = build_module(config["module"])
-        if not isinstance(model, GraderClassifier):
-            raise ValueError(f"{config['module'].get('class')} is not a grader")
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (KeyError, TypeError, ValueError, RuntimeError, LatentForgeError) as e:
-        raise DataError(f"the edit grader in {folder} cannot be loaded ({e})") from e
-    return Grader(model.eval().requires_grad_(False), config["name"], config["accuracy_on_train_split"])
+    from latentforge.metrics.features import load_stored_network
+
+    model, config = load_stored_network(dataset_dir, GRADER_DIR, "edit grader", GraderClassifier)
+    return Grader(model, config["name"], config["accuracy_on_train_split"])
 
 
 def ensure_grader(dataset_dir: str | Path, log=print) -> Grader:
