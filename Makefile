@@ -29,8 +29,9 @@ browser-deps:
 
 # colour data: Dungeon Crawl's CC0 tile sheets for `latentforge data prepare crawl-tiles`
 data-deps:
-	@(test -f /usr/share/crawl/dat/tiles/main.png && test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf) || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data fonts-noto-color-emoji)
+	@(test -f /usr/share/crawl/dat/tiles/main.png && test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf && \
+		test -f /usr/share/unicode/emoji/emoji-test.txt) || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data fonts-noto-color-emoji unicode-data)
 
 clean:
 	rm -rf demo-output runs .pytest_cache

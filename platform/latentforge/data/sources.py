@@ -259,60 +259,77 @@ def load_crawl_tiles(opts: SourceOptions) -> SourceImages:
 
 
 # Google's Noto Color Emoji (SIL Open Font License), as Debian's fonts-noto-color-emoji installs it:
-# colour bitmap glyphs (CBDT) at 109 px, drawn with Pillow. One image per single-code-point emoji,
-# labelled by its Unicode block (https://www.unicode.org/charts/).
+# colour bitmap glyphs (CBDT) at 109 px, drawn with Pillow (with libraqm, sequences such as flags and
+# ZWJ families are shaped into one glyph). Which emoji exist, and their CLDR group (the label), come
+# from Unicode's emoji-test.txt in Debian's unicode-data package (https://unicode.org/Public/emoji/).
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-EMOJI_BLOCKS = {  # class -> code point ranges
-    "smiley": [(0x1F600, 0x1F64F)],  # Emoticons
-    "pictograph": [(0x1F300, 0x1F5FF)],  # Miscellaneous Symbols and Pictographs
-    "transport and map": [(0x1F680, 0x1F6FF)],  # Transport and Map Symbols
-    "supplemental pictograph": [(0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF)],  # Supplemental + Extended-A
-    "symbol": [(0x2600, 0x26FF), (0x2700, 0x27BF)],  # Miscellaneous Symbols, Dingbats
-}
+EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
+EMOJI_SKIPPED_GROUPS = ("Component",)  # bare skin tones and hair styles: swatches, not pictures
+EMOJI_SKIN_TONES = range(0x1F3FB, 0x1F400)  # tone variants repeat one drawing recoloured: kept once
 EMOJI_SIDE = 128  # rendered size before `--size`
 
 
+def _emoji_list(path: Path) -> list[tuple[str, str]]:
+    """(emoji, group) for every fully-qualified emoji in an emoji-test.txt, in file order."""
+    group, out = None, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif "; fully-qualified" in line and group and group not in EMOJI_SKIPPED_GROUPS:
+            points = [int(cp, 16) for cp in line.split(";", 1)[0].split()]
+            if not any(cp in EMOJI_SKIN_TONES for cp in points):
+                out.append(("".join(map(chr, points)), group))
+    return out
+
+
 def load_emoji(opts: SourceOptions) -> SourceImages:
-    """About 1,290 colour emoji at 128x128 (use `--size 32` or `64`), one per single-code-point
-    emoji that Debian's `fonts-noto-color-emoji` draws, in 5 classes by Unicode block (smileys,
-    pictographs, transport and map, supplemental pictographs, symbols). Each glyph is cropped to
-    its opaque pixels, centred on a square and composited on black. `LATENTFORGE_EMOJI_FONT`
-    points at another copy of NotoColorEmoji.ttf."""
+    """About 1,900 colour emoji at 128x128 (use `--size 32` or `64`): every fully-qualified emoji
+    of Unicode's list that Debian's `fonts-noto-color-emoji` draws as one glyph, skin-tone variants
+    once, labelled by their 9 CLDR groups (smileys and emotion, people and body, animals and
+    nature, food and drink, travel and places, activities, objects, symbols, flags). Each glyph is
+    cropped to its opaque pixels, centred on a square and composited on black.
+    `LATENTFORGE_EMOJI_FONT` / `LATENTFORGE_EMOJI_TEST` point at other copies of the two files."""
     import os
 
     from PIL import ImageDraw, ImageFont
 
-    path = Path(os.environ.get("LATENTFORGE_EMOJI_FONT", EMOJI_FONT))
-    if not path.is_file():
-        raise DataError(
-            f"source 'emoji' draws the glyphs of Debian's fonts-noto-color-emoji package, and {path} does not exist: "
-            "install it with `make data-deps` (or `sudo apt-get install fonts-noto-color-emoji`), or set "
-            "LATENTFORGE_EMOJI_FONT to a NotoColorEmoji.ttf"
-        )
+    font_path = Path(os.environ.get("LATENTFORGE_EMOJI_FONT", EMOJI_FONT))
+    test_path = Path(os.environ.get("LATENTFORGE_EMOJI_TEST", EMOJI_TEST))
+    for path, package, var in ((font_path, "fonts-noto-color-emoji", "LATENTFORGE_EMOJI_FONT"),
+                               (test_path, "unicode-data", "LATENTFORGE_EMOJI_TEST")):
+        if not path.is_file():
+            raise DataError(
+                f"source 'emoji' needs Debian's {package} package, and {path} does not exist: install it with "
+                f"`make data-deps` (or `sudo apt-get install {package}`), or set {var} to a copy of {path.name}"
+            )
     try:
-        font = ImageFont.truetype(str(path), 109)  # the font's one bitmap strike
+        font = ImageFont.truetype(str(font_path), 109)  # the font's one bitmap strike
     except OSError as e:
-        raise DataError(f"{path} cannot be read as a colour emoji font ({e}); reinstall fonts-noto-color-emoji") from None
+        raise DataError(f"{font_path} cannot be read as a colour emoji font ({e}); reinstall fonts-noto-color-emoji") from None
+    try:
+        emoji = _emoji_list(test_path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{test_path} cannot be read as Unicode's emoji-test.txt ({e}); reinstall unicode-data") from None
+    groups = list(dict.fromkeys(g for _, g in emoji))
     tiles, labels, names = [], [], []
-    for label, ranges in enumerate(EMOJI_BLOCKS.values()):
-        for lo, hi in ranges:
-            for cp in range(lo, hi + 1):
-                glyph = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
-                ImageDraw.Draw(glyph).text((8, 8), chr(cp), font=font, embedded_color=True)
-                alpha = np.asarray(glyph)[..., 3]
-                if (alpha > 0).mean() < 0.02:  # no glyph for this code point (or a blank one)
-                    continue
-                glyph = glyph.crop(glyph.getbbox())
-                side = max(glyph.size)
-                square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-                square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-                tiles.append(square.resize((EMOJI_SIDE, EMOJI_SIDE), Image.Resampling.LANCZOS))
-                labels.append(label)
-                names.append(f"U+{cp:04X}")
+    for text, group in emoji:
+        glyph = Image.new("RGBA", (320, 160), (0, 0, 0, 0))
+        ImageDraw.Draw(glyph).text((8, 8), text, font=font, embedded_color=True)
+        box = glyph.getbbox()
+        # no glyph (or a blank one), or a sequence the font does not join (drawn as several glyphs)
+        if box is None or (np.asarray(glyph)[..., 3] > 0).mean() < 0.005 or box[2] - box[0] > 150:
+            continue
+        glyph = glyph.crop(box)
+        side = max(glyph.size)
+        square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+        square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+        tiles.append(square.resize((EMOJI_SIDE, EMOJI_SIDE), Image.Resampling.LANCZOS))
+        labels.append(groups.index(group))
+        names.append(" ".join(f"U+{ord(ch):04X}" for ch in text))
     if not tiles:
-        raise DataError(f"{path} drew no emoji; is it Noto Color Emoji? reinstall fonts-noto-color-emoji")
+        raise DataError(f"{font_path} drew none of the emoji; is it Noto Color Emoji? reinstall fonts-noto-color-emoji")
     images = arrays_from_pil(tiles, names, opts)
-    src = SourceImages(images, np.asarray(labels, np.int64), list(EMOJI_BLOCKS))
+    src = SourceImages(images, np.asarray(labels, np.int64), [g.lower().replace("&", "and") for g in groups])
     return _cap(src, opts.count, opts.seed)
 
 

@@ -200,7 +200,7 @@ def test_crawl_tiles_cut_sheets_into_labelled_distinct_tiles(tmp_path, monkeypat
         load_crawl_tiles(SourceOptions())
 
 
-def test_emoji_without_the_font_names_the_package_and_the_command(tmp_path, monkeypatch):
+def test_emoji_without_their_packages_name_the_package_and_the_command(tmp_path, monkeypatch):
     from latentforge.data.sources import load_emoji
 
     monkeypatch.setenv("LATENTFORGE_EMOJI_FONT", str(tmp_path / "missing.ttf"))
@@ -208,20 +208,47 @@ def test_emoji_without_the_font_names_the_package_and_the_command(tmp_path, monk
         load_emoji(SourceOptions())
     (tmp_path / "broken.ttf").write_bytes(b"not a font")
     monkeypatch.setenv("LATENTFORGE_EMOJI_FONT", str(tmp_path / "broken.ttf"))
+    monkeypatch.setenv("LATENTFORGE_EMOJI_TEST", str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="unicode-data.*make data-deps"):
+        load_emoji(SourceOptions())
+    (tmp_path / "emoji-test.txt").write_text("# group: Smileys & Emotion\n1F600 ; fully-qualified # 😀 grinning face\n")
+    monkeypatch.setenv("LATENTFORGE_EMOJI_TEST", str(tmp_path / "emoji-test.txt"))
     with pytest.raises(DataError, match="cannot be read as a colour emoji font"):
         load_emoji(SourceOptions())
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file(),
-                    reason="Debian's fonts-noto-color-emoji is not installed (make data-deps)")
-def test_emoji_from_the_debian_package_are_colour_images_in_five_classes(tmp_path):
+def test_emoji_list_reads_groups_and_keeps_one_of_each_skin_tone_family(tmp_path):
+    from latentforge.data.sources import _emoji_list
+
+    (tmp_path / "t.txt").write_text(
+        "# group: Smileys & Emotion\n"
+        "1F600 ; fully-qualified # 😀 grinning face\n"
+        "263A ; unqualified # ☺ smiling face\n"
+        "# group: People & Body\n"
+        "1F44B ; fully-qualified # 👋 waving hand\n"
+        "1F44B 1F3FD ; fully-qualified # 👋🏽 waving hand: medium skin tone\n"
+        "# group: Component\n"
+        "1F3FB ; fully-qualified # 🏻 light skin tone\n"
+        "# group: Flags\n"
+        "1F1EB 1F1F7 ; fully-qualified # 🇫🇷 flag: France\n")
+    assert _emoji_list(tmp_path / "t.txt") == [("\U0001F600", "Smileys & Emotion"), ("\U0001F44B", "People & Body"),
+                                               ("\U0001F1EB\U0001F1F7", "Flags")]
+
+
+_EMOJI_PACKAGES = all(__import__("pathlib").Path(p).is_file() for p in
+                      ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", "/usr/share/unicode/emoji/emoji-test.txt"))
+
+
+@pytest.mark.skipif(not _EMOJI_PACKAGES, reason="fonts-noto-color-emoji / unicode-data are not installed (make data-deps)")
+def test_emoji_from_the_debian_packages_are_colour_images_in_nine_groups(tmp_path):
     from latentforge.data.sources import load_emoji
 
     prepare_dataset("emoji", tmp_path / "emoji", SourceOptions(size=32), log=lambda *_: None)
     ds = PreparedDataset(tmp_path / "emoji")
     train, val = ds.load("train"), ds.load("val")
-    assert len(train) + len(val) >= 1200 and ds.num_classes == 5 and ds.image_shape == (3, 32, 32)
-    assert set(np.unique(train.labels)) == set(range(5)) and ds.class_names[0] == "smiley"
+    assert len(train) + len(val) >= 1800 and ds.num_classes == 9 and ds.image_shape == (3, 32, 32)
+    assert set(np.unique(train.labels)) == set(range(9))
+    assert ds.class_names[0] == "smileys and emotion" and ds.class_names[-1] == "flags"
     x = train.images.float()
     assert x.std() > 40 and (x.max(1).values - x.min(1).values).mean() > 20  # colour, not grey
     again = load_emoji(SourceOptions(size=32, count=50))  # the same glyphs, drawn the same way
