@@ -67,7 +67,7 @@ def main() -> int:
         images, _, _ = generate(ckpt, 64, seed=0)
         grid = out / f"{preset}-samples.png"
         atomic_write_bytes(grid, grid_png(images))
-        fakes, _, _ = generate(ckpt, FID_SAMPLES, seed=1)
+        fakes, _, _ = generate(ckpt, FID_SAMPLES, seed=1, max_n=None)
         fid = distribution_metrics(fakes, net, "train")["fid"]
         acc = c2st_accuracy(real, fakes[: len(real)], steps=150)
         pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc, fid))
