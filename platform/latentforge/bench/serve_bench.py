@@ -202,8 +202,9 @@ def bench_serve(checkpoint: str | None = None, data_dir: str | None = None, n: i
     threads = 1
     import os
 
-    out: dict = {"serve_mode": {k: os.environ[k] for k in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
-                                if k in os.environ} or "default",
+    from latentforge.serve.runner import REQUEST_PATHS
+
+    out: dict = {"serve_mode": {k: os.environ[k] for k in REQUEST_PATHS["haproxy"] if k in os.environ} or "default",
                  "model": "dcgan-mnist (28x28)", "images_per_request": n, "replicas": 1, "threads_per_replica": threads}
     out["in_process_batched_images_per_s"] = in_process(str(local_checkpoint(registry, "bench")), n, 32, threads=threads)
     out["in_process_single_images_per_s"] = in_process(str(local_checkpoint(registry, "bench")), n, 1, repeats=100,
