@@ -51,6 +51,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
     for preset, overrides in variants:  # fail on a bad name or field before hours of training
         load_experiment(preset, {"train.steps": steps, **overrides})
     real = evaluate_real_floor(data_dir, net)
+    n_floor = real["samples"]
     command = (f"latentforge bench quality --steps {steps} --samples {samples} --presets {' '.join(presets)}"
                + (f" --modes {','.join(modes)}" if modes != ("fp32",) else "")
                + (f" --seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""))
@@ -65,6 +66,8 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         seconds = time.time() - t0
         scored = evaluate(run, data_dir, samples=samples, net=net, log=log)
         result = {**{k: v for k, v in scored.items() if k in ("samples", "protocol", "backbone")}, **metric_values(scored)}
+        if samples != n_floor:  # FID is biased by the sample count: score the floor's count too, like for like
+            result["fid_at_floor"] = metric_values(evaluate(run, data_dir, samples=n_floor, net=net, log=log))["fid"]
         label = spec if modes == ("fp32",) else f"{spec} ({mode})"
         label += f", seed {seed}" if len(seeds) > 1 else ""
         images = steps * cfg.train.global_batch_size * (cfg.gan.n_critic if cfg.algorithm == "gan" else 1)
@@ -73,12 +76,21 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         log(f"{label}: FID {result['fid']:.1f}, precision {result.get('precision', float('nan')):.3f}, "
             f"recall {result['recall']:.3f} ({seconds:.0f}s)")
         _write_table(out, command, rows, presets, modes, seeds, net, real, complete=len(rows) == len(variants) * len(modes) * len(seeds),
-                     dataset=data_dir)
+                     dataset=data_dir, columns=table_columns(samples, n_floor))
     log(f"wrote {out}")
     return rows
 
 
-def _write_table(out, command, rows, presets, modes, seeds, net, real, complete: bool, dataset) -> None:
+def table_columns(samples: int, n_floor: int) -> list[tuple[str, str, str]]:
+    """COLUMNS, plus FID at the real floor's sample count after FID when the models are scored
+    with a different count (FID falls as the sample count grows, so only equal counts compare)."""
+    if samples == n_floor:
+        return COLUMNS
+    return COLUMNS[:1] + [("fid_at_floor", f"FID, {n_floor:,} samples ↓", "{:.1f}")] + COLUMNS[1:]
+
+
+def _write_table(out, command, rows, presets, modes, seeds, net, real, complete: bool, dataset,
+                 columns=COLUMNS) -> None:
     from latentforge.data.dataset import PreparedDataset
 
     ds = PreparedDataset(dataset)
@@ -100,24 +112,30 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; wall times include contention "
         "from anything else running.",
         "",
-        "| preset | images | train time | " + " | ".join(c[1] for c in COLUMNS) + " |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |",
+        "| preset | images | train time | " + " | ".join(c[1] for c in columns) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
     ]
     shown = list(rows)
     if len(seeds) > 1 and complete:  # GAN metrics move with the seed: the mean over seeds is what compares modes
         for preset, mode in [(p, m) for p in presets for m in modes]:
             group = [r for r in rows if r.get("base_preset") == preset and r["mode"] == mode]
-            mean = {c[0]: sum(r[c[0]] for r in group) / len(group) for c in COLUMNS if all(c[0] in r for r in group)}
+            mean = {c[0]: sum(r[c[0]] for r in group) / len(group) for c in columns if all(c[0] in r for r in group)}
             label = preset if modes == ("fp32",) else f"{preset} ({mode})"
             shown.append({"preset": f"**{label}, mean of {len(group)} seeds**", "mode": mode, "seed": None,
                           "images": group[0]["images"],
                           "train_seconds": sum(r["train_seconds"] for r in group) / len(group), **mean})
     for r in shown:
-        cells = [c[2].format(r[c[0]]) if c[0] in r else "—" for c in COLUMNS]
+        cells = [c[2].format(r[c[0]]) if c[0] in r else "—" for c in columns]
         lines.append(f"| {r['preset']} | {r['images']:,} | {r['train_seconds'] / 60:.1f} min | " + " | ".join(cells) + " |")
-    lines += ["", f"Real validation images ({len(ds.load('val')):,} of them, against the models' "
-              f"{rows[0].get('samples', '?') if rows else '?'} samples) scored the same way give the floor for this backbone:", ""]
-    lines.append("| real val split | — | — | " + " | ".join(c[2].format(real[c[0]]) if c[0] in real else "—" for c in COLUMNS) + " |")
+    n_real, n_fake = real["samples"], rows[0].get("samples", "?") if rows else "?"
+    lines += ["", f"Real validation images scored the same way give the floor for this backbone. There are {n_real:,} of them, "
+              f"against the models' {n_fake} samples: FID falls as the sample count grows, so the floor compares with "
+              + (f"the models' `FID, {n_real:,} samples` column (as many samples of their own), not with their {n_fake}-sample FID:"
+                 if any(c[0] == "fid_at_floor" for c in columns) else "the FID column:"), ""]
+    floor = {**real, "fid_at_floor": real["fid"]}
+    if any(c[0] == "fid_at_floor" for c in columns):
+        floor.pop("fid")
+    lines.append("| real val split | — | — | " + " | ".join(c[2].format(floor[c[0]]) if c[0] in floor else "—" for c in columns) + " |")
     atomic_write_text(out, "\n".join(lines) + "\n")
 
 
@@ -126,4 +144,5 @@ def evaluate_real_floor(data_dir, net) -> dict:
     from latentforge.images import to_model_range
     from latentforge.metrics.evaluate import distribution_metrics
 
-    return distribution_metrics(to_model_range(PreparedDataset(data_dir).load("val").images), net, "train")
+    images = to_model_range(PreparedDataset(data_dir).load("val").images)
+    return {**distribution_metrics(images, net, "train"), "samples": len(images)}
