@@ -27,11 +27,12 @@ test-unit: install
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-# colour data: Dungeon Crawl's CC0 tile sheets for `latentforge data prepare crawl-tiles`
+# the Debian packages behind `latentforge data prepare crawl-tiles | emoji | fashion-mnist`
 data-deps:
 	@(test -f /usr/share/crawl/dat/tiles/main.png && test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf && \
-		test -f /usr/share/unicode/emoji/emoji-test.txt) || (apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data fonts-noto-color-emoji unicode-data)
+		test -f /usr/share/unicode/emoji/emoji-test.txt && test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz) || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crawl-tiles-data fonts-noto-color-emoji \
+		unicode-data dataset-fashion-mnist)
 
 clean:
 	rm -rf demo-output runs .pytest_cache

@@ -52,7 +52,7 @@ def add_data(verbs: Verbs) -> Verbs:
 
 def add_data_prepare(data: Verbs) -> None:
     prep = data.add_parser("prepare", help="turn a source into a prepared Parquet dataset folder")
-    prep.add_argument("source", help="mnist5k | digits | shapes | crawl-tiles | emoji | folder:PATH | torchvision:NAME[:ROOT] | parquet:PATH")
+    prep.add_argument("source", help="mnist5k | digits | shapes | crawl-tiles | emoji | fashion-mnist | folder:PATH | torchvision:NAME[:ROOT] | parquet:PATH")
     prep.add_argument("--out", required=True, help="dataset folder to create")
     prep.add_argument("--size", type=int, help="centre-crop and resize images to SIZE x SIZE")
     prep.add_argument("--channels", type=int, choices=[1, 3], help="convert every image to 1 or 3 channels")

