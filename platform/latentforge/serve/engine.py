@@ -18,7 +18,7 @@ from latentforge.editing.directions import apply_edit, data_free_directions, fir
 from latentforge.editing.inversion import ProjectionStopped, invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
-from latentforge.editing.space import edit_model, latent_space
+from latentforge.editing.space import default_interpolation, edit_model, latent_space
 from latentforge.sampling import decode_latents, seeded_latents
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
 from latentforge.serve.schemas import (
@@ -223,7 +223,7 @@ class ModelRuntime:
             self._projection(r.projection_steps, images=sum(s.image is not None for s in (r.a, r.b)))
         za, ya, pa = self._latent(r.a, r.projection_steps)
         zb, yb, pb = self._latent(r.b, r.projection_steps)
-        method = r.method or getattr(self.model, "interpolation", "slerp")
+        method = r.method or default_interpolation(self.model, self.algorithm)  # what edit-eval measures
         path = interpolation_path(za, zb, r.steps, method)
         labels = None
         if self.num_classes:  # the label switches halfway (labels are discrete)

@@ -71,7 +71,7 @@ class InterpolateRequest(StrictRequest):
     a: LatentSource
     b: LatentSource
     steps: int = Field(8, ge=2)
-    method: Literal["slerp", "lerp"] | None = None  # default: slerp for Gaussian z, lerp for W
+    method: Literal["slerp", "lerp"] | None = None  # default: slerp for a GAN's Gaussian z, lerp for VAE latents and W
     projection_steps: int | None = Field(None, ge=1)
 
 

@@ -93,6 +93,20 @@ def test_interpolate_and_edit(gan):
     assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(3.0, rel=1e-4)
 
 
+def test_default_interpolation_is_the_one_edit_eval_measures(gan, vae):
+    """slerp for a GAN's Gaussian z; lerp for a VAE (posterior means lie inside the prior's shell),
+    as latentforge edit-eval scores them: the API used to default every z space to slerp."""
+    from latentforge.editing.space import default_interpolation
+
+    for runtime, expected in ((gan, "slerp"), (vae, "lerp")):
+        r = runtime.interpolate(InterpolateRequest(a={"seed": 1}, b={"seed": 2}, steps=3))
+        assert r["method"] == expected == default_interpolation(runtime.model, runtime.algorithm)
+    path = torch.tensor(vae.interpolate(InterpolateRequest(a={"seed": 1}, b={"seed": 2}, steps=3))["latents"])
+    torch.testing.assert_close(path[1], (path[0] + path[2]) / 2)
+    asked = vae.interpolate(InterpolateRequest(a={"seed": 1}, b={"seed": 2}, steps=3, method="slerp"))
+    assert asked["method"] == "slerp" and asked["latents"][1] != path[1].tolist()
+
+
 def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
     cases = [
         (lambda: gan.generate_many([GenerateRequest(n=100)]), "n: 100 is above the limit"),
