@@ -50,7 +50,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
     variants = [parse_variant(p) for p in presets]
     for preset, overrides in variants:  # fail on a bad name or field before hours of training
         load_experiment(preset, {"train.steps": steps, **overrides})
-    real = evaluate_real_floor(data_dir, net)
+    real = evaluate_real_floor(data_dir, net, samples)
     n_floor = real["samples"]
     command = (f"latentforge bench quality --steps {steps} --samples {samples} --presets {' '.join(presets)}"
                + (f" --modes {','.join(modes)}" if modes != ("fp32",) else "")
@@ -128,10 +128,13 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
         cells = [c[2].format(r[c[0]]) if c[0] in r else "—" for c in columns]
         lines.append(f"| {r['preset']} | {r['images']:,} | {r['train_seconds'] / 60:.1f} min | " + " | ".join(cells) + " |")
     n_real, n_fake = real["samples"], rows[0].get("samples", "?") if rows else "?"
-    lines += ["", f"Real validation images scored the same way give the floor for this backbone. There are {n_real:,} of them, "
-              f"against the models' {n_fake} samples: FID falls as the sample count grows, so the floor compares with "
-              + (f"the models' `FID, {n_real:,} samples` column (as many samples of their own), not with their {n_fake}-sample FID:"
-                 if any(c[0] == "fid_at_floor" for c in columns) else "the FID column:"), ""]
+    split_column = any(c[0] == "fid_at_floor" for c in columns)
+    lines += ["", (f"Real validation images scored the same way give the floor for this backbone. The split has {n_real:,}, "
+                   f"against the models' {n_fake} samples; FID falls as the sample count grows, so the floor compares with "
+                   f"the models' `FID, {n_real:,} samples` column (as many samples of their own), not with their "
+                   f"{n_fake}-sample FID:") if split_column else
+              f"{n_real:,} real validation images, as many as the models' samples, scored the same way give the floor for "
+              "this backbone:", ""]
     floor = {**real, "fid_at_floor": real["fid"]}
     if any(c[0] == "fid_at_floor" for c in columns):
         floor.pop("fid")
@@ -139,10 +142,15 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
     atomic_write_text(out, "\n".join(lines) + "\n")
 
 
-def evaluate_real_floor(data_dir, net) -> dict:
+def evaluate_real_floor(data_dir, net, samples: int) -> dict:
+    """The real validation split scored like a model: `samples` images of it (a seeded subset) when
+    it has that many, else all of it (then the table adds an FID column at that count)."""
     from latentforge.data.dataset import PreparedDataset
     from latentforge.images import to_model_range
     from latentforge.metrics.evaluate import distribution_metrics
 
-    images = to_model_range(PreparedDataset(data_dir).load("val").images)
+    images = PreparedDataset(data_dir).load("val").images
+    if len(images) > samples:
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]]
+    images = to_model_range(images)
     return {**distribution_metrics(images, net, "train"), "samples": len(images)}

@@ -28,3 +28,11 @@ def test_the_floor_is_shown_in_the_column_scored_with_its_own_sample_count(mnist
     assert model["FID ↓"] == "40.0" and model["FID, 500 samples ↓"] == "55.0"
     assert floor["FID ↓"] == "—" and floor["FID, 500 samples ↓"] == "1.8"
     assert "500" in out.read_text() and "5000-sample FID" in out.read_text()
+
+
+def test_the_real_floor_uses_as_many_images_as_the_models_where_the_split_has_them(mnist_dir, mnist_features):
+    from latentforge.bench.quality import evaluate_real_floor
+
+    assert evaluate_real_floor(mnist_dir, mnist_features, 5000)["samples"] == 500  # all mnist5k has
+    part = evaluate_real_floor(mnist_dir, mnist_features, 200)
+    assert part["samples"] == 200 and part == evaluate_real_floor(mnist_dir, mnist_features, 200)  # seeded subset
