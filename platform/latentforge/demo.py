@@ -79,18 +79,20 @@ def main() -> int:
         atomic_write_bytes(grid, grid_png(images))
         fakes, _, _ = generate(ckpt, FID_SAMPLES, seed=1, max_n=None)
         fid = distribution_metrics(fakes, net, "train")["fid"]
+        fid_small = distribution_metrics(fakes[: len(real)], net, "train")["fid"]  # like for like with the floor
         acc = c2st_accuracy(real, fakes[: len(real)], steps=150)
-        pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc, fid))
+        pictures.append((preset, grid, Path(result["run_dir"]) / "samples", acc, fid, fid_small))
         save_directions(ckpt.path, compute_directions(ckpt, ds, net))
         promote(ckpt.path, str(registry), preset, overwrite=True)
 
     print(f"\n== done in {time.time() - t0:.0f}s. Pictures to look at:")
     floor = distribution_metrics(real, net, "train")["fid"]
-    for preset, grid, samples, acc, fid in pictures:
+    for preset, grid, samples, acc, fid, fid_small in pictures:
         print(f"   {grid}   ({preset}; training progress in {samples}/)")
         print(f"      FID {fid:.1f}: the distance between {FID_SAMPLES:,} of its samples and the training digits in the "
-              f"features of the dataset's own classifier (lower is better; {len(real)} real held-out digits score "
-              f"{floor:.1f}, an untrained generator several hundred)")
+              f"features of the dataset's own classifier (lower is better; an untrained generator scores several "
+              f"hundred). FID depends on the sample count: on {len(real)} of its samples it scores {fid_small:.1f}, "
+              f"where the {len(real)} real held-out digits score {floor:.1f}")
         print(f"      a fresh classifier tells its samples from real digits with {acc:.0%} accuracy "
               f"(100% = obviously fake, 50% = indistinguishable)")
     print("   generate more: latentforge generate <run folder> --n 64 --seed 1 --out more.png")
