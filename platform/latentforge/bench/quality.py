@@ -52,6 +52,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         load_experiment(preset, {"train.steps": steps, **overrides})
     real = evaluate_real_floor(data_dir, net, samples)
     n_floor = real["samples"]
+    columns = table_columns(samples, n_floor)
     command = (f"latentforge bench quality --steps {steps} --samples {samples} --presets {' '.join(presets)}"
                + (f" --modes {','.join(modes)}" if modes != ("fp32",) else "")
                + (f" --seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""))
@@ -76,7 +77,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
         log(f"{label}: FID {result['fid']:.1f}, precision {result.get('precision', float('nan')):.3f}, "
             f"recall {result['recall']:.3f} ({seconds:.0f}s)")
         _write_table(out, command, rows, presets, modes, seeds, net, real, complete=len(rows) == len(variants) * len(modes) * len(seeds),
-                     dataset=data_dir, columns=table_columns(samples, n_floor))
+                     dataset=data_dir, columns=columns)
     log(f"wrote {out}")
     return rows
 
@@ -136,7 +137,7 @@ def _write_table(out, command, rows, presets, modes, seeds, net, real, complete:
               f"{n_real:,} real validation images, as many as the models' samples, scored the same way give the floor for "
               "this backbone:", ""]
     floor = {**real, "fid_at_floor": real["fid"]}
-    if any(c[0] == "fid_at_floor" for c in columns):
+    if split_column:
         floor.pop("fid")
     lines.append("| real val split | — | — | " + " | ".join(c[2].format(floor[c[0]]) if c[0] in floor else "—" for c in columns) + " |")
     atomic_write_text(out, "\n".join(lines) + "\n")
