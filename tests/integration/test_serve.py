@@ -263,8 +263,13 @@ def test_playground_in_a_real_browser(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('#grid img').length === 8", timeout=60000)
         page.select_option("#model", "gan")
         page.wait_for_function("document.querySelectorAll('#sliders input').length > 0", timeout=60000)
-        # generate a grid
+        # the model change generates a grid of its own: let it land before asking for another
+        page.wait_for_function("document.querySelector('#grid').dataset.model === 'gan' && "
+                               "document.querySelector('#status').textContent === ''", timeout=60000)
+        # generate a grid: wait for this request's grid, not the one already on the page
+        before = int(page.get_attribute("#grid", "data-request"))
         page.click("#generate")
+        page.wait_for_function(f"Number(document.querySelector('#grid').dataset.request) > {before}", timeout=60000)
         page.wait_for_function("document.querySelectorAll('#grid img').length === 8", timeout=60000)
         grid = [_img_array(page.get_attribute(f"#grid img:nth-child({i})", "src")) for i in (1, 2)]
         assert np.abs(grid[0] - grid[1]).mean() > 1  # different samples
