@@ -285,6 +285,19 @@ def _emoji_list(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def emoji_files() -> tuple[Path, Path]:
+    """The font and Unicode's list `load_emoji` reads (the environment can point at other copies)."""
+    import os
+
+    return (Path(os.environ.get("LATENTFORGE_EMOJI_FONT", EMOJI_FONT)),
+            Path(os.environ.get("LATENTFORGE_EMOJI_TEST", EMOJI_TEST)))
+
+
+def emoji_installed() -> bool:
+    """Whether the emoji source can run here (`make data-deps` installs what it reads)."""
+    return all(path.is_file() for path in emoji_files())
+
+
 def load_emoji(opts: SourceOptions) -> SourceImages:
     """About 1,900 colour emoji at 128x128 (use `--size 32` or `64`): every fully-qualified emoji
     of Unicode's list that Debian's `fonts-noto-color-emoji` draws as one glyph, skin-tone variants
@@ -292,12 +305,9 @@ def load_emoji(opts: SourceOptions) -> SourceImages:
     nature, food and drink, travel and places, activities, objects, symbols, flags). Each glyph is
     cropped to its opaque pixels, centred on a square and composited on black.
     `LATENTFORGE_EMOJI_FONT` / `LATENTFORGE_EMOJI_TEST` point at other copies of the two files."""
-    import os
-
     from PIL import ImageDraw, ImageFont
 
-    font_path = Path(os.environ.get("LATENTFORGE_EMOJI_FONT", EMOJI_FONT))
-    test_path = Path(os.environ.get("LATENTFORGE_EMOJI_TEST", EMOJI_TEST))
+    font_path, test_path = emoji_files()
     for path, package, var in ((font_path, "fonts-noto-color-emoji", "LATENTFORGE_EMOJI_FONT"),
                                (test_path, "unicode-data", "LATENTFORGE_EMOJI_TEST")):
         if not path.is_file():
@@ -440,10 +450,17 @@ def load_fashion_mnist(opts: SourceOptions) -> SourceImages:
                             f"{len(labels)} labels, classes 0-{len(FASHION_MNIST_CLASSES) - 1}); reinstall "
                             "dataset-fashion-mnist")
         parts.append((images, labels.astype(np.int64)))
-    fixed = np.concatenate([np.zeros(len(parts[0][1]), bool), np.ones(len(parts[1][1]), bool)])
-    src = SourceImages(_image_arrays_from_grey(np.concatenate([p[0] for p in parts]), opts),
-                       np.concatenate([p[1] for p in parts]), list(FASHION_MNIST_CLASSES), fixed_split=fixed)
+    data, labels, fixed = _official_split(parts)
+    src = SourceImages(_image_arrays_from_grey(data, opts), labels, list(FASHION_MNIST_CLASSES), fixed_split=fixed)
     return _cap(src, opts.count, opts.seed)
+
+
+def _official_split(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[(train images, labels), (test images, labels)] → (images, labels, fixed_split): the
+    official test images are marked to become `val`, whatever `--val-fraction` says."""
+    (train_x, train_y), (test_x, test_y) = parts
+    fixed = np.concatenate([np.zeros(len(train_y), bool), np.ones(len(test_y), bool)])
+    return np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y]), fixed
 
 
 def load_torchvision(spec: str, opts: SourceOptions) -> SourceImages:
@@ -472,9 +489,7 @@ def load_torchvision(spec: str, opts: SourceOptions) -> SourceImages:
             ) from e
         data = np.asarray(ds.data)  # (N, H, W) or (N, H, W, 3) uint8
         parts.append((data, np.asarray(ds.targets, np.int64)))
-    data = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    fixed = np.concatenate([np.zeros(len(parts[0][0]), bool), np.ones(len(parts[1][0]), bool)])
+    data, labels, fixed = _official_split(parts)
     if data.ndim == 3:
         images = _image_arrays_from_grey(data, opts)
     else:

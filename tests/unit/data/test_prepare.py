@@ -201,9 +201,10 @@ def test_crawl_tiles_cut_sheets_into_labelled_distinct_tiles(tmp_path, monkeypat
 
 
 def test_emoji_without_their_packages_name_the_package_and_the_command(tmp_path, monkeypatch):
-    from latentforge.data.sources import load_emoji
+    from latentforge.data.sources import emoji_installed, load_emoji
 
     monkeypatch.setenv("LATENTFORGE_EMOJI_FONT", str(tmp_path / "missing.ttf"))
+    assert not emoji_installed()  # what `make demo` asks before its colour stage
     with pytest.raises(DataError, match="fonts-noto-color-emoji.*make data-deps"):
         load_emoji(SourceOptions())
     (tmp_path / "broken.ttf").write_bytes(b"not a font")
@@ -213,6 +214,7 @@ def test_emoji_without_their_packages_name_the_package_and_the_command(tmp_path,
         load_emoji(SourceOptions())
     (tmp_path / "emoji-test.txt").write_text("# group: Smileys & Emotion\n1F600 ; fully-qualified # 😀 grinning face\n")
     monkeypatch.setenv("LATENTFORGE_EMOJI_TEST", str(tmp_path / "emoji-test.txt"))
+    assert emoji_installed()  # both files are there (whether they read is load_emoji's to say)
     with pytest.raises(DataError, match="cannot be read as a colour emoji font"):
         load_emoji(SourceOptions())
 
@@ -299,6 +301,25 @@ def test_fashion_mnist_keeps_the_official_split_labels_and_pixels(tmp_path, monk
         expected = np.frombuffer(f.read()[16:], np.uint8).reshape(4, 28, 28)
     got = val.images[:, 0].numpy()
     assert sorted(map(bytes, got)) == sorted(map(bytes, expected))
+
+
+def test_torchvision_source_keeps_the_official_split(tmp_path):
+    """torchvision's own reader on its raw layout (uncompressed IDX under ROOT/FashionMNIST/raw)."""
+    import gzip
+
+    fm = _fashion_files(tmp_path / "fm")
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in fm.iterdir():
+        with gzip.open(gz) as f:
+            (raw / gz.stem).write_bytes(f.read())
+    prepare_dataset(f"torchvision:FashionMNIST:{tmp_path / 'tv'}", tmp_path / "out", SourceOptions(), **quiet)
+    ds = PreparedDataset(tmp_path / "out")
+    train, val = ds.load("train"), ds.load("val")
+    assert (len(train), len(val)) == (6, 4) and ds.num_classes == 10
+    with gzip.open(fm / "t10k-images-idx3-ubyte.gz") as f:
+        expected = np.frombuffer(f.read()[16:], np.uint8).reshape(4, 28, 28)
+    assert sorted(map(bytes, val.images[:, 0].numpy())) == sorted(map(bytes, expected))
 
 
 def test_fashion_mnist_refuses_missing_and_damaged_files_with_the_fix(tmp_path, monkeypatch):
