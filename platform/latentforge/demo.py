@@ -1,5 +1,7 @@
 """`make demo`: prepare mnist5k, train a DCGAN and a VAE on 2 Ray workers, write pictures, and
-put both models (with their edit directions) in a local registry the playground can serve.
+put both models (with their edit directions) in a local registry the playground can serve. Where
+Debian's colour emoji are installed, also train a VAE on them and picture its reconstructions and
+inpainting (a third model in the registry).
 
 Everything runs locally: a local Ray cluster, local storage, no account, no download.
 Outputs land in ./demo-output/ (override with LATENTFORGE_DEMO_DIR).
