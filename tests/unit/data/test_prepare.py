@@ -287,9 +287,16 @@ def _fashion_files(root, n_train=6, n_val=4):
     return root
 
 
-def test_fashion_mnist_keeps_the_official_split_labels_and_pixels(tmp_path, monkeypatch):
+def _gz_test_images(root) -> np.ndarray:
+    """The pixels of the test split's IDX file, as written: what `val` must hold."""
     import gzip
 
+    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
+        raw = f.read()
+    return np.frombuffer(raw[16:], np.uint8).reshape(-1, 28, 28)
+
+
+def test_fashion_mnist_keeps_the_official_split_labels_and_pixels(tmp_path, monkeypatch):
     root = _fashion_files(tmp_path / "fm")
     monkeypatch.setenv("LATENTFORGE_FASHION_MNIST", str(root))
     prepare_dataset("fashion-mnist", tmp_path / "out", SourceOptions(), **quiet)
@@ -297,10 +304,8 @@ def test_fashion_mnist_keeps_the_official_split_labels_and_pixels(tmp_path, monk
     train, val = ds.load("train"), ds.load("val")
     assert (len(train), len(val)) == (6, 4) and ds.image_shape == (1, 28, 28) and ds.num_classes == 10
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "ankle boot"
-    with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:  # the test file's pixels, unchanged, as `val`
-        expected = np.frombuffer(f.read()[16:], np.uint8).reshape(4, 28, 28)
-    got = val.images[:, 0].numpy()
-    assert sorted(map(bytes, got)) == sorted(map(bytes, expected))
+    got = val.images[:, 0].numpy()  # the test file's pixels, unchanged, as `val`
+    assert sorted(map(bytes, got)) == sorted(map(bytes, _gz_test_images(root)))
 
 
 def test_torchvision_source_keeps_the_official_split(tmp_path):
@@ -317,9 +322,7 @@ def test_torchvision_source_keeps_the_official_split(tmp_path):
     ds = PreparedDataset(tmp_path / "out")
     train, val = ds.load("train"), ds.load("val")
     assert (len(train), len(val)) == (6, 4) and ds.num_classes == 10
-    with gzip.open(fm / "t10k-images-idx3-ubyte.gz") as f:
-        expected = np.frombuffer(f.read()[16:], np.uint8).reshape(4, 28, 28)
-    assert sorted(map(bytes, val.images[:, 0].numpy())) == sorted(map(bytes, expected))
+    assert sorted(map(bytes, val.images[:, 0].numpy())) == sorted(map(bytes, _gz_test_images(fm)))
 
 
 def test_fashion_mnist_refuses_missing_and_damaged_files_with_the_fix(tmp_path, monkeypatch):
