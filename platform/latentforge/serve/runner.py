@@ -73,7 +73,40 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
     ray_init(address, num_cpus=num_cpus)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    wait_until_routed(url)
+    return url
+
+
+def _routes(url: str) -> dict:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/-/routes", timeout=10) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):  # not listening yet, or not JSON yet
+        return {}
+
+
+def wait_until_routed(url: str, timeout: float = 60.0) -> None:
+    """Return once the HTTP entry point lists the application's route.
+
+    `serve.run` returns when the replicas run; a proxy in front of them (HAProxy on the `haproxy`
+    request path) learns the route a moment later, and until then answers 404.
+
+    Raises:
+        RuntimeError: the route did not appear within `timeout` seconds.
+    """
+    for wildcard in ("0.0.0.0", "::"):
+        url = url.replace(f"//{wildcard}:", "//127.0.0.1:")
+    deadline = time.monotonic() + timeout
+    while not _routes(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve deployed the application but {url}/-/routes listed no route within "
+                               f"{timeout:.0f} s; see `ray status` and the Serve logs under the Ray session folder")
+        time.sleep(0.25)
 
 
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None = None, log=print,
