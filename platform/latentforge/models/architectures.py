@@ -13,6 +13,7 @@ reference with the distribution and version that provided it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
@@ -99,6 +100,7 @@ class StyleGAN2GOptions(NoOptions):
     mapping_layers: int = Field(2, ge=1, le=8)  # mapping FC layers (8 in the paper, 2 for small data as in ADA's CIFAR config)
     style_mixing: float = Field(0.0, ge=0, le=1)  # share of training samples with two ws (0.9 in the paper, 0 in ADA's CIFAR config)
     noise: bool = True  # per-pixel noise inputs (fixed noise in eval mode)
+    output: Literal["linear", "tanh"] = "linear"  # the images' last op: linear as the reference, tanh bounds them to [-1, 1]
 
 
 class StyleGAN2DOptions(NoOptions):

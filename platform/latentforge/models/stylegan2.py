@@ -180,20 +180,28 @@ class StyleGAN2Generator(nn.Module):
         mapping_layers: FC layers in the mapping network (8 in the paper, 2 for small data).
         style_mixing: probability that a training sample switches to a second z's w at a random layer.
         noise: per-pixel noise inputs.
+        output: 'linear' (the reference: images are the summed toRGB outputs, unbounded) or 'tanh'
+            (bounded to [-1, 1] like the DCGAN and ResNet generators). On near-binary data such as
+            digits the linear output overshoots (half the pixels of an early generator lie beyond
+            ±1), and this generator collapsed to one glyph within 200-600 steps; with tanh it keeps
+            diverse digits (docs/quality-models.md).
     """
 
     def __init__(self, *, z_dim: int, channels: int, resolution: int, width: int = 32, norm: str = "none",
                  num_classes: int = 0, embed_dim: int = 32, w_dim: int = 128, mapping_layers: int = 2,
-                 style_mixing: float = 0.0, noise: bool = True):
+                 style_mixing: float = 0.0, noise: bool = True, output: str = "linear"):
         super().__init__()
         if norm != "none":
             raise ValueError(f"the stylegan2 generator takes g_norm 'none' (demodulation normalises), got {norm!r}")
+        if output not in ("linear", "tanh"):
+            raise ValueError(f"output is 'linear' or 'tanh', got {output!r}")
         if not 0.0 <= style_mixing <= 1.0:
             raise ValueError(f"style_mixing is a probability in [0, 1], got {style_mixing}")
         self.init_args = dict(z_dim=z_dim, channels=channels, resolution=resolution, width=width, norm=norm,
                               num_classes=num_classes, embed_dim=embed_dim, w_dim=w_dim, mapping_layers=mapping_layers,
-                              style_mixing=style_mixing, noise=noise)
+                              style_mixing=style_mixing, noise=noise, output=output)
         self.z_dim, self.num_classes, self.w_dim, self.style_mixing = z_dim, num_classes, w_dim, style_mixing
+        self.output = output
         base, n = resolution_plan(resolution)
         self.mapping_net = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes)
         c0 = level_channels(width, n, 0)
@@ -232,7 +240,8 @@ class StyleGAN2Generator(nn.Module):
         raise ValueError(f"ws must be (B, {self.w_dim}) or (B, {self.num_ws}, {self.w_dim}); got {tuple(ws.shape)}")
 
     def synthesis(self, ws: torch.Tensor) -> torch.Tensor:
-        """w (B, w_dim) or W+ (B, num_ws, w_dim) → images (B, C, H, W), not clamped."""
+        """w (B, w_dim) or W+ (B, num_ws, w_dim) → images (B, C, H, W), not clamped (tanh-bounded
+        with output='tanh')."""
         ws = self.broadcast_ws(ws)
         # a copy, not an expand: a view of a parameter made under no_grad still "requires grad" as a
         # leaf, which autograd hooks (FlopCounterMode, module trackers) cannot attach to
@@ -250,7 +259,7 @@ class StyleGAN2Generator(nn.Module):
             y = rgb(x, ws[:, i])
             i += 1
             img = y if img is None else F.interpolate(img, scale_factor=2.0, mode="bilinear", align_corners=False) + y
-        return img
+        return torch.tanh(img) if self.output == "tanh" else img
 
     def style_weight(self) -> torch.Tensor:
         """Every modulated layer's affine map from w to its styles, stacked: (Σ c_in, w_dim); SeFa

@@ -48,6 +48,20 @@ def test_every_parameter_gets_a_gradient_with_mixing_noise_and_labels():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_tanh_output_bounds_the_same_images_and_a_bad_choice_is_named():
+    """output='tanh' is tanh of the linear output with the same weights (and checkpoints without
+    the key keep the reference's linear output)."""
+    linear, bounded = _g(), _g(output="tanh")
+    bounded.load_state_dict(linear.state_dict())
+    linear.eval(), bounded.eval()
+    ws = torch.randn(4, 16) * 3
+    torch.testing.assert_close(bounded.synthesis(ws), torch.tanh(linear.synthesis(ws)))
+    assert linear.synthesis(ws).abs().max() > 1 and bounded.synthesis(ws).abs().max() < 1
+    assert _g().init_args["output"] == "linear"
+    with pytest.raises(ValueError, match="'linear' or 'tanh'"):
+        _g(output="sigmoid")
+
+
 def test_truncation_pulls_w_to_the_tracked_mean():
     g = _g()
     g.train()
