@@ -59,6 +59,19 @@ def native_bf16(device_type: str = "cpu") -> bool:
         return False
 
 
+def emulation_warning(precision: str, device_type: str) -> str | None:
+    """A warning for a bf16 run on a device that only emulates bf16, else None.
+
+    On a CPU without AVX512-BF16 or AMX, autocast still runs bf16 but in software: a
+    stylegan2-mnist step took 3.0 s in bf16 + channels_last against 0.47 s in fp32 on such a CPU
+    (2-core AMD EPYC with AVX2)."""
+    if precision != "bf16" or native_bf16(device_type):
+        return None
+    where = "this CPU has no AVX512-BF16 or AMX" if device_type == "cpu" else f"this {device_type} device lacks bf16"
+    return (f"warning: train.precision=bf16 but {where}, so bf16 is emulated and several times slower than fp32; "
+            "set train.precision=fp32 here")
+
+
 def inference_precision(trained: str, device_type: str) -> str:
     """The precision to generate in by default: the one the model trained in, unless that is bf16
     and this device only emulates it (a model trained in bf16 on a GPU, served on an older CPU)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.precision import emulation_warning
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -162,6 +163,9 @@ def run_training(
     if ctx.is_chief:
         log(f"training {cfg.name} ({cfg.algorithm}) for {t.steps} steps on {world} worker(s): "
             f"global batch {t.global_batch_size}, per-worker batch {per_worker}, device {ctx.device}")
+        slow = emulation_warning(t.precision, ctx.device.type)
+        if slow:
+            log(slow)
         if start == 0:
             sink.artifact("samples/step_000000.png", grid_png(program.sample()))
 
