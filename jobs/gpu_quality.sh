@@ -25,6 +25,7 @@ RUNS=(
   "resnet|resnet-mnist|"
   "resnet+diffaug|resnet-diffaug-mnist|"
   "stylegan2|stylegan2-mnist|"
+  "stylegan2 linear output (reference)|stylegan2-mnist|model.g_options.output=linear"
   "stylegan2 lr1e-3|stylegan2-mnist|gan.lr_g=1e-3 gan.lr_d=1e-3"
   "stylegan2+diffaug|stylegan2-mnist|gan.augment=diffaugment gan.diffaugment_policy=[translation,cutout]"
   "stylegan2+diffaug lr1e-3|stylegan2-mnist|gan.augment=diffaugment gan.diffaugment_policy=[translation,cutout] gan.lr_g=1e-3 gan.lr_d=1e-3"
