@@ -184,6 +184,8 @@ def test_the_shipped_architecture_sweep_loads():
 
     sw = load_sweep(Path(__file__).parents[3] / "jobs" / "sweeps" / "arch-mnist.yaml")
     assert set(sw.families) == {"dcgan", "resnet", "stylegan2"} and len(distinct_points(sw)) == sw.trials
+    # its StyleGAN2 trials use the preset's bounded output (the reference's linear one collapses on digits)
+    assert sw.families["stylegan2"]["model.g_options.output"] == "tanh"
 
 
 def test_families_refuse_pbt_and_grids(tmp_path):
