@@ -6,8 +6,12 @@ computes (an initialisation, a norm, the order of noise draws, a loss) fails her
 every behavioural test still passes. Each preset keeps its own architecture and widths (only the
 batch is shrunk) so the test exercises the real networks.
 
-Every preset runs twice: in fp32, and in bf16 with channels_last (the fast path), whose numbers
-are stored under `NAME@bf16`; no metric may be NaN or infinite in either.
+Every preset runs twice: in fp32, and in bf16 with channels_last (the fast path); no metric may be
+NaN or infinite in either. bf16 numbers depend on the CPU's kind: a CPU with AVX512-BF16/AMX runs
+oneDNN's native bf16 kernels, one without emulates them, and the two differ by up to ~10% after
+three steps. They are stored per kind, under `NAME@bf16` (native) and `NAME@bf16-emulated`; a
+host compares with its own kind, and where that kind has no stored numbers yet it checks only
+that every metric is finite, and says so.
 
 Tolerance: fp32 rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
 norms). One torch thread makes the reductions' order fixed; what is left is the CPU's vector
@@ -83,11 +87,17 @@ def _stored() -> dict:
 
 
 def _key(name: str, mode: str) -> str:
-    return name if mode == "fp32" else f"{name}@{mode}"
+    if mode == "fp32":
+        return name
+    from latentforge.algorithms.precision import native_bf16
+
+    return f"{name}@{mode}" if native_bf16("cpu") else f"{name}@{mode}-emulated"
 
 
 def test_every_preset_has_stored_numbers():
-    missing = sorted({_key(n, m) for n in preset_names() for m in MODES} - set(_stored()))
+    stored = set(_stored())
+    missing = sorted({n for n in preset_names()} - stored)
+    missing += sorted(f"{n}@bf16" for n in preset_names() if not {f"{n}@bf16", f"{n}@bf16-emulated"} & stored)
     assert not missing, f"no stored numbers for {missing}: run LATENTFORGE_UPDATE_GOLDEN=1 pytest {__file__}"
 
 
@@ -106,6 +116,9 @@ def test_preset_reproduces_stored_losses(name, mode):
         GOLDEN.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"stored new numbers for {key}; commit {GOLDEN.name} with the reason")
     expected = _stored().get(key)
+    if expected is None and mode != "fp32":
+        pytest.skip(f"no stored numbers for {key} (this kind of CPU's bf16 kernels); every metric was finite. "
+                    "Record them on such a CPU with LATENTFORGE_UPDATE_GOLDEN=1")
     assert expected is not None, f"no stored numbers for {key}"
     assert len(got) == len(expected)
     for step, (g, e) in enumerate(zip(got, expected)):
