@@ -24,6 +24,16 @@ def _weights(run_dir, step):
     return load_file(Path(run_dir) / f"step_{step:06d}" / "model.safetensors")
 
 
+def _initial_generator(cfg, mnist_dir) -> dict:
+    """The generator's weights as training starts (built from the run's seed, as every worker does)."""
+    from latentforge.builders import build_gan
+    from latentforge.data import PreparedDataset
+    from latentforge.data.spec import DataSpec
+
+    torch.manual_seed(cfg.train.seed)
+    return build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))[0].state_dict()
+
+
 def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
     """2 workers x batch 8 == 1 process x batch 16 after k steps, for a BatchNorm-free preset.
 
@@ -42,13 +52,7 @@ def test_ddp_matches_single_process(ray_cluster, mnist_dir, tmp_path):
     for key in single:
         assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=0), (key, (single[key] - ddp[key]).abs().max())
     # and training really moved the weights (the comparison is not between two initialisations)
-    from latentforge.data.spec import DataSpec
-    from latentforge.builders import build_gan
-    from latentforge.data import PreparedDataset
-
-    torch.manual_seed(cfg.train.seed)
-    g0, _ = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))
-    init = g0.state_dict()
+    init = _initial_generator(cfg, mnist_dir)
     for key, value in init.items():
         if (single[f"generator.{key}"] - value).abs().max() > 1e-4:
             moved += 1
@@ -100,13 +104,7 @@ def test_ddp_matches_single_process_with_stylegan2(ray_cluster, mnist_dir, tmp_p
     # multiplier 0.01), hence also a relative term.
     for key in single:
         assert torch.allclose(single[key], ddp[key], atol=5e-5, rtol=1e-6), (key, (single[key] - ddp[key]).abs().max())
-    torch.manual_seed(cfg.train.seed)
-    from latentforge.builders import build_gan
-    from latentforge.data import PreparedDataset
-    from latentforge.data.spec import DataSpec
-
-    g0, _ = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))
-    step = max((single[f"generator.{k}"] - v).abs().max().item() for k, v in g0.state_dict().items())
+    step = max((single[f"generator.{k}"] - v).abs().max().item() for k, v in _initial_generator(cfg, mnist_dir).items())
     assert step > 100 * 5e-5  # training moved the weights far more than the tolerance
 
 

@@ -96,7 +96,7 @@ def _key(name: str, mode: str) -> str:
 
 def test_every_preset_has_stored_numbers():
     stored = set(_stored())
-    missing = sorted({n for n in preset_names()} - stored)
+    missing = sorted(set(preset_names()) - stored)
     missing += sorted(f"{n}@bf16" for n in preset_names() if not {f"{n}@bf16", f"{n}@bf16-emulated"} & stored)
     assert not missing, f"no stored numbers for {missing}: run LATENTFORGE_UPDATE_GOLDEN=1 pytest {__file__}"
 
