@@ -6,7 +6,7 @@ The first trials to reach a rung are compared with nobody and always continue: w
 bench, 5e-5 learning rates at FID 300-600 ran to 600 steps while the eventual winner waited).
 This check keeps ASHA's rule and its numbers (rungs at grace_period * reduction_factor^k, keep
 the top 1/reduction_factor, ranked on the same `{metric}_best`) and re-applies it at every later
-report of a trial that passed a rung, against everyone recorded at that rung by then. A trial is
+report of a trial, at the highest rung it has passed, against everyone recorded at that rung by then. A trial is
 stopped as soon as the evidence that ASHA would have cut it with exists, instead of never.
 """
 
@@ -56,7 +56,10 @@ class RungRecheck:
                 passed.append(m)
             else:  # first result at or past the rung: what ASHA records (and decides on itself)
                 self.recorded[m][trial_id] = self.sign * float(value)
-        for m in passed:
+        # only the highest rung already passed: a trial that made a later rung has been judged
+        # there, against the trials that got that far (a fast starter cut at the first rung after
+        # it led the second was the best trial of a cross-family sweep)
+        for m in passed[-1:]:
             cut = self.cutoff(m, trial_id)
             mine = self.recorded[m][trial_id]
             if cut is not None and mine < cut:

@@ -41,6 +41,20 @@ def test_the_leader_and_the_top_share_keep_running():
     assert report(p, "t3", 125, 690).stop
 
 
+def test_a_trial_that_leads_a_later_rung_is_not_cut_at_an_earlier_one():
+    """A slow starter (behind at the step-125 rung) that leads at the step-250 rung keeps
+    running: ASHA judges a trial at the latest rung it reached (in a cross-family sweep the
+    eventual best, a DCGAN, had been cut at step 300 for its step-125 FID)."""
+    p = RungRecheck(125, 2, 500, "fid_best", "min")
+    report(p, "late", 125, 215)
+    report(p, "late", 250, 132)
+    for trial, fid in (("early", 163), ("other", 170)):
+        report(p, trial, 125, fid)
+        report(p, trial, 250, fid - 5)
+    assert not report(p, "late", 300, 130).stop
+    assert report(p, "other", 300, 160).stop  # behind at the step-250 rung: cut there
+
+
 def test_max_mode_missing_and_non_finite_values():
     p = RungRecheck(10, 2, 100, "recall_best", "max")
     assert not p.observe("x", {"step": 10}).stop  # no metric in this report
