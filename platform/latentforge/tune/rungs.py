@@ -57,7 +57,7 @@ class RungRecheck:
             else:  # first result at or past the rung: what ASHA records (and decides on itself)
                 self.recorded[m][trial_id] = self.sign * float(value)
         # only the highest rung already passed: a trial that made a later rung has been judged
-        # there, against the trials that got that far (a fast starter cut at the first rung after
+        # there, against the trials that got that far (a slow starter cut at the first rung after
         # it led the second was the best trial of a cross-family sweep)
         for m in passed[-1:]:
             cut = self.cutoff(m, trial_id)
