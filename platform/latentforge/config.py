@@ -131,7 +131,7 @@ class TrainConfig(StrictConfig):
     threads: int | None = Field(None, ge=1)  # torch threads per worker (None = CPU cores / workers)
     tracking: Literal["wandb", "none"] = "wandb"  # wandb on the chief worker (offline unless WANDB_MODE=online)
     sync_batchnorm: bool = False  # GPU only: SyncBatchNorm in G so batch statistics span all workers
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward passes under autocast (no loss scaler); losses, penalties, EMA, optimiser state stay fp32
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # bf16: forward passes under autocast (no loss scaler); losses, penalties, EMA, optimiser state stay fp32. auto: bf16 where the device runs it natively, else fp32 (checkpoints record the one used)
     channels_last: bool = False  # NHWC memory layout for conv weights and batches (faster convolutions with bf16)
     tf32: bool = False  # CUDA only: TF32 matmuls/convs; off by default, as NVIDIA keeps it for GANs
     compile: bool = False  # torch.compile the plain forward passes (D stays eager when a gradient penalty needs double backward)

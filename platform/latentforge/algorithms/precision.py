@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+AUTO = "auto"  # a config value, resolved per device by `resolve_precision` before anything runs
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ def native_bf16(device_type: str = "cpu") -> bool:
         return False
 
 
+def resolve_precision(name: str, device_type: str) -> str:
+    """The precision a config's `name` means on this device: 'auto' is 'bf16' where bf16 runs
+    natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs) and 'fp32' where it would be emulated (6-7x
+    slower than fp32 on an AVX2 CPU: docs/performance.md); 'fp32' and 'bf16' mean themselves."""
+    if name == AUTO:
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return name
+
+
 def emulation_warning(precision: str, device_type: str) -> str | None:
     """A warning for a bf16 run on a device that only emulates bf16, else None.
 
@@ -69,15 +79,17 @@ def emulation_warning(precision: str, device_type: str) -> str | None:
         return None
     where = "this CPU has no AVX512-BF16 or AMX" if device_type == "cpu" else f"this {device_type} device lacks bf16"
     return (f"warning: train.precision=bf16 but {where}, so bf16 is emulated and several times slower than fp32; "
-            "set train.precision=fp32 here")
+            "set train.precision=fp32 here, or auto, which picks bf16 only where it is native")
 
 
 def inference_precision(trained: str, device_type: str) -> str:
     """The precision to generate in by default: the one the model trained in, unless that is bf16
     and this device only emulates it (a model trained in bf16 on a GPU, served on an older CPU)."""
+    trained = resolve_precision(trained, device_type)
     return "fp32" if trained == "bf16" and not native_bf16(device_type) else trained
 
 
 def precision_for(train_cfg, device: torch.device | str) -> Precision:
-    """The `Precision` of a `TrainConfig` on `device`."""
-    return Precision(train_cfg.precision, torch.device(device).type, train_cfg.channels_last)
+    """The `Precision` of a `TrainConfig` on `device` ('auto' resolved for that device)."""
+    device_type = torch.device(device).type
+    return Precision(resolve_precision(train_cfg.precision, device_type), device_type, train_cfg.channels_last)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from latentforge.algorithms.precision import resolve_precision
 from latentforge.data.dataset import PreparedDataset
 from latentforge.metrics.evaluate import distribution_metrics, vae_reconstruction_metrics
 from latentforge.metrics.features import load_feature_net
@@ -25,6 +26,7 @@ def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0
 
     The latents are fixed (from `seed`) so successive evaluations differ only by the model.
     """
+    precision = resolve_precision(precision, torch.device(device).type)
     net = load_feature_net(dataset_dir, device=device)
     ds = PreparedDataset(dataset_dir)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.algorithms.precision import emulation_warning
+from latentforge.algorithms.precision import AUTO, emulation_warning, resolve_precision
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -107,6 +107,10 @@ def run_training(
     Returns:
         The last record.
     """
+    chosen = None
+    if cfg.train.precision == AUTO:  # the checkpoints record the precision this device trains in
+        chosen = resolve_precision(AUTO, ctx.device.type)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": chosen})})
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)
@@ -163,6 +167,9 @@ def run_training(
     if ctx.is_chief:
         log(f"training {cfg.name} ({cfg.algorithm}) for {t.steps} steps on {world} worker(s): "
             f"global batch {t.global_batch_size}, per-worker batch {per_worker}, device {ctx.device}")
+        if chosen is not None:
+            log(f"train.precision=auto: {chosen} on this {ctx.device.type} "
+                + ("(it runs bf16 natively)" if chosen == "bf16" else "(bf16 would be emulated here, several times slower)"))
         slow = emulation_warning(t.precision, ctx.device.type)
         if slow:
             log(slow)

@@ -137,3 +137,36 @@ def test_a_bf16_run_where_bf16_is_emulated_says_so_and_how_to_fix_it(monkeypatch
     assert lines and not any("emulated" in ln for ln in lines)
     monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": True)
     assert precision.emulation_warning("bf16", "cpu") is None
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
+    """`train.precision=auto` lets one config (a sweep, a job file) train in bf16 on GPUs and
+    AVX512-BF16/AMX CPUs and in fp32 where bf16 would be emulated."""
+    from latentforge.algorithms import precision
+
+    cfg = tiny("dcgan-mnist", train__precision="auto")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu", native=native: native)
+        assert precision.resolve_precision("auto", "cpu") == expected
+        assert precision.precision_for(cfg.train, "cpu").name == expected
+        assert precision.inference_precision("auto", "cpu") == expected
+        assert precision.resolve_precision("fp32", "cpu") == "fp32"
+        assert precision.resolve_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("native,expected", [(False, "fp32"), (True, "bf16")])
+def test_an_auto_run_records_and_says_the_precision_it_chose(monkeypatch, mnist_dir, tmp_path, native, expected):
+    """The checkpoint stores the precision the run trained in, never 'auto', so generation and
+    Serve read what happened; the log says which one and why."""
+    from latentforge.algorithms import precision
+    from latentforge.checkpoint import find_checkpoints, load_checkpoint
+    from latentforge.train.local import train_local
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": native)
+    lines: list[str] = []
+    train_local(tiny("dcgan-mnist", train__steps=1, train__precision="auto"), mnist_dir, tmp_path, log=lines.append)
+    said = [ln for ln in lines if ln.startswith("train.precision=auto")]
+    assert len(said) == 1 and f": {expected} on this cpu" in said[0]
+    assert not any("emulated and several times slower" in ln for ln in lines)
+    ckpt = load_checkpoint(find_checkpoints(tmp_path)[-1])
+    assert ckpt.precision == expected
