@@ -257,7 +257,7 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--steps", type=int, default=100, help="timed steps")
     bt.add_argument("--data-loader", choices=DATA_LOADERS, default="stream", help="Ray workers' data path")
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
-    bt.add_argument("--modes", default="fp32,bf16,bf16+channels_last",
+    bt.add_argument("--modes", default="fp32,fp32+channels_last,bf16,bf16+channels_last",
                     help="precision/layout modes of the plain loop, comma-separated ('' for none)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     bt.add_argument("--set", action="append", metavar="KEY=VALUE",

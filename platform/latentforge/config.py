@@ -168,6 +168,7 @@ DATA_LOADERS = ("stream", "memory", "ray")
 # Named precision/layout modes: config overrides that benchmarks, the demo and tests share.
 PRECISION_MODES: dict[str, dict[str, Any]] = {
     "fp32": {},
+    "fp32+channels_last": {"train.channels_last": True},
     "bf16": {"train.precision": "bf16"},
     "bf16+channels_last": {"train.precision": "bf16", "train.channels_last": True},
     "bf16+channels_last+compile": {"train.precision": "bf16", "train.channels_last": True, "train.compile": True},
