@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.precision import native_bf16
 from latentforge.bench.hardware import count_flops, matmul_peak_gflops
 from latentforge.data.spec import DataSpec
 from latentforge.config import PRECISION_MODES, load_experiment
@@ -94,6 +95,12 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
 
     peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
     log(f"  matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    device_type = torch.device(device).type
+    bf16_emulated = not native_bf16(device_type)
+    if bf16_emulated and any("bf16" in m for m in modes):
+        why = "no AVX512-BF16 or AMX" if device_type == "cpu" else "no bf16 units"
+        log(f"  note: bf16 is emulated on this device ({why}): the bf16 modes run several times slower than "
+            "fp32, and their 'peak' is the emulation's, not the hardware's; use fp32 (with channels_last) here")
     order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
     runs: dict[str, list[dict]] = {}
     for mode in order:
@@ -111,7 +118,7 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
         log(f"  {mode:<28s} {ips:8.1f} images/s  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of the "
             f"{'bf16' if 'bf16' in mode else 'fp32'} peak   x{ips / base:.2f} vs fp32   "
             f"(first step {rs[0]['first_step_s']:.1f} s)")
-    return {"matmul_peak_gflops": peaks, "modes": out}
+    return {"matmul_peak_gflops": peaks, "bf16_emulated": bf16_emulated, "modes": out}
 
 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
