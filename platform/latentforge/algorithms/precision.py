@@ -69,6 +69,16 @@ def resolve_precision(name: str, device_type: str) -> str:
     return name
 
 
+def resolved_config(cfg, device_type: str):
+    """`cfg` with `train.precision: auto` replaced by what `device_type` trains in (anything else
+    unchanged): what checkpoints and the tracker record. A run file keeps 'auto', so a resumed run
+    picks again on the machine it resumes on."""
+    if cfg.train.precision != AUTO:
+        return cfg
+    chosen = resolve_precision(AUTO, device_type)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": chosen})})
+
+
 def emulation_warning(precision: str, device_type: str) -> str | None:
     """A warning for a bf16 run on a device that only emulates bf16, else None.
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from latentforge.algorithms.precision import resolved_config
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import find_checkpoints
 from latentforge.data.dataset import PreparedDataset
@@ -73,7 +74,8 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
         ensure_feature_net(data_dir, log=log)
         evaluate = make_periodic_evaluator(data_dir, cfg.train.eval_samples, cfg.train.seed, device, vae_sigma(cfg),
                                            cfg.train.precision)
-    tracker = make_tracker(cfg.train.tracking, run_dir.name, cfg.model_dump(mode="json"), str(run_dir), resume)
+    tracked = resolved_config(cfg, torch.device(device).type).model_dump(mode="json")  # never 'auto'
+    tracker = make_tracker(cfg.train.tracking, run_dir.name, tracked, str(run_dir), resume)
     try:
         return run_training(cfg, spec, stream, WorkerContext(device=torch.device(device)),
                             LocalRunSink(RunFiles(str(run_dir), tracker), cfg.train.num_to_keep),

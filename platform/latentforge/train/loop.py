@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.algorithms.precision import AUTO, emulation_warning, resolve_precision
+from latentforge.algorithms.precision import AUTO, emulation_warning, resolved_config
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -109,8 +109,8 @@ def run_training(
     """
     chosen = None
     if cfg.train.precision == AUTO:  # the checkpoints record the precision this device trains in
-        chosen = resolve_precision(AUTO, ctx.device.type)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": chosen})})
+        cfg = resolved_config(cfg, ctx.device.type)
+        chosen = cfg.train.precision
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)

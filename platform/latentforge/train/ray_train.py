@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from latentforge.algorithms.precision import resolved_config
 from latentforge.config import DATA_LOADERS, GANExperiment, VAEExperiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.data.spec import DataSpec
@@ -157,7 +158,8 @@ def worker_loop(config: dict) -> None:
     files = tracker = metrics = None
     if rank == 0:
         local_dir = run_uri if not is_uri(run_uri) else tempfile.mkdtemp(prefix="lf-wandb-")
-        tracker = make_tracker(cfg.train.tracking, launch.run_name, cfg.model_dump(mode="json"), local_dir, resume=True)
+        tracked = resolved_config(cfg, device.type).model_dump(mode="json")  # never 'auto'
+        tracker = make_tracker(cfg.train.tracking, launch.run_name, tracked, local_dir, resume=True)
         files = RunFiles(run_uri, tracker)
         from latentforge.train.ray_metrics import TrainMetrics
 

@@ -156,15 +156,20 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
 
 @pytest.mark.parametrize("native,expected", [(False, "fp32"), (True, "bf16")])
 def test_an_auto_run_records_and_says_the_precision_it_chose(monkeypatch, mnist_dir, tmp_path, native, expected):
-    """The checkpoint stores the precision the run trained in, never 'auto', so generation and
-    Serve read what happened; the log says which one and why."""
+    """The checkpoint and the tracker's config store the precision the run trained in, never
+    'auto', so generation, Serve and a dashboard read what happened; the log says which one and why."""
     from latentforge.algorithms import precision
     from latentforge.checkpoint import find_checkpoints, load_checkpoint
-    from latentforge.train.local import train_local
+    from latentforge.train import local
+    from latentforge.train.tracking import NullTracker
 
     monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": native)
+    tracked: list[dict] = []
+    monkeypatch.setattr(local, "make_tracker", lambda kind, name, config, *a: tracked.append(config) or NullTracker())
     lines: list[str] = []
-    train_local(tiny("dcgan-mnist", train__steps=1, train__precision="auto"), mnist_dir, tmp_path, log=lines.append)
+    local.train_local(tiny("dcgan-mnist", train__steps=1, train__precision="auto"), mnist_dir, tmp_path,
+                      log=lines.append)
+    assert [c["train"]["precision"] for c in tracked] == [expected]
     said = [ln for ln in lines if ln.startswith("train.precision=auto")]
     assert len(said) == 1 and f": {expected} on this cpu" in said[0]
     assert not any("emulated and several times slower" in ln for ln in lines)
