@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from latentforge.errors import ConfigError
 
@@ -132,9 +132,19 @@ class TrainConfig(StrictConfig):
     tracking: Literal["wandb", "none"] = "wandb"  # wandb on the chief worker (offline unless WANDB_MODE=online)
     sync_batchnorm: bool = False  # GPU only: SyncBatchNorm in G so batch statistics span all workers
     precision: Literal["fp32", "bf16", "auto"] = "fp32"  # bf16: forward passes under autocast (no loss scaler); losses, penalties, EMA, optimiser state stay fp32. auto: bf16 where the device runs it natively, else fp32 (checkpoints record the one used)
-    channels_last: bool = False  # NHWC memory layout for conv weights and batches (faster convolutions with bf16)
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC memory layout for conv weights and batches. auto: on for CPUs (faster there in fp32 and bf16: docs/performance.md) and for bf16 on CUDA, off for fp32 on CUDA (checkpoints record the one used)
     tf32: bool = False  # CUDA only: TF32 matmuls/convs; off by default, as NVIDIA keeps it for GANs
     compile: bool = False  # torch.compile the plain forward passes (D stays eager when a gradient penalty needs double backward)
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _layout(cls, v):
+        if v == "auto" or isinstance(v, bool):
+            return v
+        try:  # true/false/yes/no/1/0, as for any boolean field
+            return TypeAdapter(bool).validate_python(v)
+        except ValidationError:
+            raise ValueError("must be true, false or auto") from None
 
 
 class GANExperiment(StrictConfig):
@@ -167,9 +177,9 @@ DATA_LOADERS = ("stream", "memory", "ray")
 
 # Named precision/layout modes: config overrides that benchmarks, the demo and tests share.
 PRECISION_MODES: dict[str, dict[str, Any]] = {
-    "fp32": {},
-    "fp32+channels_last": {"train.channels_last": True},
-    "bf16": {"train.precision": "bf16"},
+    "fp32": {"train.precision": "fp32", "train.channels_last": False},  # NCHW: the reference every speed-up is measured against
+    "fp32+channels_last": {"train.precision": "fp32", "train.channels_last": True},
+    "bf16": {"train.precision": "bf16", "train.channels_last": False},
     "bf16+channels_last": {"train.precision": "bf16", "train.channels_last": True},
     "bf16+channels_last+compile": {"train.precision": "bf16", "train.channels_last": True, "train.compile": True},
 }
@@ -187,7 +197,8 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(f"  algorithm: must be 'gan' or 'vae' (got {e.get('input', {}).get('algorithm') if isinstance(e.get('input'), dict) else e.get('input')!r})")
         else:
-            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")  # a validator's own words
+            lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

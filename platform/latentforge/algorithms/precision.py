@@ -69,14 +69,27 @@ def resolve_precision(name: str, device_type: str) -> str:
     return name
 
 
+def resolve_channels_last(value: bool | str, precision: str, device_type: str) -> bool:
+    """Whether a config's `train.channels_last` means NHWC on this device, for the (resolved)
+    `precision`: 'auto' is on for CPUs, where oneDNN's convolutions prefer NHWC in fp32 as well as
+    bf16 (every preset trained 1.1-1.3x faster in fp32 on an AVX2 CPU; bf16 + channels_last is the
+    fast path on AVX512-BF16: docs/performance.md), and on CUDA only with bf16, whose tensor-core
+    kernels want NHWC (NVIDIA's deep-learning performance guide); True and False mean themselves."""
+    if value == AUTO:
+        return device_type == "cpu" or resolve_precision(precision, device_type) == "bf16"
+    return bool(value)
+
+
 def resolved_config(cfg, device_type: str):
-    """`cfg` with `train.precision: auto` replaced by what `device_type` trains in (anything else
-    unchanged): what checkpoints and the tracker record. A run file keeps 'auto', so a resumed run
-    picks again on the machine it resumes on."""
-    if cfg.train.precision != AUTO:
+    """`cfg` with `train.precision: auto` and `train.channels_last: auto` replaced by what
+    `device_type` trains with (anything else unchanged): what checkpoints and the tracker record.
+    A run file keeps 'auto', so a resumed run picks again on the machine it resumes on."""
+    t = cfg.train
+    if t.precision != AUTO and t.channels_last != AUTO:
         return cfg
-    chosen = resolve_precision(AUTO, device_type)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": chosen})})
+    chosen = resolve_precision(t.precision, device_type)
+    layout = resolve_channels_last(t.channels_last, chosen, device_type)
+    return cfg.model_copy(update={"train": t.model_copy(update={"precision": chosen, "channels_last": layout})})
 
 
 def emulation_warning(precision: str, device_type: str) -> str | None:
@@ -100,6 +113,7 @@ def inference_precision(trained: str, device_type: str) -> str:
 
 
 def precision_for(train_cfg, device: torch.device | str) -> Precision:
-    """The `Precision` of a `TrainConfig` on `device` ('auto' resolved for that device)."""
+    """The `Precision` of a `TrainConfig` on `device` (each 'auto' resolved for that device)."""
     device_type = torch.device(device).type
-    return Precision(resolve_precision(train_cfg.precision, device_type), device_type, train_cfg.channels_last)
+    name = resolve_precision(train_cfg.precision, device_type)
+    return Precision(name, device_type, resolve_channels_last(train_cfg.channels_last, name, device_type))

@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.algorithms.precision import AUTO, emulation_warning, resolved_config
+from latentforge.algorithms.precision import AUTO, emulation_warning, resolve_precision, resolved_config
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -107,10 +107,8 @@ def run_training(
     Returns:
         The last record.
     """
-    chosen = None
-    if cfg.train.precision == AUTO:  # the checkpoints record the precision this device trains in
-        cfg = resolved_config(cfg, ctx.device.type)
-        chosen = cfg.train.precision
+    chosen = None if cfg.train.precision != AUTO else resolve_precision(AUTO, ctx.device.type)
+    cfg = resolved_config(cfg, ctx.device.type)  # the checkpoints record the precision and layout used
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)
@@ -166,7 +164,8 @@ def run_training(
 
     if ctx.is_chief:
         log(f"training {cfg.name} ({cfg.algorithm}) for {t.steps} steps on {world} worker(s): "
-            f"global batch {t.global_batch_size}, per-worker batch {per_worker}, device {ctx.device}")
+            f"global batch {t.global_batch_size}, per-worker batch {per_worker}, device {ctx.device}, "
+            f"{t.precision}{' + channels_last' if t.channels_last else ' NCHW'}")
         if chosen is not None:
             log(f"train.precision=auto: {chosen} on this {ctx.device.type} "
                 + ("(it runs bf16 natively)" if chosen == "bf16" else "(bf16 would be emulated here, several times slower)"))

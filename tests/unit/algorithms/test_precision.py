@@ -10,6 +10,7 @@ from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import Precision
 from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
+from latentforge.errors import ConfigError
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.sampling import decode_latents
 from latentforge.train.batches import InMemoryBatches
@@ -60,7 +61,7 @@ def test_channels_last_training_matches_nchw():
     """Layout changes where numbers live, not what they are: fp32 step metrics agree to 1e-4 and
     the trained generators' images to 5e-3 (Adam turns reduction-order noise in tiny gradients
     into steps of up to lr, hence not bit-identical weights)."""
-    nchw, g1 = _steps({})
+    nchw, g1 = _steps({"train__channels_last": False})
     nhwc, g2 = _steps({"train__channels_last": True})
     for a, b in zip(nchw, nhwc):
         for k in a:
@@ -71,7 +72,7 @@ def test_channels_last_training_matches_nchw():
 def test_bf16_steps_agree_with_fp32():
     """Tolerance: every step metric within 5% (or 0.01 absolute) of fp32 over 4 steps; weights stay fp32."""
     seen_fp32, seen_bf16 = set(), set()
-    fp32, g1 = _steps({}, dtypes=seen_fp32)
+    fp32, g1 = _steps({"train__channels_last": False}, dtypes=seen_fp32)
     bf16, g2 = _steps({"train__precision": "bf16", "train__channels_last": True}, dtypes=seen_bf16)
     assert seen_fp32 == {torch.float32} and seen_bf16 == {torch.bfloat16}  # bf16 really ran, every conv
     for a, b in zip(fp32, bf16):
@@ -169,9 +170,33 @@ def test_an_auto_run_records_and_says_the_precision_it_chose(monkeypatch, mnist_
     lines: list[str] = []
     local.train_local(tiny("dcgan-mnist", train__steps=1, train__precision="auto"), mnist_dir, tmp_path,
                       log=lines.append)
-    assert [c["train"]["precision"] for c in tracked] == [expected]
+    assert [(c["train"]["precision"], c["train"]["channels_last"]) for c in tracked] == [(expected, True)]
     said = [ln for ln in lines if ln.startswith("train.precision=auto")]
     assert len(said) == 1 and f": {expected} on this cpu" in said[0]
     assert not any("emulated and several times slower" in ln for ln in lines)
     ckpt = load_checkpoint(find_checkpoints(tmp_path)[-1])
     assert ckpt.precision == expected
+    assert ckpt.experiment["train"]["channels_last"] is True  # auto, resolved for this CPU
+    assert f"device cpu, {expected} + channels_last" in next(ln for ln in lines if ln.startswith("training "))
+
+
+def test_auto_channels_last_is_on_for_cpus_and_for_bf16_on_cuda(monkeypatch):
+    """NHWC by default where it was measured faster (CPUs, fp32 and bf16) and where tensor cores
+    want it (bf16 on CUDA); fp32 on CUDA keeps NCHW. The named modes keep their layout."""
+    from latentforge.algorithms import precision
+    from latentforge.config import PRECISION_MODES, load_experiment
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type="cpu": True)
+    for value, prec, device, expected in [("auto", "fp32", "cpu", True), ("auto", "bf16", "cpu", True),
+                                          ("auto", "fp32", "cuda", False), ("auto", "bf16", "cuda", True),
+                                          ("auto", "auto", "cuda", True), (False, "fp32", "cpu", False),
+                                          (True, "fp32", "cuda", True)]:
+        assert precision.resolve_channels_last(value, prec, device) is expected, (value, prec, device)
+    assert load_experiment("dcgan-mnist").train.channels_last == "auto"  # the default
+    cfg = load_experiment("dcgan-mnist", {"train.channels_last": "auto"})
+    assert precision.precision_for(cfg.train, "cpu").channels_last is True
+    assert precision.resolved_config(cfg, "cuda").train.channels_last is False
+    nchw = load_experiment("dcgan-mnist", PRECISION_MODES["fp32"])
+    assert precision.precision_for(nchw.train, "cpu").channels_last is False
+    with pytest.raises(ConfigError, match="channels_last: must be true, false or auto"):
+        load_experiment("dcgan-mnist", {"train.channels_last": "sometimes"})
