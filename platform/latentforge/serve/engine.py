@@ -169,19 +169,24 @@ class ModelRuntime:
         return invert(self.model, self.algorithm, x, labels, **({} if self.algorithm == "vae" else self._projection(steps)))
 
     def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """(z (D,), labels (1,) or None, provenance) for a LatentSource."""
+        """(z (D,), labels (1,) or None, provenance) for a LatentSource. A conditional model's
+        provenance names the label used, so sending it back reproduces the image."""
         labels = self._labels(1, src.label, cycle=True)
+        z, prov = self._source_latent(src, labels, steps)
+        return z, labels, prov if labels is None else {**prov, "label": int(labels[0])}
+
+    def _source_latent(self, src: LatentSource, labels: torch.Tensor | None, steps: int | None):
         if src.seed is not None:
-            return seeded_latents(self.model, 1, src.seed, labels=labels)[0], labels, {"seed": src.seed}
+            return seeded_latents(self.model, 1, src.seed, labels=labels)[0], {"seed": src.seed}
         if src.latent is not None:
             z = torch.tensor(src.latent, dtype=torch.float32)
             if z.numel() != self.z_dim:
                 raise BadInput(f"latent: has {z.numel()} values; this model's latents have {self.z_dim}")
             if not torch.isfinite(z).all() or z.abs().max() > MAX_LATENT_ABS:
                 raise BadInput(f"latent: values must be finite and within ±{MAX_LATENT_ABS}")
-            return z, labels, {"latent": "given"}
+            return z, {"latent": "given"}
         inv = self._invert(self._image(src.image), labels, steps)
-        return inv.latent[0], labels, {"inverted": True, "reconstruction_mse": float(inv.error[0])}
+        return inv.latent[0], {"inverted": True, "reconstruction_mse": float(inv.error[0])}
 
     def _images(self, images: torch.Tensor) -> list[str]:
         return [encode_png_b64(im) for im in images]

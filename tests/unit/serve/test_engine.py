@@ -85,10 +85,11 @@ def test_reconstruct_and_inpaint_match_the_editing_engine(vae, digit):
 
 def test_interpolate_and_edit(gan):
     r = gan.interpolate(InterpolateRequest(a={"seed": 1, "label": 3}, b={"seed": 2, "label": 8}, steps=5))
-    assert len(r["images"]) == 5 and len(r["latents"]) == 5 and r["a"] == {"seed": 1}
+    assert len(r["images"]) == 5 and len(r["latents"]) == 5
+    assert r["a"] == {"seed": 1, "label": 3} and r["b"] == {"seed": 2, "label": 8}  # enough to send back
     direction = sorted(gan.directions)[0]
     e = gan.edit(EditRequest(source={"seed": 3, "label": 1}, direction=direction, alpha=3.0))
-    assert e["images"][0] != e["original"]
+    assert e["images"][0] != e["original"] and e["source"] == {"seed": 3, "label": 1}
     z0 = torch.tensor(gan.generate_many([GenerateRequest(n=1, seed=3, label=1)])[0]["latents"][0])
     assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(3.0, rel=1e-4)
 
@@ -154,7 +155,7 @@ def test_a_resnet_model_generates_and_edits_through_the_interface(registry):
     e = rn.edit(EditRequest(source={"seed": 3}, direction="sefa:1", alpha=2.0))
     z0 = torch.tensor(rn.generate_many([GenerateRequest(n=1, seed=3)])[0]["latents"][0])
     assert torch.tensor(e["latents"][0]).sub(z0).norm().item() == pytest.approx(2.0, rel=1e-4)
-    assert e["images"][0] != e["original"]
+    assert e["images"][0] != e["original"] and e["source"] == {"seed": 3}  # unconditional: no label
 
 
 def test_a_stylegan_model_is_served_in_w(registry):
