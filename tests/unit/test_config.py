@@ -78,3 +78,19 @@ def test_yaml_model_files_that_cannot_be_read_fail_clearly(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping of fields at the top level, got list"):
         load_yaml_model(listing, ServeConfig, "serve config")
+
+
+def test_a_bench_mode_is_never_measured_under_a_contradicting_override():
+    """`bench train --modes fp32 --set train.channels_last=true` would label NHWC numbers 'fp32'
+    (NCHW); it is refused up front and names the modes to use instead. Agreeing and unrelated
+    overrides pass through."""
+    from latentforge.bench.train_bench import with_mode
+
+    with pytest.raises(ConfigError, match=r"train.channels_last=True contradicts the bench mode 'fp32' .*"
+                                          r"--modes fp32,fp32\+channels_last"):
+        with_mode("fp32", {"train.channels_last": True})
+    with pytest.raises(ConfigError, match="train.precision=auto contradicts the bench mode 'bf16"):
+        with_mode("bf16+channels_last", {"train.precision": "auto"})
+    merged = with_mode("fp32+channels_last", {"train.channels_last": True, "train.global_batch_size": 256})
+    assert merged == {"train.channels_last": True, "train.global_batch_size": 256, "train.precision": "fp32"}
+    assert load_experiment("dcgan-mnist", with_mode("fp32", None)).train.channels_last is False

@@ -43,13 +43,14 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
     """Train each preset (or `preset@key=value,...` variant) with `--workers 0` for `steps` steps in
     each precision/layout mode and seed, evaluate, and write the table, rewritten after every row
     so a long benchmark shows its results as they come."""
-    from latentforge.bench.train_bench import MODES
+    from latentforge.bench.train_bench import with_mode
 
     data_dir = mnist5k_unless(data_dir)
-    net = ensure_feature_net(data_dir, log=log)
     variants = [parse_variant(p) for p in presets]
-    for preset, overrides in variants:  # fail on a bad name or field before hours of training
-        load_experiment(preset, {"train.steps": steps, **overrides})
+    for preset, overrides in variants:  # fail on a bad name, field or mode before hours of training
+        for mode in modes:
+            load_experiment(preset, {"train.steps": steps, **with_mode(mode, overrides)})
+    net = ensure_feature_net(data_dir, log=log)
     real = evaluate_real_floor(data_dir, net, samples)
     n_floor = real["samples"]
     columns = table_columns(samples, n_floor)
@@ -60,7 +61,7 @@ def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets
     for (preset, overrides), spec, mode, seed in [(v, p, m, s) for v, p in zip(variants, presets) for m in modes for s in seeds]:
         cfg = load_experiment(preset, {"train.steps": steps, "train.tracking": "none", "train.log_every": max(1, steps // 4),
                                        "train.checkpoint_every": steps, "train.sample_every": steps, "train.seed": seed,
-                                       **MODES[mode], **overrides})
+                                       **with_mode(mode, overrides)})
         run = Path(tempfile.mkdtemp(prefix=f"lf-quality-{preset}-"))
         t0 = time.time()
         train_local(cfg, data_dir, run, log=log)

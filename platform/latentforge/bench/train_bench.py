@@ -25,6 +25,7 @@ from latentforge.bench.hardware import count_flops, matmul_peak_gflops
 from latentforge.data.spec import DataSpec
 from latentforge.config import PRECISION_MODES, load_experiment
 from latentforge.data.dataset import PreparedDataset
+from latentforge.errors import ConfigError
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.program import build_program
 from latentforge.bench import mnist5k_unless
@@ -86,6 +87,25 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
 MODES = PRECISION_MODES  # precision/layout modes: name -> config overrides
 
 
+def with_mode(mode: str, overrides: dict | None) -> dict:
+    """`overrides` and a bench mode's settings, merged; the mode is named in every result, so an
+    override that contradicts it (`--modes fp32 --set train.channels_last=true`) is refused rather
+    than measured under the wrong name.
+
+    Raises:
+        ConfigError: an override of a setting that the mode fixes to another value.
+    """
+    overrides = overrides or {}
+    fixed = MODES[mode]
+    clash = sorted(k for k in overrides if k in fixed and overrides[k] != fixed[k])
+    if clash:
+        said = ", ".join(f"{k}={overrides[k]}" for k in clash)
+        means = ", ".join(f"{k}={v}" for k, v in fixed.items())
+        raise ConfigError(f"{said} contradicts the bench mode {mode!r} ({means}); choose precision and layout "
+                          f"with the modes instead, e.g. --modes fp32,fp32+channels_last (modes: {', '.join(MODES)})")
+    return {**overrides, **fixed}
+
+
 def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print,
                 overrides: dict | None = None) -> dict:
     """The plain loop in each mode; fp32 is measured first and last (the machine's speed drifts)
@@ -93,6 +113,8 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
     every mode."""
     import torch
 
+    order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
+    settings = {mode: with_mode(mode, overrides) for mode in order}  # a contradiction fails before any run
     peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
     log(f"  matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     device_type = torch.device(device).type
@@ -101,10 +123,9 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
         why = "no AVX512-BF16 or AMX" if device_type == "cpu" else "no bf16 units"
         log(f"  note: bf16 is emulated on this device ({why}): the bf16 modes run several times slower than "
             "fp32, and their 'peak' is the emulation's, not the hardware's; use fp32 (with channels_last) here")
-    order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
     runs: dict[str, list[dict]] = {}
     for mode in order:
-        cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {}), **MODES[mode]})
+        cfg = load_experiment(preset, {"train.tracking": "none", **settings[mode]})
         runs.setdefault(mode, []).append(plain_loop(cfg, data_dir, warmup, steps, device))
         log(f"  {mode:<28s} {runs[mode][-1]['images_per_s']:8.1f} images/s")
     out = {}
