@@ -191,7 +191,10 @@ def run_training(
         eval_due = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
         log_due = done % t.log_every == 0 or is_last or done == start + 1 or eval_due
         ckpt_due = done % t.checkpoint_every == 0 or is_last
-        if ctx.is_chief and (done % t.sample_every == 0 or is_last):
+        sample_due = done % t.sample_every == 0 or is_last
+        if ctx.is_chief and (sample_due or ckpt_due or (eval_due and evaluate is not None)):
+            program.prepare_inference()  # the chief's samples, evaluation and checkpoint see the same model
+        if ctx.is_chief and sample_due:
             sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
         if not (log_due or ckpt_due):
             continue

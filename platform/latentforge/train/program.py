@@ -15,6 +15,7 @@ from torch import nn
 
 from latentforge.algorithms.augment import AdaState, Augmenter
 from latentforge.algorithms.batch import Batch, unwrap
+from latentforge.algorithms.ema import STANDING_SEED_OFFSET, standing_batchnorm_stats
 from latentforge.algorithms.gan import NO_PATH_LENGTH, PathLength, gan_step, make_gan_state
 from latentforge.algorithms.losses import get_loss
 from latentforge.algorithms.noise import GlobalNoise
@@ -37,6 +38,9 @@ class TrainingProgram:
     hyperparameters: dict[str, dict]  # optimiser name -> {"lr": ..., "betas": ...} from the config
     state_dict: Callable[[], dict] = dict  # algorithm state beyond weights and optimisers (ADA's p), checkpointed
     load_state_dict: Callable[[dict], None] = lambda state: None
+    # readies the modules that sample (a GAN's EMA copy) before a sample grid, an evaluation or a
+    # checkpoint; changes nothing that training reads
+    prepare_inference: Callable[[], None] = lambda: None
 
     def apply_hyperparameters(self) -> None:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
@@ -103,6 +107,7 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, red
                          "discriminator": {"lr": cfg.gan.lr_d, "betas": (cfg.gan.beta1, cfg.gan.beta2)}},
         state_dict=lambda: _gan_algorithm_state(augment, path_length),
         load_state_dict=lambda st: _load_gan_algorithm_state(st, augment, path_length),
+        prepare_inference=lambda: standing_batchnorm_stats(state.g_ema, seed=cfg.train.seed + STANDING_SEED_OFFSET),
     )
 
 

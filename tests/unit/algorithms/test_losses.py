@@ -1,10 +1,11 @@
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from latentforge.algorithms.ema import ema_decay_at, ema_update
+from latentforge.algorithms.ema import ema_decay_at, ema_update, standing_batchnorm_stats
 from latentforge.algorithms.losses import get_loss, gradient_penalty, r1_penalty
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.vae import kl_standard_normal, kl_weight, reconstruction_nll
@@ -55,6 +56,38 @@ def test_ema_update_math_and_rampup():
     assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert ema_decay_at(100000, 0.999) == 0.999
+
+
+def test_standing_statistics_are_the_ema_generators_own():
+    """An EMA update copies the live generator's BatchNorm statistics into the averaged copy, whose
+    weights differ. Standing statistics replace them with those of the copy's own activations, over
+    latents drawn from their own seed: the same every time, with the global RNG, each layer's
+    momentum and the module's mode left as they were."""
+    from latentforge.models.dcgan import DCGANGenerator
+
+    torch.manual_seed(0)
+    live = DCGANGenerator(z_dim=8, channels=1, resolution=16, width=8, num_classes=4)
+    ema = copy.deepcopy(live).eval()
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        live.train()(torch.randn(32, 8), torch.arange(32) % 4)  # the live generator's statistics
+    ema_update(ema, live, 0.99)
+    bn, live_bn = (next(m for m in g.modules() if isinstance(m, nn.BatchNorm2d)) for g in (ema, live))
+    assert torch.equal(bn.running_mean, live_bn.running_mean)  # copied: the live weights' statistics
+
+    seen = []  # the first BatchNorm's inputs do not depend on any BatchNorm statistics
+    hook = bn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    rng = torch.get_rng_state()
+    standing_batchnorm_stats(ema, seed=3, batches=4, batch_size=16)
+    hook.remove()
+    assert torch.equal(torch.get_rng_state(), rng) and not ema.training and bn.momentum == live_bn.momentum
+    x = torch.cat(seen)  # 4 batches of 16, labels cycling
+    assert len(seen) == 4 and torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(bn.running_mean, live_bn.running_mean, atol=1e-3)
+    once = {k: v.clone() for k, v in ema.state_dict().items()}
+    standing_batchnorm_stats(ema, seed=3, batches=4, batch_size=16)
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in once.items())
 
 
 def test_global_noise_is_split_invariant():

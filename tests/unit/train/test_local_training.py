@@ -44,6 +44,24 @@ def test_resume_continues_exactly(mnist_dir, tmp_path):
     assert json.loads(lines[-1])["step"] == 20
 
 
+def test_the_checkpointed_ema_generator_carries_its_own_batchnorm_statistics(mnist_dir, tmp_path):
+    """Not the live generator's, which the EMA update copies every step: recomputing the standing
+    statistics of the checkpoint's EMA generator changes nothing, and they differ from the live one's."""
+    from latentforge.algorithms.ema import STANDING_SEED_OFFSET, standing_batchnorm_stats
+
+    cfg = tiny("cdcgan-mnist", train__steps=6, gan__lr_g=5e-3, gan__lr_d=5e-3)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    saved = load_file(find_checkpoints(tmp_path)[-1] / "model.safetensors")
+    stats = [k for k in saved if k.startswith("generator_ema.") and k.endswith("running_mean")]
+    assert stats and not all(torch.allclose(saved[k], saved[k.replace("generator_ema.", "generator.", 1)], atol=1e-4)
+                             for k in stats)
+    g = load_checkpoint(tmp_path).inference_generator()
+    standing_batchnorm_stats(g, seed=cfg.train.seed + STANDING_SEED_OFFSET)
+    again = {f"generator_ema.{k}": v for k, v in g.state_dict().items()}
+    for k in stats:
+        assert torch.allclose(again[k], saved[k], atol=1e-5), k
+
+
 def test_vae_learning_lowers_validation_elbo(mnist_dir, tmp_path):
     cfg = tiny("vae-mnist", train__steps=250, model__width=16, model__z_dim=16, train__global_batch_size=64,
                train__checkpoint_every=250)
