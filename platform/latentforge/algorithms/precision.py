@@ -87,9 +87,9 @@ def resolved_config(cfg, device_type: str):
     t = cfg.train
     if t.precision != AUTO and t.channels_last != AUTO:
         return cfg
-    chosen = resolve_precision(t.precision, device_type)
-    layout = resolve_channels_last(t.channels_last, chosen, device_type)
-    return cfg.model_copy(update={"train": t.model_copy(update={"precision": chosen, "channels_last": layout})})
+    used = precision_for(t, device_type)
+    return cfg.model_copy(update={"train": t.model_copy(update={"precision": used.name,
+                                                                "channels_last": used.channels_last})})
 
 
 def emulation_warning(precision: str, device_type: str) -> str | None:

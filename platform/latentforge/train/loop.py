@@ -19,7 +19,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.algorithms.precision import AUTO, emulation_warning, resolve_precision, resolved_config
+from latentforge.algorithms.precision import AUTO, emulation_warning, resolved_config
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -107,8 +107,9 @@ def run_training(
     Returns:
         The last record.
     """
-    chosen = None if cfg.train.precision != AUTO else resolve_precision(AUTO, ctx.device.type)
+    asked_auto = cfg.train.precision == AUTO
     cfg = resolved_config(cfg, ctx.device.type)  # the checkpoints record the precision and layout used
+    chosen = cfg.train.precision if asked_auto else None
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)
