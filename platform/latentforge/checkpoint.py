@@ -4,7 +4,7 @@
                         config, the data spec (shape, classes, dataset content hash), and for
                         each module its registered class name and constructor arguments
     model.safetensors   weights of every module, keys prefixed by module name
-                        (generator, discriminator, generator_ema | vae)
+                        (generator, discriminator, generator_ema | vae[, latent_prior])
     training_state.pt   optimisers, step, RNG states, data position; loaded with
                         weights_only=True (plain tensors and containers only)
 
@@ -32,6 +32,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.pt"
 CHECKPOINT_KIND = "latentforge.checkpoint"
+LATENT_PRIOR = "latent_prior"  # the module name of a VAE's fitted prior
 FORMAT_VERSION = 1
 
 
@@ -58,6 +59,12 @@ class LoadedCheckpoint:
     def inference_generator(self) -> nn.Module:
         """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
         return self.modules["generator_ema"] if self.algorithm == "gan" else self.modules["vae"]
+
+    @property
+    def latent_prior(self) -> nn.Module | None:
+        """A VAE's fitted prior (`models.prior.GaussianMixturePrior`) that sampling draws latents
+        from, or None: sample N(0, I) (GANs, and VAEs saved before priors were fitted)."""
+        return self.modules.get(LATENT_PRIOR)
 
 
 def save_checkpoint(
@@ -178,6 +185,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
     _load_weights(path, modules)
+    for name, m in modules.items():
+        try:
+            getattr(m, "check_loaded", lambda: None)()  # a module that can tell planted values
+        except ValueError as e:
+            raise CheckpointError(f"{path}: module {name!r}: {e}") from e
     modules = {name: m.to(device).eval().requires_grad_(False) for name, m in modules.items()}
     return LoadedCheckpoint(path=path, config=config, modules=modules, step=int(config["step"]),
                             algorithm=config["algorithm"], data=DataSpec.from_json(config["data"]))

@@ -113,6 +113,8 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("--reference", choices=["train", "val"], default="train", help="real split to compare with")
     ev.add_argument("--no-ema", dest="ema", action="store_false",
                     help="GANs: score the raw generator instead of its EMA copy (what EMA contributes, from one run)")
+    ev.add_argument("--standard-prior", action="store_true",
+                    help="VAEs: sample N(0, I) instead of the latent prior fitted in training (what the prior contributes)")
     ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
                     "backbone (paper-comparable FID) instead of the dataset's feature network")
     ev.add_argument("--inception-protocol", choices=["clean", "legacy"], default="clean",
@@ -126,7 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
     from latentforge.metrics.evaluate import evaluate
 
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
-                      inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol)
+                      inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol,
+                      standard_prior=args.standard_prior)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
@@ -205,6 +208,8 @@ def add_generate(verbs: Verbs) -> None:
     gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
     gen.add_argument("--precision", choices=["fp32", "bf16"],
                      help="forward-pass precision (default: the precision the model trained in)")
+    gen.add_argument("--standard-prior", action="store_true",
+                     help="VAEs: sample N(0, I) instead of the latent prior fitted in training")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
 
@@ -236,7 +241,7 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     _check_latent_args(args.seed, args.truncation)
     ckpt = load_checkpoint(args.checkpoint)
     images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation,
-                            precision=args.precision)
+                            precision=args.precision, standard_prior=args.standard_prior)
     atomic_write_bytes(args.out, grid_png(images))
     print(f"wrote {args.n} images from {ckpt.path} (step {ckpt.step}, seed {args.seed}) to {args.out}")
     return None

@@ -112,6 +112,9 @@ class VAEConfig(StrictConfig):
     kl_warmup_steps: int = Field(0, ge=0)  # linear KL annealing from 0 to beta over this many steps
     decoder_sigma: float = Field(0.1, gt=0)  # fixed std of the Gaussian likelihood, in [-1, 1] pixel units
     grad_clip: float | None = Field(None, gt=0)  # clip the gradient norm (None = off)
+    prior: Literal["gmm", "standard"] = "gmm"  # what sampling draws latents from: gmm, a Gaussian mixture fitted to training images' posterior means at every checkpoint (Ghosh et al. 2020); standard, N(0, I)
+    prior_components: int = Field(10, ge=1, le=256)  # the mixture's components (full covariance)
+    prior_images: int = Field(10000, ge=10, le=1_000_000)  # training images encoded for the fit (at most 512 MB of pixels)
 
 
 class TrainConfig(StrictConfig):

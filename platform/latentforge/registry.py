@@ -81,6 +81,8 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         "z_dim": edit_model(gen).z_dim,  # the size of the latents the API takes and returns (w for W models)
         "latent_space": latent_space(gen),
         "num_classes": gen.num_classes,
+        # what a seed's latents are drawn from: a VAE's fitted mixture ("gmm-10") or N(0, I)
+        "latent_prior": "standard" if ck.latent_prior is None else ck.latent_prior.describe(),
         "image_shape": list(ck.data.image_shape),
         "class_names": list(ck.data.class_names),
         "dataset_hash": ck.data.content_hash,

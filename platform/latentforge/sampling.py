@@ -1,4 +1,4 @@
-"""Seeded generation from a loaded checkpoint (GAN: EMA generator; VAE: decoder from the prior)."""
+"""Seeded generation from a loaded checkpoint (GAN: EMA generator; VAE: decoder from its fitted prior, or N(0, I))."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from latentforge.algorithms.precision import Precision, inference_precision
 from latentforge.checkpoint import LoadedCheckpoint
 from latentforge.editing.space import edit_model, latents_from_noise, noise_dim
 from latentforge.errors import LatentForgeError
+from latentforge.models.prior import component_uniforms
 
 MAX_GENERATE = 4096  # images per call; larger requests are split by the caller
 
@@ -85,14 +86,15 @@ def decode_latents(net: nn.Module, z: torch.Tensor, labels: torch.Tensor | None 
 
 
 def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None,
-             truncation: float | None = None, max_n: int | None = MAX_GENERATE, precision: str | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             truncation: float | None = None, max_n: int | None = MAX_GENERATE, precision: str | None = None,
+             standard_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Generate `n` images from `seed` (the same seed gives the same latents at any batch size).
 
     Args:
         max_n: refuse larger requests (None: no limit, for evaluation).
         precision: 'fp32' or 'bf16' forward passes (default: the precision the model trained in,
             fp32 where bf16 is only emulated).
+        standard_prior: a VAE with a fitted prior samples N(0, I) instead (to compare).
 
     Returns:
         images (n, C, H, W) in [-1, 1], the latents used (w for W models), and the labels used (or None).
@@ -104,16 +106,20 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
         raise LatentForgeError(f"n must be between 1 and {max_n} (got {n})")
     net = edit_model(ckpt.inference_generator())
     labels = default_labels(ckpt, n, label)
-    z = seeded_latents(net, n, seed, truncation, labels)
+    z = seeded_latents(net, n, seed, truncation, labels, None if standard_prior else ckpt.latent_prior)
     device = next(net.parameters()).device.type
     return decode_latents(net, z, labels, precision=precision or inference_precision(ckpt.precision, device)), z, labels
 
 
 def seeded_latents(model: nn.Module, n: int, seed: int, truncation: float | None = None,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
+                   labels: torch.Tensor | None = None, prior: nn.Module | None = None) -> torch.Tensor:
     """A seed's `n` edit latents for `model` (an `editing.space.edit_model`): z drawn by
     `sample_latents` (truncation: redraw beyond ±truncation), or for a W model w mapped from that
-    noise (truncation: StyleGAN's ψ towards the mean w)."""
+    noise (truncation: StyleGAN's ψ towards the mean w). A VAE's fitted `prior`
+    (`models.prior.GaussianMixturePrior`, `LoadedCheckpoint.latent_prior`) maps that same noise
+    into its mixture."""
+    if prior is not None:
+        return prior.sample(sample_latents(n, model.z_dim, seed, truncation), component_uniforms(n, seed))
     if not hasattr(model, "latents_from_noise"):
         return sample_latents(n, model.z_dim, seed, truncation)
     return latents_from_noise(model, sample_latents(n, noise_dim(model), seed), labels, truncation)

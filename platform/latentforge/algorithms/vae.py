@@ -150,3 +150,39 @@ def vae_negative_elbo(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor
         vae.train(was_training)
     n = len(images)
     return {"neg_elbo": (nll_sum + kl_sum) / n, "nll": nll_sum / n, "kl": kl_sum / n}
+
+
+@torch.no_grad()
+def posterior_means(vae: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor | None,
+                    batch_size: int = 500) -> torch.Tensor:
+    """(N, z_dim) posterior means of uint8 images, on the VAE's device (eval mode, fp32; the mode is restored)."""
+    from latentforge.images import to_model_range
+
+    was_training = vae.training
+    vae.eval()
+    device = next(vae.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(images_uint8), batch_size):
+            x = to_model_range(images_uint8[i : i + batch_size]).to(device)
+            y = None if labels is None or not vae.num_classes else labels[i : i + batch_size].to(device)
+            out.append(vae.encode(x, y)[0].float())
+    finally:
+        vae.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, vae.z_dim, device=device)
+
+
+def fit_latent_prior(vae: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor | None, components: int,
+                     seed: int):
+    """Fit a `models.prior.GaussianMixturePrior` to the posterior means of training images (ex-post
+    density estimation, Ghosh et al. 2020): what the VAE's samples are then drawn from.
+
+    Returns:
+        a `models.prior.PriorFit`.
+
+    Raises:
+        ValueError: no images, or means that are not finite (a diverged model).
+    """
+    from latentforge.models.prior import fit_gaussian_mixture
+
+    return fit_gaussian_mixture(posterior_means(vae, images_uint8, labels), components, seed=seed)

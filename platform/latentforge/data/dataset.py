@@ -111,3 +111,30 @@ class PreparedDataset:
                 attributes={a: torch.from_numpy(np.concatenate(v).astype(np.float32)) for a, v in attrs.items()},
             )
         return self._cache[split]
+
+    def sample(self, split: str, n: int, seed: int = 0, max_bytes: int = 512 << 20) -> Split:
+        """A seeded random subset of at most `n` images of `split`, reading only as many shards as
+        it needs (a split larger than memory is never read whole).
+
+        Args:
+            max_bytes: also stop at this many bytes of pixels (fewer images at large sizes).
+        """
+        import pyarrow.parquet as pq
+
+        c, h, w = self.image_shape
+        n = max(1, min(n, max_bytes // (c * h * w)))
+        gen = torch.Generator().manual_seed(seed)
+        files = self.files(split)
+        images, labels, have = [], [], 0
+        for i in torch.randperm(len(files), generator=gen).tolist():
+            t = pq.read_table(files[i], columns=["image"] + (["label"] if self.num_classes else []))
+            images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
+            if self.num_classes:
+                labels.append(t.column("label").to_numpy())
+            have += t.num_rows
+            if have >= n:
+                break
+        all_images = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, c, h, w, dtype=torch.uint8)
+        pick = torch.randperm(len(all_images), generator=gen)[:n]
+        return Split(images=all_images[pick],
+                     labels=torch.from_numpy(np.concatenate(labels).astype(np.int64))[pick] if self.num_classes else None)

@@ -114,14 +114,15 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
-             ema: bool = True, inception_protocol: str = "clean", log=print) -> dict:
+             ema: bool = True, inception_protocol: str = "clean", standard_prior: bool = False, log=print) -> dict:
     """Score a checkpoint (or run folder) or a set of generated images against a dataset.
 
     The backbone is the dataset's own feature network, or Inception-v3 when `inception` names a
     weights file (its input prepared by `inception_protocol`, "clean" or "legacy": see
     metrics.inception); one result never mixes backbones or protocols.
 
-    `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy.
+    `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy;
+    `standard_prior=True` a VAE's samples from N(0, I) instead of its fitted latent prior.
 
     Returns:
         One flat dict: every metric under its protocol-named key (`fid5k_train_lfclassifier`:
@@ -155,10 +156,15 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
             if ckpt.algorithm != "gan":
                 raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only GANs keep an EMA copy (drop --no-ema)")
             ckpt.modules["generator_ema"] = ckpt.modules["generator"]  # sampling then uses the raw generator
-        fake, _, requested = generate(ckpt, samples, seed, max_n=None)
+        if standard_prior and ckpt.algorithm != "vae":
+            raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only VAEs fit a latent prior (drop --standard-prior)")
+        fake, _, requested = generate(ckpt, samples, seed, max_n=None, standard_prior=standard_prior)
         out.update({"checkpoint": str(ckpt.path), "step": ckpt.step, "algorithm": ckpt.algorithm})
         if ckpt.algorithm == "gan":
             out["generator"] = "ema" if ema else "raw"
+        else:
+            prior = None if standard_prior else ckpt.latent_prior
+            out["prior"] = "standard" if prior is None else prior.describe()
         if not ckpt.inference_generator().num_classes:
             requested = None
     else:

@@ -21,6 +21,7 @@ from torch import nn
 from latentforge.models import interface, plugins
 from latentforge.models.classifier import FeatureClassifier, GraderClassifier
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from latentforge.models.prior import GaussianMixturePrior
 from latentforge.models.resnet import ResNetDiscriminator, ResNetGenerator, ResNetVAE
 from latentforge.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from latentforge.models.vae import ConvVAE
@@ -50,7 +51,8 @@ class NoOptions(BaseModel):
 
 
 FAMILIES: dict[str, ModelFamily] = {}
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"FeatureClassifier": FeatureClassifier, "GraderClassifier": GraderClassifier}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"FeatureClassifier": FeatureClassifier, "GraderClassifier": GraderClassifier,
+                                             "GaussianMixturePrior": GaussianMixturePrior}
 _ROLES = {"gan": ("generator", "discriminator"), "vae": ("vae",)}
 
 

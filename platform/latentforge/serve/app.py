@@ -574,6 +574,7 @@ class Gateway:
         entries = await asyncio.to_thread(list_entries, self.cfg.registry)
         return {"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
                             "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
+                            "latent_prior": e.get("latent_prior", "standard"),
                             "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
                             "supports": e.get("capabilities", []), "lineage": public_lineage(e.get("lineage", {}))}
                            for e in entries]}

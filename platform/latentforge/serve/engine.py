@@ -53,6 +53,7 @@ class ModelRuntime:
         self.limits = limits or ServeLimits()
         self.ckpt = load_checkpoint(checkpoint_dir)
         self.model = edit_model(self.ckpt.inference_generator())  # latents are w for generators with W
+        self.prior = self.ckpt.latent_prior  # a VAE's fitted prior: seeds sample from it, as `latentforge generate` does
         self.algorithm = self.ckpt.algorithm
         # generation runs as the model trained (fp32 where bf16 is only emulated); projections stay fp32
         self.precision = inference_precision(self.ckpt.precision, "cpu")
@@ -177,7 +178,7 @@ class ModelRuntime:
 
     def _source_latent(self, src: LatentSource, labels: torch.Tensor | None, steps: int | None):
         if src.seed is not None:
-            return seeded_latents(self.model, 1, src.seed, labels=labels)[0], {"seed": src.seed}
+            return seeded_latents(self.model, 1, src.seed, labels=labels, prior=self.prior)[0], {"seed": src.seed}
         if src.latent is not None:
             z = torch.tensor(src.latent, dtype=torch.float32)
             if z.numel() != self.z_dim:
@@ -200,7 +201,7 @@ class ModelRuntime:
             if r.n > self.limits.max_n:
                 raise BadInput(f"n: {r.n} is above the limit of {self.limits.max_n} images per request")
             ys.append(self._labels(r.n, r.label, cycle=True))
-            zs.append(seeded_latents(self.model, r.n, r.seed, r.truncation, ys[-1]))
+            zs.append(seeded_latents(self.model, r.n, r.seed, r.truncation, ys[-1], self.prior))
             sizes.append(r.n)
         labels = torch.cat(ys) if self.num_classes else None
         images = decode_latents(self.model, torch.cat(zs), labels, precision=self.precision)

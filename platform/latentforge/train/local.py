@@ -16,7 +16,7 @@ from latentforge.data.stream import StreamBatches
 from latentforge.train.loop import WorkerContext, run_training
 from latentforge.train.run_dir import RunDir, write_run_file
 from latentforge.train.run_files import RunFiles
-from latentforge.train.setup import check_training_setup
+from latentforge.train.setup import check_training_setup, inference_data_loader
 from latentforge.train.tracking import make_tracker
 
 
@@ -79,6 +79,7 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
     try:
         return run_training(cfg, spec, stream, WorkerContext(device=torch.device(device)),
                             LocalRunSink(RunFiles(str(run_dir), tracker), cfg.train.num_to_keep),
-                            resume_from=resume_from, log=log, evaluate=evaluate)
+                            resume_from=resume_from, log=log, evaluate=evaluate,
+                            inference_data=inference_data_loader(cfg, data_dir))
     finally:
         tracker.finish()

@@ -20,6 +20,7 @@ from torch import nn
 from latentforge.algorithms.batch import Batch
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import AUTO, emulation_warning, resolved_config
+from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
@@ -90,6 +91,7 @@ def run_training(
     resume_from: str | Path | None = None,
     log: Callable[[str], None] = print,
     evaluate: Callable[[TrainingProgram, int], dict] | None = None,
+    inference_data: Callable[[], Split] | None = None,
 ) -> dict:
     """Train `cfg` to `cfg.train.steps` steps.
 
@@ -103,6 +105,8 @@ def run_training(
         log: console printer (chief only).
         evaluate: periodic evaluation (chief only) every `cfg.train.eval_every` steps, merged
             into the record.
+        inference_data: a sample of training images (chief only) that readying the model for
+            sampling reads: a VAE fits its latent prior to their posterior means.
 
     Returns:
         The last record.
@@ -113,7 +117,8 @@ def run_training(
     t = cfg.train
     world = ctx.world_size
     noise = GlobalNoise(t.seed, ctx.rank, world)
-    program = build_program(cfg, spec, noise, ctx.device, ctx.wrap, ctx.reduce_mean)
+    program = build_program(cfg, spec, noise, ctx.device, ctx.wrap, ctx.reduce_mean,
+                            inference_data if ctx.is_chief else None)
     per_worker = t.global_batch_size // world
     start, last_ckpt = 0, None
     if resume_from is not None:
@@ -194,7 +199,9 @@ def run_training(
         ckpt_due = done % t.checkpoint_every == 0 or is_last
         sample_due = done % t.sample_every == 0 or is_last
         if ctx.is_chief and (sample_due or ckpt_due or (eval_due and evaluate is not None)):
-            program.prepare_inference()  # the chief's samples, evaluation and checkpoint see the same model
+            note = program.prepare_inference()  # the chief's samples, evaluation and checkpoint see the same model
+            if note and is_last:
+                log(note)
         if ctx.is_chief and sample_due:
             sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
         if not (log_due or ckpt_due):

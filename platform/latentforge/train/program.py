@@ -20,8 +20,11 @@ from latentforge.algorithms.gan import NO_PATH_LENGTH, PathLength, gan_step, mak
 from latentforge.algorithms.losses import get_loss
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import Precision, precision_for
-from latentforge.algorithms.vae import make_vae_state, vae_step
+from latentforge.algorithms.vae import fit_latent_prior, make_vae_state, vae_step
+from latentforge.checkpoint import LATENT_PRIOR
+from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
+from latentforge.models.prior import component_uniforms
 from latentforge.sampling import decode_latents
 from latentforge.builders import build_gan, build_vae
 from latentforge.errors import ConfigError
@@ -38,9 +41,9 @@ class TrainingProgram:
     hyperparameters: dict[str, dict]  # optimiser name -> {"lr": ..., "betas": ...} from the config
     state_dict: Callable[[], dict] = dict  # algorithm state beyond weights and optimisers (ADA's p), checkpointed
     load_state_dict: Callable[[dict], None] = lambda state: None
-    # readies the modules that sample (a GAN's EMA copy) before a sample grid, an evaluation or a
-    # checkpoint; changes nothing that training reads
-    prepare_inference: Callable[[], None] = lambda: None
+    # readies the modules that sample (a GAN's EMA copy, a VAE's fitted prior) before a sample grid,
+    # an evaluation or a checkpoint; changes nothing that training reads. May return a line to log.
+    prepare_inference: Callable[[], str | None] = lambda: None
 
     def apply_hyperparameters(self) -> None:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
@@ -75,7 +78,9 @@ def make_augmenter(cfg, reduce_mean) -> Augmenter:
     return Augmenter(g.augment, tuple(g.diffaugment_policy), ada)
 
 
-def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean) -> TrainingProgram:
+def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean,
+                      inference_data: Callable[[], Split] | None = None) -> TrainingProgram:
+    # inference_data is unused: the EMA generator's standing statistics come from its own latents
     precision = precision_for(cfg.train, device)
     augment = make_augmenter(cfg, reduce_mean)
     g, d = build_gan(cfg.model, spec)
@@ -128,22 +133,48 @@ def _load_gan_algorithm_state(st: dict, augment: Augmenter, path_length: PathLen
         path_length.load_state_dict(st["path_length"])
 
 
-def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean) -> TrainingProgram:
+def build_vae_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, reduce_mean,
+                      inference_data: Callable[[], Split] | None = None) -> TrainingProgram:
     precision = precision_for(cfg.train, device)
     vae = _place(build_vae(cfg.model, spec), device, precision)
     state = make_vae_state(vae, cfg.vae, wrap=wrap)
     if cfg.train.compile:
         unwrap(state.vae).compile()
     z, labels = _grid_inputs(spec, cfg.model.z_dim, cfg.train.sample_count, cfg.train.seed, device, cfg.model.conditional)
+    grid_uniforms = component_uniforms(cfg.train.sample_count, cfg.train.seed + 12345)
+    fitted: dict[str, nn.Module] = {}  # LATENT_PRIOR -> the prior fitted for the current weights
+
+    def prepare_inference() -> str | None:
+        """Fit the prior that samples are drawn from to the current weights (chief only)."""
+        if inference_data is None or cfg.vae.prior != "gmm":
+            return None
+        data = inference_data()
+        try:
+            fit = fit_latent_prior(unwrap(state.vae), data.images, data.labels, cfg.vae.prior_components,
+                                   seed=cfg.train.seed)
+        except ValueError as e:  # a diverged model: sample N(0, I) rather than stop training
+            fitted.clear()
+            return f"latent prior not fitted ({e}); samples come from N(0, I)"
+        fitted[LATENT_PRIOR] = fit.prior
+        return (f"latent prior: a {fit.prior.components}-component Gaussian mixture fitted to {fit.samples:,} "
+                f"training images' posterior means in {fit.iterations} EM iterations (mean log-likelihood "
+                f"{fit.log_likelihood:.1f} nats against {fit.standard_log_likelihood:.1f} under N(0, I))")
+
+    def sample() -> torch.Tensor:
+        prior = fitted.get(LATENT_PRIOR)
+        zz = z if prior is None else prior.sample(z, grid_uniforms)
+        return decode_latents(unwrap(state.vae), zz, labels, precision=precision.name)
+
     return TrainingProgram(
         algorithm="vae",
         batches_per_step=1,
         step=lambda batches, step: vae_step(state, batches[0], noise, cfg.vae, step, precision,
                                             cfg.train.accumulate).as_dict(),
-        modules=lambda: {"vae": unwrap(state.vae)},
+        modules=lambda: {"vae": unwrap(state.vae), **fitted},
         optimizers={"vae": state.opt},
-        sample=lambda: decode_latents(unwrap(state.vae), z, labels, precision=precision.name),
+        sample=sample,
         hyperparameters={"vae": {"lr": cfg.vae.lr, "betas": (cfg.vae.beta1, cfg.vae.beta2)}},
+        prepare_inference=prepare_inference,
     )
 
 
@@ -151,10 +182,12 @@ PROGRAM_BUILDERS = {"gan": build_gan_program, "vae": build_vae_program}
 
 
 def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=lambda m: m,
-                  reduce_mean=lambda t: t) -> TrainingProgram:
+                  reduce_mean=lambda t: t, inference_data: Callable[[], Split] | None = None) -> TrainingProgram:
     """Build the program for `cfg.algorithm`.
 
     `reduce_mean` averages a tensor over the workers (state that must agree everywhere, e.g. ADA).
+    `inference_data` gives a sample of training images that readying a model for inference may
+    read (a VAE fits its latent prior to them; None: it samples N(0, I)). Only the chief calls it.
 
     Weights are initialised from `cfg.train.seed`, so every worker builds identical networks.
     """
@@ -162,4 +195,4 @@ def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=la
     if torch.device(device).type == "cuda":  # both switches: PyTorch's defaults differ (matmul off, cuDNN on)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap, reduce_mean)
+    return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap, reduce_mean, inference_data)

@@ -33,7 +33,7 @@ from latentforge.train.batches import InMemoryBatches
 from latentforge.train.loop import WorkerContext, run_training
 from latentforge.train.run_dir import RunDir, resolve_run_dir, write_run_file
 from latentforge.train.run_files import RunFiles
-from latentforge.train.setup import check_training_setup
+from latentforge.train.setup import check_training_setup, inference_data_loader
 from latentforge.train.tracking import NullTracker, make_tracker
 
 
@@ -172,16 +172,18 @@ def worker_loop(config: dict) -> None:
 
         evaluate = make_periodic_evaluator(launch.data_dir, cfg.train.eval_samples, cfg.train.seed, device,
                                            vae_sigma(cfg), cfg.train.precision)
+    inference_data = inference_data_loader(cfg, launch.data_dir) if rank == 0 else None
     wctx = WorkerContext(rank=rank, world_size=world, device=device, wrap=wrap, reduce_mean=_reduce_mean(world))
     log = print if rank == 0 else (lambda *_: None)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                run_training(cfg, spec, stream, wctx, sink, resume_from=folder, log=log, evaluate=evaluate)
+                run_training(cfg, spec, stream, wctx, sink, resume_from=folder, log=log, evaluate=evaluate,
+                             inference_data=inference_data)
         else:
             run_training(cfg, spec, stream, wctx, sink, resume_from=launch.resume_from, log=log,
-                         evaluate=evaluate)
+                         evaluate=evaluate, inference_data=inference_data)
     finally:
         (tracker or NullTracker()).finish()
 

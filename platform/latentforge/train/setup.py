@@ -4,6 +4,8 @@ never a silent no-op."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from latentforge.builders import check_compatible
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
@@ -58,3 +60,20 @@ def check_training_setup(cfg, spec: DataSpec, workers: int, train_rows: int, use
         problems.append("train.tf32 applies to CUDA GPUs only (--gpus); on CPU use train.precision=bf16 for speed")
     if problems:
         raise ConfigError("config does not fit this run: " + "; ".join(problems))
+
+
+def inference_data_loader(cfg, data_dir: str | Path):
+    """What `run_training(inference_data=...)` reads on the chief: for a VAE with a fitted prior, a
+    seeded sample of `vae.prior_images` training images, read once on first use; else None."""
+    if cfg.algorithm != "vae" or cfg.vae.prior != "gmm":
+        return None
+    cache = []
+
+    def load():
+        if not cache:
+            from latentforge.data.dataset import PreparedDataset
+
+            cache.append(PreparedDataset(data_dir).sample("train", cfg.vae.prior_images, seed=cfg.train.seed))
+        return cache[0]
+
+    return load

@@ -13,7 +13,7 @@ from helpers import serve_registry
 from latentforge.editing.inversion import encode_vae
 from latentforge.editing.restoration import inpaint
 from latentforge.registry import local_checkpoint
-from latentforge.serve.codec import BadInput
+from latentforge.serve.codec import BadInput, encode_png_b64
 from latentforge.serve.engine import ModelRuntime
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
 
@@ -81,6 +81,22 @@ def test_reconstruct_and_inpaint_match_the_editing_engine(vae, digit):
     # a browser canvas sends RGBA: the same mask in any mode means the same thing
     rgba = np.stack([mask, mask, mask, np.full_like(mask, 255)], -1)
     assert vae.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(rgba), method="chain"))["images"] == served["images"]
+
+
+def test_a_vae_serves_its_fitted_prior_as_generate_does(vae):
+    """A seed means the same latents and pixels over HTTP as from `latentforge generate`, and for a
+    VAE those come from the prior fitted in training, not N(0, I); interpolation endpoints too."""
+    from latentforge.sampling import generate
+
+    assert vae.prior is not None and vae.prior is vae.ckpt.latent_prior
+    served = vae.generate_many([GenerateRequest(n=3, seed=11)])[0]
+    images, z, _ = generate(vae.ckpt, 3, seed=11)
+    assert torch.equal(torch.tensor(served["latents"]), z)
+    assert served["images"] == [encode_png_b64(im) for im in images]
+    _, z_standard, _ = generate(vae.ckpt, 3, seed=11, standard_prior=True)
+    assert not torch.allclose(z, z_standard)
+    path = vae.interpolate(InterpolateRequest(a={"seed": 11}, b={"seed": 12}, steps=3))["latents"]
+    assert torch.equal(torch.tensor(path[0]), z[0])
 
 
 def test_interpolate_and_edit(gan):
