@@ -26,6 +26,7 @@ from latentforge.checkpoint import load_module_weights, load_training_state, sav
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png
 from latentforge.train.program import TrainingProgram, build_program
+from latentforge.tune.instability import InstabilityPolicy, unstable_warning
 
 
 @dataclass
@@ -181,6 +182,10 @@ def run_training(
         if start == 0:
             sink.artifact("samples/step_000000.png", grid_png(program.sample()))
 
+    # the chief watches its own records with the sweeps' instability policy and says once when the
+    # run has died (e.g. a hinge D at its margins with G's samples all black), instead of silently
+    # training on; the run goes on, as the user asked for its steps
+    watch = InstabilityPolicy(loss=cfg.gan.loss if cfg.algorithm == "gan" else "ns") if ctx.is_chief else None
     window: list[dict] = []
     window_start = time.perf_counter()
     window_steps = 0
@@ -233,5 +238,10 @@ def run_training(
         sink.report(record, (last_ckpt, write_checkpoint(done, dict(record))) if ckpt_due else None)
         if ctx.is_chief:
             log(format_progress(record, t.steps))
+            if watch is not None:
+                decision = watch.observe("run", record)
+                if decision.stop:
+                    log(unstable_warning(decision))
+                    watch = None  # once
         window, window_steps, window_start = [], 0, time.perf_counter()
     return record

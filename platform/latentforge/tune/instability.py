@@ -7,7 +7,11 @@ Failure modes and their default thresholds (each can be changed or turned off in
 - non_finite: a loss or gradient norm is NaN/inf once. Nothing recovers from that.
 - discriminator_wins: D's loss below `d_loss_floor` (0.05) with mean D(x) > 0.95 and D(G(z)) < 0.05
   for `patience` (3) reports in a row. G's gradient vanishes once D is that sure (non-saturating
-  and hinge losses); not applied to WGAN-GP, whose critic outputs are not probabilities.
+  and hinge losses); not applied to WGAN-GP, whose critic outputs are not probabilities. A hinge
+  D stops at its margins, D(x) >= 1 and D(G(z)) <= -1, i.e. sigmoids of 0.73 and 0.27, and never
+  needs to go further: for hinge, D(x) > 0.73 and D(G(z)) < 0.27 with the loss floor count as
+  winning (a resnet-mnist run that died with every sample black read d_loss 0, D(x) 0.999, D(G(z))
+  0.266 and was not caught by 0.95/0.05).
 - gradient_explosion: a gradient norm above `max_grad_norm` (1e4) for `patience` reports in a row.
   Healthy runs of the shipped presets stay below ~100; 1e4 leaves two orders of headroom.
 - vanishing_generator_gradient: G's gradient norm below `min_grad_norm_g` (1e-6) for `patience`
@@ -29,6 +33,7 @@ from pydantic import Field
 
 from latentforge.config import StrictConfig
 
+HINGE_REAL, HINGE_FAKE = 0.73, 0.27  # just inside sigmoid(1) = 0.731 and sigmoid(-1) = 0.269
 _FINITE_KEYS = ("d_loss", "g_loss", "loss", "nll", "kl", "grad_norm_d", "grad_norm_g", "grad_norm", "fid")
 
 
@@ -107,7 +112,10 @@ class InstabilityPolicy:
 
         gan = "d_loss" in r
         if gan and t.d_loss_floor is not None and state.loss != "wgan-gp" and {"d_real", "d_fake"} <= set(r):
-            wins = r["d_loss"] < t.d_loss_floor and r["d_real"] > t.d_real_min and r["d_fake"] < t.d_fake_max
+            real_min, fake_max = t.d_real_min, t.d_fake_max
+            if state.loss == "hinge":  # hinge D is done at its margins: sigmoid(1), sigmoid(-1)
+                real_min, fake_max = min(real_min, HINGE_REAL), max(fake_max, HINGE_FAKE)
+            wins = r["d_loss"] < t.d_loss_floor and r["d_real"] > real_min and r["d_fake"] < fake_max
             if self._streak(state, "d_wins", wins) >= t.patience:
                 return StopDecision(True, "discriminator_wins",
                                     f"d_loss {r['d_loss']:.3g}, D(x) {r['d_real']:.3f}, D(G(z)) {r['d_fake']:.3f} "
@@ -150,3 +158,22 @@ class InstabilityPolicy:
         """The decision that stopped a trial, if any."""
         state = self._trials.get(trial_id)
         return state.stopped if state else None
+
+
+ADVICE = {
+    "non_finite": "nothing recovers from a NaN: lower the learning rates, or train in fp32 if this run is bf16",
+    "discriminator_wins": "G gets no gradient any more and its samples will not improve: restart with another "
+                          "train.seed, a lower gan.lr_d, or augmentation (gan.augment=diffaugment)",
+    "gradient_explosion": "lower the learning rates",
+    "vanishing_generator_gradient": "G got no gradient for several reports in a row and runs seldom recover from "
+                                    "that: restart with lower learning rates or another train.seed",
+    "mode_collapse": "the samples cover few classes or styles: an earlier checkpoint may be better; restart with "
+                     "another train.seed or augmentation (gan.augment=diffaugment)",
+    "fid_degradation": "the run was better before: an earlier checkpoint may be the one to keep",
+}
+
+
+def unstable_warning(decision: StopDecision) -> str:
+    """One line for a run's log: what went wrong, the evidence, and what to try."""
+    return (f"warning: this run looks unstable ({decision.reason}: {decision.detail}); "
+            f"{ADVICE.get(decision.reason, 'see the metrics')}. Sweeps stop such trials by themselves")

@@ -62,6 +62,20 @@ def test_the_checkpointed_ema_generator_carries_its_own_batchnorm_statistics(mni
         assert torch.allclose(again[k], saved[k], atol=1e-5), k
 
 
+def test_a_dead_run_says_so_once_and_a_healthy_one_never(mnist_dir, tmp_path):
+    """At lr 1.0 G's gradient vanishes within a few steps: the log says which failure it is and what
+    to try, once, and training goes on to the steps asked for (sweeps stop such trials instead)."""
+    lines = []
+    dead = tiny("dcgan-mnist", train__steps=12, train__log_every=2, gan__lr_g=1.0, gan__lr_d=1.0)
+    train_local(dead, mnist_dir, tmp_path / "dead", log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning: this run looks unstable")]
+    assert len(warnings) == 1 and "vanishing_generator_gradient" in warnings[0] and "learning rates" in warnings[0]
+    assert find_checkpoints(tmp_path / "dead")[-1].name == "step_000012"
+    lines.clear()
+    train_local(tiny("dcgan-mnist", train__steps=12, train__log_every=2), mnist_dir, tmp_path / "ok", log=lines.append)
+    assert not [line for line in lines if line.startswith("warning")]
+
+
 def test_vae_learning_lowers_validation_elbo(mnist_dir, tmp_path):
     cfg = tiny("vae-mnist", train__steps=250, model__width=16, model__z_dim=16, train__global_batch_size=64,
                train__checkpoint_every=250)

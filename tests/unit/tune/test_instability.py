@@ -61,6 +61,17 @@ def test_discriminator_wins_needs_patience_and_is_off_for_wgan():
     assert run(wgan, ({"step": 25 * i, **wins} for i in range(1, 10)))[0] is None
 
 
+def test_a_hinge_discriminator_wins_at_its_margins():
+    """Hinge D has no reason to push D(G(z)) below -1: a dead resnet-mnist run (every sample black)
+    logged exactly this, which the non-saturating thresholds (D(G(z)) < 0.05) never caught."""
+    dead = {"d_loss": 0.0, "g_loss": 1.013, "d_real": 0.9994, "d_fake": 0.2664, "grad_norm_d": 0.0, "grad_norm_g": 0.04}
+    d, step = run(InstabilityPolicy(loss="hinge"), ({"step": 25 * i, **dead} for i in range(1, 10)))
+    assert d.reason == "discriminator_wins" and step == 75 and "0.266" in d.detail
+    assert run(InstabilityPolicy(loss="ns"), ({"step": 25 * i, **dead} for i in range(1, 10)))[0] is None
+    healthy_hinge = {**dead, "d_loss": 1.6, "d_real": 0.56, "d_fake": 0.43}  # a live resnet-mnist run
+    assert run(InstabilityPolicy(loss="hinge"), ({"step": 25 * i, **healthy_hinge} for i in range(1, 10)))[0] is None
+
+
 def test_gradient_explosion():
     stream = ({"step": 25 * i, "d_loss": 1.0, "grad_norm_d": 10 ** (i / 2), "grad_norm_g": 1.0} for i in range(1, 20))
     d, step = run(InstabilityPolicy(), stream)
