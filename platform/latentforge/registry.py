@@ -28,6 +28,7 @@ from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_che
 from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
+from latentforge.models.prior import prior_name
 from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
 
 ENTRY_FILE = "model.json"
@@ -82,7 +83,7 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         "latent_space": latent_space(gen),
         "num_classes": gen.num_classes,
         # what a seed's latents are drawn from: a VAE's fitted mixture ("gmm-10") or N(0, I)
-        "latent_prior": "standard" if ck.latent_prior is None else ck.latent_prior.describe(),
+        "latent_prior": prior_name(ck.latent_prior),
         "image_shape": list(ck.data.image_shape),
         "class_names": list(ck.data.class_names),
         "dataset_hash": ck.data.content_hash,

@@ -17,6 +17,7 @@ from latentforge.data.dataset import PreparedDataset
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import FeatureNet
+from latentforge.models.prior import prior_name
 from latentforge.metrics.registry import (
     SampleSet,
     distribution_values,
@@ -163,8 +164,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
         if ckpt.algorithm == "gan":
             out["generator"] = "ema" if ema else "raw"
         else:
-            prior = None if standard_prior else ckpt.latent_prior
-            out["prior"] = "standard" if prior is None else prior.describe()
+            out["prior"] = prior_name(None if standard_prior else ckpt.latent_prior)
         if not ckpt.inference_generator().num_classes:
             requested = None
     else:

@@ -87,6 +87,12 @@ class GaussianMixturePrior(nn.Module):
         return f"gmm-{self.components}"
 
 
+def prior_name(prior: GaussianMixturePrior | None) -> str:
+    """What a seed's latents are drawn from, as results and the registry name it: 'gmm-10', or
+    'standard' for N(0, I)."""
+    return "standard" if prior is None else prior.describe()
+
+
 def component_uniforms(n: int, seed: int) -> torch.Tensor:
     """(n,) uniforms that pick a seed's components, drawn one at a time so that the first k of a
     seed are the same whatever n is (as `sampling.sample_latents` does for the noise)."""
@@ -144,7 +150,7 @@ def fit_gaussian_mixture(latents: torch.Tensor, components: int = 10, seed: int 
         means.append(x[int(torch.multinomial(probs, 1, generator=gen))])
     means = torch.stack(means)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    cov = (torch.cov(x.T).reshape(d, d) if n > 1 else torch.zeros(d, d, dtype=x.dtype)) + reg * eye
+    cov = (torch.cov(x.T).reshape(d, d) if n > 1 else torch.zeros_like(eye)) + reg * eye
     tril = torch.linalg.cholesky(cov).expand(k, d, d).clone()
     weights = torch.full((k,), 1.0 / k, dtype=x.dtype, device=x.device)
     prev, it = -math.inf, 0

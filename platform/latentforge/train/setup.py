@@ -4,6 +4,7 @@ never a silent no-op."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from latentforge.builders import check_compatible
@@ -67,13 +68,6 @@ def inference_data_loader(cfg, data_dir: str | Path):
     seeded sample of `vae.prior_images` training images, read once on first use; else None."""
     if cfg.algorithm != "vae" or cfg.vae.prior != "gmm":
         return None
-    cache = []
+    from latentforge.data.dataset import PreparedDataset
 
-    def load():
-        if not cache:
-            from latentforge.data.dataset import PreparedDataset
-
-            cache.append(PreparedDataset(data_dir).sample("train", cfg.vae.prior_images, seed=cfg.train.seed))
-        return cache[0]
-
-    return load
+    return functools.cache(lambda: PreparedDataset(data_dir).sample("train", cfg.vae.prior_images, seed=cfg.train.seed))
