@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from latentforge import __version__
 from latentforge.data.spec import DataSpec
 from latentforge.errors import CheckpointError
 from latentforge.models.architectures import build_module, describe
-from latentforge.storage import atomic_write_json, read_json, staged_dir
+from latentforge.storage import atomic_write_bytes, atomic_write_json, read_json, staged_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -116,6 +116,32 @@ def save_checkpoint(
             torch.save(training_state, tmp / TRAINING_STATE)
         atomic_write_json(tmp / CONFIG, config)
     return Path(path)
+
+
+def set_modules(path: str | Path, modules: dict[str, nn.Module]) -> Path:
+    """Add or replace modules of an existing checkpoint in place (e.g. a VAE's fitted prior),
+    keeping every other module's weights, the training state and the experiment config.
+
+    The weights file is rewritten first and config.json second, each atomically: until the config
+    names a new module its tensors are ignored, so an interruption between the two leaves the
+    checkpoint as it was.
+
+    Raises:
+        CheckpointError: `path` is not a readable checkpoint.
+    """
+    path = resolve_checkpoint(path)
+    config = _read_config(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS), device="cpu")
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
+    for name, module in modules.items():
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.")}
+        tensors.update({f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()})
+        config["modules"][name] = describe(module)
+    atomic_write_bytes(path / WEIGHTS, save(tensors, metadata={"format": "pt", "latentforge_version": __version__}))
+    atomic_write_json(path / CONFIG, config)
+    return path
 
 
 def _read_config(path: Path) -> dict:

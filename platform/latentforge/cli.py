@@ -556,6 +556,68 @@ def cmd_directions(args: argparse.Namespace) -> Result:
     return None
 
 
+# ------------------------------------------------------------------------------------------ fit-prior
+def add_fit_prior(verbs: Verbs) -> None:
+    fp = verbs.add_parser("fit-prior", help="fit (or refit) a VAE checkpoint's latent prior to its training images")
+    fp.add_argument("checkpoint", help="VAE checkpoint or run folder (latest checkpoint)")
+    fp.add_argument("--data", required=True, help="the prepared dataset it trained on")
+    fp.add_argument("--components", type=int, help="mixture components (default: the run's vae.prior_components, 10)")
+    fp.add_argument("--images", type=int, help="training images to encode (default: the run's vae.prior_images, 10000)")
+    fp.add_argument("--seed", type=int, help="seeds the image sample and the EM starts (default: the run's train.seed)")
+    add_json_flag(fp)
+    fp.set_defaults(func=cmd_fit_prior)
+
+
+def cmd_fit_prior(args: argparse.Namespace) -> Result:
+    """Fit the prior that training fits at every checkpoint (see `models.prior`) to a checkpoint
+    saved without one (before priors were fitted, or with `vae.prior=standard`), or refit it with
+    other settings, and write it into the checkpoint."""
+    from latentforge.algorithms.vae import fit_latent_prior
+    from latentforge.checkpoint import LATENT_PRIOR, load_checkpoint, set_modules
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.data.spec import DataSpec
+    from latentforge.errors import CheckpointError, ConfigError
+    from latentforge.models.prior import MAX_COMPONENTS
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.algorithm != "vae":
+        raise ConfigError(f"{ckpt.path} is a {ckpt.algorithm.upper()} checkpoint: a latent prior is fitted to a "
+                          "VAE's encoder, and GANs sample N(0, I) by design")
+    run = ckpt.experiment
+    components = args.components or run.get("vae", {}).get("prior_components", 10)
+    images = args.images or run.get("vae", {}).get("prior_images", 10000)
+    seed = run.get("train", {}).get("seed", 0) if args.seed is None else args.seed
+    if not 1 <= components <= MAX_COMPONENTS:
+        raise ConfigError(f"--components {components} is out of range: give 1..{MAX_COMPONENTS}")
+    if images < 1:
+        raise ConfigError(f"--images {images} must be at least 1")
+    dataset = PreparedDataset(args.data)
+    spec = DataSpec.from_dataset(dataset)
+    if (spec.image_shape, spec.num_classes) != (ckpt.data.image_shape, ckpt.data.num_classes):
+        raise ConfigError(f"{args.data} holds {spec.num_classes}-class images of shape {spec.image_shape}, but "
+                          f"{ckpt.path} was trained on {ckpt.data.num_classes}-class images of shape "
+                          f"{ckpt.data.image_shape}: give the dataset it trained on")
+    if ckpt.data.content_hash and spec.content_hash != ckpt.data.content_hash:
+        print(f"note: {args.data} is not the dataset {ckpt.path} trained on (content hash differs); the prior "
+              "describes where this dataset's images encode")
+    sample = dataset.sample("train", images, seed=seed)
+    try:
+        fit = fit_latent_prior(ckpt.modules["vae"], sample.images, sample.labels, components, seed=seed)
+    except ValueError as e:
+        raise CheckpointError(f"cannot fit a prior to {ckpt.path}: {e}") from e
+    replaced = ckpt.latent_prior is not None
+    set_modules(ckpt.path, {LATENT_PRIOR: fit.prior})
+    result = {"checkpoint": str(ckpt.path), "components": fit.prior.components, "images": fit.samples,
+              "iterations": fit.iterations, "log_likelihood": fit.log_likelihood,
+              "standard_log_likelihood": fit.standard_log_likelihood, "replaced": replaced}
+    print(f"{'refitted' if replaced else 'fitted'} a {fit.prior.components}-component Gaussian mixture to "
+          f"{fit.samples:,} training images' posterior means in {fit.iterations} EM iterations (mean "
+          f"log-likelihood {fit.log_likelihood:.1f} nats against {fit.standard_log_likelihood:.1f} under N(0, I)); "
+          f"saved in {ckpt.path}. generate and evaluate sample from it now; a model promoted before needs "
+          "`latentforge registry promote ... --overwrite` to serve it")
+    return result
+
+
 # ------------------------------------------------------------------------------------------ presets
 def add_presets(verbs: Verbs) -> None:
     pr = verbs.add_parser("presets", help="list the shipped presets")
@@ -596,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry(verbs)
     add_serve(verbs)
     add_directions(verbs)
+    add_fit_prior(verbs)
     add_presets(verbs)
     return p
 

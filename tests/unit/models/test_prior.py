@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from helpers import tiny
 from latentforge.algorithms.vae import fit_latent_prior, posterior_means
 from latentforge.checkpoint import LATENT_PRIOR, load_checkpoint
+from latentforge.cli import main
 from latentforge.data import PreparedDataset
 from latentforge.errors import CheckpointError
 from latentforge.models.prior import (GaussianMixturePrior, component_uniforms, fit_gaussian_mixture,
@@ -129,6 +130,57 @@ def test_a_standard_prior_run_and_an_old_checkpoint_sample_n01(vae_run, mnist_di
     train_local(tiny("vae-mnist", train__steps=2, train__checkpoint_every=2, vae__prior="standard"), mnist_dir,
                 standard, log=quiet)
     assert load_checkpoint(standard).latent_prior is None
+
+
+def test_fit_prior_gives_an_old_checkpoint_the_prior_training_would_have_saved(vae_run, mnist_dir, tmp_path):
+    """`latentforge fit-prior` on a checkpoint saved without a prior writes the one training saves
+    (same defaults: the run's seed, components and image count), touching nothing else."""
+    run, _ = vae_run
+    trained = sorted(run.glob("step_*"))[-1]
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["modules"][LATENT_PRIOR]
+    (old / "config.json").write_text(json.dumps(cfg))
+    vae_weights = {k: v for k, v in load_file(old / "model.safetensors").items() if not k.startswith(LATENT_PRIOR)}
+    save_file(vae_weights, str(old / "model.safetensors"))
+    state = (old / "training_state.pt").read_bytes()
+
+    assert main(["fit-prior", str(old), "--data", str(mnist_dir)]) == 0
+    fitted, original = load_checkpoint(old), load_checkpoint(trained)
+    for name in ("weights", "means", "scale_tril"):
+        assert torch.allclose(getattr(fitted.latent_prior, name), getattr(original.latent_prior, name),
+                              atol=1e-5, rtol=1e-5), name
+    after = load_file(old / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in vae_weights.items())  # the VAE is untouched
+    assert (old / "training_state.pt").read_bytes() == state  # and so is what resumes it
+    assert json.loads((old / "config.json").read_text())["experiment"] == cfg["experiment"]
+    _, z, _ = generate(fitted, 8, seed=4)
+    _, z_trained, _ = generate(original, 8, seed=4)
+    assert torch.allclose(z, z_trained, atol=1e-4)
+
+    # other settings refit it in place: one mixture, with the new number of components
+    assert main(["fit-prior", str(old), "--data", str(mnist_dir), "--components", "3", "--images", "500"]) == 0
+    refit = load_checkpoint(old)
+    assert refit.latent_prior.components == 3
+    assert sum(k.startswith(f"{LATENT_PRIOR}.") for k in load_file(old / "model.safetensors")) == 3
+
+
+def test_fit_prior_refuses_what_it_cannot_fit_and_leaves_the_checkpoint_as_it_was(vae_run, mnist_dir, shapes_dir,
+                                                                                tmp_path, capsys):
+    run, _ = vae_run
+    ck = tmp_path / "ck"
+    shutil.copytree(sorted(run.glob("step_*"))[-1], ck)
+    before = {f.name: f.read_bytes() for f in ck.iterdir()}
+    assert main(["fit-prior", str(ck), "--data", str(shapes_dir)]) == 2
+    assert "give the dataset it trained on" in capsys.readouterr().err
+    assert main(["fit-prior", str(ck), "--data", str(mnist_dir), "--components", "1000"]) == 2
+    assert "--components 1000 is out of range" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in ck.iterdir()} == before
+    gan = tmp_path / "gan"
+    train_local(tiny("dcgan-mnist", train__steps=1, train__checkpoint_every=1), mnist_dir, gan, log=quiet)
+    assert main(["fit-prior", str(gan), "--data", str(mnist_dir)]) == 2
+    assert "GANs sample N(0, I) by design" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,value,message", [
