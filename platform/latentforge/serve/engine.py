@@ -18,7 +18,7 @@ from latentforge.editing.directions import apply_edit, data_free_directions, fir
 from latentforge.editing.inversion import ProjectionStopped, invert
 from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
-from latentforge.editing.space import default_interpolation, edit_model, latent_space
+from latentforge.editing.space import default_interpolation, edit_model
 from latentforge.sampling import decode_latents, seeded_latents
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
 from latentforge.serve.schemas import (
@@ -113,11 +113,6 @@ class ModelRuntime:
         return found
 
     # ------------------------------------------------------------------------------ helpers
-    def info(self) -> dict:
-        return {"z_dim": self.z_dim, "latent_space": latent_space(self.model),
-                "num_classes": self.num_classes, "image_shape": list(self.shape),
-                "algorithm": self.algorithm, "directions": sorted(self.directions)}
-
     def _labels(self, n: int, label: int | None, cycle: bool = False) -> torch.Tensor | None:
         if not self.num_classes:
             if label is not None:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from helpers import serve_registry
 from latentforge.editing.inversion import encode_vae
+from latentforge.editing.space import latent_space
 from latentforge.editing.restoration import inpaint
 from latentforge.registry import local_checkpoint
 from latentforge.serve.codec import BadInput, encode_png_b64
@@ -176,7 +177,7 @@ def test_a_resnet_model_generates_and_edits_through_the_interface(registry):
 
 def test_a_stylegan_model_is_served_in_w(registry):
     sg = ModelRuntime("stylegan", local_checkpoint(registry, "stylegan"), projection_steps=10, restarts=1)
-    assert sg.info()["latent_space"] == "w" and sg.z_dim == 128  # the API's latents are ws
+    assert latent_space(sg.model) == "w" and sg.z_dim == 128  # the API's latents are ws
     a = sg.generate_many([GenerateRequest(n=2, seed=5, truncation=0.5, include_latents=True)])[0]
     assert a == sg.generate_many([GenerateRequest(n=2, seed=5, truncation=0.5, include_latents=True)])[0]
     w = torch.tensor(a["latents"])
