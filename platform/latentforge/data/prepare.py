@@ -13,6 +13,7 @@ bytes hash reproducibly.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -81,6 +82,34 @@ def _write_split(folder: Path, split: str, src: SourceImages, idx: np.ndarray) -
     return files
 
 
+def _check_replaceable(out: Path, source: str) -> None:
+    """`--overwrite` replaces a prepared dataset (or an empty folder), never anything else: not a
+    run folder, not a file, and not the images it is about to read.
+
+    Raises:
+        DataError: `out` is something else.
+    """
+    _, sep, rest = source.partition(":")
+    if sep and rest and Path(rest).exists():
+        src, dst = Path(rest).resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise DataError(f"--out {out} holds the source {source!r}: writing the dataset there would delete the "
+                            "images it reads; choose an --out outside the source")
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a dataset folder; --overwrite replaces only a prepared dataset: "
+                        "choose another --out")
+    manifest = out / MANIFEST
+    kind = None
+    if manifest.is_file():
+        try:
+            kind = json.loads(manifest.read_text()).get("kind")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            kind = None
+    if kind != DATASET_KIND and any(out.iterdir()):
+        raise DataError(f"--out {out} is not a prepared dataset (no LatentForge {MANIFEST}): --overwrite replaces "
+                        "only a prepared dataset, so nothing there was touched; choose another --out")
+
+
 def prepare_dataset(
     source: str,
     out: str | Path,
@@ -117,6 +146,8 @@ def prepare_dataset(
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists():
+        _check_replaceable(out, source)
     t0 = time.time()
     log(f"loading source {source} ...")
     src = load_source(source, opts)

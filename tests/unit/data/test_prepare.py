@@ -88,6 +88,35 @@ def test_truncated_png_fails_naming_the_file_then_skip_bad_counts_it(tmp_path):
     assert m["num_images"] == 8
 
 
+def test_overwrite_replaces_only_a_prepared_dataset_and_never_its_own_source(tmp_path):
+    """--overwrite is for re-preparing a dataset: a run folder, a plain file or the source images
+    are refused before anything is read, and left byte for byte as they were."""
+    root = _folder(tmp_path / "imgs")
+    source = f"folder:{root}"
+    images = {p: p.read_bytes() for p in root.rglob("*.png")}
+    with pytest.raises(DataError, match="holds the source .* would delete the images it reads"):
+        prepare_dataset(source, root, overwrite=True, **quiet)
+    with pytest.raises(DataError, match="holds the source"):
+        prepare_dataset(source, tmp_path, overwrite=True, **quiet)  # a folder above the source too
+    assert {p: p.read_bytes() for p in root.rglob("*.png")} == images
+    run = tmp_path / "run"
+    (run / "step_000010").mkdir(parents=True)
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="is not a prepared dataset .* nothing there was touched"):
+        prepare_dataset(source, run, overwrite=True, **quiet)
+    assert (run / "notes.txt").read_text() == "keep me" and (run / "step_000010").is_dir()
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    with pytest.raises(DataError, match="is a file, not a dataset folder"):
+        prepare_dataset(source, afile, overwrite=True, **quiet)
+    assert afile.read_text() == "data" and not list(tmp_path.glob(".afile*"))
+    out = tmp_path / "out"
+    first = prepare_dataset(source, out, SourceOptions(size=16), **quiet)
+    again = prepare_dataset(source, out, SourceOptions(size=8), overwrite=True, **quiet)  # a dataset: replaced
+    assert first["image_shape"] == [3, 16, 16] and again["image_shape"] == [3, 8, 8]
+    assert PreparedDataset(out).image_shape == (3, 8, 8)
+
+
 def test_empty_folder_and_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
