@@ -24,7 +24,7 @@ from torch import nn
 
 from latentforge import __version__
 from latentforge.data.spec import DataSpec
-from latentforge.errors import CheckpointError
+from latentforge.errors import CheckpointError, DataError
 from latentforge.models.architectures import build_module, describe
 from latentforge.storage import atomic_write_bytes, atomic_write_json, read_json, staged_dir
 
@@ -59,6 +59,24 @@ class LoadedCheckpoint:
     def inference_generator(self) -> nn.Module:
         """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
         return self.modules["generator_ema"] if self.algorithm == "gan" else self.modules["vae"]
+
+    def check_dataset(self, dataset, log=print) -> None:
+        """Refuse a dataset whose images this model cannot take (shape, channels, classes); note
+        one that is not the dataset it trained on (another content hash), which is allowed.
+
+        Args:
+            dataset: a `data.dataset.PreparedDataset`.
+
+        Raises:
+            DataError: the images or classes do not fit the model.
+        """
+        shape, classes = tuple(dataset.image_shape), dataset.num_classes
+        if (shape, classes) != (tuple(self.data.image_shape), self.data.num_classes):
+            raise DataError(f"{dataset.path} holds {classes}-class images of shape {shape}, but {self.path} was trained "
+                            f"on {self.data.num_classes}-class images of shape {tuple(self.data.image_shape)}: give "
+                            "the dataset it trained on (or one prepared like it)")
+        if self.data.content_hash and dataset.content_hash != self.data.content_hash:
+            log(f"note: {self.path} was trained on other data ({self.data.content_hash[:19]}...) than {dataset.path}")
 
     @property
     def latent_prior(self) -> nn.Module | None:
@@ -151,14 +169,61 @@ def _read_config(path: Path) -> dict:
         config = read_json(path / CONFIG)
     except Exception as e:
         raise CheckpointError(f"{path / CONFIG} is unreadable: {e}") from e
-    if config.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path / CONFIG} is not a LatentForge checkpoint (kind={config.get('kind')!r})")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if kind != CHECKPOINT_KIND:
+        what = " (a prepared dataset: give a checkpoint or run folder)" if (path / "manifest.json").is_file() else ""
+        raise CheckpointError(f"{path / CONFIG} is not a LatentForge checkpoint (kind={kind!r}){what}")
+    version = config.get("format_version", -1)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path / CONFIG} is damaged: format_version is {version!r}, not a number")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {config['format_version']}, newer than this LatentForge "
+            f"{path} has checkpoint format {version}, newer than this LatentForge "
             f"({__version__}) reads ({FORMAT_VERSION}); upgrade latentforge"
         )
+    _check_structure(path, config)
     return config
+
+
+REQUIRED_MODULES = {"gan": ("generator", "generator_ema"), "vae": ("vae",)}
+
+
+def _check_structure(path: Path, config: dict) -> None:
+    """What loading relies on, checked before anything is built: the fields and their types, the
+    modules the algorithm needs, and data that fits the inference module (a planted or hand-edited
+    config.json is refused here, by name, rather than failing somewhere inside).
+
+    Raises:
+        CheckpointError: the first problem found.
+    """
+    def damaged(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path / CONFIG} is damaged: {problem}; restore the checkpoint from its run folder "
+                               "or retrain")
+
+    algorithm, step, modules = config.get("algorithm"), config.get("step"), config.get("modules")
+    if algorithm not in REQUIRED_MODULES:
+        raise damaged(f"algorithm is {algorithm!r}, not one of {sorted(REQUIRED_MODULES)}")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise damaged(f"step is {step!r}, not a count of steps")
+    if not isinstance(config.get("experiment"), dict):
+        raise damaged("it has no experiment config")
+    if not (isinstance(modules, dict) and all(isinstance(m, dict) and isinstance(m.get("args", {}), dict)
+                                              for m in modules.values())):
+        raise damaged("modules is not a mapping of module names to {class, args}")
+    missing = [m for m in REQUIRED_MODULES[algorithm] if m not in modules]
+    if missing:
+        raise damaged(f"a {algorithm.upper()} checkpoint needs the modules {', '.join(missing)}")
+    try:
+        data = DataSpec.from_json(config["data"])
+        c, h, w = (int(v) for v in data.image_shape)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise damaged(f"its data spec is unreadable ({type(e).__name__}: {e})") from e
+    args = modules[REQUIRED_MODULES[algorithm][-1]].get("args", {})
+    found = {"channels": args.get("channels", c), "resolution": args.get("resolution", h)}
+    if (found["channels"], found["resolution"]) != (c, h) or args.get("num_classes", 0) not in (0, data.num_classes):
+        raise damaged(f"its data spec ({c}x{h}x{w} images, {data.num_classes} classes) does not fit its model "
+                      f"({found['channels']} channels at {found['resolution']} px, {args.get('num_classes', 0)} "
+                      "classes)")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -170,7 +235,9 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
         if folder.name.startswith("."):
             continue
         try:
-            found.append((int(read_json(cfg).get("step", -1)), str(folder), folder))
+            config = read_json(cfg)
+            if config.get("kind") == CHECKPOINT_KIND:  # not a dataset's feature net or grader
+                found.append((int(config.get("step", -1)), str(folder), folder))
         except Exception:
             continue  # an unreadable config is not a usable checkpoint; skip it
     return [f for _, _, f in sorted(found)]
@@ -187,6 +254,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / CONFIG).is_file():
         return path
+    if (path / "manifest.json").is_file():
+        raise CheckpointError(f"{path} is a prepared dataset, not a checkpoint; give a checkpoint or run folder "
+                              "(the dataset goes to --data)")
     found = find_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path} holds no checkpoint (no */{CONFIG}); give a checkpoint or run folder")

@@ -127,6 +127,7 @@ def add_evaluate(verbs: Verbs) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> Result:
     from latentforge.metrics.evaluate import evaluate
 
+    _check_latent_args(args.seed, None)
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
                       inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol,
                       standard_prior=args.standard_prior)
@@ -544,11 +545,19 @@ def cmd_directions(args: argparse.Namespace) -> Result:
     from latentforge.checkpoint import load_checkpoint, resolve_checkpoint
     from latentforge.data.dataset import PreparedDataset
     from latentforge.editing.directions import compute_directions, save_directions
+    from latentforge.editing.space import edit_model
+    from latentforge.errors import ConfigError
     from latentforge.metrics.features import ensure_feature_net
 
     path = resolve_checkpoint(args.checkpoint)
     ck = load_checkpoint(path)
-    dirs = compute_directions(ck, PreparedDataset(args.data), ensure_feature_net(args.data), k=args.k)
+    dataset = PreparedDataset(args.data)
+    ck.check_dataset(dataset)
+    z_dim = edit_model(ck.inference_generator()).z_dim
+    if not 1 <= args.k <= z_dim:
+        raise ConfigError(f"--k {args.k} is out of range: a model with {z_dim}-d latents has 1..{z_dim} directions per "
+                          "method")
+    dirs = compute_directions(ck, dataset, ensure_feature_net(args.data), k=args.k)
     folder = save_directions(path, dirs)
     for d in dirs:
         print(f"{d.name:16s} {d.method:22s} {d.meta}")
@@ -575,7 +584,6 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
     from latentforge.algorithms.vae import fit_latent_prior
     from latentforge.checkpoint import LATENT_PRIOR, load_checkpoint, set_modules
     from latentforge.data.dataset import PreparedDataset
-    from latentforge.data.spec import DataSpec
     from latentforge.errors import CheckpointError, ConfigError
     from latentforge.models.prior import MAX_COMPONENTS
 
@@ -584,22 +592,17 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
         raise ConfigError(f"{ckpt.path} is a {ckpt.algorithm.upper()} checkpoint: a latent prior is fitted to a "
                           "VAE's encoder, and GANs sample N(0, I) by design")
     run = ckpt.experiment
-    components = args.components or run.get("vae", {}).get("prior_components", 10)
-    images = args.images or run.get("vae", {}).get("prior_images", 10000)
-    seed = run.get("train", {}).get("seed", 0) if args.seed is None else args.seed
+    given = lambda value, default: default if value is None else value  # noqa: E731 (0 is not "unset")
+    components = given(args.components, run.get("vae", {}).get("prior_components", 10))
+    images = given(args.images, run.get("vae", {}).get("prior_images", 10000))
+    seed = given(args.seed, run.get("train", {}).get("seed", 0))
     if not 1 <= components <= MAX_COMPONENTS:
         raise ConfigError(f"--components {components} is out of range: give 1..{MAX_COMPONENTS}")
     if images < 1:
         raise ConfigError(f"--images {images} must be at least 1")
+    _check_latent_args(seed, None)
     dataset = PreparedDataset(args.data)
-    spec = DataSpec.from_dataset(dataset)
-    if (spec.image_shape, spec.num_classes) != (ckpt.data.image_shape, ckpt.data.num_classes):
-        raise ConfigError(f"{args.data} holds {spec.num_classes}-class images of shape {spec.image_shape}, but "
-                          f"{ckpt.path} was trained on {ckpt.data.num_classes}-class images of shape "
-                          f"{ckpt.data.image_shape}: give the dataset it trained on")
-    if ckpt.data.content_hash and spec.content_hash != ckpt.data.content_hash:
-        print(f"note: {args.data} is not the dataset {ckpt.path} trained on (content hash differs); the prior "
-              "describes where this dataset's images encode")
+    ckpt.check_dataset(dataset)
     sample = dataset.sample("train", images, seed=seed)
     try:
         fit = fit_latent_prior(ckpt.modules["vae"], sample.images, sample.labels, components, seed=seed)

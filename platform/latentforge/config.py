@@ -188,15 +188,23 @@ PRECISION_MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
-    """One line per problem, each naming the field, what was wrong and the value given."""
+def format_validation_error(err: ValidationError, source: str, what: str = "config", tagged: bool = False) -> str:
+    """One line per problem, each naming the field, what was wrong and the value given.
+
+    Args:
+        tagged: the errors come from the experiment union, whose locations start with the
+            algorithm tag ('gan' / 'vae'), which is not part of the field's path.
+    """
     lines = [f"invalid {what} {source}: {err.error_count()} problem(s)"]
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if p not in ("gan", "vae") or len(e["loc"]) > 1]
-        loc = [p for p in loc if p not in ("GANExperiment", "VAEExperiment")]
+        loc = [str(p) for p in e["loc"]]
+        if tagged and loc and loc[0] in ("gan", "vae"):
+            loc = loc[1:]
         field = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key; remove it or check its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: required; add it")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
             lines.append(f"  algorithm: must be 'gan' or 'vae' (got {e.get('input', {}).get('algorithm') if isinstance(e.get('input'), dict) else e.get('input')!r})")
         else:
@@ -238,7 +246,7 @@ def parse_experiment(data: Any, source: str = "<dict>") -> GANExperiment | VAEEx
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from e
+        raise ConfigError(format_validation_error(e, source, tagged=True)) from e
 
 
 def preset_names() -> list[str]:
@@ -294,7 +302,16 @@ def load_experiment_dict(preset_or_path: str) -> tuple[dict, str]:
     if preset_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file {preset_or_path} does not exist")
-        return _read_yaml(path.read_text(encoding="utf-8"), str(path)) or {}, str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}; check its permissions and that it is UTF-8 "
+                              "YAML") from e
+        data = _read_yaml(text, str(path)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections at the top level (name:, "
+                              f"algorithm:, model:, ...), got a {type(data).__name__}")
+        return data, str(path)
     names = preset_names()
     if preset_or_path not in names:
         raise ConfigError(f"unknown preset {preset_or_path!r}; choose one of: {', '.join(names)}, or give a YAML file path")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
 from latentforge.models.prior import prior_name
 from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
+
+logger = logging.getLogger(__name__)
 
 ENTRY_FILE = "model.json"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # always fullmatch
@@ -133,16 +136,39 @@ def list_entries(registry: str) -> list[dict]:
     from latentforge.storage import resolve_filesystem
 
     fs, root = resolve_filesystem(registry)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
         return []
+    if kind != pafs.FileType.Directory:
+        raise RegistryError(f"registry {registry} is a file, not a folder; give the registry folder (--registry)")
     entries = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if info.type != pafs.FileType.Directory or info.base_name.startswith(".") or not NAME_RE.fullmatch(info.base_name):
             continue
         raw = read_bytes_uri(join_uri(registry, info.base_name, ENTRY_FILE))
-        if raw is not None:
-            entries.append(json.loads(raw))
+        if raw is None:
+            continue
+        try:
+            entries.append(_parse_entry(raw, registry, info.base_name))
+        except RegistryError as e:  # one damaged entry must not hide the others
+            logger.warning("skipping a model: %s", e)
     return sorted(entries, key=lambda e: e["name"])
+
+
+def _parse_entry(raw: bytes, registry: str, name: str) -> dict:
+    """A model.json's content, checked to be an entry of this name.
+
+    Raises:
+        RegistryError: the file is not JSON, not an entry, or names another model.
+    """
+    try:
+        entry = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        entry = e
+    if not (isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry" and entry.get("name") == name):
+        raise RegistryError(f"model {name!r} in registry {registry} has a damaged {ENTRY_FILE}; promote its checkpoint "
+                            f"again with `latentforge registry promote CKPT --name {name} --overwrite`")
+    return entry
 
 
 def show(registry: str, name: str) -> dict:
@@ -156,7 +182,7 @@ def show(registry: str, name: str) -> dict:
     if raw is None:
         known = ", ".join(e["name"] for e in list_entries(registry)) or "none"
         raise UnknownModel(f"no model {name!r} in registry {registry} (models: {known})")
-    return json.loads(raw)
+    return _parse_entry(raw, registry, name)
 
 
 DIRECTION_FILES = ("directions.json", "directions.safetensors")

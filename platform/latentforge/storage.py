@@ -29,14 +29,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         The destination as a `Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.name or path.is_dir():
+        raise LatentForgeError(f"cannot write {str(path) or repr('')}: it is a folder, not a file name; give a file path")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise LatentForgeError(f"cannot write {path}: {blocking} is a file, not a folder; choose another path")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named by the destination, not the temporary file
+        raise LatentForgeError(f"cannot write {path}: {e.strerror or e}; choose a writable path") from e
     finally:
         if tmp.exists():
             tmp.unlink()

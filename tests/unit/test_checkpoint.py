@@ -125,6 +125,37 @@ def test_planted_arguments_are_refused_before_anything_is_built(gan_run, tmp_pat
         load_checkpoint(ck)
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(algorithm="xyz"), "algorithm is 'xyz', not one of"),
+    (lambda c: c.update(algorithm="vae"), "a VAE checkpoint needs the modules vae"),
+    (lambda c: c.update(step="abc"), "step is 'abc', not a count of steps"),
+    (lambda c: c.pop("step"), "step is None"),
+    (lambda c: c.update(format_version="x"), "format_version is 'x', not a number"),
+    (lambda c: c.update(experiment=None), "it has no experiment config"),
+    (lambda c: c.update(modules=["generator"]), "modules is not a mapping"),
+    (lambda c: c["modules"].pop("generator_ema"), "a GAN checkpoint needs the modules generator_ema"),
+    (lambda c: c.pop("data"), "its data spec is unreadable"),
+    (lambda c: c["data"].update(image_shape=[3, 28, 28]), r"its data spec \(3x28x28 images, 10 classes\) does not fit its "
+                                                           r"model \(1 channels at 28 px, 10 classes\)"),
+    (lambda c: c["data"].update(num_classes=0), r"its data spec \(1x28x28 images, 0 classes\) does not fit"),
+])
+def test_a_damaged_config_is_refused_naming_the_field(gan_run, tmp_path, edit, message):
+    """A hand-edited or planted config.json fails at load with what is wrong, never inside sampling."""
+    ck = _copy(gan_run, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    edit(cfg)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config.json is damaged: {message}"):
+        load_checkpoint(ck)
+
+
+def test_a_dataset_folder_given_as_a_checkpoint_says_so(mnist_dir, mnist_features):
+    """A prepared dataset holds config.json files of its own (feature network, grader): they are
+    neither found as checkpoints nor loaded as one."""
+    with pytest.raises(CheckpointError, match="is a prepared dataset, not a checkpoint; .* goes to --data"):
+        load_checkpoint(mnist_dir)
+
+
 def test_planted_family_options_are_refused(tmp_path):
     from latentforge.models.architectures import build_module
 

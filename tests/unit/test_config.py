@@ -28,8 +28,27 @@ def test_every_preset_loads_and_round_trips(name):
 
 
 def test_unknown_key_is_rejected_with_its_field():
-    with pytest.raises(ConfigError, match=r"gan\.lr_gg: unknown key"):
+    """The field's own path, without the algorithm tag pydantic puts first."""
+    with pytest.raises(ConfigError, match=r"\n  gan\.lr_gg: unknown key"):
         load_experiment("dcgan-mnist", {"gan.lr_gg": 1e-3})
+    with pytest.raises(ConfigError, match=r"\n  vae\.lrr: unknown key"):
+        load_experiment("vae-mnist", {"vae.lrr": 1e-3})
+    with pytest.raises(ConfigError, match=r"\n  nosuch: unknown key"):
+        load_experiment("dcgan-mnist", {"nosuch.key": 1})
+    with pytest.raises(ConfigError, match=r"\n  train\.steps: Input should be a valid integer"):
+        load_experiment("dcgan-mnist", {"train.steps": "x"})
+
+
+def test_a_yaml_that_is_not_a_config_mapping_is_refused_by_name(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections at the top level .* got a list"):
+        load_experiment(str(tmp_path / "list.yaml"))
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00name: x")
+    with pytest.raises(ConfigError, match="cannot read config file .* that it is UTF-8 YAML"):
+        load_experiment(str(tmp_path / "bin.yaml"))
+    (tmp_path / "min.yaml").write_text("algorithm: gan\n")
+    with pytest.raises(ConfigError, match=r"\n  name: required; add it"):
+        load_experiment(str(tmp_path / "min.yaml"))
 
 
 def test_bad_values_are_all_reported_together():

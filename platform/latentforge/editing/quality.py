@@ -25,6 +25,7 @@ import time
 import torch
 
 from latentforge.data.dataset import PreparedDataset
+from latentforge.errors import ConfigError
 
 from latentforge.images import to_model_range
 from latentforge.editing.directions import apply_edit, compute_directions, load_directions, save_directions
@@ -99,8 +100,12 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     from latentforge.metrics.features import ensure_feature_net
 
     t0 = time.time()
+    if images is not None and images < 1 or project_steps < 1 or restarts < 1:
+        raise ConfigError(f"--images ({images}), --project-steps ({project_steps}) and --restarts ({restarts}) must "
+                          "each be at least 1")
     ck = load_checkpoint(checkpoint)
     ds = PreparedDataset(dataset_dir)
+    ck.check_dataset(ds, log=log)
     net = ensure_feature_net(dataset_dir, log=log)
     model, algo = edit_model(ck.inference_generator()), ck.algorithm  # W models are edited in W
     classifier = net.model if net.model.head is not None else None
@@ -109,7 +114,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
         from latentforge.metrics.grader import ensure_grader
 
         grader = ensure_grader(dataset_dir, log=log)
-    n = images or (64 if algo == "gan" else 256)
+    n = images if images is not None else (64 if algo == "gan" else 256)
     val, train = ds.load("val"), ds.load("train")
     x = to_model_range(val.images[:n])
     n = x.shape[0]  # a small validation split may hold fewer

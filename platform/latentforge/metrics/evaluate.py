@@ -74,9 +74,13 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
+                if not z.files:
+                    raise LatentForgeError(f"{path} holds no arrays: save the images as np.savez(path, images=x)")
                 x = z["images"] if "images" in z.files else z[z.files[0]]
-        except (OSError, ValueError, KeyError, IndexError) as e:
-            raise LatentForgeError(f"cannot read {path} as an .npz of images: {e}") from e
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            # np.load on a file that is not an .npz guesses at pickles; what matters is what it is not
+            raise LatentForgeError(f"cannot read {path}: it is not an .npz of uint8 arrays "
+                                   "(save the images as np.savez(path, images=x), x of shape (N, H, W, C))") from e
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim == 4 and x.shape[1] == c and x.shape[-1] != c:
@@ -113,6 +117,10 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
             "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
 
 
+MIN_SAMPLES = 10  # FID's covariance and the k=5 nearest-neighbour balls need several images
+MAX_SAMPLES = 100_000  # twice the 50k of paper-comparable FID
+
+
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
              ema: bool = True, inception_protocol: str = "clean", standard_prior: bool = False, log=print) -> dict:
@@ -147,12 +155,12 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
                  "reference": f"{reference} split"}
     is_checkpoint = target.is_dir() and ((target / CONFIG).is_file() or any(target.glob(f"*/{CONFIG}")))
     requested = None
+    if is_checkpoint and not MIN_SAMPLES <= samples <= MAX_SAMPLES:
+        raise LatentForgeError(f"--samples {samples} is out of range: give {MIN_SAMPLES:,}..{MAX_SAMPLES:,} "
+                               "(FID is usually reported at 5,000 or 50,000)")
     if is_checkpoint:
         ckpt = load_checkpoint(target)
-        if tuple(ckpt.data.image_shape) != ds.image_shape:
-            raise LatentForgeError(f"{ckpt.path} makes {ckpt.data.image_shape} images; {dataset_dir} has {ds.image_shape}")
-        if ckpt.data.content_hash and ckpt.data.content_hash != ds.content_hash:
-            log(f"note: {ckpt.path} was trained on other data ({ckpt.data.content_hash[:19]}...) than {dataset_dir}")
+        ckpt.check_dataset(ds, log=log)
         if not ema:
             if ckpt.algorithm != "gan":
                 raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only GANs keep an EMA copy (drop --no-ema)")
@@ -169,6 +177,9 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
             requested = None
     else:
         fake = load_image_file_set(target, ds.image_shape)
+        if len(fake) < MIN_SAMPLES:
+            raise LatentForgeError(f"{target} holds {len(fake)} images: scoring needs at least {MIN_SAMPLES} "
+                                   "(a covariance and nearest-neighbour balls need several)")
         out["images"] = str(target)
     t_gen = time.time()
     out["samples"] = len(fake)

@@ -96,6 +96,8 @@ def resolve_run_dir(out: str | None = None, storage: str | None = None, resume: 
         run = RunDir(_normalise(join_uri(storage, out) if storage else out))
     else:
         run = RunDir(_normalise(join_uri(storage or DEFAULT_STORAGE, new_run_name(cfg_name))))
+    if run.is_local and run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"--out {run.uri} is a file, not a folder; choose another --out")
     if run.has_run() or (run.is_local and run.path.is_dir() and any(run.path.iterdir())):
         raise ConfigError(f"run folder {run.uri} already exists and is not empty; choose another --out, or pass "
                           f"--resume {run.uri} to continue that run")
@@ -125,4 +127,9 @@ def read_run_config(run: RunDir):
     raw = read_bytes_uri(run.file(RUN_FILE))
     if raw is None:
         raise ConfigError(f"{run.uri} is not a run folder (no {RUN_FILE}); give the folder a previous train wrote")
-    return parse_experiment(json.loads(raw)["experiment"], run.file(RUN_FILE))
+    try:
+        experiment = json.loads(raw)["experiment"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{run.file(RUN_FILE)} is damaged ({type(e).__name__}: {e}), so the run's config is lost; "
+                          "start a new run from the same preset, or restore run.json from a backup") from e
+    return parse_experiment(experiment, run.file(RUN_FILE))

@@ -43,6 +43,16 @@ def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_p
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(LatentForgeError, match="neither a checkpoint"):
         evaluate(tmp_path / "x.txt", mnist_dir, net=mnist_features, log=quiet)
+    (tmp_path / "junk.npz").write_bytes(b"PK not really a zip")
+    with pytest.raises(LatentForgeError, match="it is not an .npz of uint8 arrays"):
+        evaluate(tmp_path / "junk.npz", mnist_dir, net=mnist_features, log=quiet)
+    np.savez(tmp_path / "none.npz")
+    with pytest.raises(LatentForgeError, match="holds no arrays"):
+        evaluate(tmp_path / "none.npz", mnist_dir, net=mnist_features, log=quiet)
+    for n in (0, 1):  # too few for a covariance: refused, not a linear-algebra error
+        np.savez(tmp_path / f"n{n}.npz", images=np.zeros((n, 28, 28), np.uint8))
+        with pytest.raises(LatentForgeError, match=f"holds {n} images: scoring needs at least 10"):
+            evaluate(tmp_path / f"n{n}.npz", mnist_dir, net=mnist_features, log=quiet)
 
 
 def test_periodic_evaluation_reports_fid_with_training_metrics(mnist_dir, mnist_features, tmp_path):
@@ -67,6 +77,9 @@ def test_no_ema_scores_the_raw_generator(mnist_dir, mnist_features, tmp_path):
     train_local(vae, mnist_dir, tmp_path / "vae", log=quiet)
     with pytest.raises(LatentForgeError, match="only GANs keep an EMA copy"):
         evaluate(tmp_path / "vae", mnist_dir, samples=100, net=mnist_features, ema=False, log=quiet)
+    for n in (0, 10**9):
+        with pytest.raises(LatentForgeError, match=f"--samples {n} is out of range"):
+            evaluate(tmp_path, mnist_dir, samples=n, net=mnist_features, log=quiet)
 
 
 def test_inception_backbone_is_named_and_never_mixed(tmp_path):
