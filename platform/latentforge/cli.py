@@ -177,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> Result:
     else:
         cfg = load_experiment(args.config, _overrides(args))
     if args.workers == 0:
+        from latentforge.data.dataset import PreparedDataset
         from latentforge.train.local import train_local
 
         if args.data_loader != "stream":
@@ -185,6 +186,7 @@ def cmd_train(args: argparse.Namespace) -> Result:
         run = resolve_run_dir(args.out, args.storage, args.resume, cfg.name)
         if not run.is_local:
             raise ConfigError(f"{run.uri} is remote storage: --workers 0 writes local folders; use --workers 1 or more")
+        PreparedDataset(args.data)  # a wrong --data fails here, before the run folder exists
         run.path.mkdir(parents=True, exist_ok=True)
         print(f"run folder: {run.uri}")
         record = train_local(cfg, args.data, run.path, resume=bool(args.resume), device="cuda" if args.gpus else "cpu")

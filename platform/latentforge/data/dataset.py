@@ -47,13 +47,17 @@ class PreparedDataset:
             hint = "run `latentforge data prepare SOURCE --out DIR` first"
             if self.path.is_dir():
                 raise DataError(f"{self.path} has no {MANIFEST}: it is not a prepared dataset (or was interrupted); {hint}")
+            if self.path.is_file():
+                raise DataError(f"{self.path} is a file; give the dataset's folder ({self.path.parent} if this is its "
+                                f"{MANIFEST})")
             raise DataError(f"dataset folder {self.path} does not exist; {hint}")
         try:
             self.manifest = read_json(self.path / MANIFEST)
         except Exception as e:
             raise DataError(f"{self.path / MANIFEST} is unreadable: {e}") from e
-        if self.manifest.get("kind") != DATASET_KIND:
-            raise DataError(f"{self.path / MANIFEST} does not describe a LatentForge dataset (kind={self.manifest.get('kind')!r})")
+        kind = self.manifest.get("kind") if isinstance(self.manifest, dict) else None
+        if kind != DATASET_KIND:
+            raise DataError(f"{self.path / MANIFEST} does not describe a LatentForge dataset (kind={kind!r})")
         self._cache: dict[str, Split] = {}
 
     @property
