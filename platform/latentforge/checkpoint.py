@@ -71,7 +71,8 @@ class LoadedCheckpoint:
             DataError: the images or classes do not fit the model.
         """
         shape, classes = tuple(dataset.image_shape), dataset.num_classes
-        if (shape, classes) != (tuple(self.data.image_shape), self.data.num_classes):
+        conditional = bool(getattr(self.inference_generator(), "num_classes", 0))
+        if shape != tuple(self.data.image_shape) or (conditional and classes != self.data.num_classes):
             raise DataError(f"{dataset.path} holds {classes}-class images of shape {shape}, but {self.path} was trained "
                             f"on {self.data.num_classes}-class images of shape {tuple(self.data.image_shape)}: give "
                             "the dataset it trained on (or one prepared like it)")
@@ -140,9 +141,10 @@ def set_modules(path: str | Path, modules: dict[str, nn.Module]) -> Path:
     """Add or replace modules of an existing checkpoint in place (e.g. a VAE's fitted prior),
     keeping every other module's weights, the training state and the experiment config.
 
-    The weights file is rewritten first and config.json second, each atomically: until the config
-    names a new module its tensors are ignored, so an interruption between the two leaves the
-    checkpoint as it was.
+    Every file is written atomically, in an order where an interruption at any point leaves a
+    checkpoint that loads: config.json first drops the modules being replaced (tensors a config
+    does not name are ignored), then the weights file is rewritten, then config.json names the new
+    modules. Stopped in between, the checkpoint loads without them.
 
     Raises:
         CheckpointError: `path` is not a readable checkpoint.
@@ -153,6 +155,10 @@ def set_modules(path: str | Path, modules: dict[str, nn.Module]) -> Path:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
+    replaced = [name for name in modules if name in config["modules"]]
+    if replaced:
+        atomic_write_json(path / CONFIG, {**config, "modules": {k: v for k, v in config["modules"].items()
+                                                                if k not in replaced}})
     for name, module in modules.items():
         tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.")}
         tensors.update({f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()})

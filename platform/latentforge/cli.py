@@ -589,6 +589,8 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
     from latentforge.errors import CheckpointError, ConfigError
     from latentforge.models.prior import MAX_COMPONENTS
 
+    import torch
+
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.algorithm != "vae":
         raise ConfigError(f"{ckpt.path} is a {ckpt.algorithm.upper()} checkpoint: a latent prior is fitted to a "
@@ -602,13 +604,19 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
         raise ConfigError(f"--components {components} is out of range: give 1..{MAX_COMPONENTS}")
     if images < 1:
         raise ConfigError(f"--images {images} must be at least 1")
-    _check_latent_args(seed, None)
+    if args.seed is not None:  # the run's own seed is whatever training accepted
+        _check_latent_args(args.seed, None)
+    registry_copy = next((p for p in (ckpt.path, *ckpt.path.parents) if (p / "model.json").is_file()), None)
+    if registry_copy is not None:
+        raise ConfigError(f"{ckpt.path} is a registry's copy of a model ({registry_copy}), checked against its recorded "
+                          "hashes: fit the prior in the run's checkpoint, then `latentforge registry promote CKPT "
+                          "--name NAME --overwrite`")
     dataset = PreparedDataset(args.data)
     ckpt.check_dataset(dataset)
     sample = dataset.sample("train", images, seed=seed)
     try:
         fit = fit_latent_prior(ckpt.modules["vae"], sample.images, sample.labels, components, seed=seed)
-    except ValueError as e:
+    except (ValueError, torch.linalg.LinAlgError) as e:  # a diverged model, or degenerate latents
         raise CheckpointError(f"cannot fit a prior to {ckpt.path}: {e}") from e
     replaced = ckpt.latent_prior is not None
     set_modules(ckpt.path, {LATENT_PRIOR: fit.prior})

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from latentforge.config import DATA_LOADERS, StrictConfig, load_yaml_model
 from latentforge.errors import LatentForgeError
+from latentforge.metrics.registry import MAX_SAMPLES, MIN_SAMPLES
 from latentforge.serve.config import ServeConfig
 
 
@@ -48,7 +49,7 @@ class EvaluateJob(StrictConfig):
     kind: Literal["evaluate"] = "evaluate"
     target: str  # checkpoint/run folder or images
     data: JobData
-    samples: int = Field(5000, ge=10)
+    samples: int = Field(5000, ge=MIN_SAMPLES, le=MAX_SAMPLES)
     out: str | None = None  # write the JSON result here too
 
 

@@ -165,7 +165,10 @@ def _parse_entry(raw: bytes, registry: str, name: str) -> dict:
         entry = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         entry = e
-    if not (isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry" and entry.get("name") == name):
+    if isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry" and entry.get("name") != name:
+        raise RegistryError(f"folder {name!r} in registry {registry} holds model {entry.get('name')!r} (moved by hand?); "
+                            f"promote its checkpoint as {name!r}, or move the folder back")
+    if not (isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry"):
         raise RegistryError(f"model {name!r} in registry {registry} has a damaged {ENTRY_FILE}; promote its checkpoint "
                             f"again with `latentforge registry promote CKPT --name {name} --overwrite`")
     return entry

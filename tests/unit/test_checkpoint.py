@@ -6,7 +6,7 @@ import torch
 
 from helpers import tiny
 from latentforge.checkpoint import load_checkpoint, load_training_state, resolve_checkpoint
-from latentforge.errors import CheckpointError
+from latentforge.errors import CheckpointError, DataError
 from latentforge.sampling import generate
 from latentforge.train.local import train_local
 
@@ -149,11 +149,20 @@ def test_a_damaged_config_is_refused_naming_the_field(gan_run, tmp_path, edit, m
         load_checkpoint(ck)
 
 
-def test_a_dataset_folder_given_as_a_checkpoint_says_so(mnist_dir, mnist_features):
+def test_a_dataset_folder_given_as_a_checkpoint_says_so(mnist_dir, mnist_features, tmp_path):
     """A prepared dataset holds config.json files of its own (feature network, grader): they are
     neither found as checkpoints nor loaded as one."""
     with pytest.raises(CheckpointError, match="is a prepared dataset, not a checkpoint; .* goes to --data"):
         load_checkpoint(mnist_dir)
+    # a folder holding only a feature network (its own config.json) has no checkpoint
+    import shutil
+
+    from latentforge.checkpoint import find_checkpoints
+
+    shutil.copytree(mnist_dir / "features", tmp_path / "features")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_checkpoint(tmp_path)
+    assert find_checkpoints(tmp_path) == []
 
 
 def test_planted_family_options_are_refused(tmp_path):
@@ -172,3 +181,24 @@ def test_latents_of_a_seed_do_not_depend_on_how_many_are_asked_for():
     assert torch.equal(four[:1], one) and not torch.equal(four[0], four[1])
     t = sample_latents(8, 64, seed=3, truncation=0.5)
     assert t.abs().max() <= 0.5 and torch.equal(t[:2], sample_latents(2, 64, seed=3, truncation=0.5))
+
+
+def test_a_dataset_must_fit_the_model_not_match_its_labels(gan_run, vae_run):
+    """An unconditional model takes any dataset of its image shape (labelled or not); a
+    conditional one needs the same classes; other data is allowed, with a note."""
+    from types import SimpleNamespace
+
+    def dataset(shape=(1, 28, 28), classes=10, digest="other"):
+        return SimpleNamespace(path="DS", image_shape=shape, num_classes=classes, content_hash=digest)
+
+    notes = []
+    unconditional, conditional = load_checkpoint(vae_run), load_checkpoint(gan_run)
+    unconditional.check_dataset(dataset(classes=0), log=notes.append)
+    assert notes and "was trained on other data" in notes[0]
+    conditional.check_dataset(dataset(digest=conditional.data.content_hash), log=notes.append)
+    assert len(notes) == 1  # its own data: no note
+    with pytest.raises(DataError, match=r"DS holds 0-class images of shape \(1, 28, 28\), but .* was trained on "
+                                        r"10-class images"):
+        conditional.check_dataset(dataset(classes=0))
+    with pytest.raises(DataError, match=r"shape \(3, 28, 28\)"):
+        unconditional.check_dataset(dataset(shape=(3, 28, 28)))

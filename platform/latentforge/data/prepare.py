@@ -90,8 +90,11 @@ def _check_replaceable(out: Path, source: str) -> None:
         DataError: `out` is something else.
     """
     _, sep, rest = source.partition(":")
-    if sep and rest and Path(rest).exists():
-        src, dst = Path(rest).resolve(), out.resolve()
+    # folder:PATH, parquet:PATH, torchvision:NAME:ROOT
+    for candidate in ([Path(rest).expanduser(), Path(rest.partition(":")[2]).expanduser()] if sep and rest else []):
+        if not (str(candidate) not in ("", ".") and candidate.exists()):
+            continue
+        src, dst = candidate.resolve(), out.resolve()
         if src == dst or dst in src.parents:
             raise DataError(f"--out {out} holds the source {source!r}: writing the dataset there would delete the "
                             "images it reads; choose an --out outside the source")

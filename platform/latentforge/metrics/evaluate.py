@@ -7,6 +7,8 @@ backbones are never mixed in one result.
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import FeatureNet
 from latentforge.models.prior import prior_name
 from latentforge.metrics.registry import (
+    MAX_SAMPLES,
+    MIN_SAMPLES,
     SampleSet,
     distribution_values,
     protocol_key,
@@ -77,7 +81,7 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
                 if not z.files:
                     raise LatentForgeError(f"{path} holds no arrays: save the images as np.savez(path, images=x)")
                 x = z["images"] if "images" in z.files else z[z.files[0]]
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             # np.load on a file that is not an .npz guesses at pickles; what matters is what it is not
             raise LatentForgeError(f"cannot read {path}: it is not an .npz of uint8 arrays "
                                    "(save the images as np.savez(path, images=x), x of shape (N, H, W, C))") from e
@@ -115,10 +119,6 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
     return {"images": len(x), "recon_mse": float(mse(recon, x).mean()), "recon_psnr": float(psnr(recon, x).mean()),
             "recon_ssim": float(ssim(recon, x).mean()), "val_neg_elbo": elbo["neg_elbo"],
             "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
-
-
-MIN_SAMPLES = 10  # FID's covariance and the k=5 nearest-neighbour balls need several images
-MAX_SAMPLES = 100_000  # twice the 50k of paper-comparable FID
 
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,

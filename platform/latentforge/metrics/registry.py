@@ -23,6 +23,9 @@ from typing import Callable, Literal
 
 import torch
 
+MIN_SAMPLES = 10  # FID's covariance and the k=5 nearest-neighbour balls need several images
+MAX_SAMPLES = 100_000  # twice the 50k of paper-comparable FID
+
 from latentforge.metrics.distribution import (
     class_coverage,
     density_coverage,

@@ -46,6 +46,10 @@ def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_p
     (tmp_path / "junk.npz").write_bytes(b"PK not really a zip")
     with pytest.raises(LatentForgeError, match="it is not an .npz of uint8 arrays"):
         evaluate(tmp_path / "junk.npz", mnist_dir, net=mnist_features, log=quiet)
+    np.savez(tmp_path / "whole.npz", images=np.zeros((20, 28, 28), np.uint8))
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:200])  # a real .npz, cut short
+    with pytest.raises(LatentForgeError, match="it is not an .npz of uint8 arrays"):
+        evaluate(tmp_path / "torn.npz", mnist_dir, net=mnist_features, log=quiet)
     np.savez(tmp_path / "none.npz")
     with pytest.raises(LatentForgeError, match="holds no arrays"):
         evaluate(tmp_path / "none.npz", mnist_dir, net=mnist_features, log=quiet)

@@ -162,8 +162,41 @@ def test_fit_prior_gives_an_old_checkpoint_the_prior_training_would_have_saved(v
     # other settings refit it in place: one mixture, with the new number of components
     assert main(["fit-prior", str(old), "--data", str(mnist_dir), "--components", "3", "--images", "500"]) == 0
     refit = load_checkpoint(old)
-    assert refit.latent_prior.components == 3
-    assert sum(k.startswith(f"{LATENT_PRIOR}.") for k in load_file(old / "model.safetensors")) == 3
+    assert refit.latent_prior.components == 3 and refit.latent_prior.means.shape == (3, refit.latent_prior.means.shape[1])
+    assert load_file(old / "model.safetensors")[f"{LATENT_PRIOR}.weights"].shape == (3,)
+    kept = json.loads((old / "config.json").read_text())
+    assert {k: kept[k] for k in ("step", "data", "metrics", "experiment")} == {k: cfg[k] for k in
+                                                                             ("step", "data", "metrics", "experiment")}
+
+
+def test_a_refit_stopped_between_its_writes_leaves_a_checkpoint_that_loads(vae_run, tmp_path, monkeypatch):
+    """set_modules drops the prior from config.json before it rewrites the weights, so a process
+    stopped after the weights (before the last config write) leaves a loadable checkpoint that
+    samples N(0, I), never a config that does not match its weights."""
+    import latentforge.checkpoint as checkpoint
+
+    run, _ = vae_run
+    ck = tmp_path / "ck"
+    shutil.copytree(sorted(run.glob("step_*"))[-1], ck)
+    writes = []
+
+    def stop_at_the_second_config_write(path, obj):
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    real = checkpoint.atomic_write_json
+    monkeypatch.setattr(checkpoint, "atomic_write_json", stop_at_the_second_config_write)
+    three = fit_gaussian_mixture(torch.randn(50, load_checkpoint(ck).latent_prior.means.shape[1]), components=3).prior
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.set_modules(ck, {LATENT_PRIOR: three})
+    assert load_file(ck / "model.safetensors")[f"{LATENT_PRIOR}.weights"].shape == (3,)  # the weights were written
+    stopped = load_checkpoint(ck)
+    assert stopped.latent_prior is None
+    monkeypatch.undo()
+    checkpoint.set_modules(ck, {LATENT_PRIOR: three})  # run again: it completes
+    assert load_checkpoint(ck).latent_prior.components == 3
 
 
 def test_fit_prior_refuses_what_it_cannot_fit_and_leaves_the_checkpoint_as_it_was(vae_run, mnist_dir, shapes_dir,
@@ -172,6 +205,10 @@ def test_fit_prior_refuses_what_it_cannot_fit_and_leaves_the_checkpoint_as_it_wa
     ck = tmp_path / "ck"
     shutil.copytree(sorted(run.glob("step_*"))[-1], ck)
     before = {f.name: f.read_bytes() for f in ck.iterdir()}
+    (tmp_path / "model.json").write_text("{}")  # a registry's copy: its recorded hashes would go stale
+    assert main(["fit-prior", str(ck), "--data", str(mnist_dir)]) == 2
+    assert "is a registry's copy of a model" in capsys.readouterr().err
+    (tmp_path / "model.json").unlink()
     assert main(["fit-prior", str(ck), "--data", str(shapes_dir)]) == 2
     assert "give the dataset it trained on" in capsys.readouterr().err
     assert main(["fit-prior", str(ck), "--data", str(mnist_dir), "--components", "1000"]) == 2
