@@ -290,7 +290,8 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key}: {p!r} is not a section")
+                raise ConfigError(f"override {key}: {p!r} holds the value {nxt!r}, not a section of fields; set "
+                                  f"its fields ({p}.FIELD=VALUE), not {p} itself")
             node = nxt
         node[parts[-1]] = value
     return out

@@ -39,6 +39,11 @@ def test_unknown_key_is_rejected_with_its_field():
         load_experiment("dcgan-mnist", {"train.steps": "x"})
 
 
+def test_an_override_that_replaces_a_section_says_which():
+    with pytest.raises(ConfigError, match="'train' holds the value 5, not a section of fields; set its fields"):
+        load_experiment("dcgan-mnist", {"train": 5, "train.steps": 3})
+
+
 def test_a_yaml_that_is_not_a_config_mapping_is_refused_by_name(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping of sections at the top level .* got a list"):
