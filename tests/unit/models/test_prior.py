@@ -205,7 +205,7 @@ def test_fit_prior_refuses_what_it_cannot_fit_and_leaves_the_checkpoint_as_it_wa
     ck = tmp_path / "ck"
     shutil.copytree(sorted(run.glob("step_*"))[-1], ck)
     before = {f.name: f.read_bytes() for f in ck.iterdir()}
-    (tmp_path / "model.json").write_text("{}")  # a registry's copy: its recorded hashes would go stale
+    (tmp_path / "model.json").write_text('{"kind": "latentforge.registry_entry"}')  # its hashes would go stale
     assert main(["fit-prior", str(ck), "--data", str(mnist_dir)]) == 2
     assert "is a registry's copy of a model" in capsys.readouterr().err
     (tmp_path / "model.json").unlink()
