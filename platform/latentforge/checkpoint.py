@@ -177,8 +177,7 @@ def _read_config(path: Path) -> dict:
         raise CheckpointError(f"{path / CONFIG} is unreadable: {e}") from e
     kind = config.get("kind") if isinstance(config, dict) else None
     if kind != CHECKPOINT_KIND:
-        what = " (a prepared dataset: give a checkpoint or run folder)" if (path / "manifest.json").is_file() else ""
-        raise CheckpointError(f"{path / CONFIG} is not a LatentForge checkpoint (kind={kind!r}){what}")
+        raise CheckpointError(f"{path / CONFIG} is not a LatentForge checkpoint (kind={kind!r})")
     version = config.get("format_version", -1)
     if not isinstance(version, int):
         raise CheckpointError(f"{path / CONFIG} is damaged: format_version is {version!r}, not a number")
@@ -224,12 +223,11 @@ def _check_structure(path: Path, config: dict) -> None:
         c, h, w = (int(v) for v in data.image_shape)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise damaged(f"its data spec is unreadable ({type(e).__name__}: {e})") from e
-    args = modules[REQUIRED_MODULES[algorithm][-1]].get("args", {})
-    found = {"channels": args.get("channels", c), "resolution": args.get("resolution", h)}
-    if (found["channels"], found["resolution"]) != (c, h) or args.get("num_classes", 0) not in (0, data.num_classes):
+    args = modules[REQUIRED_MODULES[algorithm][-1]].get("args", {})  # the inference module's
+    channels, resolution, classes = args.get("channels", c), args.get("resolution", h), args.get("num_classes", 0)
+    if (channels, resolution) != (c, h) or classes not in (0, data.num_classes):
         raise damaged(f"its data spec ({c}x{h}x{w} images, {data.num_classes} classes) does not fit its model "
-                      f"({found['channels']} channels at {found['resolution']} px, {args.get('num_classes', 0)} "
-                      "classes)")
+                      f"({channels} channels at {resolution} px, {classes} classes)")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -579,14 +579,6 @@ def add_fit_prior(verbs: Verbs) -> None:
     fp.set_defaults(func=cmd_fit_prior)
 
 
-def _is_registry_entry(folder) -> bool:
-    """Whether `folder` is a registry's entry (or its cached copy): a model.json of that kind."""
-    try:
-        return json.loads((folder / "model.json").read_text()).get("kind") == "latentforge.registry_entry"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def cmd_fit_prior(args: argparse.Namespace) -> Result:
     """Fit the prior that training fits at every checkpoint (see `models.prior`) to a checkpoint
     saved without one (before priors were fitted, or with `vae.prior=standard`), or refit it with
@@ -598,6 +590,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
     from latentforge.data.dataset import PreparedDataset
     from latentforge.errors import CheckpointError, ConfigError
     from latentforge.models.prior import MAX_COMPONENTS
+    from latentforge.registry import is_registry_entry
 
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.algorithm != "vae":
@@ -614,7 +607,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
         raise ConfigError(f"--images {images} must be at least 1")
     if args.seed is not None:  # the run's own seed is whatever training accepted
         _check_latent_args(args.seed, None)
-    registry_copy = next((p for p in (ckpt.path, ckpt.path.parent) if _is_registry_entry(p)), None)
+    registry_copy = next((p for p in (ckpt.path, ckpt.path.parent) if is_registry_entry(p)), None)
     if registry_copy is not None:
         raise ConfigError(f"{ckpt.path} is a registry's copy of a model ({registry_copy}), checked against its recorded "
                           "hashes: fit the prior in the run's checkpoint, then `latentforge registry promote CKPT "

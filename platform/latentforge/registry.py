@@ -35,6 +35,7 @@ from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, wr
 logger = logging.getLogger(__name__)
 
 ENTRY_FILE = "model.json"
+ENTRY_KIND = "latentforge.registry_entry"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # always fullmatch
 
 
@@ -75,7 +76,7 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         raise RegistryError(f"model {name!r} already exists in {registry}; choose another --name or pass --overwrite")
     gen = ck.inference_generator()
     entry = {
-        "kind": "latentforge.registry_entry",
+        "kind": ENTRY_KIND,
         "latentforge_version": __version__,
         "name": name,
         "created_unix": int(time.time()),
@@ -155,6 +156,14 @@ def list_entries(registry: str) -> list[dict]:
     return sorted(entries, key=lambda e: e["name"])
 
 
+def is_registry_entry(folder: str | Path) -> bool:
+    """Whether a local folder is a registry entry (or its cached copy): a model.json of that kind."""
+    try:
+        return json.loads((Path(folder) / ENTRY_FILE).read_text()).get("kind") == ENTRY_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _parse_entry(raw: bytes, registry: str, name: str) -> dict:
     """A model.json's content, checked to be an entry of this name.
 
@@ -165,10 +174,10 @@ def _parse_entry(raw: bytes, registry: str, name: str) -> dict:
         entry = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         entry = e
-    if isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry" and entry.get("name") != name:
+    if isinstance(entry, dict) and entry.get("kind") == ENTRY_KIND and entry.get("name") != name:
         raise RegistryError(f"folder {name!r} in registry {registry} holds model {entry.get('name')!r} (moved by hand?); "
                             f"promote its checkpoint as {name!r}, or move the folder back")
-    if not (isinstance(entry, dict) and entry.get("kind") == "latentforge.registry_entry"):
+    if not (isinstance(entry, dict) and entry.get("kind") == ENTRY_KIND):
         raise RegistryError(f"model {name!r} in registry {registry} has a damaged {ENTRY_FILE}; promote its checkpoint "
                             f"again with `latentforge registry promote CKPT --name {name} --overwrite`")
     return entry

@@ -13,7 +13,6 @@ bytes hash reproducibly.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import pyarrow.parquet as pq
 
 from latentforge import __version__
 from latentforge.data.sources import SourceImages, SourceOptions, load_source
-from latentforge.errors import DataError
-from latentforge.storage import atomic_write_json, staged_dir
+from latentforge.errors import DataError, LatentForgeError
+from latentforge.storage import atomic_write_json, read_json, staged_dir
 
 MANIFEST = "manifest.json"
 DATASET_KIND = "latentforge.dataset"
@@ -101,13 +100,10 @@ def _check_replaceable(out: Path, source: str) -> None:
     if not out.is_dir():
         raise DataError(f"--out {out} is a file, not a dataset folder; --overwrite replaces only a prepared dataset: "
                         "choose another --out")
-    manifest = out / MANIFEST
-    kind = None
-    if manifest.is_file():
-        try:
-            kind = json.loads(manifest.read_text()).get("kind")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            kind = None
+    try:
+        kind = read_json(out / MANIFEST).get("kind")
+    except (LatentForgeError, OSError, AttributeError):  # missing, unreadable, corrupt, or not a mapping
+        kind = None
     if kind != DATASET_KIND and any(out.iterdir()):
         raise DataError(f"--out {out} is not a prepared dataset (no LatentForge {MANIFEST}): --overwrite replaces "
                         "only a prepared dataset, so nothing there was touched; choose another --out")
