@@ -45,6 +45,31 @@ def test_em_recovers_a_known_mixture():
     assert torch.equal(again.prior.means, fit.prior.means) and torch.equal(again.prior.scale_tril, fit.prior.scale_tril)
 
 
+def test_the_mixture_density_matches_torch_distributions_and_the_fit_is_shift_invariant():
+    """The E step's precision-factor form is the density torch computes, and the M step's
+    E[xx^T] - mu mu^T loses nothing that matters when the latents sit far from the origin."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 6, 6, generator=g, dtype=torch.float64)
+    true_tril = torch.linalg.cholesky(a @ a.transpose(1, 2) + 0.1 * torch.eye(6, dtype=torch.float64))
+    centres = torch.randn(2, 6, generator=g, dtype=torch.float64) * 4
+    k = torch.randint(2, (2000,), generator=g)
+    x = centres[k] + torch.einsum("nij,nj->ni", true_tril[k], torch.randn(2000, 6, generator=g, dtype=torch.float64))
+    fit = fit_gaussian_mixture(x, components=2, seed=0)
+    p = fit.prior
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=p.weights.double()),
+        torch.distributions.MultivariateNormal(p.means.double(), scale_tril=p.scale_tril.double()))
+    assert torch.allclose(p.log_prob(x), reference.log_prob(x), atol=1e-9)
+    assert abs(fit.log_likelihood - float(reference.log_prob(x).mean())) < 1e-9
+    shifted = fit_gaussian_mixture(x + 100.0, components=2, seed=0).prior
+    assert torch.allclose(shifted.means - 100.0, p.means, atol=1e-4)
+    assert torch.allclose(shifted.scale_tril, p.scale_tril, atol=1e-4)
+    order = torch.cdist(centres.float(), p.means).argmin(1)  # and it finds the correlated covariances
+    fitted_cov = p.scale_tril[order] @ p.scale_tril[order].transpose(1, 2)
+    true_cov = (true_tril @ true_tril.transpose(1, 2)).float()
+    assert (fitted_cov - true_cov).norm() / true_cov.norm() < 0.1
+
+
 def test_sampling_reproduces_the_mixture_and_a_seeds_first_latents():
     x, means, weights, _ = _three_clusters(4000)
     prior = fit_gaussian_mixture(x, components=3, seed=1).prior
