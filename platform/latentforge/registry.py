@@ -30,7 +30,7 @@ from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
 from latentforge.models.prior import prior_name
-from latentforge.storage import is_uri, join_uri, read_bytes_uri, staged_dir, write_bytes_uri
+from latentforge.storage import is_uri, join_uri, json_kind, read_bytes_uri, staged_dir, write_bytes_uri
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ def list_entries(registry: str) -> list[dict]:
 
 def is_registry_entry(folder: str | Path) -> bool:
     """Whether a local folder is a registry entry (or its cached copy): a model.json of that kind."""
-    try:
-        return json.loads((Path(folder) / ENTRY_FILE).read_text()).get("kind") == ENTRY_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_kind(Path(folder) / ENTRY_FILE) == ENTRY_KIND
 
 
 def _parse_entry(raw: bytes, registry: str, name: str) -> dict:

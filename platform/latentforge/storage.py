@@ -71,6 +71,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LatentForgeError(f"{path} is not valid JSON ({e}); the file is corrupt, recreate it") from e
 
 
+def json_kind(path: str | os.PathLike) -> Any:
+    """The "kind" a LatentForge JSON file declares (dataset manifest, registry entry, ...), or None
+    where the file is missing, unreadable, not JSON or not a mapping: for checks that a folder is
+    what it claims before touching it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to `final` only on success.

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from latentforge import __version__
 from latentforge.data.sources import SourceImages, SourceOptions, load_source
-from latentforge.errors import DataError, LatentForgeError
-from latentforge.storage import atomic_write_json, read_json, staged_dir
+from latentforge.errors import DataError
+from latentforge.storage import atomic_write_json, json_kind, staged_dir
 
 MANIFEST = "manifest.json"
 DATASET_KIND = "latentforge.dataset"
@@ -100,11 +100,7 @@ def _check_replaceable(out: Path, source: str) -> None:
     if not out.is_dir():
         raise DataError(f"--out {out} is a file, not a dataset folder; --overwrite replaces only a prepared dataset: "
                         "choose another --out")
-    try:
-        kind = read_json(out / MANIFEST).get("kind")
-    except (LatentForgeError, OSError, AttributeError):  # missing, unreadable, corrupt, or not a mapping
-        kind = None
-    if kind != DATASET_KIND and any(out.iterdir()):
+    if json_kind(out / MANIFEST) != DATASET_KIND and any(out.iterdir()):
         raise DataError(f"--out {out} is not a prepared dataset (no LatentForge {MANIFEST}): --overwrite replaces "
                         "only a prepared dataset, so nothing there was touched; choose another --out")
 
