@@ -13,7 +13,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from latentforge.config import DATA_LOADERS  # pydantic and yaml only: the CLI stays quick to start
+from latentforge.config import DATA_LOADERS, MAX_SEED  # pydantic and yaml only: the CLI stays quick to start
 
 if TYPE_CHECKING:
     from latentforge.serve.config import ServeConfig
@@ -27,6 +27,26 @@ Result: TypeAlias = "dict[str, Any] | None"
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     """The `--json` flag: one help text for every verb that has it; `main` does the printing."""
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of every seed flag: a whole number in 0..2^63-1, the range configs and the API take.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (argparse names the flag and exits with status 2).
+    """
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give a seed in 0..{MAX_SEED}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is out of range: give a seed in 0..{MAX_SEED}")
+    return seed
+
+
+def seed_list_arg(text: str) -> tuple[int, ...]:
+    """argparse type of `--seeds 0,1,2`: each a `seed_arg`; an empty list means (0,)."""
+    return tuple(seed_arg(s.strip()) for s in text.split(",") if s.strip()) or (0,)
 
 
 def _print_json_last(obj: dict) -> None:
@@ -57,10 +77,10 @@ def add_data_prepare(data: Verbs) -> None:
     prep.add_argument("--size", type=int, help="centre-crop and resize images to SIZE x SIZE")
     prep.add_argument("--channels", type=int, choices=[1, 3], help="convert every image to 1 or 3 channels")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
-    prep.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument("--split-seed", type=seed_arg, default=0, help="seed of the train/val split")
     prep.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images instead of failing")
     prep.add_argument("--count", type=int, help="images to draw (shapes) or a cap (other sources)")
-    prep.add_argument("--seed", type=int, default=0, help="seed of generated sources (shapes)")
+    prep.add_argument("--seed", type=seed_arg, default=0, help="seed of generated sources (shapes)")
     prep.add_argument("--download", action="store_true", help="torchvision: allow downloading (needs internet)")
     prep.add_argument("--image-column", default="image", help="parquet: the encoded-image column")
     prep.add_argument("--label-column", default="label", help="parquet: the integer label column, if any")
@@ -92,7 +112,7 @@ def add_data_features(data: Verbs) -> None:
     feat = data.add_parser("features", help="(re)train a prepared dataset's evaluation feature network")
     feat.add_argument("dataset", help="prepared dataset folder")
     feat.add_argument("--epochs", type=int, help="training epochs (default: about 50k images' worth)")
-    feat.add_argument("--seed", type=int, default=0)
+    feat.add_argument("--seed", type=seed_arg, default=0)
     add_json_flag(feat)
     feat.set_defaults(func=cmd_data_features)
 
@@ -109,7 +129,7 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("target", help="checkpoint or run folder, a folder of images, or an .npz of uint8 images")
     ev.add_argument("--data", required=True, help="prepared dataset folder (its feature network is the backbone)")
     ev.add_argument("--samples", type=int, default=5000, help="images to generate (checkpoints)")
-    ev.add_argument("--seed", type=int, default=0, help="latent seed")
+    ev.add_argument("--seed", type=seed_arg, default=0, help="latent seed")
     ev.add_argument("--reference", choices=["train", "val"], default="train", help="real split to compare with")
     ev.add_argument("--no-ema", dest="ema", action="store_false",
                     help="GANs: score the raw generator instead of its EMA copy (what EMA contributes, from one run)")
@@ -127,7 +147,6 @@ def add_evaluate(verbs: Verbs) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> Result:
     from latentforge.metrics.evaluate import evaluate
 
-    _check_latent_args(args.seed, None)
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
                       inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol,
                       standard_prior=args.standard_prior)
@@ -145,7 +164,7 @@ def add_train(verbs: Verbs) -> None:
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers; 0 trains in this process without Ray")
     tr.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
     tr.add_argument("--steps", type=int, help="override train.steps")
-    tr.add_argument("--seed", type=int, help="override train.seed")
+    tr.add_argument("--seed", type=seed_arg, help="override train.seed")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field, e.g. gan.lr_g=1e-4")
     tr.add_argument("--out", help="the run folder, a path or URI, for every --workers (with --storage: a name under it); "
                     "default: a unique name under --storage")
@@ -206,7 +225,7 @@ def add_generate(verbs: Verbs) -> None:
     gen = verbs.add_parser("generate", help="write a grid of generated images")
     gen.add_argument("checkpoint", help="checkpoint folder or run folder (latest checkpoint)")
     gen.add_argument("--n", type=int, default=64, help="number of images (1..4096)")
-    gen.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same bytes")
+    gen.add_argument("--seed", type=seed_arg, default=0, help="latent seed: the same seed gives the same bytes")
     gen.add_argument("--label", type=int, help="class for conditional models (default: cycle through classes)")
     gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
     gen.add_argument("--precision", choices=["fp32", "bf16"],
@@ -217,19 +236,17 @@ def add_generate(verbs: Verbs) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
-def _check_latent_args(seed: int, truncation: float | None) -> None:
-    """The API's rules for seeds and truncation (serve.schemas), so the CLI refuses what it refuses.
+def _check_truncation(truncation: float | None) -> None:
+    """The API's rule for truncation (serve.schemas), so the CLI refuses what it refuses (seeds: `seed_arg`).
 
     Raises:
-        ConfigError: a seed outside 0..2^63-1, or a truncation that is not a number in (0, 10].
+        ConfigError: a truncation that is not a number in (0, 10].
     """
     import math
 
     from latentforge.errors import ConfigError
-    from latentforge.serve.schemas import MAX_SEED, MAX_TRUNCATION
+    from latentforge.serve.schemas import MAX_TRUNCATION
 
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed {seed} is out of range: give a seed in 0..{MAX_SEED}")
     if truncation is not None and not (math.isfinite(truncation) and 0 < truncation <= MAX_TRUNCATION):
         raise ConfigError(f"--truncation {truncation} is not a number in (0, {MAX_TRUNCATION:g}]: latents are "
                           f"truncated to |z| <= T, so T must be positive and finite")
@@ -241,7 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     from latentforge.sampling import generate
     from latentforge.storage import atomic_write_bytes
 
-    _check_latent_args(args.seed, args.truncation)
+    _check_truncation(args.truncation)
     ckpt = load_checkpoint(args.checkpoint)
     images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation,
                             precision=args.precision, standard_prior=args.standard_prior)
@@ -320,7 +337,7 @@ def add_bench_quality(bench: Verbs) -> None:
     bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
     bq.add_argument("--modes", default="fp32", help="precision/layout modes to train each preset in, comma-separated "
                     "(fp32, bf16, bf16+channels_last, ...): a row per preset and mode")
-    bq.add_argument("--seeds", default="0", help="training seeds, comma-separated: a row per seed and their mean")
+    bq.add_argument("--seeds", type=seed_list_arg, default=(0,), help="training seeds, comma-separated: a row per seed and their mean")
     add_json_flag(bq)
     bq.set_defaults(func=cmd_bench_quality)
 
@@ -330,7 +347,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> Result:
 
     rows = bench_quality(args.data, steps=args.steps, samples=args.samples, presets=args.presets or MNIST_PRESETS,
                          out=args.out, modes=_modes(args.modes) or ("fp32",),
-                         seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()) or (0,))
+                         seeds=args.seeds)
     return {"rows": rows}
 
 
@@ -339,7 +356,7 @@ def add_bench_tune(bench: Verbs) -> None:
     btu.add_argument("--data", help="prepared mnist5k (default: prepared in a temp folder)")
     btu.add_argument("--trials", type=int, default=8)
     btu.add_argument("--steps", type=int, default=600, help="steps per trial when not stopped")
-    btu.add_argument("--seed", type=int, default=0, help="search seed (same trials in both sweeps)")
+    btu.add_argument("--seed", type=seed_arg, default=0, help="search seed (same trials in both sweeps)")
     add_json_flag(btu)
     btu.set_defaults(func=cmd_bench_tune)
 
@@ -381,7 +398,7 @@ def add_edit_eval(verbs: Verbs) -> None:
     ee.add_argument("checkpoint", help="checkpoint or run folder")
     ee.add_argument("--data", required=True, help="prepared dataset folder (validation split, feature network)")
     ee.add_argument("--images", type=int, help="validation images to use (default 64 for GANs, 256 for VAEs)")
-    ee.add_argument("--seed", type=int, default=0)
+    ee.add_argument("--seed", type=seed_arg, default=0)
     ee.add_argument("--project-steps", type=int, default=150, help="Adam steps per GAN projection")
     ee.add_argument("--restarts", type=int, default=2, help="random starts per GAN projection")
     add_json_flag(ee)
@@ -574,7 +591,7 @@ def add_fit_prior(verbs: Verbs) -> None:
     fp.add_argument("--data", required=True, help="the prepared dataset it trained on")
     fp.add_argument("--components", type=int, help="mixture components (default: the run's vae.prior_components, 10)")
     fp.add_argument("--images", type=int, help="training images to encode (default: the run's vae.prior_images, 10000)")
-    fp.add_argument("--seed", type=int, help="seeds the image sample and the EM starts (default: the run's train.seed)")
+    fp.add_argument("--seed", type=seed_arg, help="seeds the image sample and the EM starts (default: the run's train.seed)")
     add_json_flag(fp)
     fp.set_defaults(func=cmd_fit_prior)
 
@@ -605,8 +622,6 @@ def cmd_fit_prior(args: argparse.Namespace) -> Result:
         raise ConfigError(f"--components {components} is out of range: give 1..{MAX_COMPONENTS}")
     if images < 1:
         raise ConfigError(f"--images {images} must be at least 1")
-    if args.seed is not None:  # the run's own seed is whatever training accepted
-        _check_latent_args(args.seed, None)
     registry_copy = next((p for p in (ckpt.path, ckpt.path.parent) if is_registry_entry(p)), None)
     if registry_copy is not None:
         raise ConfigError(f"{ckpt.path} is a registry's copy of a model ({registry_copy}), checked against its recorded "

@@ -79,7 +79,8 @@ def test_serve_config_errors_name_the_field_before_ray_starts(tmp_path):
 
 def test_generate_refuses_what_the_api_refuses(trained, tmp_path):
     for flags, message in ((["--truncation", "nan"], "--truncation nan"), (["--truncation", "-1"], "--truncation -1"),
-                           (["--seed", str(2**63)], "out of range")):
+                           (["--seed", str(2**63)], "out of range"), (["--seed", "-1"], "out of range"),
+                           (["--seed", "1.5"], "not a whole number")):
         p = lf("generate", trained, "--out", tmp_path / "x.png", *flags, check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not (tmp_path / "x.png").exists()

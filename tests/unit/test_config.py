@@ -118,3 +118,36 @@ def test_a_bench_mode_is_never_measured_under_a_contradicting_override():
     merged = with_mode("fp32+channels_last", {"train.channels_last": True, "train.global_batch_size": 256})
     assert merged == {"train.channels_last": True, "train.global_batch_size": 256, "train.precision": "fp32"}
     assert load_experiment("dcgan-mnist", with_mode("fp32", None)).train.channels_last is False
+
+
+def test_every_seed_takes_0_to_2_63_minus_1_and_refuses_the_rest(capsys):
+    """Configs, sweep files and every CLI seed flag take the API's range, so a seed one accepts, all accept."""
+    import argparse
+
+    from latentforge.cli import build_parser, seed_arg, seed_list_arg
+    from latentforge.config import MAX_SEED
+    from latentforge.tune.space import SearchConfig
+
+    assert load_experiment("dcgan-mnist", {"train.seed": MAX_SEED}).train.seed == MAX_SEED
+    for bad in (-1, MAX_SEED + 1):
+        with pytest.raises(ConfigError, match="train.seed"):
+            load_experiment("dcgan-mnist", {"train.seed": bad})
+        with pytest.raises(ValueError):
+            SearchConfig(seed=bad)
+
+    def seed_flags(parser, verb=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from seed_flags(sub, verb + (name,))
+            elif "seed" in action.dest:
+                yield verb, action
+
+    flags = list(seed_flags(build_parser()))
+    assert len(flags) >= 9  # train, generate, evaluate, data prepare (2), data features, bench tune/quality, ...
+    for verb, action in flags:
+        assert action.type in (seed_arg, seed_list_arg), f"{' '.join(verb)} {action.option_strings[0]} takes any int"
+    assert seed_list_arg("0, 3,7") == (0, 3, 7) and seed_list_arg("") == (0,)
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "dcgan-mnist", "--seed", "-1"])
+    assert e.value.code == 2 and "argument --seed: -1 is out of range" in capsys.readouterr().err

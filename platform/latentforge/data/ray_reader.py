@@ -10,6 +10,7 @@ import numpy as np
 
 from latentforge.algorithms.batch import Batch
 from latentforge.data.dataset import PreparedDataset
+from latentforge.data.stream import wrap_seed
 
 
 def decode_batch(batch: dict, shape: tuple[int, int, int]) -> dict:
@@ -71,7 +72,7 @@ class ShardBatches:
         while True:
             it = self.shard.iter_torch_batches(
                 batch_size=self.local, drop_last=True, local_shuffle_buffer_size=self.local * 8,
-                local_shuffle_seed=self.seed * 1000 + epoch, device=self.device,
+                local_shuffle_seed=wrap_seed(self.seed * 1000 + epoch), device=self.device,
             )
             for i, b in enumerate(it):
                 if i < skip:

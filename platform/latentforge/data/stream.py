@@ -46,9 +46,17 @@ class Block:
     rows: int
 
 
+def wrap_seed(x: int) -> int:
+    """A derived seed wrapped to the 64 bits `torch.Generator.manual_seed` takes (unchanged below 2^64).
+
+    Seeds go up to 2^63 - 1 (config.MAX_SEED), so products such as `seed * 7919` would overflow it.
+    """
+    return x & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of an epoch's order (shared with `InMemoryBatches`, so the two loaders agree)."""
-    return seed * 7919 + epoch
+    return wrap_seed(seed * 7919 + epoch)
 
 
 class StreamBatches:
@@ -118,7 +126,7 @@ class StreamBatches:
         return windows
 
     def _window_perm(self, epoch: int, w: int, n: int, single: bool) -> torch.Tensor:
-        seed = epoch_seed(self.seed, epoch) if single else (epoch_seed(self.seed, epoch) * 1_000_003 + w + 1)
+        seed = epoch_seed(self.seed, epoch) if single else wrap_seed(epoch_seed(self.seed, epoch) * 1_000_003 + w + 1)
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
     def epoch_order(self, epoch: int) -> np.ndarray:

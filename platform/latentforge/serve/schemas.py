@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from latentforge.config import StrictConfig
+from latentforge.config import MAX_SEED, StrictConfig
 
-MAX_SEED = 2**63 - 1
 MAX_TRUNCATION = 10.0
 
 

@@ -88,3 +88,16 @@ def test_matches_in_memory_batches_when_the_split_fits_one_window(mnist_dir):
     start = s.batches_per_epoch - 3  # across an epoch boundary
     for a, b in zip(islice(s.iterate(start), 6), islice(mem.iterate(start), 6)):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_the_largest_seed_gives_exact_epochs_on_both_loaders(blocky):
+    """Seeds go up to 2^63 - 1; the derived epoch and window seeds wrap instead of overflowing torch's."""
+    from latentforge.config import MAX_SEED
+
+    s = stream(blocky, seed=MAX_SEED)
+    orders = [s.epoch_order(e) for e in range(2)]
+    for o in orders:
+        assert np.array_equal(np.sort(o), np.arange(s.rows))
+    assert not np.array_equal(orders[0], orders[1])
+    batch = next(iter(InMemoryBatches(PreparedDataset(blocky).load("train"), B, seed=MAX_SEED).iterate()))
+    assert batch.images.shape[0] == B
