@@ -56,6 +56,11 @@ class LoadedCheckpoint:
         """The precision the model trained in ('fp32' or 'bf16'): inference uses it by default."""
         return self.experiment.get("train", {}).get("precision", "fp32")
 
+    @property
+    def inference_only(self) -> bool:
+        """An inference copy (a registry's): the EMA generator or the VAE and its prior, no training modules."""
+        return self.config.get("inference_only") is True
+
     def inference_generator(self) -> nn.Module:
         """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
         return self.modules["generator_ema"] if self.algorithm == "gan" else self.modules["vae"]
@@ -190,7 +195,11 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+# The modules a checkpoint must hold, the inference module last. A checkpoint training wrote holds
+# them all (resume and `evaluate --no-ema` need the raw generator and D); an inference copy
+# (`write_inference_copy`, what a registry stores) holds only what sampling and editing read.
 REQUIRED_MODULES = {"gan": ("generator", "generator_ema"), "vae": ("vae",)}
+INFERENCE_MODULES = {"gan": ("generator_ema",), "vae": ("vae", LATENT_PRIOR)}  # LATENT_PRIOR when fitted
 
 
 def _check_structure(path: Path, config: dict) -> None:
@@ -215,7 +224,8 @@ def _check_structure(path: Path, config: dict) -> None:
     if not (isinstance(modules, dict) and all(isinstance(m, dict) and isinstance(m.get("args", {}), dict)
                                               for m in modules.values())):
         raise damaged("modules is not a mapping of module names to {class, args}")
-    missing = [m for m in REQUIRED_MODULES[algorithm] if m not in modules]
+    required = INFERENCE_MODULES[algorithm][:1] if config.get("inference_only") is True else REQUIRED_MODULES[algorithm]
+    missing = [m for m in required if m not in modules]
     if missing:
         raise damaged(f"a {algorithm.upper()} checkpoint needs the modules {', '.join(missing)}")
     try:
@@ -293,6 +303,35 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     modules = {name: m.to(device).eval().requires_grad_(False) for name, m in modules.items()}
     return LoadedCheckpoint(path=path, config=config, modules=modules, step=int(config["step"]),
                             algorithm=config["algorithm"], data=DataSpec.from_json(config["data"]))
+
+
+def write_inference_copy(src: str | Path, dst: str | Path) -> Path:
+    """Write `src`'s config.json and model.safetensors into the folder `dst`, keeping only the
+    modules inference reads (`INFERENCE_MODULES`): a GAN's D and raw generator are about two thirds
+    of its weights, and a server would otherwise download and hold them for nothing. The copy
+    loads with `load_checkpoint` (marked `inference_only`), samples the same bytes, and refuses to
+    resume training or `evaluate --no-ema`. Files are written atomically.
+
+    Raises:
+        CheckpointError: `src` is not a loadable checkpoint.
+    """
+    from safetensors import safe_open
+
+    src = resolve_checkpoint(src)
+    config = _read_config(src)
+    keep = [m for m in INFERENCE_MODULES[config["algorithm"]] if m in config["modules"]]
+    try:
+        with safe_open(str(src / WEIGHTS), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.split(".", 1)[0] in keep}
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {src / WEIGHTS}: {e}") from e
+    slim = {**config, "modules": {m: config["modules"][m] for m in keep}, "inference_only": True}
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst / WEIGHTS, save(tensors, metadata=metadata))
+    atomic_write_json(dst / CONFIG, slim)
+    return dst
 
 
 def _check_shapes_before_allocating(path: Path, config: dict) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from latentforge import __version__
-from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
+from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint, write_inference_copy
 from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
@@ -63,7 +63,8 @@ def _capabilities(algorithm: str, conditional: bool) -> list[str]:
 
 def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | None = None,
             metrics: dict | None = None, overwrite: bool = False) -> dict:
-    """Copy a checkpoint's inference files into the registry under `name`, with lineage.
+    """Copy a checkpoint's inference files into the registry under `name`, with lineage: its config
+    and the weights of the modules inference reads (`checkpoint.write_inference_copy`).
 
     Raises:
         RegistryError: bad name, or the name exists and `overwrite` is false.
@@ -98,7 +99,8 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
     with tempfile.TemporaryDirectory(prefix="lf-promote-") as scratch:
         directions_dir = _directions_for(ck_path, gen, ck.algorithm, Path(scratch))
         entry["directions"] = sorted(load_directions(directions_dir.parent)) if directions_dir else []
-        files = {f: ck_path / f for f in (CONFIG, WEIGHTS)}
+        slim = write_inference_copy(ck_path, Path(scratch) / "inference")  # no D, no raw G: what serving reads
+        files = {f: slim / f for f in (CONFIG, WEIGHTS)}
         if directions_dir is not None:
             files.update({f"{DIRECTIONS_DIR}/{p.name}": p for p in sorted(directions_dir.iterdir()) if p.is_file()})
         # what a download is checked against (and what names the cached copy): the content itself

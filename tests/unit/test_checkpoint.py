@@ -202,3 +202,36 @@ def test_a_dataset_must_fit_the_model_not_match_its_labels(gan_run, vae_run):
         conditional.check_dataset(dataset(classes=0))
     with pytest.raises(DataError, match=r"shape \(3, 28, 28\)"):
         unconditional.check_dataset(dataset(shape=(3, 28, 28)))
+
+
+@pytest.mark.parametrize("run,kept", [("gan_run", ["generator_ema"]), ("vae_run", ["latent_prior", "vae"])])
+def test_a_registry_copy_keeps_only_what_inference_reads_and_samples_the_same_bytes(run, kept, request, tmp_path):
+    """Promotion stores the EMA generator (or the VAE and its prior), not D and the raw G: the copy is
+    smaller, generates exactly what its source does, and says why it cannot resume or skip the EMA."""
+    from latentforge.checkpoint import WEIGHTS
+    from latentforge.errors import LatentForgeError
+    from latentforge.metrics.evaluate import evaluate
+    from latentforge.registry import promote
+
+    source = resolve_checkpoint(request.getfixturevalue(run))
+    promote(source, str(tmp_path / "reg"), "m")
+    copy = load_checkpoint(tmp_path / "reg" / "m" / "checkpoint")
+    full = load_checkpoint(source)
+    assert copy.inference_only and not full.inference_only and sorted(copy.modules) == kept
+    if run == "gan_run":
+        assert (copy.path / WEIGHTS).stat().st_size < 0.6 * (source / WEIGHTS).stat().st_size
+    for label in ((3,) if run == "gan_run" else (None,)):
+        a, _, _ = generate(copy, 8, seed=5, label=label)
+        b, _, _ = generate(full, 8, seed=5, label=label)
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="inference-only export and cannot resume"):
+        load_training_state(copy.path)
+    if run == "gan_run":
+        with pytest.raises(LatentForgeError, match="inference copy that keeps only the EMA generator"):
+            evaluate(copy.path, request.getfixturevalue("mnist_dir"), samples=100, ema=False, log=quiet)
+    # the marker cannot be used to load a full checkpoint's config without its inference module
+    cfg = json.loads((copy.path / "config.json").read_text())
+    cfg["modules"].pop(kept[-1])
+    (copy.path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="needs the modules"):
+        load_checkpoint(copy.path)

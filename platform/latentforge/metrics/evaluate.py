@@ -164,6 +164,9 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
         if not ema:
             if ckpt.algorithm != "gan":
                 raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only GANs keep an EMA copy (drop --no-ema)")
+            if ckpt.inference_only:
+                raise LatentForgeError(f"{ckpt.path} is an inference copy that keeps only the EMA generator; give the "
+                                       "checkpoint it was made from (a registry entry's lineage names it) for --no-ema")
             ckpt.modules["generator_ema"] = ckpt.modules["generator"]  # sampling then uses the raw generator
         if standard_prior and ckpt.algorithm != "vae":
             raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only VAEs fit a latent prior (drop --standard-prior)")
