@@ -59,7 +59,7 @@ class LoadedCheckpoint:
     @property
     def inference_only(self) -> bool:
         """An inference copy (a registry's): the EMA generator or the VAE and its prior, no training modules."""
-        return self.config.get("inference_only") is True
+        return _is_inference_copy(self.config)
 
     def inference_generator(self) -> nn.Module:
         """The module that turns latents into images: the EMA generator for GANs, the VAE itself."""
@@ -202,6 +202,10 @@ REQUIRED_MODULES = {"gan": ("generator", "generator_ema"), "vae": ("vae",)}
 INFERENCE_MODULES = {"gan": ("generator_ema",), "vae": ("vae", LATENT_PRIOR)}  # LATENT_PRIOR when fitted
 
 
+def _is_inference_copy(config: dict) -> bool:
+    return config.get("inference_only") is True
+
+
 def _check_structure(path: Path, config: dict) -> None:
     """What loading relies on, checked before anything is built: the fields and their types, the
     modules the algorithm needs, and data that fits the inference module (a planted or hand-edited
@@ -224,7 +228,7 @@ def _check_structure(path: Path, config: dict) -> None:
     if not (isinstance(modules, dict) and all(isinstance(m, dict) and isinstance(m.get("args", {}), dict)
                                               for m in modules.values())):
         raise damaged("modules is not a mapping of module names to {class, args}")
-    required = INFERENCE_MODULES[algorithm][:1] if config.get("inference_only") is True else REQUIRED_MODULES[algorithm]
+    required = REQUIRED_MODULES[algorithm][-1:] if _is_inference_copy(config) else REQUIRED_MODULES[algorithm]
     missing = [m for m in required if m not in modules]
     if missing:
         raise damaged(f"a {algorithm.upper()} checkpoint needs the modules {', '.join(missing)}")
@@ -307,8 +311,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 def write_inference_copy(src: str | Path, dst: str | Path) -> Path:
     """Write `src`'s config.json and model.safetensors into the folder `dst`, keeping only the
-    modules inference reads (`INFERENCE_MODULES`): a GAN's D and raw generator are about two thirds
-    of its weights, and a server would otherwise download and hold them for nothing. The copy
+    modules inference reads (`INFERENCE_MODULES`): a GAN's D and raw generator are half to three
+    quarters of its weights, and a server would otherwise download and hold them for nothing. The copy
     loads with `load_checkpoint` (marked `inference_only`), samples the same bytes, and refuses to
     resume training or `evaluate --no-ema`. Files are written atomically.
 

@@ -19,6 +19,7 @@ from latentforge.errors import ConfigError
 # Seeds are whole numbers in 0..2^63-1 everywhere: configs, CLI flags and API requests (serve.schemas).
 # Derived seeds (an epoch's, a window's) wrap to the 64 bits torch.Generator takes (data.stream.wrap_seed).
 MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]  # the type of every seed field
 
 
 class StrictConfig(BaseModel):
@@ -126,7 +127,7 @@ class TrainConfig(StrictConfig):
     global_batch_size: int = Field(64, ge=1, le=65536)  # images per step over all workers
     per_worker_batch_size: int | None = Field(None, ge=1)  # derived: global / workers (set to assert it)
     accumulate: int = Field(1, ge=1, le=256)  # micro-batches per worker batch (gradient accumulation; DDP syncs once)
-    seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds weights, noise and data order
+    seed: Seed = 0  # seeds weights, noise and data order
     shuffle_window_mb: int = Field(256, ge=1)  # stream loader: MB of pixels shuffled together; a worker holds about three
     log_every: int = Field(25, ge=1)  # steps between console/JSON-lines log records
     sample_every: int = Field(250, ge=1)  # steps between sample grids

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from latentforge.config import MAX_SEED, StrictConfig
+from latentforge.config import Seed, StrictConfig
 
 MAX_TRUNCATION = 10.0
 
@@ -34,7 +34,7 @@ class StrictRequest(BaseModel):
 class LatentSource(StrictRequest):
     """Where a latent comes from: exactly one of seed, image (base64 PNG), latent (floats)."""
 
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: Seed | None = None
     image: str | None = Field(None, min_length=1)
     latent: list[float] | None = Field(None, min_length=1, max_length=4096)
     label: int | None = Field(None, ge=0)  # class for conditional models
@@ -49,7 +49,7 @@ class LatentSource(StrictRequest):
 
 class GenerateRequest(StrictRequest):
     n: int = Field(1, ge=1)  # upper bound checked against ServeLimits.max_n
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     label: int | None = Field(None, ge=0)
     truncation: float | None = Field(None, gt=0, le=MAX_TRUNCATION)
     include_latents: bool = True

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from latentforge.errors import ConfigError
 from latentforge.config import (
     DATA_LOADERS,
-    MAX_SEED,
+    Seed,
     StrictConfig,
     allow_own_plugin,
     apply_overrides,
@@ -45,7 +45,7 @@ class SchedulerConfig(StrictConfig):
 
 class SearchConfig(StrictConfig):
     algorithm: Literal["random", "optuna"] = "random"  # optuna needs `pip install optuna`
-    seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds the sampled configurations: the same seed gives the same trials
+    seed: Seed = 0  # seeds the sampled configurations: the same seed gives the same trials
 
 
 class SweepConfig(StrictConfig):
