@@ -13,9 +13,11 @@ three steps. They are stored per kind, under `NAME@bf16` (native) and `NAME@bf16
 host compares with its own kind, and where that kind has no stored numbers yet it checks only
 that every metric is finite, and says so.
 
-Tolerance: fp32 rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs, gradient
-norms). One torch thread makes the reductions' order fixed; what is left is the CPU's vector
-width, which moves the numbers around 1e-6 relative after three steps. bf16 rtol 1e-2, atol
+Tolerance: fp32 rtol 1e-3, atol 1e-5 on every reported step metric (losses, D outputs), and rtol
+5e-3 on the gradient norms. One torch thread makes the reductions' order fixed; what is left is
+the CPU's vector width, which moves most numbers around 1e-6 relative after three steps, but the
+augmented presets' generator gradient norm by up to 2.6e-3 (stylegan2-ada-color and
+resnet-ada-color, numbers stored on an AVX2 host and replayed on an AVX512 one). bf16 rtol 1e-2, atol
 1e-4 (d_acc, a count of 16, within 1/16): bf16 kernels differ more between CPU generations
 (native bf16 instructions or emulation).
 
@@ -49,6 +51,10 @@ MODES = {"fp32": PRECISION_MODES["fp32"], "bf16": PRECISION_MODES["bf16+channels
 # d_acc counts logits on the right side of 0 among 16 images: one logit near 0 that a CPU's bf16
 # kernels round the other way moves it by 1/16, which no relative tolerance covers.
 QUANTISED_ATOL = {"d_acc": 1 / 16 + 1e-6}
+# A gradient norm sums every parameter's squared gradient: the number that rounding moves most
+# between CPUs of different vector widths (module docstring). An initialisation or loss change
+# moves it by far more than 0.5%.
+GRAD_NORM_RTOL = {"grad_norm_g": 5e-3, "grad_norm_d": 5e-3}
 # The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
 INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3), "-color": (3, 32, 3)}
 
@@ -125,6 +131,7 @@ def test_preset_reproduces_stored_losses(name, mode):
         assert set(g) == set(e), f"{key} step {step}: metrics {sorted(g)} != stored {sorted(e)}"
         for k in e:
             tol = QUANTISED_ATOL.get(k, atol) if mode != "fp32" else atol
-            assert math.isclose(g[k], e[k], rel_tol=rtol, abs_tol=tol), (
-                f"{key} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {rtol}, atol {atol}); if the "
+            rel = max(rtol, GRAD_NORM_RTOL.get(k, 0.0))
+            assert math.isclose(g[k], e[k], rel_tol=rel, abs_tol=tol), (
+                f"{key} step {step} {k}: {g[k]:.8g} != stored {e[k]:.8g} (rtol {rel}, atol {tol}); if the "
                 "change is intended, regenerate with LATENTFORGE_UPDATE_GOLDEN=1 and say why in the commit")
