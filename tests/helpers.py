@@ -21,6 +21,33 @@ def tiny(preset: str, **overrides):
     return load_experiment(preset, {**base, **extra})
 
 
+# The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
+PRESET_INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3), "-color": (3, 32, 3)}
+
+
+def preset_input(name: str):
+    """16 images of the kind preset `name` is made for, whose pixels are integer arithmetic (exact
+    everywhere), labels cycling: (Split, DataSpec)."""
+    import pytest
+    import torch
+
+    from latentforge.data.dataset import Split
+    from latentforge.data.spec import DataSpec
+
+    suffix = next((s for s in PRESET_INPUTS if name.endswith(s)), None)
+    if suffix is None:
+        pytest.fail(f"preset {name!r}: add the data it is made for to PRESET_INPUTS in tests/helpers.py")
+    c, side, classes = PRESET_INPUTS[suffix]
+    n = 16
+    i = torch.arange(n).view(n, 1, 1, 1)
+    ch = torch.arange(c).view(1, c, 1, 1)
+    y = torch.arange(side).view(1, 1, side, 1)
+    x = torch.arange(side).view(1, 1, 1, side)
+    images = ((i * 37 + ch * 91 + y * y * 3 + x * (i + 5) * 7) % 256).to(torch.uint8)
+    labels = torch.arange(n) % classes
+    return Split(images, labels), DataSpec((c, side, side), classes, tuple(str(k) for k in range(classes)))
+
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it (never a browser download)
 
 

@@ -36,10 +36,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import preset_input
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.config import PRECISION_MODES, load_experiment, preset_names
-from latentforge.data.dataset import Split
-from latentforge.data.spec import DataSpec
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.program import build_program
 
@@ -55,29 +54,9 @@ QUANTISED_ATOL = {"d_acc": 1 / 16 + 1e-6}
 # between CPUs of different vector widths (module docstring). An initialisation or loss change
 # moves it by far more than 0.5%.
 GRAD_NORM_RTOL = {"grad_norm_g": 5e-3, "grad_norm_d": 5e-3}
-# The data each preset family is made for: (channels, side, classes), chosen by the name's suffix.
-INPUTS = {"-mnist": (1, 28, 10), "-shapes": (3, 32, 3), "-color": (3, 32, 3)}
-
-
-def tiny_input(name: str) -> tuple[Split, DataSpec]:
-    """16 images whose pixels are integer arithmetic (exact everywhere), labels cycling."""
-    suffix = next((s for s in INPUTS if name.endswith(s)), None)
-    if suffix is None:
-        pytest.fail(f"preset {name!r}: add the data it is made for to INPUTS in {Path(__file__).name}")
-    c, side, classes = INPUTS[suffix]
-    n = 16
-    i = torch.arange(n).view(n, 1, 1, 1)
-    ch = torch.arange(c).view(1, c, 1, 1)
-    y = torch.arange(side).view(1, 1, side, 1)
-    x = torch.arange(side).view(1, 1, 1, side)
-    images = ((i * 37 + ch * 91 + y * y * 3 + x * (i + 5) * 7) % 256).to(torch.uint8)
-    labels = torch.arange(n) % classes
-    return Split(images, labels), DataSpec((c, side, side), classes, tuple(str(k) for k in range(classes)))
-
-
 def run_preset(name: str, mode: str = "fp32") -> list[dict[str, float]]:
     cfg = load_experiment(name, {"train.global_batch_size": BATCH, "train.tracking": "none", **MODES[mode]})
-    split, spec = tiny_input(name)
+    split, spec = preset_input(name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

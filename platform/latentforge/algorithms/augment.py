@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from latentforge.layout import is_channels_last, relayout
+
 AUGMENTS = ("none", "diffaugment", "ada")
 DIFFAUGMENT_OPS = ("color", "translation", "cutout")
 N_PARAMS = {"none": 0, "diffaugment": 8, "ada": 32}  # uniform numbers drawn per image
@@ -248,10 +250,12 @@ class Augmenter:
         the G pass would see other transforms than the D pass), then return x's dtype."""
         if self.kind == "none":
             return x
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf, uf = x.float(), u.float()
+            # NCHW inside (the transforms' outputs are NCHW), x's layout outside, both ways
+            xf, uf = relayout(x, torch.contiguous_format).float(), u.float()
             out = diff_augment(xf, uf, self.policy) if self.kind == "diffaugment" else ada_augment(xf, uf, self.ada.p)
-        return out.to(x.dtype)
+        return relayout(out.to(x.dtype), layout)
 
 
 NO_AUGMENT = Augmenter("none")

@@ -98,11 +98,11 @@ def vae_step(state: VAEState, batch: Batch, noise: GlobalNoise, cfg, step: int,
     nlls, kls, losses = [], [], []
     for m in range(accumulate):
         sl = slice(m * mb, (m + 1) * mb)
-        x, y = batch.images[sl], None if batch.labels is None else batch.labels[sl]
+        x, y = precision.images(batch.images[sl]), None if batch.labels is None else batch.labels[sl]
         last = m == accumulate - 1
         with no_sync_unless(state.vae, last):
             with precision.autocast():
-                raw, mu, logvar = state.vae(precision.images(x), y, noise=eps_all[sl])
+                raw, mu, logvar = state.vae(x, y, noise=eps_all[sl])
             raw, mu, logvar = raw.float(), mu.float(), logvar.float()
             nll = reconstruction_nll(raw, x, plain.likelihood, decoder_sigma(plain, cfg.decoder_sigma))
             kl = kl_standard_normal(mu, logvar)

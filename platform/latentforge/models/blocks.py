@@ -6,7 +6,10 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
+
+from latentforge.layout import is_channels_last, relayout
 
 SUPPORTED_RESOLUTIONS = (8, 16, 28, 32, 64, 128, 256)  # each family lists the ones it supports
 G_NORMS = ("batch", "layer", "none")
@@ -77,6 +80,29 @@ def projection_logit(head: nn.Module, embed: nn.Module | None, h: torch.Tensor, 
     return logit
 
 
+def weight_is_channels_last(conv: nn.Module) -> bool:
+    """Whether a conv's weight was put in channels_last (read without running a spectral-norm
+    parametrisation, whose every evaluation in training mode is a power iteration)."""
+    w = conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
+    return is_channels_last(w)
+
+
+def in_layout_of(h: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """`h` in the memory layout of `conv`, the conv that reads it (see `relayout`)."""
+    return relayout(h, torch.channels_last) if weight_is_channels_last(conv) else h
+
+
+def as_map(flat: torch.Tensor, channels: int, side: int, next_conv: nn.Module) -> torch.Tensor:
+    """(B, C*side*side) → (B, C, side, side) in the layout of `next_conv` (see `relayout`)."""
+    return in_layout_of(flat.view(-1, channels, side, side), next_conv)
+
+
+def flatten_map(h: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
+    """`h.flatten(start_dim)` of a (B, C, H, W) map in (C, H, W) order whatever h's layout, with
+    its gradient handed back in h's layout (see `relayout`)."""
+    return relayout(h, torch.contiguous_format).flatten(start_dim)
+
+
 class UpStack(nn.Module):
     """Latent vector → feature map at full resolution: a linear projection to (C0, base, base),
     then 2x transposed-conv stages, then a 3x3 conv to the output channels (no activation).
@@ -103,7 +129,7 @@ class UpStack(nn.Module):
         self.to_image = nn.Conv2d(width, out_channels, 3, 1, 1)
 
     def from_projection(self, p: torch.Tensor) -> torch.Tensor:  # (B, C0*base*base) → (B, C, H, W)
-        h = torch.relu(self.project_norm(p.view(-1, self.c0, self.base, self.base)))
+        h = torch.relu(self.project_norm(as_map(p, self.c0, self.base, self.stages[0])))
         return self.to_image(self.stages(h))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:  # (B, in_dim) → (B, C, H, W)
@@ -134,4 +160,4 @@ class DownStack(nn.Module):
         self.out_features = c_prev * base * base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, F)
-        return self.stages(x).flatten(1)
+        return flatten_map(self.stages(x))

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.blocks import level_channels, maybe_sn, projection_logit, resolution_plan
+from latentforge.models.blocks import (as_map, flatten_map, in_layout_of, level_channels, maybe_sn, projection_logit,
+                                       resolution_plan)
 from latentforge.models.vae import LIKELIHOODS, LatentVAE
 
 RESNET_G_NORMS = ("batch", "layer", "none")
@@ -79,12 +80,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         pool = h % 2 == 0 and w % 2 == 0
-        q = self.q(x).flatten(2)  # (B, c8, HW)
+        q = flatten_map(self.q(x), 2)  # (B, c8, HW)
         k, v = self.k(x), self.v(x)
         if pool:
             k, v = F.max_pool2d(k, 2), F.max_pool2d(v, 2)
-        attn = torch.softmax(q.transpose(1, 2) @ k.flatten(2), dim=-1)  # (B, HW, HW')
-        o = (v.flatten(2) @ attn.transpose(1, 2)).view(b, -1, h, w)
+        attn = torch.softmax(q.transpose(1, 2) @ flatten_map(k, 2), dim=-1)  # (B, HW, HW')
+        o = (flatten_map(v, 2) @ attn.transpose(1, 2)).view(b, -1, h, w)
+        o = in_layout_of(o, self.out)
         return x + self.gate * self.out(o)
 
 
@@ -196,7 +198,7 @@ class ResNetGenerator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes and labels is None:
             raise ValueError("this generator is class-conditional: pass labels")
-        h = self.project(z).view(-1, self.c0, self.base, self.base)
+        h = as_map(self.project(z), self.c0, self.base, self.blocks[0].c1)
         for block in self.blocks:
             h = block(h) if isinstance(block, SelfAttention) else block(h, labels)
         return torch.tanh(self.to_image(F.relu(self.out_norm(h, None))))
@@ -289,14 +291,14 @@ class ResNetVAE(LatentVAE):
         self.decoder_log_sigma = nn.Parameter(torch.full((channels,), -2.3)) if learn_sigma else None
 
     def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x).flatten(1)
+        return flatten_map(self.encoder(x))
 
     @property
     def latent_projection(self) -> nn.Linear:
         return self.project
 
     def from_projection(self, p: torch.Tensor) -> torch.Tensor:
-        h = p.view(-1, self.c0, self.base, self.base)
+        h = as_map(p, self.c0, self.base, self.decoder_blocks[0].c1)
         for block in self.decoder_blocks:
             h = block(h, None)
         return self.to_image(F.relu(self.out_norm(h, None)))

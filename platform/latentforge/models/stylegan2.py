@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.blocks import level_channels, projection_logit, resolution_plan
+from latentforge.layout import is_channels_last
+from latentforge.models.blocks import flatten_map, in_layout_of, level_channels, projection_logit, resolution_plan
 
 SQRT2 = math.sqrt(2.0)
 
@@ -246,8 +247,7 @@ class StyleGAN2Generator(nn.Module):
         # a copy, not an expand: a view of a parameter made under no_grad still "requires grad" as a
         # leaf, which autograd hooks (FlopCounterMode, module trackers) cannot attach to
         x = self.const.unsqueeze(0).repeat(len(ws), 1, 1, 1).to(ws.dtype)
-        probe = self.convs[0].conv.weight
-        if not probe.is_contiguous() and probe.is_contiguous(memory_format=torch.channels_last):
+        if is_channels_last(self.convs[0].conv.weight):
             x = x.contiguous(memory_format=torch.channels_last)  # the model was put in channels_last
         img = None
         i = 0
@@ -353,8 +353,8 @@ class StyleGAN2Discriminator(nn.Module):
         self.embed = nn.Embedding(num_classes, c) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.blocks(self.from_rgb(x))
+        h = self.blocks(in_layout_of(self.from_rgb(x), self.blocks[0].conv0))  # 1-channel input: NCHW
         if self.mbstd_group:
             h = minibatch_stddev(h, self.mbstd_group)
-        h = self.fc(self.conv(h).flatten(1))
+        h = self.fc(flatten_map(self.conv(h)))
         return projection_logit(self.head, self.embed, h, labels)

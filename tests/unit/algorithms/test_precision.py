@@ -4,13 +4,17 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from helpers import tiny
+from helpers import preset_input, tiny
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import Precision
 from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
+from latentforge.config import PRECISION_MODES, load_experiment, preset_names
 from latentforge.errors import ConfigError
+from latentforge.layout import is_channels_last
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.sampling import decode_latents
 from latentforge.train.batches import InMemoryBatches
@@ -67,6 +71,47 @@ def test_channels_last_training_matches_nchw():
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     assert (_images(g1) - _images(g2)).abs().max() < 5e-3
+
+
+class _LayoutMixes(TorchDispatchMode):
+    """Records every op whose same-shaped 4-D tensors come in both layouts (NCHW and NHWC)."""
+
+    def __init__(self, skip_shapes: set):
+        super().__init__()
+        self.skip_shapes, self.seen = skip_shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        layouts = {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and tuple(t.shape) not in self.skip_shapes \
+                    and t.is_contiguous() != t.is_contiguous(memory_format=torch.channels_last):  # one layout only
+                layouts.setdefault(tuple(t.shape), set()).add(is_channels_last(t))
+        if func is not torch.ops.aten.add.Tensor and any(len(v) > 1 for v in layouts.values()):
+            self.seen.append(f"{func} {sorted(layouts)}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_a_channels_last_step_never_mixes_layouts(name):
+    """In a channels_last model, no op meets an activation and its gradient (or two activations)
+    in different layouts: PyTorch's kernels take a ~20x slower strided path for such a mix, which
+    held dcgan-mnist's bf16 step at 1.6-1.7x fp32 (docs/performance.md). One step per preset, every
+    pass (D, G, R1, gradient penalty, path length, augmentation) watched. Skipped: `add`, where
+    autograd sums a tensor's gradients from two paths (a spectral-normed weight, a gradient
+    penalty's second-order terms), and parameter-shaped tensors."""
+    cfg = load_experiment(name, {"train.global_batch_size": 8, "train.tracking": "none",
+                                 **PRECISION_MODES["fp32+channels_last"]})
+    split, spec = preset_input(name)
+    program = build_program(cfg, spec, GlobalNoise(0))
+    params = {tuple(p.shape) for m in program.modules().values() for p in m.parameters()}
+    it = InMemoryBatches(split, 8, 0).iterate()
+    program.step([next(it) for _ in range(program.batches_per_step)], 0)
+    mixes = _LayoutMixes(params)
+    with mixes:
+        for step in (1, 2):  # a step at which the lazy regularisers are due, whichever interval
+            program.step([next(it) for _ in range(program.batches_per_step)], step)
+    assert not mixes.seen, f"{name}: ops given both layouts: {sorted(set(mixes.seen))}"
 
 
 def test_bf16_steps_agree_with_fp32():
