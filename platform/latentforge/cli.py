@@ -284,6 +284,9 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--gpus", action="store_true", help="run on CUDA (one GPU per worker)")
     bt.add_argument("--modes", default="fp32,fp32+channels_last,bf16,bf16+channels_last",
                     help="precision/layout modes of the plain loop, comma-separated ('' for none)")
+    bt.add_argument("--rounds", type=int, default=5,
+                    help="the modes' timed steps run in this many rounds, each timing every mode in turn (this "
+                         "machine's speed drifts: each speed-up is the median of its rounds)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     bt.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a preset field in every run, e.g. train.batch_size=512 for a GPU")
@@ -296,7 +299,7 @@ def cmd_bench_train(args: argparse.Namespace) -> Result:
     from latentforge.config import parse_override
 
     return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
-                       use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray,
+                       use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray, rounds=args.rounds,
                        overrides=dict(parse_override(item) for item in (args.set or [])))
 
 

@@ -13,6 +13,7 @@ after a warm-up window; FLOPs are counted on a real step and compared with a mea
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,32 +32,56 @@ from latentforge.train.program import build_program
 from latentforge.bench import mnist5k_unless
 
 
+class _PlainLoop:
+    """The step function in a bare loop over in-memory batches, built and warmed up once, then
+    timed in as many stretches as asked (`timed`); also counts FLOPs per image."""
+
+    def __init__(self, cfg, data_dir, warmup: int, device: str = "cpu"):
+        ds = PreparedDataset(data_dir)
+        spec = DataSpec.from_dataset(ds)
+        self.program = build_program(cfg, spec, GlobalNoise(cfg.train.seed), device)
+        self.it = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device).iterate()
+        self.per_step, self.device = self.program.batches_per_step, device
+        self.images_per_step = cfg.train.global_batch_size * self.per_step
+        t0 = time.perf_counter()
+        self._step(0)
+        self.first_step_s = time.perf_counter() - t0  # includes compilation under train.compile
+        for s in range(1, warmup):
+            self._step(s)
+        self.step = warmup
+        batches = self._batches()
+        # FLOPs are counted on an eager step (compiled kernels bypass the counter; the math is the same)
+        flops = float("nan") if cfg.train.compile else count_flops(lambda: self.program.step(batches, self.step))
+        self.flops_per_image = flops / self.images_per_step
+        self.step += 1
+
+    def _batches(self):
+        return [next(self.it) for _ in range(self.per_step)]
+
+    def _step(self, s: int):
+        self.program.step(self._batches(), s)
+
+    def _sync(self):
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+
+    def timed(self, steps: int) -> float:
+        """Seconds for the next `steps` steps."""
+        self._sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            self._step(self.step)
+            self.step += 1
+        self._sync()
+        return time.perf_counter() - t
+
+
 def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> dict:
     """(a): the step function in a bare loop over in-memory batches; also counts FLOPs per image."""
-    ds = PreparedDataset(data_dir)
-    spec = DataSpec.from_dataset(ds)
-    program = build_program(cfg, spec, GlobalNoise(cfg.train.seed), device)
-    it = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device).iterate()
-    per_step = program.batches_per_step
-    images_per_step = cfg.train.global_batch_size * per_step
-    t0 = time.perf_counter()
-    program.step([next(it) for _ in range(per_step)], 0)
-    first_step_s = time.perf_counter() - t0  # includes compilation under train.compile
-    for s in range(1, warmup):
-        program.step([next(it) for _ in range(per_step)], s)
-    batches = [next(it) for _ in range(per_step)]
-    # FLOPs are counted on an eager step (compiled kernels bypass the counter; the math is the same)
-    flops = float("nan") if cfg.train.compile else count_flops(lambda: program.step(batches, warmup))
-    if device != "cpu":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for s in range(steps):
-        program.step([next(it) for _ in range(per_step)], warmup + 1 + s)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t
-    return {"images_per_s": images_per_step * steps / elapsed, "flops_per_image": flops / images_per_step,
-            "first_step_s": first_step_s}
+    loop = _PlainLoop(cfg, data_dir, warmup, device)
+    elapsed = loop.timed(steps)
+    return {"images_per_s": loop.images_per_step * steps / elapsed, "flops_per_image": loop.flops_per_image,
+            "first_step_s": loop.first_step_s}
 
 
 def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, data_loader: str, use_gpu: bool) -> dict:
@@ -107,13 +132,16 @@ def with_mode(mode: str, overrides: dict | None) -> dict:
 
 
 def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print,
-                overrides: dict | None = None) -> dict:
-    """The plain loop in each mode; fp32 is measured first and last (the machine's speed drifts)
-    and its mean is the baseline of every speed-up. `overrides` (e.g. a GPU-sized batch) apply to
-    every mode."""
-    import torch
-
-    order = ["fp32", *[m for m in modes if m != "fp32"], "fp32"]
+                overrides: dict | None = None, rounds: int = 5) -> dict:
+    """The plain loop in each mode, interleaved: every mode is built and warmed up, then the timed
+    steps run in `rounds` stretches, each round timing every mode in turn. This machine's speed
+    drifts by up to 50% between minutes (a shared host), which moved one mode's ratio from 1.6x to
+    1.9x between two back-to-back runs when modes ran one after another; a mode's speed-up over
+    fp32 is the median over rounds of its speed against fp32's in the same round, with the spread
+    reported. `overrides` (e.g. a GPU-sized batch) apply to every mode."""
+    if rounds < 1 or steps < rounds:
+        raise ConfigError(f"--rounds {rounds} with --steps {steps}: give 1..{max(steps, 1)} rounds (each needs a step)")
+    order = ["fp32", *[m for m in modes if m != "fp32"]]
     settings = {mode: with_mode(mode, overrides) for mode in order}  # a contradiction fails before any run
     peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
     log(f"  matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
@@ -123,28 +151,36 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
         why = "no AVX512-BF16 or AMX" if device_type == "cpu" else "no bf16 units"
         log(f"  note: bf16 is emulated on this device ({why}): the bf16 modes run several times slower than "
             "fp32, and their 'peak' is the emulation's, not the hardware's; use fp32 (with channels_last) here")
-    runs: dict[str, list[dict]] = {}
+    loops = {}
     for mode in order:
-        cfg = load_experiment(preset, {"train.tracking": "none", **settings[mode]})
-        runs.setdefault(mode, []).append(plain_loop(cfg, data_dir, warmup, steps, device))
-        log(f"  {mode:<28s} {runs[mode][-1]['images_per_s']:8.1f} images/s")
+        loops[mode] = _PlainLoop(load_experiment(preset, {"train.tracking": "none", **settings[mode]}), data_dir, warmup,
+                                 device)
+        log(f"  {mode:<28s} built and warmed up (first step {loops[mode].first_step_s:.1f} s)")
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    speeds: dict[str, list[float]] = {mode: [] for mode in order}  # images/s per round
+    for r, n in enumerate(per_round):
+        for mode in order:
+            speeds[mode].append(loops[mode].images_per_step * n / loops[mode].timed(n))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {speeds[m][-1]:.0f}" for m in order) + " images/s")
     out = {}
-    base = sum(r["images_per_s"] for r in runs["fp32"]) / len(runs["fp32"])
-    for mode, rs in runs.items():
-        ips = sum(r["images_per_s"] for r in rs) / len(rs)
-        gflops = runs["fp32"][0]["flops_per_image"] * ips / 1e9
+    flops = loops["fp32"].flops_per_image
+    for mode in order:
+        ratios = sorted(a / b for a, b in zip(speeds[mode], speeds["fp32"]))
+        ips = sum(per_round) / sum(n / v for n, v in zip(per_round, speeds[mode]))  # over all timed steps
+        gflops = flops * ips / 1e9
         peak = peaks["bf16" if "bf16" in mode else "fp32"]
         out[mode] = {"images_per_s": ips, "gflops": gflops, "peak_gflops": peak, "fraction_of_peak": gflops / peak,
-                     "speedup_over_fp32": ips / base, "first_step_s": rs[0]["first_step_s"]}
+                     "speedup_over_fp32": statistics.median(ratios), "speedup_range": [ratios[0], ratios[-1]],
+                     "first_step_s": loops[mode].first_step_s}
         log(f"  {mode:<28s} {ips:8.1f} images/s  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of the "
-            f"{'bf16' if 'bf16' in mode else 'fp32'} peak   x{ips / base:.2f} vs fp32   "
-            f"(first step {rs[0]['first_step_s']:.1f} s)")
-    return {"matmul_peak_gflops": peaks, "bf16_emulated": bf16_emulated, "modes": out}
+            f"{'bf16' if 'bf16' in mode else 'fp32'} peak   x{out[mode]['speedup_over_fp32']:.2f} vs fp32 "
+            f"(rounds {ratios[0]:.2f}..{ratios[-1]:.2f})   (first step {loops[mode].first_step_s:.1f} s)")
+    return {"matmul_peak_gflops": peaks, "bf16_emulated": bf16_emulated, "rounds": rounds, "modes": out}
 
 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
                 data_loader: str = "stream", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
-                log=print, overrides: dict | None = None) -> dict:
+                log=print, overrides: dict | None = None, rounds: int = 5) -> dict:
     """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
     and GFLOP/s. `ray=False` measures the modes only."""
     from latentforge.ray_cluster import ray_init
@@ -156,7 +192,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
     log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores")
-    precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log, overrides) if modes else {}
+    precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log, overrides, rounds) if modes else {}
     if not ray:
         return {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
                 "warmup_steps": warmup, "timed_steps": steps, **precision_table}
