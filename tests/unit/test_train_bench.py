@@ -18,24 +18,37 @@ class _FakeLoop:
         self.cost = 1.0 if cfg.train.precision == "bf16" else 2.0
         self.images_per_step, self.first_step_s, self.flops_per_image = 64, 0.0, 1e6
 
+    @classmethod
+    def slowdown(cls) -> float:
+        return 1.0 + 0.5 * (cls.calls // cls.ORDER_OF_MODES % 3)  # 1, 1.5, 2, 1, ... (per round)
+
     def timed(self, steps: int) -> float:
-        slowdown = 1.0 + 0.5 * (_FakeLoop.calls // self.ORDER_OF_MODES % 3)  # 1, 1.5, 2, 1, ...
+        seconds = steps * self.cost * self.slowdown()
         _FakeLoop.calls += 1
-        return steps * self.cost * slowdown
+        return seconds
+
+
+def _fake_peak(device="cpu", dtype=None):
+    """A matmul peak that drifts with the machine: 100 GFLOP/s (fp32) or 400 (bf16) at full speed."""
+    return (400.0 if dtype is not None else 100.0) / _FakeLoop.slowdown()
 
 
 def test_each_speed_up_compares_modes_within_a_round(monkeypatch):
     """The modes run interleaved, a round at a time, and a speed-up is the median of per-round
     ratios: a machine that slows down 2x between rounds leaves bf16's 2x speed-up exact, where
-    timing the modes one after another would have reported anything from 1x to 4x."""
+    timing the modes one after another would have reported anything from 1x to 4x. The share of
+    the peak compares each round with the peak measured in that round, so it is exact too."""
     monkeypatch.setattr(train_bench, "_PlainLoop", _FakeLoop)
-    monkeypatch.setattr(train_bench, "matmul_peak_gflops", lambda device="cpu", dtype=None: 100.0)
+    monkeypatch.setattr(train_bench, "matmul_peak_gflops", _fake_peak)
     _FakeLoop.calls = 0
     lines = []
     out = train_bench.bench_modes("dcgan-mnist", "unused", warmup=0, steps=30, device="cpu",
                                   modes=("fp32", "bf16+channels_last"), log=lines.append, rounds=6)
     bf16 = out["modes"]["bf16+channels_last"]
     assert bf16["speedup_over_fp32"] == pytest.approx(2.0) and bf16["speedup_range"] == pytest.approx([2.0, 2.0])
+    # fp32: 32 images/s x 1 MFLOP = 0.032 GFLOP/s of 100 at full speed; bf16: 0.064 of 400
+    assert out["modes"]["fp32"]["fraction_of_peak_range"] == pytest.approx([0.032 / 100] * 2)
+    assert bf16["fraction_of_peak"] == pytest.approx(0.064 / 400)
     assert out["rounds"] == 6 and _FakeLoop.calls == 12  # every mode timed once per round
     assert sum("round " in ln for ln in lines) == 6  # each round is shown as it ends
 

@@ -134,17 +134,16 @@ def with_mode(mode: str, overrides: dict | None) -> dict:
 def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str, modes=tuple(MODES), log=print,
                 overrides: dict | None = None, rounds: int = 5) -> dict:
     """The plain loop in each mode, interleaved: every mode is built and warmed up, then the timed
-    steps run in `rounds` stretches, each round timing every mode in turn. This machine's speed
-    drifts by up to 50% between minutes (a shared host), which moved one mode's ratio from 1.6x to
-    1.9x between two back-to-back runs when modes ran one after another; a mode's speed-up over
-    fp32 is the median over rounds of its speed against fp32's in the same round, with the spread
-    reported. `overrides` (e.g. a GPU-sized batch) apply to every mode."""
+    steps run in `rounds` stretches, each round measuring both matmul peaks and timing every mode
+    in turn. This machine's speed drifts by up to 50% between minutes (a shared host): run one
+    after another, the same modes gave dcgan-mnist's bf16 + channels_last anything from 1.3x to
+    2.3x fp32. A mode's speed-up is the median over rounds of its speed against fp32's in the same
+    round, and its share of the peak the median of its GFLOP/s against the same round's peak,
+    each with its range. `overrides` (e.g. a GPU-sized batch) apply to every mode."""
     if rounds < 1 or steps < rounds:
         raise ConfigError(f"--rounds {rounds} with --steps {steps}: give 1..{max(steps, 1)} rounds (each needs a step)")
     order = ["fp32", *[m for m in modes if m != "fp32"]]
     settings = {mode: with_mode(mode, overrides) for mode in order}  # a contradiction fails before any run
-    peaks = {"fp32": matmul_peak_gflops(device=device), "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)}
-    log(f"  matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     device_type = torch.device(device).type
     bf16_emulated = not native_bf16(device_type)
     if bf16_emulated and any("bf16" in m for m in modes):
@@ -158,23 +157,32 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
         log(f"  {mode:<28s} built and warmed up (first step {loops[mode].first_step_s:.1f} s)")
     per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     speeds: dict[str, list[float]] = {mode: [] for mode in order}  # images/s per round
+    round_peaks: list[dict[str, float]] = []  # the peaks drift with the machine too
     for r, n in enumerate(per_round):
+        round_peaks.append({"fp32": matmul_peak_gflops(device=device),
+                            "bf16": matmul_peak_gflops(device=device, dtype=torch.bfloat16)})
         for mode in order:
             speeds[mode].append(loops[mode].images_per_step * n / loops[mode].timed(n))
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {speeds[m][-1]:.0f}" for m in order) + " images/s")
+        log(f"  round {r + 1}/{rounds} (matmul peak fp32 {round_peaks[-1]['fp32']:.0f}, bf16 {round_peaks[-1]['bf16']:.0f} "
+            "GFLOP/s): " + ", ".join(f"{m} {speeds[m][-1]:.0f}" for m in order) + " images/s")
+    peaks = {p: statistics.median(rp[p] for rp in round_peaks) for p in ("fp32", "bf16")}
+    log(f"  matmul peak (median of the rounds): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     out = {}
     flops = loops["fp32"].flops_per_image
     for mode in order:
+        precision = "bf16" if "bf16" in mode else "fp32"
         ratios = sorted(a / b for a, b in zip(speeds[mode], speeds["fp32"]))
+        shares = sorted(flops * v / 1e9 / rp[precision] for v, rp in zip(speeds[mode], round_peaks))
         ips = sum(per_round) / sum(n / v for n, v in zip(per_round, speeds[mode]))  # over all timed steps
         gflops = flops * ips / 1e9
-        peak = peaks["bf16" if "bf16" in mode else "fp32"]
-        out[mode] = {"images_per_s": ips, "gflops": gflops, "peak_gflops": peak, "fraction_of_peak": gflops / peak,
+        share = statistics.median(shares)
+        out[mode] = {"images_per_s": ips, "gflops": gflops, "peak_gflops": peaks[precision], "fraction_of_peak": share,
+                     "fraction_of_peak_range": [shares[0], shares[-1]],
                      "speedup_over_fp32": statistics.median(ratios), "speedup_range": [ratios[0], ratios[-1]],
                      "first_step_s": loops[mode].first_step_s}
-        log(f"  {mode:<28s} {ips:8.1f} images/s  {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of the "
-            f"{'bf16' if 'bf16' in mode else 'fp32'} peak   x{out[mode]['speedup_over_fp32']:.2f} vs fp32 "
-            f"(rounds {ratios[0]:.2f}..{ratios[-1]:.2f})   (first step {loops[mode].first_step_s:.1f} s)")
+        log(f"  {mode:<28s} {ips:8.1f} images/s  {gflops:6.1f} GFLOP/s = {share:5.1%} of the {precision} peak "
+            f"({shares[0]:.0%}..{shares[-1]:.0%})   x{out[mode]['speedup_over_fp32']:.2f} vs fp32 "
+            f"({ratios[0]:.2f}..{ratios[-1]:.2f})   (first step {loops[mode].first_step_s:.1f} s)")
     return {"matmul_peak_gflops": peaks, "bf16_emulated": bf16_emulated, "rounds": rounds, "modes": out}
 
 
