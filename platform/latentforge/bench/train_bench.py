@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from latentforge.algorithms.noise import GlobalNoise
-from latentforge.algorithms.precision import native_bf16
+from latentforge.algorithms.precision import native_bf16, precision_for
 from latentforge.bench.hardware import count_flops, matmul_peak_gflops
 from latentforge.data.spec import DataSpec
 from latentforge.config import PRECISION_MODES, load_experiment
@@ -204,8 +204,10 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     if not ray:
         return {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
                 "warmup_steps": warmup, "timed_steps": steps, **precision_table}
-    peak = matmul_peak_gflops(device=device)
-    log(f"  matmul peak: {peak:.1f} GFLOP/s")
+    # the peak of the precision the preset trains in here ('auto' is bf16 on a CPU with native bf16)
+    used = precision_for(cfg.train, device).name
+    peak = matmul_peak_gflops(device=device, dtype=torch.bfloat16 if used == "bf16" else torch.float32)
+    log(f"  matmul peak ({used}, the preset's precision here): {peak:.1f} GFLOP/s")
     # This machine's speed drifts (shared host): the plain loop is measured before, between and
     # after the Ray runs, and the ratios use the median of the three, with the spread reported.
     plain = [plain_loop(cfg, data_dir, warmup, steps, device)]
@@ -233,7 +235,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         "b_ray1_images_per_s": b["images_per_s"],
         "c_ray2_images_per_s": c["images_per_s"],
         "ratio_b_over_a": b["images_per_s"] / a["images_per_s"], "ratio_c_over_a": c["images_per_s"] / a["images_per_s"],
-        "train_flops_per_image": flops, "matmul_peak_gflops": peak,
+        "train_flops_per_image": flops, "precision": used, "matmul_peak_gflops": peak,
         "a_gflops": flops * a["images_per_s"] / 1e9, "b_gflops": flops * b["images_per_s"] / 1e9,
         "c_gflops": flops * c["images_per_s"] / 1e9,
     }
@@ -242,5 +244,5 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     log(f"  b/a = {out['ratio_b_over_a']:.3f}   c/a = {out['ratio_c_over_a']:.3f}   "
         f"(a = median of {len(speeds)} runs, spread {speeds[0]:.0f}..{speeds[-1]:.0f} images/s)")
     log(f"  training FLOPs per image: {flops / 1e6:.1f} MFLOP; achieved (a) {out['a_gflops']:.1f} GFLOP/s "
-        f"= {out['a_fraction_of_peak']:.0%} of the matmul peak")
+        f"= {out['a_fraction_of_peak']:.0%} of the {used} matmul peak")
     return out
