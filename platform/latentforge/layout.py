@@ -35,6 +35,4 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
     against 0.11 ms for a 64x64x14x14 ReLU backward; docs/performance.md)."""
     if x.dim() != 4 or x.is_contiguous(memory_format=memory_format):
         return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Relayout.apply(x, memory_format)
-    return x.contiguous(memory_format=memory_format)
+    return _Relayout.apply(x, memory_format)

@@ -170,7 +170,7 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
     out = {}
     flops = loops["fp32"].flops_per_image
     for mode in order:
-        precision = "bf16" if "bf16" in mode else "fp32"
+        precision = MODES[mode]["train.precision"]
         ratios = sorted(a / b for a, b in zip(speeds[mode], speeds["fp32"]))
         shares = sorted(flops * v / 1e9 / rp[precision] for v, rp in zip(speeds[mode], round_peaks))
         ips = sum(per_round) / sum(n / v for n, v in zip(per_round, speeds[mode]))  # over all timed steps

@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.layout import is_channels_last
 from latentforge.models.blocks import flatten_map, in_layout_of, level_channels, projection_logit, resolution_plan
 
 SQRT2 = math.sqrt(2.0)
@@ -247,8 +246,7 @@ class StyleGAN2Generator(nn.Module):
         # a copy, not an expand: a view of a parameter made under no_grad still "requires grad" as a
         # leaf, which autograd hooks (FlopCounterMode, module trackers) cannot attach to
         x = self.const.unsqueeze(0).repeat(len(ws), 1, 1, 1).to(ws.dtype)
-        if is_channels_last(self.convs[0].conv.weight):
-            x = x.contiguous(memory_format=torch.channels_last)  # the model was put in channels_last
+        x = in_layout_of(x, self.convs[0].conv)  # channels_last where the model was put in it
         img = None
         i = 0
         for k, rgb in enumerate(self.to_rgbs):
