@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -103,6 +104,54 @@ def flatten_map(h: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
     return relayout(h, torch.contiguous_format).flatten(start_dim)
 
 
+class _TransposedConvByConvs(torch.autograd.Function):
+    """`conv_transpose2d`, with its backward written as the two ordinary convolutions it is: the
+    input gradient of a transposed conv is a conv of the output gradient with the same weight, and
+    its weight gradient is a conv's weight gradient with the roles of input and output swapped
+    (<g, convT(x, W)> = <conv(g, W), x>). Same numbers as PyTorch's own backward (fp32 to 1e-6,
+    bf16 bit for bit here); the backward is itself differentiable (R1 / GP / path length through G)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conf, ctx.has_bias = (stride, padding, groups, dilation), bias is not None
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, groups, dilation = ctx.conf
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(grad, weight, None, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.aten.convolution_backward(x, grad, weight, None, stride, padding, dilation, False, (0, 0),
+                                                     groups, (False, True, False))[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gb, None, None, None, None, None
+
+
+class TransposedConv2d(nn.ConvTranspose2d):
+    """`nn.ConvTranspose2d` (same parameters, same state dict, same outputs) whose backward, on a
+    CPU in channels_last, runs as ordinary convolutions (`_TransposedConvByConvs`).
+
+    PyTorch's CPU backward of a channels_last transposed conv gains nothing from bf16: dcgan-mnist's
+    two G layers took 4.8 and 6.6 ms in bf16 against 5.3 and 6.0 in fp32, where the same backward as
+    convolutions takes 3.4 and 3.4 ms (docs/performance.md). NCHW, CUDA and inference keep PyTorch's
+    own path, which is as fast or faster there."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if (output_size is not None or x.device.type != "cpu" or not torch.is_grad_enabled()
+                or not is_channels_last(x) or self.padding_mode != "zeros"):
+            return super().forward(x, output_size)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast("cpu", enabled=False):  # cast here as autocast would: inputs, weight and bias
+            return _TransposedConvByConvs.apply(x.to(dtype), self.weight.to(dtype), bias, self.stride, self.padding,
+                                                self.output_padding, self.groups, self.dilation)
+
+
 class UpStack(nn.Module):
     """Latent vector → feature map at full resolution: a linear projection to (C0, base, base),
     then 2x transposed-conv stages, then a 3x3 conv to the output channels (no activation).
@@ -124,7 +173,7 @@ class UpStack(nn.Module):
         stages = []
         for level in range(n):
             c_in, c_out = level_channels(width, n, level), level_channels(width, n, level + 1)
-            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), feature_norm(norm, c_out), nn.ReLU(inplace=True)]
+            stages += [TransposedConv2d(c_in, c_out, 4, 2, 1), feature_norm(norm, c_out), nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(width, out_channels, 3, 1, 1)
 

@@ -15,6 +15,7 @@ from latentforge.data.spec import DataSpec
 from latentforge.config import PRECISION_MODES, load_experiment, preset_names
 from latentforge.errors import ConfigError
 from latentforge.layout import is_channels_last
+from latentforge.models.blocks import TransposedConv2d, _TransposedConvByConvs
 from latentforge.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from latentforge.sampling import decode_latents
 from latentforge.train.batches import InMemoryBatches
@@ -54,6 +55,45 @@ def test_channels_last_outputs_equal_nchw():
         assert x_cl.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(x, x_cl, atol=1e-6)
         assert torch.allclose(d(x), d_cl(x.contiguous(memory_format=torch.channels_last)), atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transposed_conv_by_convs_gives_pytorchs_outputs_and_gradients(channels_last, bf16):
+    """TransposedConv2d (its backward as two ordinary convolutions on a channels_last CPU tensor)
+    against nn.ConvTranspose2d with the same weights: output, input, weight and bias gradients, in
+    fp32 (to 1e-5) and under bf16 autocast (to bf16's resolution, 1e-2), in either layout; same state dict."""
+    torch.manual_seed(0)
+    ref, new = torch.nn.ConvTranspose2d(6, 5, 4, 2, 1), TransposedConv2d(6, 5, 4, 2, 1)
+    new.load_state_dict(ref.state_dict())
+    assert list(new.state_dict()) == list(ref.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, g = torch.randn(3, 6, 7, 7).contiguous(memory_format=fmt), torch.randn(3, 5, 14, 14).contiguous(memory_format=fmt)
+    seen = []
+    for m in (ref, new):
+        m.to(memory_format=fmt)
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = m(xx)
+        y.backward(g)
+        seen.append((y.float(), xx.grad, m.weight.grad, m.bias.grad))
+    assert is_channels_last(seen[1][0]) == is_channels_last(seen[1][1]) == channels_last
+    assert seen[1][0].dtype == seen[0][0].dtype
+    for a, b, what in zip(*seen, ("output", "input gradient", "weight gradient", "bias gradient")):
+        assert (a - b).abs().max() <= (1e-2 if bf16 else 1e-5) * a.abs().max(), what
+
+
+def test_transposed_conv_by_convs_has_exact_first_and_second_derivatives():
+    """gradcheck and gradgradcheck in float64, with groups and output padding: the backward is
+    differentiable, so R1, gradient penalties and path length can pass through a generator."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, b: _TransposedConvByConvs.apply(x, w, b, (2, 2), (1, 1), (1, 1), 2, (1, 1))  # noqa: E731
+    assert f(x, w, b).shape == (2, 6, 9, 9)
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
 def _images(g):
