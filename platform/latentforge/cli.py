@@ -287,6 +287,9 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--rounds", type=int, default=5,
                     help="the modes' timed steps run in this many rounds, each timing every mode in turn (this "
                          "machine's speed drifts: each speed-up is the median of its rounds)")
+    bt.add_argument("--ray-rounds", type=int, default=3,
+                    help="Ray Train runs with 1 worker, each timed between two plain-loop runs (b/a is the median "
+                         "of their ratios)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     bt.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a preset field in every run, e.g. train.batch_size=512 for a GPU")
@@ -300,6 +303,7 @@ def cmd_bench_train(args: argparse.Namespace) -> Result:
 
     return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
                        use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray, rounds=args.rounds,
+                       ray_rounds=args.ray_rounds,
                        overrides=dict(parse_override(item) for item in (args.set or [])))
 
 

@@ -58,3 +58,60 @@ def test_rounds_that_cannot_each_hold_a_step_are_refused_before_anything_runs(mo
     for rounds, steps in [(0, 10), (11, 10)]:
         with pytest.raises(ConfigError, match=rf"--rounds {rounds} with --steps {steps}: give 1\.\.10 rounds"):
             train_bench.bench_modes("dcgan-mnist", "unused", warmup=0, steps=steps, device="cpu", rounds=rounds)
+
+
+class _SteadilySlowingMachine:
+    """Every measurement (a plain-loop stretch or a Ray run) happens one slot later, and the
+    machine's speed falls 10% of its start per slot: bracketing a Ray run between the plain runs
+    just before and after it cancels a linear drift exactly."""
+
+    slot = 0
+
+    @classmethod
+    def speed(cls) -> float:
+        v = 640.0 * (1 - 0.1 * cls.slot)
+        cls.slot += 1
+        return v
+
+
+class _FakePlain:
+    def __init__(self, cfg, data_dir, warmup, device="cpu"):
+        self.images_per_step, self.first_step_s, self.flops_per_image = 64, 0.0, 1e6
+
+    def timed(self, steps: int) -> float:
+        return self.images_per_step * steps / _SteadilySlowingMachine.speed()
+
+
+def _fake_ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu):
+    return {"images_per_s": (0.9 if workers == 1 else 1.5) * _SteadilySlowingMachine.speed()}
+
+
+def test_ray_overhead_is_measured_against_the_plain_runs_around_each_ray_run(monkeypatch):
+    """Ray Train with 1 worker at 0.9x the plain loop, 2 workers at 1.5x, on a machine that slows
+    down steadily to a fifth of its speed over the run: b/a and c/a come out exact (0.9, 1.5), where
+    comparing the median Ray run with the median plain run (the old method) reads 1.05 and 0.75."""
+    import latentforge.ray_cluster
+
+    monkeypatch.setattr(train_bench, "_PlainLoop", _FakePlain)
+    monkeypatch.setattr(train_bench, "ray_run", _fake_ray_run)
+    monkeypatch.setattr(train_bench, "matmul_peak_gflops",  # drifts with the machine: 100 GFLOP/s at full speed
+                        lambda device="cpu", dtype=None: 100.0 * (1 - 0.1 * _SteadilySlowingMachine.slot))
+    monkeypatch.setattr(latentforge.ray_cluster, "ray_init", lambda *a, **k: None)
+    monkeypatch.setattr(train_bench.tempfile, "mkdtemp", lambda prefix: "unused")
+    _SteadilySlowingMachine.slot = 0
+    lines = []
+    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3)
+    assert out["ratio_b_over_a"] == pytest.approx(0.9) and out["ratio_b_over_a_range"] == pytest.approx([0.9, 0.9])
+    assert out["ratio_c_over_a"] == pytest.approx(1.5)
+    assert len(out["a_plain_runs_images_per_s"]) == 5 and len(out["b_ray1_runs_images_per_s"]) == 3  # a (b a)x3 c a
+    assert _SteadilySlowingMachine.slot == 9
+    assert any("b/a = 0.900 (median of 3" in ln for ln in lines)
+    # (a)'s share of the peak: each plain run against the peak measured with it, 0.64 of 100 GFLOP/s
+    # at full speed, so exactly 0.64% whatever the drift
+    assert out["a_fraction_of_peak"] == pytest.approx(640 * 1e6 / 1e9 / 100)
+
+
+def test_ray_rounds_below_one_are_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(train_bench, "_PlainLoop", None)  # would fail if anything were built
+    with pytest.raises(ConfigError, match=r"--ray-rounds 0: give 1 or more"):
+        train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_rounds=0)

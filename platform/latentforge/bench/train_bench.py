@@ -76,14 +76,6 @@ class _PlainLoop:
         return time.perf_counter() - t
 
 
-def plain_loop(cfg, data_dir, warmup: int, steps: int, device: str = "cpu") -> dict:
-    """(a): the step function in a bare loop over in-memory batches; also counts FLOPs per image."""
-    loop = _PlainLoop(cfg, data_dir, warmup, device)
-    elapsed = loop.timed(steps)
-    return {"images_per_s": loop.images_per_step * steps / elapsed, "flops_per_image": loop.flops_per_image,
-            "first_step_s": loop.first_step_s}
-
-
 def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, data_loader: str, use_gpu: bool) -> dict:
     """(b)/(c): a real `train_ray` run; throughput from the log windows after the warm-up."""
     from latentforge.train.ray_train import train_ray
@@ -188,11 +180,18 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
 
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
                 data_loader: str = "stream", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
-                log=print, overrides: dict | None = None, rounds: int = 5) -> dict:
+                log=print, overrides: dict | None = None, rounds: int = 5, ray_rounds: int = 3) -> dict:
     """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
-    and GFLOP/s. `ray=False` measures the modes only."""
+    and GFLOP/s. `ray=False` measures the modes only.
+
+    This machine's speed drifts (a shared host), and a Ray Train run is a separate job that cannot
+    be interleaved step by step, so the runs are bracketed: a, then `ray_rounds` times (b, a), then
+    c, a. Each b is compared with the mean of the plain-loop measurements just before and after it,
+    and b/a is the median of those ratios, with their range; c/a likewise from its own bracket."""
     from latentforge.ray_cluster import ray_init
 
+    if ray and ray_rounds < 1:
+        raise ConfigError(f"--ray-rounds {ray_rounds}: give 1 or more (each round is one Ray Train run with 1 worker)")
     cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {})})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     data_dir = mnist5k_unless(data_dir)
@@ -206,43 +205,49 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
                 "warmup_steps": warmup, "timed_steps": steps, **precision_table}
     # the peak of the precision the preset trains in here ('auto' is bf16 on a CPU with native bf16)
     used = precision_for(cfg.train, device).name
-    peak = matmul_peak_gflops(device=device, dtype=torch.bfloat16 if used == "bf16" else torch.float32)
-    log(f"  matmul peak ({used}, the preset's precision here): {peak:.1f} GFLOP/s")
-    # This machine's speed drifts (shared host): the plain loop is measured before, between and
-    # after the Ray runs, and the ratios use the median of the three, with the spread reported.
-    plain = [plain_loop(cfg, data_dir, warmup, steps, device)]
-    log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
-    ray_init()
-    b = ray_run(cfg, data_dir, 1, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)
-    log(f"  (b) Ray Train, 1 worker:  {b['images_per_s']:8.1f} images/s")
-    torch.set_num_threads(cores)
-    plain.append(plain_loop(cfg, data_dir, warmup, steps, device))
-    log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
-    c = {"images_per_s": float("nan")}
-    if not use_gpu or torch.cuda.device_count() >= 2:
-        c = ray_run(cfg, data_dir, 2, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)
-        log(f"  (c) Ray Train, 2 workers: {c['images_per_s']:8.1f} images/s")
+    loop = _PlainLoop(cfg, data_dir, warmup, device)  # built and warmed up once, timed between the Ray runs
+    plain: list[float] = []
+    peaks: list[float] = []  # measured with each plain run: the peak drifts with the machine too
+
+    def time_plain() -> None:
         torch.set_num_threads(cores)
-        plain.append(plain_loop(cfg, data_dir, warmup, steps, device))
-        log(f"  (a) plain PyTorch loop:   {plain[-1]['images_per_s']:8.1f} images/s")
-    speeds = sorted(p["images_per_s"] for p in plain)
-    a = {"images_per_s": speeds[len(speeds) // 2], "flops_per_image": plain[0]["flops_per_image"]}
-    flops = a["flops_per_image"]
+        peaks.append(matmul_peak_gflops(device=device, dtype=torch.bfloat16 if used == "bf16" else torch.float32))
+        plain.append(loop.images_per_step * steps / loop.timed(steps))
+        log(f"  (a) plain PyTorch loop:   {plain[-1]:8.1f} images/s   (matmul peak {used} {peaks[-1]:.0f} GFLOP/s)")
+
+    time_plain()
+    ray_init()
+    b_runs, b_ratios = [], []
+    for _ in range(ray_rounds):
+        b_runs.append(ray_run(cfg, data_dir, 1, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"])
+        log(f"  (b) Ray Train, 1 worker:  {b_runs[-1]:8.1f} images/s")
+        time_plain()
+        b_ratios.append(b_runs[-1] / statistics.mean(plain[-2:]))
+    c = c_ratio = float("nan")
+    if not use_gpu or torch.cuda.device_count() >= 2:
+        c = ray_run(cfg, data_dir, 2, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"]
+        log(f"  (c) Ray Train, 2 workers: {c:8.1f} images/s")
+        time_plain()
+        c_ratio = c / statistics.mean(plain[-2:])
+    a, b, peak = statistics.median(plain), statistics.median(b_runs), statistics.median(peaks)
+    flops = loop.flops_per_image
+    b_ratios.sort()
     out = {
         "preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
-        "data_loader": data_loader, "warmup_steps": warmup, "timed_steps": steps,
-        "a_plain_images_per_s": a["images_per_s"], "a_plain_runs_images_per_s": [p["images_per_s"] for p in plain],
-        "b_ray1_images_per_s": b["images_per_s"],
-        "c_ray2_images_per_s": c["images_per_s"],
-        "ratio_b_over_a": b["images_per_s"] / a["images_per_s"], "ratio_c_over_a": c["images_per_s"] / a["images_per_s"],
+        "data_loader": data_loader, "warmup_steps": warmup, "timed_steps": steps, "ray_rounds": ray_rounds,
+        "a_plain_images_per_s": a, "a_plain_runs_images_per_s": plain,
+        "b_ray1_images_per_s": b, "b_ray1_runs_images_per_s": b_runs,
+        "c_ray2_images_per_s": c,
+        "ratio_b_over_a": statistics.median(b_ratios), "ratio_b_over_a_range": [b_ratios[0], b_ratios[-1]],
+        "ratio_c_over_a": c_ratio,
         "train_flops_per_image": flops, "precision": used, "a_matmul_peak_gflops": peak,  # the modes have theirs
-        "a_gflops": flops * a["images_per_s"] / 1e9, "b_gflops": flops * b["images_per_s"] / 1e9,
-        "c_gflops": flops * c["images_per_s"] / 1e9,
+        "a_gflops": flops * a / 1e9, "b_gflops": flops * b / 1e9, "c_gflops": flops * c / 1e9,
     }
-    out["a_fraction_of_peak"] = out["a_gflops"] / peak
+    out["a_fraction_of_peak"] = statistics.median(flops * v / 1e9 / p for v, p in zip(plain, peaks))
     out.update(precision_table)
-    log(f"  b/a = {out['ratio_b_over_a']:.3f}   c/a = {out['ratio_c_over_a']:.3f}   "
-        f"(a = median of {len(speeds)} runs, spread {speeds[0]:.0f}..{speeds[-1]:.0f} images/s)")
+    log(f"  b/a = {out['ratio_b_over_a']:.3f} (median of {ray_rounds}, each against the plain runs before and after it: "
+        f"{b_ratios[0]:.2f}..{b_ratios[-1]:.2f})   c/a = {c_ratio:.3f}   "
+        f"(plain loop {min(plain):.0f}..{max(plain):.0f} images/s over {len(plain)} runs)")
     log(f"  training FLOPs per image: {flops / 1e6:.1f} MFLOP; achieved (a) {out['a_gflops']:.1f} GFLOP/s "
-        f"= {out['a_fraction_of_peak']:.0%} of the {used} matmul peak")
+        f"= {out['a_fraction_of_peak']:.0%} of the {used} matmul peak (median {peak:.0f} GFLOP/s, each run against its own)")
     return out
