@@ -86,19 +86,25 @@ def _fake_ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, u
     return {"images_per_s": (0.9 if workers == 1 else 1.5) * _SteadilySlowingMachine.speed()}
 
 
+def _on_fake_machine(monkeypatch, ray_run, peak):
+    """bench_train's Ray part with fake plain loops, Ray runs and peaks on _SteadilySlowingMachine."""
+    import latentforge.ray_cluster
+
+    monkeypatch.setattr(train_bench, "_PlainLoop", _FakePlain)
+    monkeypatch.setattr(train_bench, "ray_run", ray_run)
+    monkeypatch.setattr(train_bench, "matmul_peak_gflops", peak)
+    monkeypatch.setattr(latentforge.ray_cluster, "ray_init", lambda *a, **k: None)
+    monkeypatch.setattr(train_bench.tempfile, "mkdtemp", lambda prefix: "unused")
+    monkeypatch.setattr(train_bench.torch, "set_num_threads", lambda n: None)  # leave the test process as it was
+    _SteadilySlowingMachine.slot = 0
+
+
 def test_ray_overhead_is_measured_against_the_plain_runs_around_each_ray_run(monkeypatch):
     """Ray Train with 1 worker at 0.9x the plain loop, 2 workers at 1.5x, on a machine that slows
     down steadily to a fifth of its speed over the run: b/a and c/a come out exact (0.9, 1.5), where
     comparing the median Ray run with the median plain run (the old method) reads 1.05 and 0.75."""
-    import latentforge.ray_cluster
-
-    monkeypatch.setattr(train_bench, "_PlainLoop", _FakePlain)
-    monkeypatch.setattr(train_bench, "ray_run", _fake_ray_run)
-    monkeypatch.setattr(train_bench, "matmul_peak_gflops",  # drifts with the machine: 100 GFLOP/s at full speed
-                        lambda device="cpu", dtype=None: 100.0 * (1 - 0.1 * _SteadilySlowingMachine.slot))
-    monkeypatch.setattr(latentforge.ray_cluster, "ray_init", lambda *a, **k: None)
-    monkeypatch.setattr(train_bench.tempfile, "mkdtemp", lambda prefix: "unused")
-    _SteadilySlowingMachine.slot = 0
+    _on_fake_machine(monkeypatch, _fake_ray_run,  # the peak drifts with the machine: 100 GFLOP/s at full speed
+                     lambda device="cpu", dtype=None: 100.0 * (1 - 0.1 * _SteadilySlowingMachine.slot))
     lines = []
     out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3)
     assert out["ratio_b_over_a"] == pytest.approx(0.9) and out["ratio_b_over_a_range"] == pytest.approx([0.9, 0.9])
@@ -109,6 +115,24 @@ def test_ray_overhead_is_measured_against_the_plain_runs_around_each_ray_run(mon
     # (a)'s share of the peak: each plain run against the peak measured with it, 0.64 of 100 GFLOP/s
     # at full speed, so exactly 0.64% whatever the drift
     assert out["a_fraction_of_peak"] == pytest.approx(640 * 1e6 / 1e9 / 100)
+
+
+def test_a_ray_run_without_a_timed_window_is_left_out_and_said(monkeypatch):
+    """A Ray run whose log has no window after the warm-up has no speed (NaN): b/a is the median of
+    the measured rounds, not a NaN or a value that depends on where the NaN sorted."""
+    calls = []
+
+    def ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu):
+        calls.append(workers)
+        out = _fake_ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu)
+        return {"images_per_s": float("nan")} if len(calls) == 2 else out
+
+    _on_fake_machine(monkeypatch, ray_run, lambda device="cpu", dtype=None: 100.0)
+    lines = []
+    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3)
+    assert out["ratio_b_over_a"] == pytest.approx(0.9) and len(out["b_ray1_runs_images_per_s"]) == 3
+    assert out["b_ray1_images_per_s"] == out["b_ray1_images_per_s"]  # not NaN: the median of the two measured runs
+    assert any("1 of 3 Ray runs logged no window" in ln for ln in lines)
 
 
 def test_ray_rounds_below_one_are_refused_before_anything_runs(monkeypatch):

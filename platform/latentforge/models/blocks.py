@@ -138,18 +138,24 @@ class TransposedConv2d(nn.ConvTranspose2d):
 
     PyTorch's CPU backward of a channels_last transposed conv gains nothing from bf16: dcgan-mnist's
     two G layers took 4.8 and 6.6 ms in bf16 against 5.3 and 6.0 in fp32, where the same backward as
-    convolutions takes 3.4 and 3.4 ms (docs/performance.md). NCHW, CUDA and inference keep PyTorch's
-    own path, which is as fast or faster there."""
+    convolutions takes 3.4 and 3.4 ms (docs/performance.md). Everything else keeps PyTorch's own
+    path: NCHW (as the conv form was no faster there in fp32), CUDA, no-grad passes, and
+    output padding of a stride or more (which the conv form cannot invert)."""
+
+    _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         if (output_size is not None or x.device.type != "cpu" or not torch.is_grad_enabled()
-                or not is_channels_last(x) or self.padding_mode != "zeros"):
+                or not is_channels_last(x) or self.padding_mode != "zeros"
+                or any(op >= s for op, s in zip(self.output_padding, self.stride))):
             return super().forward(x, output_size)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        conf = (self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        if not (torch.is_autocast_enabled("cpu") and x.dtype in self._AUTOCAST_CASTS):
+            return _TransposedConvByConvs.apply(x, self.weight, self.bias, *conf)  # dtype mismatches raise as in PyTorch
+        dtype = torch.get_autocast_dtype("cpu")  # cast here as autocast would: input, weight and bias
         bias = None if self.bias is None else self.bias.to(dtype)
-        with torch.autocast("cpu", enabled=False):  # cast here as autocast would: inputs, weight and bias
-            return _TransposedConvByConvs.apply(x.to(dtype), self.weight.to(dtype), bias, self.stride, self.padding,
-                                                self.output_padding, self.groups, self.dilation)
+        with torch.autocast("cpu", enabled=False):
+            return _TransposedConvByConvs.apply(x.to(dtype), self.weight.to(dtype), bias, *conf)
 
 
 class UpStack(nn.Module):

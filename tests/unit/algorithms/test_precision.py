@@ -76,9 +76,12 @@ def test_transposed_conv_by_convs_gives_pytorchs_outputs_and_gradients(channels_
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = m(xx)
         y.backward(g)
-        seen.append((y.float(), xx.grad, m.weight.grad, m.bias.grad))
+        seen.append((y, xx.grad, m.weight.grad, m.bias.grad))
+    by_convs = type(seen[1][0].grad_fn).__name__ == "_TransposedConvByConvsBackward"
+    assert by_convs == channels_last  # the conv form where it pays, PyTorch's own path elsewhere
     assert is_channels_last(seen[1][0]) == is_channels_last(seen[1][1]) == channels_last
-    assert seen[1][0].dtype == seen[0][0].dtype
+    assert seen[1][0].dtype == seen[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
+    seen = [[t.float() for t in ts] for ts in seen]
     for a, b, what in zip(*seen, ("output", "input gradient", "weight gradient", "bias gradient")):
         assert (a - b).abs().max() <= (1e-2 if bf16 else 1e-5) * a.abs().max(), what
 
@@ -94,6 +97,21 @@ def test_transposed_conv_by_convs_has_exact_first_and_second_derivatives():
     assert f(x, w, b).shape == (2, 6, 9, 9)
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_transposed_conv_falls_back_where_the_conv_form_cannot_invert_it():
+    """Output padding of a stride or more (allowed with dilation) has no inverse as a plain conv:
+    PyTorch's own path runs, and the gradients are PyTorch's. Dtype mismatches outside autocast
+    raise PyTorch's own error rather than being cast away."""
+    torch.manual_seed(0)
+    m = TransposedConv2d(4, 4, 3, stride=1, dilation=2, padding=1, output_padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = m(x)
+    y.sum().backward()
+    assert type(y.grad_fn).__name__ != "_TransposedConvByConvsBackward" and x.grad.shape == x.shape
+    bf16_input = x.detach().bfloat16().requires_grad_()
+    with pytest.raises(RuntimeError, match="should be the same"):
+        TransposedConv2d(4, 4, 4, 2, 1).to(memory_format=torch.channels_last)(bf16_input)
 
 
 def _images(g):
