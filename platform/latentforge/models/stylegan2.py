@@ -317,7 +317,11 @@ def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
     while b % g:
         g -= 1
     y = x.float().reshape(b // g, g, c, h, w)
-    y = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (b/g,)
+    # the variance written out, as stylegan2-ada-pytorch does: torch.var over a dim that is not
+    # the innermost takes a slow path on a CPU, 39 ms against 2.7 ms for 128x256x7x7 in either
+    # layout, a quarter of stylegan2-mnist's whole step (docs/performance.md)
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)  # (b/g, c, h, w), biased
+    y = (y + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (b/g,)
     y = y.repeat_interleave(g)[:, None, None, None].expand(b, 1, h, w).to(x.dtype)
     return torch.cat([x, y], dim=1)
 

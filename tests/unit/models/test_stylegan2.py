@@ -107,6 +107,31 @@ def test_minibatch_std_groups_are_consecutive_so_shards_agree():
     assert minibatch_stddev(x[:6], 4).shape == (6, 4, 4, 4)  # a group size that does not divide: shrinks to 3
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_minibatch_std_is_the_group_std_by_definition_in_either_layout(channels_last):
+    """The appended channel, its gradient and its second-order gradient (R1 passes through it)
+    equal those of the definition (torch.var over each group of 4 consecutive samples, biased,
+    sqrt, mean over C, H, W), whatever the layout."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def by_definition(t):
+        return (t.reshape(2, 4, 5, 3, 3).var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+
+    seen = []
+    for f in (lambda t: minibatch_stddev(t, 4)[:, 5, 0, 0][::4], by_definition):
+        t = x.clone().requires_grad_()
+        y = f(t)
+        (g1,) = torch.autograd.grad((y * torch.arange(1.0, 3.0)).sum(), t, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.square().sum(), t)
+        seen.append((y, g1, g2))
+    for a, b in zip(*seen):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(minibatch_stddev(x, 4)[:, :5], x)
+
+
 def test_eval_noise_is_fixed_so_a_seed_is_one_image():
     g = _g().eval()
     z = torch.randn(2, 8)
