@@ -22,6 +22,7 @@ from torch import nn
 from latentforge.algorithms.augment import NO_AUGMENT, Augmenter
 from latentforge.algorithms.batch import Batch, grad_norm, no_sync_unless, unwrap
 from latentforge.algorithms.ema import ema_decay_at, ema_update
+from latentforge.algorithms.optim import adam
 from latentforge.algorithms.losses import get_loss, gradient_penalty, r1_penalty
 from latentforge.algorithms.noise import GlobalNoise
 from latentforge.algorithms.precision import FP32, Precision
@@ -97,8 +98,8 @@ def make_gan_state(g: nn.Module, d: nn.Module, cfg, wrap=lambda m: m) -> GANStat
     """
     g_ema = copy.deepcopy(g).eval().requires_grad_(False)
     betas = (cfg.beta1, cfg.beta2)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=betas)
+    opt_g = adam(g.parameters(), lr=cfg.lr_g, betas=betas)
+    opt_d = adam(d.parameters(), lr=cfg.lr_d, betas=betas)
     return GANState(g=wrap(g), d=wrap(d), g_ema=g_ema, opt_g=opt_g, opt_d=opt_d)
 
 

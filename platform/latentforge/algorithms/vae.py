@@ -11,6 +11,7 @@ from torch import nn
 
 from latentforge.algorithms.batch import Batch, grad_norm, no_sync_unless, unwrap
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.optim import adam
 from latentforge.algorithms.precision import FP32, Precision
 
 
@@ -36,7 +37,7 @@ class VAEStepMetrics:
 
 
 def make_vae_state(vae: nn.Module, cfg, wrap=lambda m: m) -> VAEState:
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = adam(vae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return VAEState(vae=wrap(vae), opt=opt)
 
 

@@ -48,10 +48,12 @@ class TrainingProgram:
     def apply_hyperparameters(self) -> None:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
         state from a checkpoint (which carries the old ones), e.g. when PBT warm-starts a trial
-        from another trial's checkpoint with mutated hyperparameters."""
+        from another trial's checkpoint with mutated hyperparameters. How the optimiser runs
+        (fused, foreach) stays as built: a checkpoint from before the fused Adam carries neither."""
         for name, opt in self.optimizers.items():
             for group in opt.param_groups:
                 group.update(self.hyperparameters[name])
+                group.update({k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults})
 
 
 def _grid_inputs(spec: DataSpec, z_dim: int, n: int, seed: int, device, conditional: bool):
