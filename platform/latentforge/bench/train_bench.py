@@ -12,6 +12,7 @@ after a warm-up window; FLOPs are counted on a real step and compared with a mea
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -205,13 +206,14 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
                 "warmup_steps": warmup, "timed_steps": steps, **precision_table}
     # the peak of the precision the preset trains in here ('auto' is bf16 on a CPU with native bf16)
     used = precision_for(cfg.train, device).name
+    peak_dtype = torch.bfloat16 if used == "bf16" else torch.float32
     loop = _PlainLoop(cfg, data_dir, warmup, device)  # built and warmed up once, timed between the Ray runs
     plain: list[float] = []
     peaks: list[float] = []  # measured with each plain run: the peak drifts with the machine too
 
     def time_plain() -> None:
         torch.set_num_threads(cores)
-        peaks.append(matmul_peak_gflops(device=device, dtype=torch.bfloat16 if used == "bf16" else torch.float32))
+        peaks.append(matmul_peak_gflops(device=device, dtype=peak_dtype))
         plain.append(loop.images_per_step * steps / loop.timed(steps))
         log(f"  (a) plain PyTorch loop:   {plain[-1]:8.1f} images/s   (matmul peak {used} {peaks[-1]:.0f} GFLOP/s)")
 
@@ -231,8 +233,8 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         c_ratio = c / statistics.mean(plain[-2:])
     a, peak = statistics.median(plain), statistics.median(peaks)
     # a Ray run whose log gave no window after the warm-up has no speed (NaN): left out, and counted
-    b_measured = [v for v in b_runs if v == v]
-    b_ratios = sorted(r for r in b_ratios if r == r)
+    b_measured = [v for v in b_runs if not math.isnan(v)]
+    b_ratios = sorted(r for r in b_ratios if not math.isnan(r))
     b = statistics.median(b_measured) if b_measured else float("nan")
     if len(b_measured) < ray_rounds:
         log(f"  note: {ray_rounds - len(b_measured)} of {ray_rounds} Ray runs logged no window after the warm-up "
