@@ -29,6 +29,7 @@ from latentforge.config import PRECISION_MODES, load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import ConfigError
 from latentforge.train.batches import InMemoryBatches
+from latentforge.train.host_memory import keep_freed_host_memory
 from latentforge.train.program import build_program
 from latentforge.bench import mnist5k_unless
 
@@ -38,6 +39,7 @@ class _PlainLoop:
     timed in as many stretches as asked (`timed`); also counts FLOPs per image."""
 
     def __init__(self, cfg, data_dir, warmup: int, device: str = "cpu"):
+        keep_freed_host_memory()  # as `run_training` does: the loop measured is the loop trained
         ds = PreparedDataset(data_dir)
         spec = DataSpec.from_dataset(ds)
         self.program = build_program(cfg, spec, GlobalNoise(cfg.train.seed), device)
@@ -199,11 +201,14 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     device = "cuda" if use_gpu else "cpu"
     cores = os.cpu_count() or 2
     torch.set_num_threads(cores)
-    log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores")
+    host_memory = keep_freed_host_memory()
+    log(f"bench train: {preset}, global batch {cfg.train.global_batch_size}, {warmup} warm-up + {steps} timed steps, {cores} cores, "
+        f"freed host memory {host_memory}")
+    head = {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
+            "warmup_steps": warmup, "timed_steps": steps, "host_memory": host_memory}
     precision_table = bench_modes(preset, data_dir, warmup, steps, device, modes, log, overrides, rounds) if modes else {}
     if not ray:
-        return {"preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
-                "warmup_steps": warmup, "timed_steps": steps, **precision_table}
+        return {**head, **precision_table}
     # the peak of the precision the preset trains in here ('auto' is bf16 on a CPU with native bf16)
     used = precision_for(cfg.train, device).name
     peak_dtype = torch.bfloat16 if used == "bf16" else torch.float32
@@ -241,8 +246,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
             "(raise --steps)")
     flops = loop.flops_per_image
     out = {
-        "preset": preset, "global_batch_size": cfg.train.global_batch_size, "device": device, "cores": cores,
-        "data_loader": data_loader, "warmup_steps": warmup, "timed_steps": steps, "ray_rounds": ray_rounds,
+        **head, "data_loader": data_loader, "ray_rounds": ray_rounds,
         "a_plain_images_per_s": a, "a_plain_runs_images_per_s": plain,
         "b_ray1_images_per_s": b, "b_ray1_runs_images_per_s": b_runs,
         "c_ray2_images_per_s": c,

@@ -25,6 +25,7 @@ from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png
+from latentforge.train.host_memory import keep_freed_host_memory
 from latentforge.train.program import TrainingProgram, build_program
 from latentforge.tune.instability import InstabilityPolicy, unstable_warning
 
@@ -112,6 +113,7 @@ def run_training(
     Returns:
         The last record.
     """
+    keep_freed_host_memory()  # each step's tensors reuse the last step's pages (host_memory.py)
     asked_auto = cfg.train.precision == AUTO
     cfg = resolved_config(cfg, ctx.device.type)  # the checkpoints record the precision and layout used
     chosen = cfg.train.precision if asked_auto else None
