@@ -713,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
             from latentforge.models.plugins import allow_plugins
 
             allow_plugins(args.allow_plugin)
+        from latentforge.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # every verb loops over batches of tensors (host_memory.py)
         result = args.func(args)
         if getattr(args, "json", False) and result is not None:
             _print_json_last(result)  # last, after anything the verb printed

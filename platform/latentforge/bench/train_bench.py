@@ -29,7 +29,7 @@ from latentforge.config import PRECISION_MODES, load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import ConfigError
 from latentforge.train.batches import InMemoryBatches
-from latentforge.train.host_memory import keep_freed_host_memory
+from latentforge.host_memory import keep_freed_host_memory
 from latentforge.train.program import build_program
 from latentforge.bench import mnist5k_unless
 

@@ -73,7 +73,10 @@ class _Models:
 
         from latentforge.models.plugins import allow_plugins
 
+        from latentforge.host_memory import keep_freed_host_memory
+
         torch.set_num_threads(cfg.threads_per_replica)
+        keep_freed_host_memory()  # each request's tensors reuse the last one's pages (host_memory.py)
         allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
         self.cfg, self.directions = cfg, directions
         self.failed: dict[str, float] = {}  # model id -> when its load last failed (a negative cache)

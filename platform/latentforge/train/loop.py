@@ -25,7 +25,7 @@ from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png
-from latentforge.train.host_memory import keep_freed_host_memory
+from latentforge.host_memory import keep_freed_host_memory
 from latentforge.train.program import TrainingProgram, build_program
 from latentforge.tune.instability import InstabilityPolicy, unstable_warning
 

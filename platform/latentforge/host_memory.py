@@ -1,19 +1,22 @@
-"""Keep freed host memory in a training process instead of handing it back to the kernel.
+"""Keep freed host memory in a LatentForge process instead of handing it back to the kernel.
 
 A training step allocates the same activations and gradients every step and frees them all by its
-end. glibc's malloc serves blocks over its mmap threshold with fresh `mmap`s and gives the top of
-its heap back to the kernel once more than its trim threshold is free, so each step's tensors land
-on fresh pages, and every first write to a 4 KiB page is a page fault plus the kernel zeroing it.
-dcgan-mnist took 5,000 such faults per step in bf16 and 13,000 in fp32, about a fifth of its CPU
-step (docs/performance.md, "Host memory kept between steps").
+end; a Serve replica does the same per batch of requests. glibc's malloc serves blocks over its
+mmap threshold with fresh `mmap`s and gives the top of its heap back to the kernel once more than
+its trim threshold is free, so each step's tensors land on fresh pages, and every first write to a
+4 KiB page is a page fault plus the kernel zeroing it. dcgan-mnist took 5,000 such faults per
+training step in bf16 and 13,000 in fp32, and a batch of 32 generate requests 18,000
+(docs/performance.md, "Host memory kept between steps").
 
 Raising both thresholds (`mallopt`) keeps the freed memory in the process for the next step: the
 peak resident size is unchanged, it is simply not returned between steps. This is what PyTorch's
-CPU tuning guide gets by preloading jemalloc or tcmalloc, without a library to install.
+CPU tuning guide gets by preloading jemalloc or tcmalloc, without a library to install. It is set
+by the CLI for every verb, by `run_training` (plain, Ray Train and Tune workers), by the Serve
+replicas and by `bench train`'s plain loop.
 
 A user who sets glibc's malloc themselves (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`,
-`MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`) or preloads another allocator is left alone; setting
-`MALLOC_TRIM_THRESHOLD_=131072` restores glibc's default behaviour.
+`MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`) or preloads another allocator is left alone: to opt out, set one of them (e.g.
+`MALLOC_TRIM_THRESHOLD_=131072`, glibc's default trim threshold).
 """
 
 from __future__ import annotations

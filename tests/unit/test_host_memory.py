@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from latentforge.train.host_memory import USER_SETTINGS, why_not
+from latentforge.host_memory import USER_SETTINGS, why_not
 
 GLIBC = why_not({}) is None
 
@@ -17,7 +17,7 @@ GLIBC = why_not({}) is None
 STEP_FAULTS = textwrap.dedent("""
     import resource, sys, torch
     if sys.argv[1] == "keep":
-        from latentforge.train.host_memory import keep_freed_host_memory
+        from latentforge.host_memory import keep_freed_host_memory
         assert keep_freed_host_memory() == "kept"
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def test_users_own_malloc_settings_and_allocators_are_left_alone():
 
 
 def test_a_user_setting_is_reported_not_overridden():
-    code = ("from latentforge.train.host_memory import keep_freed_host_memory as k; "
+    code = ("from latentforge.host_memory import keep_freed_host_memory as k; "
             "print(k()); print(k())")
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -79,3 +79,13 @@ def test_every_training_run_keeps_freed_memory(monkeypatch, mnist_dir, tmp_path)
     monkeypatch.setattr(loop, "keep_freed_host_memory", lambda: calls.append(1) or "kept")
     train_local(tiny("dcgan-mnist", train__steps=2), mnist_dir, tmp_path, log=lambda *_: None)
     assert calls == [1]  # in run_training, which Ray Train workers and Tune trials run too
+
+
+def test_every_cli_verb_keeps_freed_memory(monkeypatch, capsys):
+    import latentforge.host_memory as hm
+    from latentforge.cli import main
+
+    calls = []
+    monkeypatch.setattr(hm, "keep_freed_host_memory", lambda: calls.append(1) or "kept")
+    assert main(["presets"]) == 0 and calls == [1]
+    assert "dcgan-mnist" in capsys.readouterr().out
