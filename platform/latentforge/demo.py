@@ -95,6 +95,7 @@ def main() -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     from latentforge.data.dataset import PreparedDataset
     from latentforge.data.sources import emoji_installed
+    from latentforge.host_memory import keep_freed_host_memory
     from latentforge.images import grid_png, to_model_range
     from latentforge.metrics.evaluate import distribution_metrics
     from latentforge.metrics.features import ensure_feature_net
@@ -102,6 +103,7 @@ def main() -> int:
     from latentforge.sampling import generate
     from latentforge.storage import atomic_write_bytes
 
+    keep_freed_host_memory()  # evaluation and editing run here too (host_memory.py)
     t0 = time.time()
     out = Path(os.environ.get("LATENTFORGE_DEMO_DIR", "demo-output")).resolve()
     data = out / "data" / "mnist5k"

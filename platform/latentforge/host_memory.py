@@ -11,7 +11,7 @@ training step in bf16 and 13,000 in fp32, and a batch of 32 generate requests 18
 Raising both thresholds (`mallopt`) keeps the freed memory in the process for the next step: the
 peak resident size is unchanged, it is simply not returned between steps. This is what PyTorch's
 CPU tuning guide gets by preloading jemalloc or tcmalloc, without a library to install. It is set
-by the CLI for every verb, by `run_training` (plain, Ray Train and Tune workers), by the Serve
+by the CLI for every verb and the demo, by `run_training` (plain, Ray Train and Tune workers), by the Serve
 replicas and by `bench train`'s plain loop.
 
 A user who sets glibc's malloc themselves (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`,
