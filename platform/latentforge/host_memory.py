@@ -15,8 +15,8 @@ by the CLI for every verb and the demo, by `run_training` (plain, Ray Train and 
 replicas and by `bench train`'s plain loop.
 
 A user who sets glibc's malloc themselves (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`,
-`MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`) or preloads another allocator is left alone: to opt out, set one of them (e.g.
-`MALLOC_TRIM_THRESHOLD_=131072`, glibc's default trim threshold).
+`MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`) or preloads another allocator is left alone, and `LATENTFORGE_KEEP_HOST_MEMORY=0` turns this off
+(set it where the process starts: Ray's workers inherit it from a local cluster's driver).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps (address space only: pages c
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
                  "GLIBC_TUNABLES")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+OPT_OUT = "LATENTFORGE_KEEP_HOST_MEMORY"
 
 _applied: str | None = None
 
@@ -42,6 +43,8 @@ _applied: str | None = None
 def why_not(environ=None) -> str | None:
     """Why the thresholds are left as they are in this process, or None when they can be raised."""
     environ = os.environ if environ is None else environ
+    if environ.get(OPT_OUT, "1") == "0":
+        return f"{OPT_OUT}=0"
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return "not glibc's malloc"
     user = [k for k in USER_SETTINGS if k in environ]

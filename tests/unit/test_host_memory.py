@@ -36,7 +36,7 @@ STEP_FAULTS = textwrap.dedent("""
 
 
 def _faults_per_step(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS and k != "LD_PRELOAD"}
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, "LD_PRELOAD", "LATENTFORGE_KEEP_HOST_MEMORY")}
     out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return float(out.stdout.split()[-1])
@@ -56,6 +56,8 @@ def test_users_own_malloc_settings_and_allocators_are_left_alone():
         assert reason is not None and key in reason
     assert "jemalloc" in why_not({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
     assert "tcmalloc" in why_not({"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
+    assert why_not({"LATENTFORGE_KEEP_HOST_MEMORY": "0"}) == "LATENTFORGE_KEEP_HOST_MEMORY=0"
+    assert why_not({"LATENTFORGE_KEEP_HOST_MEMORY": "1"}) == why_not({})
 
 
 def test_a_user_setting_is_reported_not_overridden():
