@@ -28,7 +28,10 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     for key, value in RAY_DRIVER_ENV.items():
         os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": WORKER_ENV}
+    from latentforge.host_memory import OPT_OUT
+
+    # the driver's choice about kept host memory holds in every worker, on a cluster it joins too
+    runtime_env = {"env_vars": {**WORKER_ENV, **({OPT_OUT: os.environ[OPT_OUT]} if OPT_OUT in os.environ else {})}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
