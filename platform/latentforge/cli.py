@@ -715,7 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_plugins(args.allow_plugin)
         from latentforge.host_memory import keep_freed_host_memory
 
-        keep_freed_host_memory()  # every verb loops over batches of tensors (host_memory.py)
+        kept = keep_freed_host_memory()  # every verb loops over batches of tensors (host_memory.py)
+        if "not understood" in kept:
+            print(f"latentforge: warning: host memory {kept}", file=sys.stderr)
         result = args.func(args)
         if getattr(args, "json", False) and result is not None:
             _print_json_last(result)  # last, after anything the verb printed

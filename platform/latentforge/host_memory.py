@@ -9,7 +9,7 @@ training step in bf16 and 13,000 in fp32, and a batch of 32 generate requests 18
 (docs/performance.md, "Host memory kept between steps").
 
 Raising both thresholds (`mallopt`) keeps the freed memory in the process for the next step. The
-peak resident size stayed within 3% in every measurement, but memory is no longer returned to the
+peak resident size stayed within 4% in every measurement, but memory is no longer returned to the
 kernel after a peak: a long-lived process stays at its high-water mark. Setting them also turns
 off glibc's dynamic mmap threshold (which follows the largest freed mmapped block up to 32 MiB).
 PyTorch's CPU tuning guide gets a similar effect by preloading jemalloc or tcmalloc; this needs no
@@ -34,6 +34,11 @@ from typing import Callable, Mapping
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling on 64-bit: larger blocks are still mmapped (and returned)
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: about 2 GiB free at the top before trimming
+# Blocks over 32 MiB (most of a step's activations at 128 px) are still mmapped and faulted in
+# every step. Keeping them too (M_MMAP_MAX = 0) cost 26% more peak memory at 128 px with this
+# glibc (2.36): its posix_memalign, which PyTorch allocates with, asks for size + alignment, so an
+# equal-sized freed block never fits and the heap fragments (docs/performance.md). A preloaded
+# jemalloc or tcmalloc, which this module leaves alone, is the tool at those sizes.
 # Grow the heap in 64 MiB steps. Also keeps glibc's per-thread heaps (64 MiB at most) from being
 # unmapped once free, which matters where training runs in a thread (Ray Train) or requests do (Serve).
 TOP_PAD = 64 << 20
@@ -42,7 +47,7 @@ SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOL
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 OPT_OUT = "LATENTFORGE_KEEP_HOST_MEMORY"
-OFF = ("0", "false", "no", "off")
+OFF, ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
 
 _applied: str | None = None
 
@@ -50,8 +55,11 @@ _applied: str | None = None
 def why_not(environ: Mapping[str, str] | None = None) -> str | None:
     """Why the thresholds are left as they are in this process, or None when they can be raised."""
     environ = os.environ if environ is None else environ
-    if environ.get(OPT_OUT, "").strip().lower() in OFF:
+    choice = environ.get(OPT_OUT, "").strip().lower()
+    if choice in OFF:
         return f"{OPT_OUT}={environ[OPT_OUT]}"
+    if choice not in ON:
+        return f"{OPT_OUT}={environ[OPT_OUT]!r} is not understood: use 0 (off) or 1 (the default)"
     user = [k for k in USER_SETTINGS if k in environ]
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         user.append("GLIBC_TUNABLES (glibc.malloc.*)")

@@ -82,7 +82,9 @@ def test_users_own_malloc_settings_and_allocators_are_left_alone():
     assert "tcmalloc" in why_not({"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
     for off in ("0", "false", "No", "off "):
         assert why_not({OPT_OUT: off}) == f"{OPT_OUT}={off}"
-    assert why_not({OPT_OUT: "1"}) == why_not({})
+    for on in ("1", "yes", "On"):
+        assert why_not({OPT_OUT: on}) == why_not({})
+    assert "not understood: use 0 (off) or 1 (the default)" in why_not({OPT_OUT: "all"})
 
 
 def test_a_user_setting_is_reported_and_decided_once():
@@ -128,3 +130,14 @@ def test_every_cli_verb_keeps_freed_memory(monkeypatch, capsys):
     monkeypatch.setattr(hm, "keep_freed_host_memory", lambda: calls.append(1) or "kept")
     assert main(["presets"]) == 0 and calls == [1]
     assert "dcgan-mnist" in capsys.readouterr().out
+
+
+def test_a_misspelt_choice_is_a_warning_not_a_crash(monkeypatch, capsys):
+    import latentforge.host_memory as hm
+    from latentforge.cli import main
+
+    monkeypatch.setattr(hm, "_applied", None)
+    monkeypatch.setenv(OPT_OUT, "everything")
+    assert main(["presets"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: host memory left as is: LATENTFORGE_KEEP_HOST_MEMORY='everything' is not understood" in err
