@@ -30,8 +30,10 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault(key, value)
     from latentforge.host_memory import OPT_OUT
 
-    # the driver's choice about kept host memory holds in every worker, on a cluster it joins too
-    runtime_env = {"env_vars": {**WORKER_ENV, **({OPT_OUT: os.environ[OPT_OUT]} if OPT_OUT in os.environ else {})}}
+    env_vars = dict(WORKER_ENV)
+    if OPT_OUT in os.environ:  # the driver's choice about kept host memory holds in every worker, joined clusters too
+        env_vars[OPT_OUT] = os.environ[OPT_OUT]
+    runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

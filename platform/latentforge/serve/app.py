@@ -71,9 +71,8 @@ class _Models:
     def __init__(self, cfg: ServeConfig, directions: bool = False):
         import torch
 
-        from latentforge.models.plugins import allow_plugins
-
         from latentforge.host_memory import keep_freed_host_memory
+        from latentforge.models.plugins import allow_plugins
 
         torch.set_num_threads(cfg.threads_per_replica)
         keep_freed_host_memory()  # each request's tensors reuse the last one's pages (host_memory.py)
