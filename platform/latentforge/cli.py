@@ -290,6 +290,9 @@ def add_bench_train(bench: Verbs) -> None:
     bt.add_argument("--ray-rounds", type=int, default=3,
                     help="Ray Train runs with 1 worker, each timed between two plain-loop runs (b/a is the median "
                          "of their ratios)")
+    bt.add_argument("--ray-settle", type=float, metavar="SECONDS",
+                    help="the Ray runs warm up for at least this many seconds of steps, past the cluster's "
+                         "start-up (default 10; 0: --warmup steps, as the plain loop)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     bt.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a preset field in every run, e.g. train.batch_size=512 for a GPU")
@@ -304,6 +307,7 @@ def cmd_bench_train(args: argparse.Namespace) -> Result:
     return bench_train(args.preset, args.data, warmup=args.warmup, steps=args.steps, data_loader=args.data_loader,
                        use_gpu=args.gpus, modes=_modes(args.modes), ray=not args.no_ray, rounds=args.rounds,
                        ray_rounds=args.ray_rounds,
+                       **({} if args.ray_settle is None else {"ray_settle_s": args.ray_settle}),
                        overrides=dict(parse_override(item) for item in (args.set or [])))
 
 

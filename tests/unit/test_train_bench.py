@@ -139,3 +139,37 @@ def test_ray_rounds_below_one_are_refused_before_anything_runs(monkeypatch):
     monkeypatch.setattr(train_bench, "_PlainLoop", None)  # would fail if anything were built
     with pytest.raises(ConfigError, match=r"--ray-rounds 0: give 1 or more"):
         train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_rounds=0)
+
+
+def test_ray_runs_warm_up_past_the_clusters_start_up(monkeypatch):
+    """The Ray runs' warm-up is `ray_settle_s` seconds at the first plain run's speed (640 images/s
+    at 64 a step: 10 steps a second), never fewer than --warmup steps; 0 s keeps --warmup. The timed
+    steps stay --steps."""
+    seen = []
+
+    def ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu):
+        seen.append((workers, warmup, steps))
+        return _fake_ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu)
+
+    for settle, warmup, expected in [(10.0, 0, 100), (10.0, 250, 250), (0.0, 20, 20), (2.5, 0, 25)]:
+        _on_fake_machine(monkeypatch, ray_run, lambda device="cpu", dtype=None: 100.0)
+        seen.clear()
+        lines = []
+        out = train_bench.bench_train("dcgan-mnist", "unused", warmup=warmup, steps=10, modes=(), log=lines.append,
+                                      ray_rounds=2, ray_settle_s=settle)
+        assert seen == [(1, expected, 10), (1, expected, 10), (2, expected, 10)]
+        assert out["ray_warmup_steps"] == expected and out["ray_settle_s"] == settle
+        assert any(f"warm up for {expected} steps" in ln for ln in lines)
+
+
+def test_the_ray_warm_up_keeps_the_step_count_when_the_plain_speed_is_unknown():
+    assert train_bench.ray_warmup_steps(20, float("nan"), 64) == 20
+    assert train_bench.ray_warmup_steps(20, 0.0, 64) == 20
+    assert train_bench.ray_warmup_steps(20, 1280.0, 64, settle_s=10) == 200
+
+
+def test_a_negative_settling_time_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(train_bench, "_PlainLoop", None)  # would fail if anything were built
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"--ray-settle .*: give 0 or more seconds"):
+            train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_settle_s=bad)

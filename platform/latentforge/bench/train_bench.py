@@ -181,20 +181,43 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
     return {"matmul_peak_gflops": peaks, "bf16_emulated": bf16_emulated, "rounds": rounds, "modes": out}
 
 
+# Seconds of training a Ray run warms up for before its timed steps. A run's first seconds share the
+# CPU with the cluster's start-up work (the driver and TrainController set up, Ray Data's executor
+# starts): on 2 cores, other processes took 0.73 cores in the 10 s before the first step, 0.26 in
+# the first 3 s of training, and 0.11-0.16 from then on; a 1-worker dcgan-mnist run logged
+# 1,140 images/s over steps 1-80 against 1,250 from step 100 on. After 20 warm-up steps b/a read
+# 0.85; after 300 (about 15 s), 0.958 (docs/performance.md). Users' runs last minutes to days:
+# the steady state is their overhead.
+RAY_SETTLE_S = 10.0
+
+
+def ray_warmup_steps(warmup: int, plain_images_per_s: float, images_per_step: int, settle_s: float = RAY_SETTLE_S) -> int:
+    """The Ray runs' warm-up: `warmup` steps, or as many as the plain loop runs in `settle_s`
+    seconds if that is more (a NaN speed, a loop that could not be timed, keeps `warmup`)."""
+    if not plain_images_per_s > 0 or settle_s <= 0:
+        return warmup
+    return max(warmup, math.ceil(settle_s * plain_images_per_s / images_per_step))
+
+
 def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup: int = 20, steps: int = 100,
                 data_loader: str = "stream", use_gpu: bool = False, modes=tuple(MODES), ray: bool = True,
-                log=print, overrides: dict | None = None, rounds: int = 5, ray_rounds: int = 3) -> dict:
+                log=print, overrides: dict | None = None, rounds: int = 5, ray_rounds: int = 3,
+                ray_settle_s: float = RAY_SETTLE_S) -> dict:
     """The precision/layout modes, then (a), (b), (c); returns images/s, ratios, FLOPs per image
     and GFLOP/s. `ray=False` measures the modes only.
 
     This machine's speed drifts (a shared host), and a Ray Train run is a separate job that cannot
     be interleaved step by step, so the runs are bracketed: a, then `ray_rounds` times (b, a), then
     c, a. Each b is compared with the mean of the plain-loop measurements just before and after it,
-    and b/a is the median of those ratios, with their range; c/a likewise from its own bracket."""
+    and b/a is the median of those ratios, with their range; c/a likewise from its own bracket.
+    The Ray runs warm up for at least `ray_settle_s` seconds of steps at the first plain run's
+    speed (`RAY_SETTLE_S`), so that b and c measure training, not the cluster's start-up."""
     from latentforge.ray_cluster import ray_init
 
     if ray and ray_rounds < 1:
         raise ConfigError(f"--ray-rounds {ray_rounds}: give 1 or more (each round is one Ray Train run with 1 worker)")
+    if not ray_settle_s >= 0:
+        raise ConfigError(f"--ray-settle {ray_settle_s}: give 0 or more seconds (0: the Ray runs warm up for --warmup steps)")
     cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {})})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     data_dir = mnist5k_unless(data_dir)
@@ -224,15 +247,18 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
 
     ray_init()  # first: every plain run then shares the machine with Ray's own processes, as b and c do
     time_plain()
+    ray_warmup = ray_warmup_steps(warmup, plain[0], loop.images_per_step, ray_settle_s)
+    log(f"  (b) and (c) warm up for {ray_warmup} steps (at least {ray_settle_s:g} s: a run's first seconds "
+        f"share the CPU with the cluster's start-up), then time {steps}")
     b_runs, b_ratios = [], []
     for _ in range(ray_rounds):
-        b_runs.append(ray_run(cfg, data_dir, 1, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"])
+        b_runs.append(ray_run(cfg, data_dir, 1, ray_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"])
         log(f"  (b) Ray Train, 1 worker:  {b_runs[-1]:8.1f} images/s")
         time_plain()
         b_ratios.append(b_runs[-1] / statistics.mean(plain[-2:]))
     c = c_ratio = float("nan")
     if not use_gpu or torch.cuda.device_count() >= 2:
-        c = ray_run(cfg, data_dir, 2, warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"]
+        c = ray_run(cfg, data_dir, 2, ray_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"]
         log(f"  (c) Ray Train, 2 workers: {c:8.1f} images/s")
         time_plain()
         c_ratio = c / statistics.mean(plain[-2:])
@@ -246,7 +272,8 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
             "(raise --steps)")
     flops = loop.flops_per_image
     out = {
-        **head, "data_loader": data_loader, "ray_rounds": ray_rounds,
+        **head, "data_loader": data_loader, "ray_rounds": ray_rounds, "ray_warmup_steps": ray_warmup,
+        "ray_settle_s": ray_settle_s,
         "a_plain_images_per_s": a, "a_plain_runs_images_per_s": plain,
         "b_ray1_images_per_s": b, "b_ray1_runs_images_per_s": b_runs,
         "c_ray2_images_per_s": c,
