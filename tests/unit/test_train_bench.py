@@ -106,7 +106,8 @@ def test_ray_overhead_is_measured_against_the_plain_runs_around_each_ray_run(mon
     _on_fake_machine(monkeypatch, _fake_ray_run,  # the peak drifts with the machine: 100 GFLOP/s at full speed
                      lambda device="cpu", dtype=None: 100.0 * (1 - 0.1 * _SteadilySlowingMachine.slot))
     lines = []
-    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3)
+    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3,
+                                  ray_settle_s=0)  # no settling: every slot of the fake machine is a measurement
     assert out["ratio_b_over_a"] == pytest.approx(0.9) and out["ratio_b_over_a_range"] == pytest.approx([0.9, 0.9])
     assert out["ratio_c_over_a"] == pytest.approx(1.5)
     assert len(out["a_plain_runs_images_per_s"]) == 5 and len(out["b_ray1_runs_images_per_s"]) == 3  # a (b a)x3 c a
@@ -129,7 +130,8 @@ def test_a_ray_run_without_a_timed_window_is_left_out_and_said(monkeypatch):
 
     _on_fake_machine(monkeypatch, ray_run, lambda device="cpu", dtype=None: 100.0)
     lines = []
-    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3)
+    out = train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), log=lines.append, ray_rounds=3,
+                                  ray_settle_s=0)
     assert out["ratio_b_over_a"] == pytest.approx(0.9) and len(out["b_ray1_runs_images_per_s"]) == 3
     assert out["b_ray1_images_per_s"] == out["b_ray1_images_per_s"]  # not NaN: the median of the two measured runs
     assert any("1 of 3 Ray runs logged no window" in ln for ln in lines)
@@ -141,25 +143,44 @@ def test_ray_rounds_below_one_are_refused_before_anything_runs(monkeypatch):
         train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_rounds=0)
 
 
+class _SteadyPlain(_FakePlain):
+    """A plain loop at a steady 640 images/s (64 a step: 10 steps a second) that counts its steps."""
+
+    steps = 0
+
+    def timed(self, steps: int) -> float:
+        _SteadyPlain.steps += steps
+        return self.images_per_step * steps / 640.0
+
+
 def test_ray_runs_warm_up_past_the_clusters_start_up(monkeypatch):
-    """The Ray runs' warm-up is `ray_settle_s` seconds at the first plain run's speed (640 images/s
-    at 64 a step: 10 steps a second), never fewer than --warmup steps; 0 s keeps --warmup. The timed
-    steps stay --steps."""
+    """After the cluster starts, the plain loop steps untimed for `ray_settle_s` seconds; the Ray
+    runs' warm-up is as many steps as the plain loop runs in that time (10 a second here), never
+    fewer than --warmup; 2 workers on GPUs, which step up to twice as fast, warm up twice as long;
+    0 s keeps --warmup. The timed steps stay --steps."""
     seen = []
 
     def ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu):
         seen.append((workers, warmup, steps))
-        return _fake_ray_run(cfg, data_dir, workers, warmup, steps, storage, data_loader, use_gpu)
+        return {"images_per_s": 600.0}
 
-    for settle, warmup, expected in [(10.0, 0, 100), (10.0, 250, 250), (0.0, 20, 20), (2.5, 0, 25)]:
+    cases = [(10.0, 0, False, 100, 100), (10.0, 250, False, 250, 250), (0.0, 20, False, 20, 20),
+             (2.5, 0, False, 25, 25), (10.0, 0, True, 100, 200)]
+    for settle, warmup, gpu, expected, expected_c in cases:
         _on_fake_machine(monkeypatch, ray_run, lambda device="cpu", dtype=None: 100.0)
+        monkeypatch.setattr(train_bench, "_PlainLoop", _SteadyPlain)
+        monkeypatch.setattr(train_bench.torch.cuda, "device_count", lambda: 2)
         seen.clear()
+        _SteadyPlain.steps = 0
         lines = []
         out = train_bench.bench_train("dcgan-mnist", "unused", warmup=warmup, steps=10, modes=(), log=lines.append,
-                                      ray_rounds=2, ray_settle_s=settle)
-        assert seen == [(1, expected, 10), (1, expected, 10), (2, expected, 10)]
+                                      ray_rounds=2, ray_settle_s=settle, use_gpu=gpu)
+        assert seen == [(1, expected, 10), (1, expected, 10), (2, expected_c, 10)]
         assert out["ray_warmup_steps"] == expected and out["ray_settle_s"] == settle
-        assert any(f"warm up for {expected} steps" in ln for ln in lines)
+        assert any(f"warm up for {expected} steps ({expected_c} with 2 workers)" in ln for ln in lines)
+        # settling (settle s at 10 steps a second, in stretches of 1 step; one more where the sum of
+        # the stretches' float seconds falls short by a rounding) then 4 timed plain runs of 10
+        assert _SteadyPlain.steps - 4 * 10 in (round(settle * 10), round(settle * 10) + 1)
 
 
 def test_the_ray_warm_up_keeps_the_step_count_when_the_plain_speed_is_unknown():
@@ -168,8 +189,8 @@ def test_the_ray_warm_up_keeps_the_step_count_when_the_plain_speed_is_unknown():
     assert train_bench.ray_warmup_steps(20, 1280.0, 64, settle_s=10) == 200
 
 
-def test_a_negative_settling_time_is_refused_before_anything_runs(monkeypatch):
+def test_a_settling_time_that_is_not_a_finite_number_of_seconds_is_refused_before_anything_runs(monkeypatch):
     monkeypatch.setattr(train_bench, "_PlainLoop", None)  # would fail if anything were built
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=r"--ray-settle .*: give 0 or more seconds"):
             train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_settle_s=bad)

@@ -185,9 +185,8 @@ def bench_modes(preset: str, data_dir: str, warmup: int, steps: int, device: str
 # CPU with the cluster's start-up work (the driver and TrainController set up, Ray Data's executor
 # starts): on 2 cores, other processes took 0.73 cores in the 10 s before the first step, 0.26 in
 # the first 3 s of training, and 0.11-0.16 from then on; a 1-worker dcgan-mnist run logged
-# 1,140 images/s over steps 1-80 against 1,250 from step 100 on. After 20 warm-up steps b/a read
-# 0.85; after 300 (about 15 s), 0.958 (docs/performance.md). Users' runs last minutes to days:
-# the steady state is their overhead.
+# 1,140 images/s over steps 1-80 against 1,250 from step 100 on (docs/performance.md). Users' runs
+# last minutes to days: the steady state is their overhead.
 RAY_SETTLE_S = 10.0
 
 
@@ -210,13 +209,14 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     be interleaved step by step, so the runs are bracketed: a, then `ray_rounds` times (b, a), then
     c, a. Each b is compared with the mean of the plain-loop measurements just before and after it,
     and b/a is the median of those ratios, with their range; c/a likewise from its own bracket.
-    The Ray runs warm up for at least `ray_settle_s` seconds of steps at the first plain run's
-    speed (`RAY_SETTLE_S`), so that b and c measure training, not the cluster's start-up."""
+    The Ray runs warm up for as many steps as the plain loop runs in `ray_settle_s` seconds
+    (`RAY_SETTLE_S`), so that b and c measure training, not the cluster's start-up; the plain
+    loop first steps, untimed, for as long after the cluster starts."""
     from latentforge.ray_cluster import ray_init
 
     if ray and ray_rounds < 1:
         raise ConfigError(f"--ray-rounds {ray_rounds}: give 1 or more (each round is one Ray Train run with 1 worker)")
-    if not ray_settle_s >= 0:
+    if ray and not (math.isfinite(ray_settle_s) and ray_settle_s >= 0):
         raise ConfigError(f"--ray-settle {ray_settle_s}: give 0 or more seconds (0: the Ray runs warm up for --warmup steps)")
     cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {})})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
@@ -246,10 +246,18 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         log(f"  (a) plain PyTorch loop:   {plain[-1]:8.1f} images/s   (matmul peak {used} {peaks[-1]:.0f} GFLOP/s)")
 
     ray_init()  # first: every plain run then shares the machine with Ray's own processes, as b and c do
+    settled = 0.0  # the plain loop steps, untimed, while the cluster starts
+    while settled < ray_settle_s:
+        spent = loop.timed(max(1, steps // 10))
+        if not spent > 0:
+            break
+        settled += spent
     time_plain()
     ray_warmup = ray_warmup_steps(warmup, plain[0], loop.images_per_step, ray_settle_s)
-    log(f"  (b) and (c) warm up for {ray_warmup} steps (at least {ray_settle_s:g} s: a run's first seconds "
-        f"share the CPU with the cluster's start-up), then time {steps}")
+    # 2 workers on 2 GPUs step up to twice as fast as 1; on a CPU they share the cores and do not
+    c_warmup = ray_warmup * (2 if use_gpu else 1)
+    log(f"  Ray runs warm up for {ray_warmup} steps ({c_warmup} with 2 workers), the plain loop's steps in "
+        f"{ray_settle_s:g} s (a run's first seconds share the machine with the cluster's start-up), then time {steps}")
     b_runs, b_ratios = [], []
     for _ in range(ray_rounds):
         b_runs.append(ray_run(cfg, data_dir, 1, ray_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"])
@@ -258,7 +266,7 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         b_ratios.append(b_runs[-1] / statistics.mean(plain[-2:]))
     c = c_ratio = float("nan")
     if not use_gpu or torch.cuda.device_count() >= 2:
-        c = ray_run(cfg, data_dir, 2, ray_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"]
+        c = ray_run(cfg, data_dir, 2, c_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"]
         log(f"  (c) Ray Train, 2 workers: {c:8.1f} images/s")
         time_plain()
         c_ratio = c / statistics.mean(plain[-2:])
