@@ -129,3 +129,25 @@ def test_discriminator_separates_real_from_fake_after_training(mnist_dir, tmp_pa
     _, d0 = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(mnist_dir)))
     assert separation(d0.eval()) < 0.75
     assert separation(ck.modules["discriminator"]) > 0.9
+
+
+def test_a_windows_speed_leaves_out_the_time_spent_readying_samples(mnist_dir, tmp_path, monkeypatch):
+    """Readying the model for a sample grid (a GAN's standing BatchNorm statistics, a VAE's prior
+    fit) is not training: a window that holds it reports the speed of its steps, not of the steps
+    and the grid together. Here readying takes 1 s; a tiny model's 2 steps take milliseconds."""
+    import time
+
+    import latentforge.train.program as program_module
+
+    real = program_module.standing_batchnorm_stats
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(program_module, "standing_batchnorm_stats", slow)
+    cfg = tiny("dcgan-mnist", train__steps=6, train__log_every=2, train__sample_every=2, train__checkpoint_every=6)
+    train_local(cfg, mnist_dir, tmp_path, log=quiet)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]  # every window after the first ends with a grid
+    assert all(r["step_time_s"] < 0.25 for r in records), [r["step_time_s"] for r in records]
