@@ -256,8 +256,9 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
     ray_warmup = ray_warmup_steps(warmup, plain[0], loop.images_per_step, ray_settle_s)
     # 2 workers on 2 GPUs step up to twice as fast as 1; on a CPU they share the cores and do not
     c_warmup = ray_warmup * (2 if use_gpu else 1)
-    log(f"  Ray runs warm up for {ray_warmup} steps ({c_warmup} with 2 workers), the plain loop's steps in "
-        f"{ray_settle_s:g} s (a run's first seconds share the machine with the cluster's start-up), then time {steps}")
+    why = (f"the plain loop's steps in {ray_settle_s:g} s (a run's first seconds share the machine with the "
+           "cluster's start-up)") if ray_settle_s else "--warmup, with --ray-settle 0"
+    log(f"  Ray runs warm up for {ray_warmup} steps ({c_warmup} with 2 workers), {why}, then time {steps}")
     b_runs, b_ratios = [], []
     for _ in range(ray_rounds):
         b_runs.append(ray_run(cfg, data_dir, 1, ray_warmup, steps, str(tmp / "runs"), data_loader, use_gpu)["images_per_s"])
