@@ -5,11 +5,15 @@
 #   2. a grid generated from the GAN in the precision it trained in,
 #   3. `bench train --gpus` (fp32 / bf16 / bf16+channels_last / +compile, plain loop only),
 #   4. the Serve application answering one generate request,
-# then images/s and the fraction of the GPU's published dense bf16 peak that training reached.
+# then images/s and the fraction of the GPU's published dense peak that each bench mode reached
+# (bf16 modes against the bf16 tensor-core peak, fp32 against the fp32 peak: TF32 is off by default).
+# A stage that fails is reported and the next one runs (a GPU session may allow one try); the
+# script exits non-zero if any stage failed.
 #   bash jobs/gpu_check.sh                      (repository root, latentforge installed)
-#   LF_GPU_PEAK_TFLOPS=989 bash jobs/gpu_check.sh   (the card's dense bf16 peak; H100 SXM 989, H200 989, A100 312)
+#   LF_GPU_PEAK_TFLOPS=989 bash jobs/gpu_check.sh   (the card's dense bf16 peak, where the name is not
+#                                                  recognised; H100 SXM / H200 989, H100 PCIe 756, A100 312)
 #   LF_CHECK_DEVICE=cpu bash jobs/gpu_check.sh  (a dry run of the same steps on the CPU, smaller)
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WORK=${LF_CHECK_DIR:-$(mktemp -d /tmp/lf-gpu-check-XXXX)}
@@ -18,8 +22,13 @@ export WANDB_MODE=offline RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cuda ]; then GPU=(--gpus); STEPS=${LF_CHECK_STEPS:-400}; else GPU=(); STEPS=${LF_CHECK_STEPS:-20}; fi
 FAST=(--set train.precision=bf16 --set train.channels_last=true --set train.compile=true --set train.tracking=none)
 t0=$(date +%s)
+FAILED=()
+stage() {  # name, command...: run a stage; a failure is recorded and said, and the script goes on
+  local name=$1; shift
+  if ! "$@"; then FAILED+=("$name"); echo "!! stage failed: $name (the next stages still run)"; fi
+}
 
-"$PY" - "$DEVICE" <<'PYEOF'
+"$PY" - "$DEVICE" <<'PYEOF' || exit 1
 import sys, torch
 if sys.argv[1] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine (or LF_CHECK_DEVICE=cpu for a dry run)"
@@ -29,25 +38,30 @@ else:
 PYEOF
 
 echo "== data"
-"$PY" -m latentforge.cli data prepare mnist5k --out "$WORK/data"
+"$PY" -m latentforge.cli data prepare mnist5k --out "$WORK/data" || exit 1  # every stage needs it
 echo "== train a GAN and a VAE: 1 Ray Train worker, bf16 + channels_last + compile, periodic evaluation"
-for preset in dcgan-mnist vae-mnist; do
-  "$PY" -m latentforge.cli train "$preset" --data "$WORK/data" --workers 1 "${GPU[@]}" --steps "$STEPS" \
+train() {  # preset: the last line of --json (the final record) into $WORK/preset.json
+  "$PY" -m latentforge.cli train "$1" --data "$WORK/data" --workers 1 "${GPU[@]}" --steps "$STEPS" \
       "${FAST[@]}" --set train.log_every=50 --set train.eval_every=$((STEPS / 2)) --set train.eval_samples=1000 \
-      --set train.checkpoint_every="$STEPS" --out "$WORK/runs/$preset" --json | tail -n 1 > "$WORK/$preset.json"
-done
+      --set train.checkpoint_every="$STEPS" --out "$WORK/runs/$1" --json | tail -n 1 > "$WORK/$1.json"
+}
+for preset in dcgan-mnist vae-mnist; do stage "train $preset" train "$preset"; done
 echo "== generate"
-"$PY" -m latentforge.cli generate "$WORK/runs/dcgan-mnist" --n 64 --seed 0 --out "$WORK/samples.png"
+stage generate "$PY" -m latentforge.cli generate "$WORK/runs/dcgan-mnist" --n 64 --seed 0 --out "$WORK/samples.png"
 echo "== bench train"
-if [ "$DEVICE" = cuda ]; then
-  "$PY" -m latentforge.cli bench train --gpus --no-ray --data "$WORK/data" --warmup 20 --steps 200 \
-      --modes fp32,bf16,bf16+channels_last,bf16+channels_last+compile --json | tail -n 1 > "$WORK/bench.json"
-else
-  "$PY" -m latentforge.cli bench train --no-ray --data "$WORK/data" --warmup 2 --steps 5 --modes fp32,bf16 --json \
-      | tail -n 1 > "$WORK/bench.json"
-fi
+bench() {
+  if [ "$DEVICE" = cuda ]; then
+    "$PY" -m latentforge.cli bench train --gpus --no-ray --data "$WORK/data" --warmup 20 --steps 200 \
+        --modes fp32,bf16,bf16+channels_last,bf16+channels_last+compile --json | tail -n 1 > "$WORK/bench.json"
+  else
+    "$PY" -m latentforge.cli bench train --no-ray --data "$WORK/data" --warmup 2 --steps 5 --modes fp32,bf16 --json \
+        | tail -n 1 > "$WORK/bench.json"
+  fi
+}
+stage "bench train" bench
 echo "== serve one generate request"
-"$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
+stage "registry promote" "$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
+serve_one() {
 "$PY" - "$WORK/registry" <<'PYEOF'
 import json, sys, time, urllib.request
 from latentforge.serve.config import ServeConfig
@@ -63,19 +77,54 @@ for what in ("first request (loads the model)", "second request"):
 from ray import serve
 serve.shutdown()
 PYEOF
+}
+stage serve serve_one
 
 echo "== summary"
-"$PY" - "$WORK" "${LF_GPU_PEAK_TFLOPS:-0}" <<'PYEOF'
-import json, sys
-work, peak_tflops = sys.argv[1], float(sys.argv[2])
+"$PY" - "$WORK" "$DEVICE" "${LF_GPU_PEAK_TFLOPS:-}" <<'PYEOF'
+import json, os, sys
+work, device, given = sys.argv[1], sys.argv[2], sys.argv[3]
+# published dense peaks in TFLOP/s, (bf16 tensor cores, fp32 without TF32), from NVIDIA's data sheets
+PEAKS = {"H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5),
+         "L40S": (362, 91.6), "L4": (121, 30.3)}
+peaks = None
+if device == "cuda":
+    import torch
+    name = torch.cuda.get_device_name(0)
+    peaks = next((v for k, v in PEAKS.items() if k in name), None)  # the longer names come first
+    if given:
+        peaks = (float(given), peaks[1] if peaks else float("nan"))
+    print(f"device {name}: published dense peaks "
+          + (f"bf16 {peaks[0]:g}, fp32 {peaks[1]:g} TFLOP/s" if peaks else "unknown (set LF_GPU_PEAK_TFLOPS)"))
+
+
+def result(name: str) -> dict | None:
+    """The JSON a stage left in $WORK/name.json, or None where the stage failed before writing it."""
+    try:
+        return json.load(open(f"{work}/{name}.json"))
+    except (OSError, ValueError):
+        return None
+
+
 for preset in ("dcgan-mnist", "vae-mnist"):
-    r = json.load(open(f"{work}/{preset}.json"))
+    r = result(preset)
+    if r is None:
+        print(f"{preset}: no result (its stage failed)")
+        continue
     evals = {k: round(r[k], 3) for k in ("fid", "recall", "recon_psnr") if k in r}
     print(f"{preset}: step {r['step']}, {r['images_per_sec']:.0f} images/s (Ray Train, 1 worker), eval {evals}")
-bench = json.load(open(f"{work}/bench.json"))
+bench = result("bench") or {}
 for mode, m in bench.get("modes", {}).items():
-    frac = f", {m['gflops'] / (peak_tflops * 1e3):.2%} of the published bf16 peak" if peak_tflops else ""
+    frac = ""
+    if peaks:
+        bf16 = mode.startswith("bf16")
+        frac = f", {m['gflops'] / ((peaks[0] if bf16 else peaks[1]) * 1e3):.2%} of the published {'bf16' if bf16 else 'fp32'} peak"
     print(f"bench {mode}: {m['images_per_s']:.0f} images/s, {m['gflops']:.0f} GFLOP/s, x{m['speedup_over_fp32']:.2f} vs fp32, "
           f"first step {m['first_step_s']:.1f} s{frac}")
 PYEOF
 echo "samples: $WORK/samples.png; all outputs in $WORK; $(( $(date +%s) - t0 )) s in all"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf '!! failed stages:'; printf ' [%s]' "${FAILED[@]}"; echo
+  exit 1
+fi
+echo "all stages passed"

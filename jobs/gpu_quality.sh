@@ -14,7 +14,6 @@ DATA=${1:?usage: gpu_quality.sh PREPARED_MNIST5K}
 WORK=${LF_QUALITY_DIR:-$(mktemp -d /tmp/lf-quality-XXXX)}
 STEPS=${LF_QUALITY_STEPS:-4558}
 SAMPLES=${LF_QUALITY_SAMPLES:-5000}
-PARALLEL=${LF_QUALITY_PARALLEL:-16}
 DEVICE=${LF_CHECK_DEVICE:-cuda}
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cuda ]; then GPU=(--gpus); else GPU=(); fi
@@ -40,6 +39,10 @@ RUNS=(
   "stylegan2 paper regularisers|stylegan2-mnist|model.g_options.style_mixing=0.9 gan.pl_weight=2"
   "dcgan|dcgan-mnist|"
 )
+PARALLEL=${LF_QUALITY_PARALLEL:-${#RUNS[@]}}  # all at once by default: a batch that waits for a slow run holds the rest back
+# scoring runs on the CPU (evaluate loads checkpoints there), up to PARALLEL at once: one thread each,
+# not one per core each
+EVAL_THREADS=${LF_EVAL_THREADS:-1}
 
 "$PY" - "$DEVICE" <<'PYEOF'
 import sys, torch
@@ -53,7 +56,8 @@ DEADLINE=${LF_QUALITY_DEADLINE:-100000}  # seconds a training may run; a run sto
 COPY=${LF_QUALITY_COPY:-}  # a folder to copy each run's result and sample grid to as soon as it is scored
 run_one() {  # index, name, preset, overrides: train, then score the EMA and the raw generator
   local j=$1 name=$2 preset=$3 overrides=$4 sets=() kv
-  for kv in $overrides; do sets+=(--set "$kv"); done
+  local -a words; read -r -a words <<< "$overrides"  # split on spaces only: no globbing of [a,b] lists
+  for kv in "${words[@]}"; do sets+=(--set "$kv"); done
   echo "$name" > "$WORK/logs/run$j.name"
   timeout "$DEADLINE" "$PY" -m latentforge.cli train "$preset" --data "$DATA" --workers 0 "${GPU[@]}" --steps "$STEPS" \
       --set train.tracking=none --set train.checkpoint_every=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 )) \
@@ -61,7 +65,7 @@ run_one() {  # index, name, preset, overrides: train, then score the EMA and the
       "${sets[@]}" --out "$WORK/runs/run$j" --json > "$WORK/logs/run$j.log" 2>&1 || echo "run $j ($name) stopped: $?"
   for ema in ema raw; do
     flag=(); [ "$ema" = raw ] && flag=(--no-ema)
-    "$PY" -m latentforge.cli evaluate "$WORK/runs/run$j" --data "$DATA" --samples "$SAMPLES" "${flag[@]}" --json \
+    OMP_NUM_THREADS=$EVAL_THREADS "$PY" -m latentforge.cli evaluate "$WORK/runs/run$j" --data "$DATA" --samples "$SAMPLES" "${flag[@]}" --json \
         2> "$WORK/logs/eval$j-$ema.err" | tail -n 1 > "$WORK/logs/eval$j-$ema.json" || true
   done
   if [ -n "$COPY" ]; then
