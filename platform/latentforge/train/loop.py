@@ -84,6 +84,13 @@ def format_progress(record: dict, total: int) -> str:
             f"ETA {_fmt_duration(record['eta_s'])}{ckpt}")
 
 
+def _settled_clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the device has finished the work queued on it (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_training(
     cfg,
     spec: DataSpec,
@@ -206,14 +213,15 @@ def run_training(
         log_due = done % t.log_every == 0 or is_last or done == start + 1 or eval_due
         ckpt_due = done % t.checkpoint_every == 0 or is_last
         sample_due = done % t.sample_every == 0 or is_last
-        aside_start = time.perf_counter()
-        if ctx.is_chief and (sample_due or ckpt_due or (eval_due and evaluate is not None)):
+        readying = ctx.is_chief and (sample_due or ckpt_due or (eval_due and evaluate is not None))
+        if readying:
+            aside_start = _settled_clock(ctx.device)  # a GPU's queued steps belong to the window, not to this
             note = program.prepare_inference()  # the chief's samples, evaluation and checkpoint see the same model
             if note and is_last:
                 log(note)
-        if ctx.is_chief and sample_due:
-            sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
-        window_aside += time.perf_counter() - aside_start
+            if sample_due:
+                sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
+            window_aside += _settled_clock(ctx.device) - aside_start
         if not (log_due or ckpt_due):
             continue
         keys = list(window[0])
