@@ -206,6 +206,10 @@ def cmd_train(args: argparse.Namespace) -> Result:
         if not run.is_local:
             raise ConfigError(f"{run.uri} is remote storage: --workers 0 writes local folders; use --workers 1 or more")
         PreparedDataset(args.data)  # a wrong --data fails here, before the run folder exists
+        if args.gpus:
+            from latentforge.devices import require_cuda
+
+            require_cuda("--gpus", "drop --gpus to train on the CPU")
         run.path.mkdir(parents=True, exist_ok=True)
         print(f"run folder: {run.uri}")
         record = train_local(cfg, args.data, run.path, resume=bool(args.resume), device="cuda" if args.gpus else "cpu")

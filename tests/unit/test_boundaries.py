@@ -29,7 +29,7 @@ CORE_MODULES = (
     "latentforge.data.sources", "latentforge.data.shapes", "latentforge.data.stream",
     # the Ray-free halves of the wiring packages: the shared training loop, the pure policies, the serving engine
     "latentforge.train.loop", "latentforge.train.program", "latentforge.train.batches", "latentforge.train.local",
-    "latentforge.train.run_dir", "latentforge.train.setup", "latentforge.tune.instability", "latentforge.tune.rungs", "latentforge.serve.engine",
+    "latentforge.train.run_dir", "latentforge.train.setup", "latentforge.devices", "latentforge.tune.instability", "latentforge.tune.rungs", "latentforge.serve.engine",
 )
 
 

@@ -218,6 +218,10 @@ def bench_train(preset: str = "dcgan-mnist", data_dir: str | None = None, warmup
         raise ConfigError(f"--ray-rounds {ray_rounds}: give 1 or more (each round is one Ray Train run with 1 worker)")
     if ray and not (math.isfinite(ray_settle_s) and ray_settle_s >= 0):
         raise ConfigError(f"--ray-settle {ray_settle_s}: give 0 or more seconds (0: the Ray runs warm up for --warmup steps)")
+    if use_gpu:
+        from latentforge.devices import require_cuda
+
+        require_cuda("--gpus", "drop --gpus to measure this CPU")
     cfg = load_experiment(preset, {"train.tracking": "none", **(overrides or {})})
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     data_dir = mnist5k_unless(data_dir)

@@ -217,9 +217,16 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
         from latentforge.metrics.features import ensure_feature_net
 
         ensure_feature_net(data_dir, log=log)
+    ray_init(address)
+    if use_gpu:  # before the run folder is written: a refused run leaves nothing behind
+        import ray
+
+        from latentforge.devices import check_cluster_gpus
+
+        check_cluster_gpus(workers, ray.cluster_resources().get("GPU", 0), joined=bool(address or os.environ.get("RAY_ADDRESS")),
+                           log=log)
     if not resume:
         write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers)
-    ray_init(address)
     resume_from = None
     if resume and run.is_local:
         from latentforge.checkpoint import find_checkpoints

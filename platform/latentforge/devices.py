@@ -1,0 +1,37 @@
+"""Whether the GPUs a command asks for exist, checked before any work starts (pure PyTorch; the
+Ray check takes the cluster's numbers as arguments)."""
+
+from __future__ import annotations
+
+import torch
+
+from latentforge.errors import ConfigError
+
+
+def require_cuda(flag: str, fallback: str) -> None:
+    """Refuse `flag` (e.g. '--gpus') where this process sees no CUDA device, instead of failing
+    inside PyTorch's CUDA initialisation with a driver traceback.
+
+    Raises:
+        ConfigError: no CUDA device; the message says what to do instead (`fallback`).
+    """
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{flag}: this process sees no CUDA GPU (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides it); "
+                          f"{fallback}, or run it on a GPU machine")
+
+
+def check_cluster_gpus(workers: int, cluster_gpus: float, joined: bool, log=print) -> None:
+    """`--gpus` on Ray Train asks one GPU per worker. A local cluster that has fewer would leave
+    the run waiting for them forever, so that is refused; a cluster joined by address may add GPU
+    nodes through its autoscaler, so there the wait is only said.
+
+    Raises:
+        ConfigError: a local cluster with fewer GPUs than workers.
+    """
+    if cluster_gpus >= workers:
+        return
+    have = f"this Ray cluster has {cluster_gpus:g} GPU(s) and --gpus with {workers} worker(s) asks {workers}"
+    if not joined:
+        raise ConfigError(f"{have}: drop --gpus to train on the CPU, lower --workers to {int(cluster_gpus)}"
+                          if cluster_gpus >= 1 else f"{have}: drop --gpus to train on the CPU, or run on a GPU machine")
+    log(f"warning: {have}; the run waits until the cluster (its autoscaler) adds GPU nodes")

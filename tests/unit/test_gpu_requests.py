@@ -1,0 +1,68 @@
+"""Asking for GPUs where there are none: a clear refusal before any work starts, never a CUDA
+driver traceback or a Ray run that waits forever (this machine, like CI's, has no GPU; where a
+test runs on one, the refusals are checked with CUDA hidden)."""
+
+import pytest
+import torch
+
+from latentforge.devices import check_cluster_gpus, require_cuda
+from latentforge.errors import ConfigError
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_require_cuda_names_the_flag_and_the_way_out(no_cuda):
+    with pytest.raises(ConfigError, match=r"--gpus: this process sees no CUDA GPU .*; drop --gpus to train on the CPU"):
+        require_cuda("--gpus", "drop --gpus to train on the CPU")
+
+
+def test_train_without_ray_refuses_gpus_before_the_run_folder_exists(mnist_dir, tmp_path, capsys, no_cuda):
+    from latentforge.cli import main
+
+    code = main(["train", "dcgan-mnist", "--data", str(mnist_dir), "--workers", "0", "--gpus", "--steps", "2",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--gpus: this process sees no CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_train_refuses_gpus_before_measuring(no_cuda, monkeypatch):
+    from latentforge.bench import train_bench
+
+    monkeypatch.setattr(train_bench, "_PlainLoop", None)  # would fail if anything were built
+    with pytest.raises(ConfigError, match="drop --gpus to measure this CPU"):
+        train_bench.bench_train("dcgan-mnist", "unused", use_gpu=True, ray=False)
+
+
+def test_a_local_ray_cluster_without_enough_gpus_is_refused_and_a_joined_one_waits_with_a_warning():
+    for gpus, fix in [(0, "drop --gpus to train on the CPU, or run on a GPU machine"), (1, "lower --workers to 1")]:
+        with pytest.raises(ConfigError, match=rf"has {gpus} GPU\(s\) and --gpus with 2 worker\(s\) asks 2: .*{fix}"):
+            check_cluster_gpus(2, gpus, joined=False)
+    said = []
+    check_cluster_gpus(2, 0, joined=True, log=said.append)
+    assert len(said) == 1 and "waits until the cluster (its autoscaler) adds GPU nodes" in said[0]
+    said.clear()
+    check_cluster_gpus(2, 2, joined=False, log=said.append)
+    check_cluster_gpus(1, 8, joined=True, log=said.append)
+    assert said == []
+
+
+def test_train_ray_checks_the_clusters_gpus_before_writing_the_run_folder(mnist_dir, tmp_path, monkeypatch):
+    """The check sits between starting Ray and writing run.json: a refused run leaves no folder
+    that a second try would find "already exists"."""
+    import ray
+
+    from latentforge.train import ray_train
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_train, "ray_init", lambda address=None: None)  # no cluster is started
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    from latentforge.config import load_experiment
+
+    cfg = load_experiment("dcgan-mnist", {"train.tracking": "none"})
+    with pytest.raises(ConfigError, match=r"has 0 GPU\(s\) and --gpus with 1 worker\(s\) asks 1"):
+        ray_train.train_ray(cfg, mnist_dir, workers=1, use_gpu=True, out=str(tmp_path / "r"), log=lambda *_: None)
+    assert not (tmp_path / "r" / "run.json").exists()
