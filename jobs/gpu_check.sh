@@ -2,7 +2,8 @@
 # GPU check, in minutes: one GPU, the fast path (bf16 + channels_last + torch.compile).
 #   1. a GAN and a VAE trained through Ray Train on one GPU worker with periodic evaluation
 #      (the VAE's evaluation is where CPU data used to meet a CUDA model),
-#   2. a grid generated from the GAN in the precision it trained in,
+#   2. a grid generated from the GAN in the precision it trained in, and both scored on 5,000
+#      samples, on the GPU (`--device cuda`),
 #   3. `bench train --gpus` (fp32 / bf16 / bf16+channels_last / +compile, plain loop only),
 #   4. the Serve application answering one generate request,
 # then images/s and the fraction of the GPU's published dense peak that each bench mode reached
@@ -46,8 +47,13 @@ train() {  # preset: the last line of --json (the final record) into $WORK/prese
       --set train.checkpoint_every="$STEPS" --out "$WORK/runs/$1" --json | tail -n 1 > "$WORK/$1.json"
 }
 for preset in dcgan-mnist vae-mnist; do stage "train $preset" train "$preset"; done
-echo "== generate"
-stage generate "$PY" -m latentforge.cli generate "$WORK/runs/dcgan-mnist" --n 64 --seed 0 --out "$WORK/samples.png"
+echo "== generate and evaluate on the device"
+stage generate "$PY" -m latentforge.cli generate "$WORK/runs/dcgan-mnist" --n 64 --seed 0 --device "$DEVICE" \
+    --out "$WORK/samples.png"
+for preset in dcgan-mnist vae-mnist; do
+  stage "evaluate $preset" "$PY" -m latentforge.cli evaluate "$WORK/runs/$preset" --data "$WORK/data" --samples 5000 \
+      --device "$DEVICE"
+done
 echo "== bench train"
 bench() {
   if [ "$DEVICE" = cuda ]; then

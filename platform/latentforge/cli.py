@@ -123,6 +123,19 @@ def cmd_data_features(args: argparse.Namespace) -> Result:
     return train_feature_net(args.dataset, epochs=args.epochs, seed=args.seed)
 
 
+def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help=f"{what} (default cpu)")
+
+
+def chosen_device(device: str) -> str:
+    """`--device`, refused (with the way out) where it names a GPU this process cannot see."""
+    if device == "cuda":
+        from latentforge.devices import require_cuda
+
+        require_cuda("--device cuda", "drop --device to run on the CPU")
+    return device
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def add_evaluate(verbs: Verbs) -> None:
     ev = verbs.add_parser("evaluate", help="score a checkpoint or generated images against a dataset")
@@ -141,6 +154,7 @@ def add_evaluate(verbs: Verbs) -> None:
                     help="how images reach Inception: clean (8-bit, antialiased bicubic resize, as clean-fid) or "
                          "legacy (bilinear float resize, as pytorch-fid/torchmetrics); results name it")
     add_json_flag(ev)
+    add_device_flag(ev, "generate and embed the samples on this device (cuda: a GPU for 50,000 samples)")
     ev.set_defaults(func=cmd_evaluate)
 
 
@@ -149,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
 
     result = evaluate(args.target, args.data, samples=args.samples, seed=args.seed, reference=args.reference,
                       inception=args.inception, ema=args.ema, inception_protocol=args.inception_protocol,
-                      standard_prior=args.standard_prior)
+                      standard_prior=args.standard_prior, device=chosen_device(args.device))
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
@@ -237,6 +251,7 @@ def add_generate(verbs: Verbs) -> None:
     gen.add_argument("--standard-prior", action="store_true",
                      help="VAEs: sample N(0, I) instead of the latent prior fitted in training")
     gen.add_argument("--out", required=True, help="PNG file to write")
+    add_device_flag(gen, "run the generator on this device")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -263,7 +278,7 @@ def cmd_generate(args: argparse.Namespace) -> Result:
     from latentforge.storage import atomic_write_bytes
 
     _check_truncation(args.truncation)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, device=chosen_device(args.device))
     images, _, _ = generate(ckpt, args.n, args.seed, label=args.label, truncation=args.truncation,
                             precision=args.precision, standard_prior=args.standard_prior)
     atomic_write_bytes(args.out, grid_png(images))

@@ -66,3 +66,14 @@ def test_train_ray_checks_the_clusters_gpus_before_writing_the_run_folder(mnist_
     with pytest.raises(ConfigError, match=r"has 0 GPU\(s\) and --gpus with 1 worker\(s\) asks 1"):
         ray_train.train_ray(cfg, mnist_dir, workers=1, use_gpu=True, out=str(tmp_path / "r"), log=lambda *_: None)
     assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_generate_and_evaluate_refuse_a_gpu_device_they_cannot_see(mnist_dir, tmp_path, capsys, no_cuda):
+    from latentforge.cli import main
+
+    for argv in (["generate", str(tmp_path / "no-run"), "--out", str(tmp_path / "g.png"), "--device", "cuda"],
+                 ["evaluate", str(tmp_path / "no-run"), "--data", str(mnist_dir), "--device", "cuda"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "--device cuda: this process sees no CUDA GPU" in err and "drop --device" in err, err
+    assert not (tmp_path / "g.png").exists()

@@ -6,6 +6,8 @@ backbones are never mixed in one result.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import zipfile
 import zlib
@@ -123,7 +125,8 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
-             ema: bool = True, inception_protocol: str = "clean", standard_prior: bool = False, log=print) -> dict:
+             ema: bool = True, inception_protocol: str = "clean", standard_prior: bool = False, log=print,
+             device: str | torch.device = "cpu") -> dict:
     """Score a checkpoint (or run folder) or a set of generated images against a dataset.
 
     The backbone is the dataset's own feature network, or Inception-v3 when `inception` names a
@@ -132,6 +135,8 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
 
     `ema=False` scores a GAN checkpoint's raw generator instead of its EMA copy;
     `standard_prior=True` a VAE's samples from N(0, I) instead of its fitted latent prior.
+    `device` runs the generator and the backbone there (a GPU for 50,000 samples); the statistics
+    are computed on the CPU in float64 either way.
 
     Returns:
         One flat dict: every metric under its protocol-named key (`fid5k_train_lfclassifier`:
@@ -150,6 +155,8 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
 
         net = load_inception_net(dataset_dir, inception, inception_protocol, log=log)
     net = net or ensure_feature_net(dataset_dir, log=log)
+    if next(net.model.parameters()).device != torch.device(device):  # a copy: the caller's net (cached) stays put
+        net = dataclasses.replace(net, model=copy.deepcopy(net.model).to(device))
     target = Path(target)
     out: dict = {"backbone": net.backbone, "backbone_val_accuracy": net.val_accuracy, "seed": seed,
                  "reference": f"{reference} split"}
@@ -159,7 +166,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
         raise LatentForgeError(f"--samples {samples} is out of range: give {MIN_SAMPLES:,}..{MAX_SAMPLES:,} "
                                "(FID is usually reported at 5,000 or 50,000)")
     if is_checkpoint:
-        ckpt = load_checkpoint(target)
+        ckpt = load_checkpoint(target, device=device)
         ckpt.check_dataset(ds, log=log)
         if not ema:
             if ckpt.algorithm != "gan":

@@ -68,3 +68,34 @@ def test_negative_elbo_and_decoding_move_their_inputs(mnist_dir):
     labels = torch.tensor([0, 1, 2])
     runs_on_the_model_device(lambda: vae_negative_elbo(vae, torch.zeros(3, 1, 8, 8), labels))
     runs_on_the_model_device(lambda: decode_latents(vae, torch.zeros(3, 4), labels))
+
+
+def test_evaluate_runs_the_checkpoint_on_the_device_asked_and_leaves_the_callers_backbone_where_it_was(
+        mnist_dir, mnist_features, tmp_path, monkeypatch):
+    """`evaluate --device`: the checkpoint is loaded on that device and every generator forward
+    gets its inputs there (a GAN, and a VAE's decoder: from N(0, I) here, as its fitted prior's
+    sampling needs real numbers before the decoder runs; it moves its noise to the prior's device
+    and back); the dataset's backbone is copied there, so the cached one the caller passed stays
+    on the CPU."""
+    import latentforge.checkpoint as checkpoint_module
+    from helpers import tiny
+    from latentforge.metrics.evaluate import MIN_SAMPLES, evaluate
+    from latentforge.train.local import train_local
+
+    real_load = checkpoint_module.load_checkpoint
+    devices = []
+
+    def load_guarded(path, device="cpu"):
+        devices.append(str(device))
+        ckpt = real_load(path, device=device)
+        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
+        return ckpt
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", load_guarded)
+    for preset in ("dcgan-mnist", "vae-mnist"):
+        train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)
+        runs_on_the_model_device(lambda: evaluate(tmp_path / preset, mnist_dir, samples=MIN_SAMPLES, net=mnist_features,
+                                                  standard_prior=preset == "vae-mnist", device="meta",
+                                                  log=lambda *_: None))
+    assert devices == ["meta", "meta"]
+    assert next(mnist_features.model.parameters()).device.type == "cpu"
