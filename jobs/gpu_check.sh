@@ -87,17 +87,19 @@ PYEOF
 stage serve serve_one
 
 echo "== summary"
+summary() {
 "$PY" - "$WORK" "$DEVICE" "${LF_GPU_PEAK_TFLOPS:-}" <<'PYEOF'
 import json, os, sys
 work, device, given = sys.argv[1], sys.argv[2], sys.argv[3]
 # published dense peaks in TFLOP/s, (bf16 tensor cores, fp32 without TF32), from NVIDIA's data sheets
+# (matched in this order: the longer names first, "L40S" before "L40" before "L4")
 PEAKS = {"H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5),
-         "L40S": (362, 91.6), "L4": (121, 30.3)}
+         "L40S": (362, 91.6), "L40": (181, 90.5), "L4": (121, 30.3)}
 peaks = None
 if device == "cuda":
     import torch
     name = torch.cuda.get_device_name(0)
-    peaks = next((v for k, v in PEAKS.items() if k in name), None)  # the longer names come first
+    peaks = next((v for k, v in PEAKS.items() if k in name), None)
     if given:
         peaks = (float(given), peaks[1] if peaks else float("nan"))
     print(f"device {name}: published dense peaks "
@@ -119,15 +121,19 @@ for preset in ("dcgan-mnist", "vae-mnist"):
         continue
     evals = {k: round(r[k], 3) for k in ("fid", "recall", "recon_psnr") if k in r}
     print(f"{preset}: step {r['step']}, {r['images_per_sec']:.0f} images/s (Ray Train, 1 worker), eval {evals}")
-bench = result("bench") or {}
-for mode, m in bench.get("modes", {}).items():
+bench = result("bench")
+if bench is None:
+    print("bench: no result (its stage failed)")
+for mode, m in (bench or {}).get("modes", {}).items():
     frac = ""
-    if peaks:
-        bf16 = mode.startswith("bf16")
-        frac = f", {m['gflops'] / ((peaks[0] if bf16 else peaks[1]) * 1e3):.2%} of the published {'bf16' if bf16 else 'fp32'} peak"
+    peak = None if not peaks else peaks[0] if mode.startswith("bf16") else peaks[1]
+    if peak == peak and peak:  # known (a card outside the table with LF_GPU_PEAK_TFLOPS has no fp32 peak)
+        frac = f", {m['gflops'] / (peak * 1e3):.2%} of the published {'bf16' if mode.startswith('bf16') else 'fp32'} peak"
     print(f"bench {mode}: {m['images_per_s']:.0f} images/s, {m['gflops']:.0f} GFLOP/s, x{m['speedup_over_fp32']:.2f} vs fp32, "
           f"first step {m['first_step_s']:.1f} s{frac}")
 PYEOF
+}
+stage summary summary
 echo "samples: $WORK/samples.png; all outputs in $WORK; $(( $(date +%s) - t0 )) s in all"
 if [ ${#FAILED[@]} -gt 0 ]; then
   printf '!! failed stages:'; printf ' [%s]' "${FAILED[@]}"; echo

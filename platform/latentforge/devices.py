@@ -35,3 +35,11 @@ def check_cluster_gpus(workers: int, cluster_gpus: float, joined: bool, log=prin
         raise ConfigError(f"{have}: drop --gpus to train on the CPU, lower --workers to {int(cluster_gpus)}"
                           if cluster_gpus >= 1 else f"{have}: drop --gpus to train on the CPU, or run on a GPU machine")
     log(f"warning: {have}; the run waits until the cluster (its autoscaler) adds GPU nodes")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions, both switches (PyTorch's defaults differ: matmul
+    off, cuDNN on). Off for scoring and sampling, so a GPU's FID is computed with the fp32 math the
+    CPU's real statistics were."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

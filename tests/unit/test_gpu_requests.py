@@ -66,6 +66,36 @@ def test_train_ray_checks_the_clusters_gpus_before_writing_the_run_folder(mnist_
     with pytest.raises(ConfigError, match=r"has 0 GPU\(s\) and --gpus with 1 worker\(s\) asks 1"):
         ray_train.train_ray(cfg, mnist_dir, workers=1, use_gpu=True, out=str(tmp_path / "r"), log=lambda *_: None)
     assert not (tmp_path / "r" / "run.json").exists()
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's name for a cluster of this machine: refused, not waited on
+    with pytest.raises(ConfigError, match=r"has 0 GPU\(s\)"):
+        ray_train.train_ray(cfg, mnist_dir, workers=1, use_gpu=True, out=str(tmp_path / "r2"), log=lambda *_: None)
+
+
+def test_scoring_on_a_gpu_turns_tf32_off_as_the_cpu_statistics_are_fp32(monkeypatch):
+    """cuDNN's default is TF32: a GPU's FID would otherwise compare TF32 features with the fp32
+    real statistics."""
+    from latentforge.cli import chosen_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # (module __setattr__s:
+    try:                                                                             # not monkeypatchable)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert chosen_device("cuda") == "cuda"
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        torch.backends.cudnn.allow_tf32 = True
+        assert chosen_device("cpu") == "cpu" and torch.backends.cudnn.allow_tf32 is True  # the CPU leaves them be
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_the_backbone_is_copied_only_when_it_sits_elsewhere():
+    from torch import nn
+
+    from latentforge.metrics.evaluate import on_device
+
+    m = nn.Linear(2, 2)
+    assert on_device(m, "cpu") and on_device(m, torch.device("cpu"))
+    assert not on_device(m, "meta") and not on_device(m, "cuda") and not on_device(m, "cuda:1")
 
 
 def test_generate_and_evaluate_refuse_a_gpu_device_they_cannot_see(mnist_dir, tmp_path, capsys, no_cuda):

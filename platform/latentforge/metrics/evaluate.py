@@ -123,6 +123,12 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
             "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
 
 
+def on_device(module: torch.nn.Module, device: str | torch.device) -> bool:
+    """Whether `module`'s parameters are on `device` ('cuda' matches any CUDA device, 'cuda:1' only that one)."""
+    have, want = next(module.parameters()).device, torch.device(device)
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,
              reference: str = "train", net: FeatureNet | None = None, inception: str | Path | None = None,
              ema: bool = True, inception_protocol: str = "clean", standard_prior: bool = False, log=print,
@@ -155,7 +161,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
 
         net = load_inception_net(dataset_dir, inception, inception_protocol, log=log)
     net = net or ensure_feature_net(dataset_dir, log=log)
-    if next(net.model.parameters()).device != torch.device(device):  # a copy: the caller's net (cached) stays put
+    if not on_device(net.model, device):  # a copy: the caller's net (cached) stays put
         net = dataclasses.replace(net, model=copy.deepcopy(net.model).to(device))
     target = Path(target)
     out: dict = {"backbone": net.backbone, "backbone_val_accuracy": net.val_accuracy, "seed": seed,

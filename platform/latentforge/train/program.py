@@ -24,6 +24,7 @@ from latentforge.algorithms.vae import fit_latent_prior, make_vae_state, vae_ste
 from latentforge.checkpoint import LATENT_PRIOR
 from latentforge.data.dataset import Split
 from latentforge.data.spec import DataSpec
+from latentforge.devices import set_tf32
 from latentforge.models.prior import component_uniforms
 from latentforge.sampling import decode_latents
 from latentforge.builders import build_gan, build_vae
@@ -194,7 +195,6 @@ def build_program(cfg, spec: DataSpec, noise: GlobalNoise, device="cpu", wrap=la
     Weights are initialised from `cfg.train.seed`, so every worker builds identical networks.
     """
     torch.manual_seed(cfg.train.seed)
-    if torch.device(device).type == "cuda":  # both switches: PyTorch's defaults differ (matmul off, cuDNN on)
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    if torch.device(device).type == "cuda":
+        set_tf32(cfg.train.tf32)
     return PROGRAM_BUILDERS[cfg.algorithm](cfg, spec, noise, torch.device(device), wrap, reduce_mean, inference_data)

@@ -223,8 +223,8 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
 
         from latentforge.devices import check_cluster_gpus
 
-        check_cluster_gpus(workers, ray.cluster_resources().get("GPU", 0), joined=bool(address or os.environ.get("RAY_ADDRESS")),
-                           log=log)
+        joined = (address or os.environ.get("RAY_ADDRESS") or "local") != "local"  # "local": a cluster of this machine
+        check_cluster_gpus(workers, ray.cluster_resources().get("GPU", 0), joined=joined, log=log)
     if not resume:
         write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers)
     resume_from = None
