@@ -170,6 +170,7 @@ def test_ray_runs_warm_up_past_the_clusters_start_up(monkeypatch):
         _on_fake_machine(monkeypatch, ray_run, lambda device="cpu", dtype=None: 100.0)
         monkeypatch.setattr(train_bench, "_PlainLoop", _SteadyPlain)
         monkeypatch.setattr(train_bench.torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(train_bench.torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
         seen.clear()
         _SteadyPlain.steps = 0
         lines = []
