@@ -454,6 +454,8 @@ def add_tune(verbs: Verbs) -> None:
     tu.add_argument("--out", help="sweep folder (default sweeps/<name>-<time>); with --resume, the sweep to continue")
     tu.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     tu.add_argument("--address", help="join an existing Ray cluster")
+    tu.add_argument("--gpus", action="store_true",
+                    help="one GPU per Ray Train worker of every trial (the sweep's gpus: true)")
     tu.add_argument("--registry", default="registry", help="promote the best trial here (default ./registry)")
     tu.add_argument("--no-promote", action="store_true", help="do not promote the best trial")
     add_json_flag(tu)
@@ -467,7 +469,7 @@ def cmd_tune(args: argparse.Namespace) -> Result:
     if args.resume and not args.out:
         raise SystemExit("latentforge tune: --resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
     return run_sweep(load_sweep(args.sweep), args.data, out=args.out, resume=args.resume, address=args.address,
-                     registry=None if args.no_promote else args.registry)
+                     registry=None if args.no_promote else args.registry, gpus=args.gpus)
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -43,6 +43,7 @@ class TuneJob(StrictConfig):
     data: JobData
     out: str | None = None  # sweep folder
     registry: str | None = "registry"  # promote the best trial here (None: no promotion)
+    gpus: bool = False  # one GPU per Ray Train worker of every trial (or the sweep YAML's gpus: true)
 
 
 class EvaluateJob(StrictConfig):
@@ -100,7 +101,7 @@ def run(kind: str, spec) -> dict:
         from latentforge.tune.space import load_sweep
         from latentforge.tune.sweep import run_sweep
 
-        return run_sweep(load_sweep(spec.sweep), _dataset(spec.data), out=spec.out, registry=spec.registry)
+        return run_sweep(load_sweep(spec.sweep), _dataset(spec.data), out=spec.out, registry=spec.registry, gpus=spec.gpus)
     if kind == "evaluate":
         from latentforge.metrics.evaluate import evaluate
         from latentforge.storage import atomic_write_json

@@ -41,3 +41,21 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
         # The dashboard hosts the state API that Ray Train's controller and cleaner poll.
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env,
                  object_store_memory=512 * 1024 * 1024, log_to_driver=True)
+
+
+def check_gpus_for(workers: int, address: str | None = None, log=print, workers_flag: str = "--workers") -> float:
+    """After `ray_init`: refuse `workers` GPU workers that this cluster can never place, or say
+    that they wait for its autoscaler (`devices.check_cluster_gpus`). A cluster counts as joined
+    when `address` or RAY_ADDRESS names one; Ray's "local" is this machine's own.
+
+    Returns:
+        The GPUs the cluster has now.
+    """
+    import ray
+
+    from latentforge.devices import check_cluster_gpus
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    joined = (address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+    check_cluster_gpus(workers, gpus, joined=joined, log=log, workers_flag=workers_flag)
+    return gpus

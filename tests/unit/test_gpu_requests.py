@@ -107,3 +107,105 @@ def test_generate_and_evaluate_refuse_a_gpu_device_they_cannot_see(mnist_dir, tm
         err = capsys.readouterr().err
         assert code == 2 and "--device cuda: this process sees no CUDA GPU" in err and "drop --device" in err, err
     assert not (tmp_path / "g.png").exists()
+
+
+SWEEP = """
+name: s
+base: dcgan-mnist
+overrides: {model.g_width: 8, model.d_width: 8}
+space:
+  gan.lr_g: {choice: [1.0e-4, 2.0e-4]}
+workers_per_trial: 2
+max_concurrent: 3
+steps: 4
+eval_every: 2
+"""
+
+
+def _sweep(tmp_path, extra: str = ""):
+    from latentforge.tune.space import load_sweep
+
+    f = tmp_path / "sweep.yaml"
+    f.write_text(SWEEP + extra)
+    return load_sweep(f)
+
+
+def _no_cluster(monkeypatch, gpus: float):
+    """run_sweep up to its GPU check, with no Ray cluster and no feature network trained."""
+    import ray
+
+    from latentforge import ray_cluster
+    from latentforge.metrics import features
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster, "ray_init", lambda address=None: None)
+    monkeypatch.setattr(features, "ensure_feature_net", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": gpus})
+
+
+def test_a_gpu_sweep_is_refused_before_its_folder_exists_where_no_trial_could_be_placed(mnist_dir, tmp_path, monkeypatch):
+    """Before, a sweep never asked for GPUs: on a GPU node every trial trained on its CPU."""
+    from latentforge.tune.sweep import run_sweep
+
+    sw = _sweep(tmp_path)
+    assert sw.gpus is False and _sweep(tmp_path, "gpus: true\n").gpus is True
+    _no_cluster(monkeypatch, gpus=1)
+    for how in ({"gpus": True}, {"gpus": False, "sw": _sweep(tmp_path, "gpus: true\n")}):  # --gpus, or the YAML's
+        with pytest.raises(ConfigError, match=r"has 1 GPU\(s\) and --gpus with 2 worker\(s\) asks 2: .*"
+                                              r"lower workers_per_trial to 1"):
+            run_sweep(how.get("sw", sw), str(mnist_dir), out=str(tmp_path / "sweep"), gpus=how["gpus"],
+                      registry=None, log=lambda *_: None)
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_a_gpu_sweep_says_when_its_gpus_run_fewer_trials_than_max_concurrent(tmp_path, monkeypatch):
+    from latentforge.tune.sweep import _check_sweep_gpus
+
+    _no_cluster(monkeypatch, gpus=4)
+    said = []
+    _check_sweep_gpus(_sweep(tmp_path), None, said.append)  # 2 trials of 2 GPU workers fit, 3 may run at once
+    assert said == ["note: 4 GPU(s) run 2 trial(s) of 2 GPU worker(s) at once, not max_concurrent 3; "
+                    "the other trials queue"]
+    _no_cluster(monkeypatch, gpus=6)
+    said.clear()
+    _check_sweep_gpus(_sweep(tmp_path), None, said.append)
+    assert said == []
+
+
+def test_a_gpu_sweeps_trials_ask_ray_train_for_gpu_workers(mnist_dir, tmp_path, monkeypatch):
+    """The trial function (run by Tune) hands `gpus` to the trainer it builds, as `train --gpus` does."""
+    import ray
+    import ray.util.queue
+    from ray import tune
+
+    from latentforge.train import ray_train
+    from latentforge.tune.sweep import sweep_trial
+
+    class Built(Exception):
+        pass
+
+    asked = {}
+
+    def make_trainer(cfg, data_dir, workers, run, **kwargs):
+        asked.update(workers=workers, **kwargs)
+        raise Built
+
+    class Queue:  # the trial's report queue is a Ray actor; none is started here
+        actor = None
+
+        def __init__(self, *a, **k):
+            pass
+
+        def get(self, timeout=None):
+            raise ray.util.queue.Empty
+
+    monkeypatch.setattr(ray_train, "make_trainer", make_trainer)
+    monkeypatch.setattr(ray.util.queue, "Queue", Queue)
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "get_context", lambda: type("Ctx", (), {"get_trial_dir": lambda self: str(tmp_path)})())
+    for gpus in (True, False):
+        sw = _sweep(tmp_path, f"gpus: {str(gpus).lower()}\n")
+        with pytest.raises(Built):
+            sweep_trial({"gan.lr_g": 1e-4}, sw.model_dump(mode="json"), str(mnist_dir))
+        assert asked["use_gpu"] is gpus and asked["workers"] == 2

@@ -27,7 +27,7 @@ from latentforge.data.dataset import PreparedDataset
 from latentforge.data.spec import DataSpec
 from latentforge.errors import ConfigError
 from latentforge.models.plugins import allow_plugins, allowed_modules
-from latentforge.ray_cluster import ray_init
+from latentforge.ray_cluster import check_gpus_for, ray_init
 from latentforge.storage import is_uri, join_uri, write_bytes_uri
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.loop import WorkerContext, run_training
@@ -219,12 +219,7 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
         ensure_feature_net(data_dir, log=log)
     ray_init(address)
     if use_gpu:  # before the run folder is written: a refused run leaves nothing behind
-        import ray
-
-        from latentforge.devices import check_cluster_gpus
-
-        joined = (address or os.environ.get("RAY_ADDRESS") or "local") != "local"  # "local": a cluster of this machine
-        check_cluster_gpus(workers, ray.cluster_resources().get("GPU", 0), joined=joined, log=log)
+        check_gpus_for(workers, address, log=log)
     if not resume:
         write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers)
     resume_from = None

@@ -56,6 +56,7 @@ class SweepConfig(StrictConfig):
     families: dict[str, dict[str, Any]] = {}  # model.arch -> its own sub-space (same syntax); a trial picks one family
     trials: int = Field(8, ge=1, le=10000)  # sampled configurations (grid: repeats of the grid)
     workers_per_trial: int = Field(1, ge=1)  # Ray Train workers per trial
+    gpus: bool = False  # each of a trial's Ray Train workers holds one GPU (NCCL), as `train --gpus`
     max_concurrent: int = Field(2, ge=1)  # trials running at once
     steps: int = Field(600, ge=1)  # steps per trial when nothing stops it
     eval_every: int = Field(100, ge=1)  # steps between evaluations (and Tune checkpoints)

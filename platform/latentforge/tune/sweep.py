@@ -163,7 +163,8 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     sw = SweepConfig.model_validate(sweep)
     cfg = experiment_for(sw, config)
     ds = PreparedDataset(data_dir)  # a sampled configuration is held to the same checks as a train
-    check_training_setup(cfg, DataSpec.from_dataset(ds), sw.workers_per_trial, ds.manifest["splits"]["train"]["count"])
+    check_training_setup(cfg, DataSpec.from_dataset(ds), sw.workers_per_trial, ds.manifest["splits"]["train"]["count"],
+                         use_gpu=sw.gpus)
     trial_dir = Path(tune.get_context().get_trial_dir())
     name = f"attempt-{uuid.uuid4().hex[:8]}"
     forward_all = sw.scheduler.kind != "pbt"  # PBT needs the metric in every result it sees
@@ -174,7 +175,7 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     def fit(resume_from):
         try:
             trainer = make_trainer(cfg, data_dir, sw.workers_per_trial, RunDir(str(trial_dir / "train" / name)),
-                                   max_failures=0, data_loader=sw.data_loader,
+                                   use_gpu=sw.gpus, max_failures=0, data_loader=sw.data_loader,
                                    resume_from=resume_from, callbacks=[_ForwardReports(queue)])
             outcome["result"] = trainer.fit()
         except BaseException as e:  # re-raised in the trial's thread below
@@ -278,7 +279,7 @@ def trial_loss(sw: SweepConfig, params: dict) -> str | None:
 
 
 def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bool = False,
-              address: str | None = None, registry: str | None = None, log=print) -> dict:
+              address: str | None = None, registry: str | None = None, gpus: bool = False, log=print) -> dict:
     """Run (or resume) a sweep, write its summary, and promote the best trial.
 
     Args:
@@ -288,6 +289,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         resume: continue an interrupted sweep, keeping finished trials.
         address: an existing cluster (default: a local one).
         registry: promote the best trial's checkpoint here (None: do not promote).
+        gpus: train every trial on GPUs (`--gpus`), whatever the sweep's `gpus` says.
 
     Returns:
         The summary (rows, best trial, totals).
@@ -308,14 +310,18 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         sw = SweepConfig.model_validate(read_json(sweep_dir / SWEEP_FILE)["sweep"])
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep folder {sweep_dir} exists; choose another --out or pass --resume to continue it")
-    else:
+    if gpus:
+        sw = sw.model_copy(update={"gpus": True})
+    ray_init(address)
+    if sw.gpus:  # before the sweep folder is written: a refused sweep leaves nothing behind
+        _check_sweep_gpus(sw, address, log)
+    if not resume:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sweep_dir / SWEEP_FILE, {"sweep": sw.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
                                                    "created_unix": int(time.time())})
     # Trials report every `report_every` steps so the stopper sees losses and gradient norms
     # between evaluations; those reports carry no metric, which ASHA skips by design.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    ray_init(address)
     rungs = None
     if sw.scheduler.kind == "asha" and sw.scheduler.recheck_rungs:
         rungs = RungRecheck(sw.scheduler.grace_period, sw.scheduler.reduction_factor, sw.steps, f"{sw.metric}_best", sw.mode)
@@ -354,6 +360,19 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         atomic_write_json(sweep_dir / "summary.json", summary)
         log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
     return summary
+
+
+def _check_sweep_gpus(sw: SweepConfig, address: str | None, log) -> None:
+    """A GPU sweep's trials each ask `workers_per_trial` GPUs: refused where even one trial could
+    never be placed (a local cluster), and said where the GPUs run fewer trials at once than
+    `max_concurrent` (the others queue, so the sweep takes longer than its settings suggest)."""
+    from latentforge.ray_cluster import check_gpus_for
+
+    have = check_gpus_for(sw.workers_per_trial, address, log=log, workers_flag="workers_per_trial")
+    fit = int(have // sw.workers_per_trial)
+    if 1 <= fit < sw.max_concurrent:
+        log(f"note: {have:g} GPU(s) run {fit} trial(s) of {sw.workers_per_trial} GPU worker(s) at once, "
+            f"not max_concurrent {sw.max_concurrent}; the other trials queue")
 
 
 def _finite(v) -> bool:
