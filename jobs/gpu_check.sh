@@ -5,7 +5,8 @@
 #   2. a grid generated from the GAN in the precision it trained in, and both scored on 5,000
 #      samples, on the GPU (`--device cuda`),
 #   3. `bench train --gpus` (fp32 / bf16 / bf16+channels_last / +compile, plain loop only),
-#   4. the Serve application answering one generate request,
+#   4. a 2-trial Ray Tune sweep with `tune --gpus` (one GPU: the trials run one at a time),
+#   5. the Serve application answering one generate request,
 # then images/s and the fraction of the GPU's published dense peak that each bench mode reached
 # (bf16 modes against the bf16 tensor-core peak, fp32 against the fp32 peak: TF32 is off by default).
 # A stage that fails is reported and the next one runs (a GPU session may allow one try); the
@@ -65,6 +66,24 @@ bench() {
   fi
 }
 stage "bench train" bench
+echo "== a 2-trial sweep, each trial's worker on the device"
+sweep() {
+  cat > "$WORK/sweep.yaml" <<YAML
+name: gpu-check-sweep
+base: dcgan-mnist
+overrides: {train.precision: bf16, train.channels_last: true, train.tracking: none}
+space:
+  gan.lr_g: {choice: [1.0e-4, 2.0e-4]}
+trials: 2
+max_concurrent: 2
+steps: $((STEPS / 4 > 4 ? STEPS / 4 : 4))
+eval_every: $((STEPS / 8 > 2 ? STEPS / 8 : 2))
+eval_samples: 500
+scheduler: {kind: fifo}
+YAML
+  "$PY" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$WORK/sweep" --no-promote
+}
+stage tune sweep
 echo "== serve one generate request"
 stage "registry promote" "$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
 serve_one() {
