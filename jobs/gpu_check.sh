@@ -6,7 +6,7 @@
 #      samples, on the GPU (`--device cuda`),
 #   3. `bench train --gpus` (fp32 / bf16 / bf16+channels_last / +compile, plain loop only),
 #   4. a 2-trial Ray Tune sweep with `tune --gpus` (one GPU: the trials run one at a time),
-#   5. the Serve application answering one generate request,
+#   5. the Serve application answering one generate request, its Generator replica on the GPU,
 # then images/s and the fraction of the GPU's published dense peak that each bench mode reached
 # (bf16 modes against the bf16 tensor-core peak, fp32 against the fp32 peak: TF32 is off by default).
 # A stage that fails is reported and the next one runs (a GPU session may allow one try); the
@@ -87,11 +87,12 @@ stage tune sweep
 echo "== serve one generate request"
 stage "registry promote" "$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
 serve_one() {
-"$PY" - "$WORK/registry" <<'PYEOF'
+"$PY" - "$WORK/registry" "$DEVICE" <<'PYEOF'
 import json, sys, time, urllib.request
 from latentforge.serve.config import ServeConfig
 from latentforge.serve.runner import start_serve
-url = start_serve(ServeConfig(registry=sys.argv[1]), port=8123)
+# on a GPU, the Generator replica holds the GPU (replica_gpus) and generates there
+url = start_serve(ServeConfig(registry=sys.argv[1], replica_gpus=1 if sys.argv[2] == "cuda" else 0), port=8123)
 req = urllib.request.Request(f"{url}/v1/models/gan/generate", data=json.dumps({"n": 4, "seed": 1}).encode(),
                              headers={"content-type": "application/json"})
 for what in ("first request (loads the model)", "second request"):

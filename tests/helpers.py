@@ -147,3 +147,43 @@ PLUGIN_SOURCE = textwrap.dedent('''
         def first_layer_weight(self):
             return self.net[0].weight
 ''')
+
+
+# Device placement on a CPU-only machine (tests/unit/metrics/test_devices.py explains the method).
+class WrongDevice(AssertionError):
+    pass
+
+
+CHECKED = {"inputs": 0}  # forward passes the guard has seen (a test must get as far as one)
+
+
+def on_meta_with_guard(module):
+    """`module` on the "meta" device, every module with parameters refusing inputs elsewhere."""
+    import torch
+
+    module = module.to("meta")
+
+    def check(mod, args, kwargs):
+        own = next(mod.parameters(recurse=False), None)
+        if own is None:
+            return
+        CHECKED["inputs"] += 1
+        for t in [*args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor) and t.device != own.device:
+                raise WrongDevice(f"{type(mod).__name__} lives on {own.device} but got an input on {t.device}")
+
+    for m in module.modules():
+        m.register_forward_pre_hook(check, with_kwargs=True)
+    return module
+
+
+def runs_on_the_model_device(fn) -> None:
+    """`fn` must reach the model and get past every forward pass without a device mismatch (it
+    then fails where it first needs real numbers, which meta tensors do not have)."""
+    import pytest
+
+    before = CHECKED["inputs"]
+    with pytest.raises(Exception) as e:
+        fn()
+    assert not isinstance(e.value, WrongDevice), str(e.value)
+    assert CHECKED["inputs"] > before, f"failed before any forward pass: {e.value}"

@@ -45,8 +45,7 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def check_gpus_for(workers: int, address: str | None = None, log=print, workers_flag: str = "--workers") -> float:
     """After `ray_init`: refuse `workers` GPU workers that this cluster can never place, or say
-    that they wait for its autoscaler (`devices.check_cluster_gpus`). A cluster counts as joined
-    when `address` or RAY_ADDRESS names one; Ray's "local" is this machine's own.
+    that they wait for its autoscaler (`devices.check_cluster_gpus`, `joined_cluster`).
 
     Returns:
         The GPUs the cluster has now.
@@ -56,6 +55,12 @@ def check_gpus_for(workers: int, address: str | None = None, log=print, workers_
     from latentforge.devices import check_cluster_gpus
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    joined = (address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    check_cluster_gpus(workers, gpus, joined=joined, log=log, workers_flag=workers_flag)
+    check_cluster_gpus(workers, gpus, joined=joined_cluster(address), log=log, workers_flag=workers_flag)
     return gpus
+
+
+def joined_cluster(address: str | None) -> bool:
+    """Whether `ray_init(address)` joined a cluster (`address`, or RAY_ADDRESS under `ray job
+    submit`) rather than starting this machine's own; Ray's "local" is this machine's. A joined
+    cluster may grow through its autoscaler, so resources it lacks now are waited for there."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") != "local"

@@ -68,7 +68,7 @@ async def _per_model(items: list, run) -> list:
 class _Models:
     """Registry loading shared by both deployments (a replica-local LRU via @serve.multiplexed)."""
 
-    def __init__(self, cfg: ServeConfig, directions: bool = False):
+    def __init__(self, cfg: ServeConfig, directions: bool = False, device: str = "cpu"):
         import torch
 
         from latentforge.host_memory import keep_freed_host_memory
@@ -77,7 +77,7 @@ class _Models:
         torch.set_num_threads(cfg.threads_per_replica)
         keep_freed_host_memory()  # each request's tensors reuse the last one's pages (host_memory.py)
         allow_plugins(cfg.allow_plugins)  # only these: a registry entry naming any other module is refused
-        self.cfg, self.directions = cfg, directions
+        self.cfg, self.directions, self.device = cfg, directions, device
         self.failed: dict[str, float] = {}  # model id -> when its load last failed (a negative cache)
         self.resident: set[str] = set()  # ids the multiplexed cache holds (added by `take`, dropped on eviction)
         self.staged: dict[str, object] = {}  # loaded, not yet handed to the cache
@@ -119,7 +119,8 @@ class _Models:
         try:
             path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir,
                                     max_bytes=int(self.cfg.model_cache_max_gb * 2**30))
-            runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts)
+            runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts,
+                                   device=self.device)
         except RegistryError:
             raise  # unknown or invalid ids: the gateway's 404/400
         except Exception:  # noqa: BLE001 - corrupt weights, a refused plug-in, storage down: the details go to the log
@@ -133,6 +134,28 @@ class _Models:
         return runtime
 
 
+def generator_device(cfg: ServeConfig) -> str:
+    """Where a Generator replica runs its models: 'cuda' with `replica_gpus` (Ray has given the
+    replica its GPU; TF32 off, so a seed's images match the CPU's fp32 math as closely as
+    `generate --device cuda`'s do), else 'cpu'.
+
+    Raises:
+        ConfigError: `replica_gpus` in a replica that sees no CUDA device.
+    """
+    if not cfg.replica_gpus:
+        return "cpu"
+    from latentforge.devices import require_cuda, set_tf32
+
+    require_cuda("replica_gpus", "set replica_gpus: 0 to serve on CPUs")
+    set_tf32(False)
+    return "cuda"
+
+
+def replica_options(cfg: ServeConfig, gpus: bool) -> dict:
+    """A model replica's Ray resources: `replica_cpus`, and `replica_gpus` for the Generator."""
+    return {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if gpus and cfg.replica_gpus else {})}
+
+
 def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
     return BadInput(f"model {model_id!r} is unavailable: it failed to load on this server (the server log has "
                     f"details); it is tried again in {max(1, round(retry_in_s))} s", status=503)
@@ -142,7 +165,8 @@ def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
 class Generator:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.models = _Models(self.cfg, directions=True)  # it also runs edits of seeds and latents
+        # it also runs edits of seeds and latents
+        self.models = _Models(self.cfg, directions=True, device=generator_device(self.cfg))
         from ray.util.metrics import Counter, Histogram
 
         self.batch_images = Histogram("latentforge_serve_batch_images", "Images per generation forward pass",
@@ -646,13 +670,12 @@ def build_application(cfg: ServeConfig):
     """The bound Serve application for a config. The API key is resolved here (ValueError if a
     configured source is missing) and travels in the deployments' arguments."""
     raw = cfg.replica_args()
-    opts = {"num_cpus": cfg.replica_cpus}
     logs = {"enable_access_log": cfg.access_log}
     generator = Generator.options(
-        ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.generator),
+        ray_actor_options=replica_options(cfg, gpus=True), autoscaling_config=_autoscaling(cfg.generator),
         max_ongoing_requests=cfg.max_ongoing_requests, logging_config=logs,
     ).bind(raw)
-    editor = Editor.options(ray_actor_options=opts, autoscaling_config=_autoscaling(cfg.editor),
+    editor = Editor.options(ray_actor_options=replica_options(cfg, gpus=False), autoscaling_config=_autoscaling(cfg.editor),
                             max_ongoing_requests=cfg.editor_concurrency, max_queued_requests=cfg.editor_max_queued,
                             logging_config=logs).bind(raw)
     return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,

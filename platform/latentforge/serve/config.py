@@ -36,6 +36,10 @@ class ServeConfig(StrictConfig):
     generator: AutoscalingSettings = AutoscalingSettings()
     editor: AutoscalingSettings = AutoscalingSettings(max_replicas=2)
     replica_cpus: float = Field(0.5, gt=0)  # CPUs reserved per generator/editor replica
+    # GPUs per Generator replica (0: it runs on its CPUs; a fraction lets replicas share a GPU).
+    # Generation and edits of seeds and latents then run on the GPU; the Editor's projections of
+    # images stay on CPU replicas.
+    replica_gpus: float = Field(0.0, ge=0, le=8)
     threads_per_replica: int = Field(1, ge=1)  # torch threads in each replica
     projection_steps: int = Field(200, ge=1)  # default Adam steps for GAN inversion
     projection_restarts: int = Field(2, ge=1)

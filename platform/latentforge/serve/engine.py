@@ -5,6 +5,7 @@ engine directly."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -45,18 +46,21 @@ class ModelRuntime:
         limits: request limits.
         projection_steps: default Adam steps for GAN inversion/inpainting/denoising.
         restarts: random starts per GAN projection.
+        device: where the model runs ('cpu', or 'cuda' in a GPU replica). Latents, labels,
+            images and directions stay on the CPU; `decode_latents` and `latents_from_noise`
+            move them to the model and back.
     """
 
     def __init__(self, name: str, checkpoint_dir: str | Path, limits: ServeLimits | None = None,
-                 projection_steps: int = 200, restarts: int = 2):
+                 projection_steps: int = 200, restarts: int = 2, device: str = "cpu"):
         self.name = name
         self.limits = limits or ServeLimits()
-        self.ckpt = load_checkpoint(checkpoint_dir)
+        self.ckpt = load_checkpoint(checkpoint_dir, device=device)
         self.model = edit_model(self.ckpt.inference_generator())  # latents are w for generators with W
         self.prior = self.ckpt.latent_prior  # a VAE's fitted prior: seeds sample from it, as `latentforge generate` does
         self.algorithm = self.ckpt.algorithm
         # generation runs as the model trained (fp32 where bf16 is only emulated); projections stay fp32
-        self.precision = inference_precision(self.ckpt.precision, "cpu")
+        self.precision = inference_precision(self.ckpt.precision, torch.device(device).type)
         self.shape = tuple(self.ckpt.data.image_shape)
         self.z_dim, self.num_classes = self.model.z_dim, self.model.num_classes
         self.projection_steps, self.restarts = projection_steps, restarts
@@ -81,7 +85,7 @@ class ModelRuntime:
                 self._directions = stored
                 return
             if not background:
-                self._directions = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
+                self._directions = self._data_free()
                 return
             self._computing = threading.Thread(target=self._compute_directions, daemon=True,
                                                name=f"directions-{self.name}")
@@ -89,12 +93,18 @@ class ModelRuntime:
 
     def _compute_directions(self) -> None:
         try:
-            found = {d.name: d for d in data_free_directions(self.model, self.algorithm)}
+            found = self._data_free()
         except Exception as e:  # noqa: BLE001 - reported by directions_info / edit, never a crash
             logger.exception("computing the directions of %s failed", self.name)
             found, self._directions_error = {}, f"computing them failed ({type(e).__name__})"
         with self._directions_lock:
             self._directions, self._computing = found, None
+
+    def _data_free(self) -> dict:
+        """SeFa / GANSpace directions by name, on the CPU where the latents they move are (a GPU
+        model's weights and activations give them on its device)."""
+        return {d.name: dataclasses.replace(d, vector=d.vector.cpu())
+                for d in data_free_directions(self.model, self.algorithm)}
 
     @property
     def directions_ready(self) -> bool:

@@ -47,6 +47,24 @@ def check_exposure(cfg: ServeConfig, host: str, allow_unauthenticated: bool = Fa
                           "(or, behind your own authenticating proxy, allow it explicitly)")
 
 
+def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=print) -> None:
+    """`replica_gpus` asks that many GPUs for each Generator replica: a local cluster with fewer
+    is refused (the replica would never start), a joined one may add GPU nodes (said, not refused).
+
+    Raises:
+        ConfigError: a local cluster with fewer GPUs than one replica asks.
+    """
+    from latentforge.errors import ConfigError
+
+    if cluster_gpus >= cfg.replica_gpus:
+        return
+    have = (f"replica_gpus: {cfg.replica_gpus:g} asks {cfg.replica_gpus:g} GPU(s) per Generator replica and this "
+            f"Ray cluster has {cluster_gpus:g}")
+    if not joined:
+        raise ConfigError(f"{have}: set replica_gpus: 0 to serve on CPUs, or serve on a GPU machine")
+    log(f"warning: {have}; the Generator replicas wait until the cluster (its autoscaler) adds GPU nodes")
+
+
 def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                 num_cpus: int | None = None, allow_unauthenticated: bool = False, request_path: str = "default") -> str:
     """Deploy the application and return its base URL.
@@ -60,7 +78,7 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
 
     from latentforge.errors import ConfigError
     from latentforge.serve.app import build_application
-    from latentforge.ray_cluster import ray_init
+    from latentforge.ray_cluster import joined_cluster, ray_init
 
     if request_path not in REQUEST_PATHS:
         raise ConfigError(f"unknown request path {request_path!r}; choose one of: {', '.join(REQUEST_PATHS)}")
@@ -71,6 +89,8 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
                               f"existing cluster start every node with {' '.join(f'{k}={v}' for k, v in REQUEST_PATHS[request_path].items())}")
         os.environ.update(REQUEST_PATHS[request_path])  # the local raylet and Serve's actors inherit it
     ray_init(address, num_cpus=num_cpus)
+    if cfg.replica_gpus:  # before anything is deployed: a replica no node can place would pend forever
+        check_replica_gpus(cfg, float(ray.cluster_resources().get("GPU", 0)), joined=joined_cluster(address))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"

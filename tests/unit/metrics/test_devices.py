@@ -7,45 +7,11 @@ it first needs real numbers, which meta tensors do not have."""
 
 import pytest
 import torch
-from torch import nn
 
+from helpers import WrongDevice, on_meta_with_guard, runs_on_the_model_device
 from latentforge.data.dataset import PreparedDataset
 from latentforge.models.vae import ConvVAE
 from latentforge.sampling import decode_latents
-
-
-class WrongDevice(AssertionError):
-    pass
-
-
-CHECKED = {"inputs": 0}  # forward passes the guard has seen (a test must get as far as one)
-
-
-def on_meta_with_guard(module: nn.Module) -> nn.Module:
-    module = module.to("meta")
-
-    def check(mod, args, kwargs):
-        own = next(mod.parameters(recurse=False), None)
-        if own is None:
-            return
-        CHECKED["inputs"] += 1
-        for t in [*args, *kwargs.values()]:
-            if isinstance(t, torch.Tensor) and t.device != own.device:
-                raise WrongDevice(f"{type(mod).__name__} lives on {own.device} but got an input on {t.device}")
-
-    for m in module.modules():
-        m.register_forward_pre_hook(check, with_kwargs=True)
-    return module
-
-
-def runs_on_the_model_device(fn) -> None:
-    """`fn` must reach the model and get past every forward pass without a device mismatch (it
-    then fails where it first needs real numbers, which meta tensors do not have)."""
-    before = CHECKED["inputs"]
-    with pytest.raises(Exception) as e:
-        fn()
-    assert not isinstance(e.value, WrongDevice), str(e.value)
-    assert CHECKED["inputs"] > before, f"failed before any forward pass: {e.value}"
 
 
 def test_guard_catches_a_cpu_input_to_a_model_elsewhere():

@@ -1,0 +1,110 @@
+"""Generator replicas on GPUs (`replica_gpus`), checked on a CPU-only machine: the model runs on
+the replica's device with every input moved there (the "meta" device guard of
+tests/unit/metrics/test_devices.py), the Ray resources ask for the GPU, and a GPU that no node
+has is refused before anything is deployed."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from helpers import on_meta_with_guard, runs_on_the_model_device, tiny
+from latentforge.errors import ConfigError
+from latentforge.serve.config import ServeConfig
+from latentforge.serve.schemas import GenerateRequest, InterpolateRequest, LatentSource
+
+
+@pytest.fixture(scope="module")
+def runs(mnist_dir, tmp_path_factory):
+    from latentforge.train.local import train_local
+
+    root = tmp_path_factory.mktemp("gpu-replicas")
+    for preset in ("cdcgan-mnist", "vae-mnist", "stylegan2-mnist"):  # z-space GAN, VAE decoder, W-space GAN
+        train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, root / preset, log=lambda *_: None)
+    return root
+
+
+def test_a_runtime_on_a_device_moves_every_input_there_and_hands_images_back_on_the_cpu(runs, monkeypatch):
+    from latentforge.serve import engine
+
+    real_load, asked = engine.load_checkpoint, []
+
+    def load_guarded(path, device="cpu"):
+        asked.append(str(device))
+        ckpt = real_load(path, device=device)
+        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
+        return ckpt
+
+    monkeypatch.setattr(engine, "load_checkpoint", load_guarded)
+    for preset in ("cdcgan-mnist", "vae-mnist", "stylegan2-mnist"):
+        rt = engine.ModelRuntime("m", runs / preset, device="meta")
+        rt.prior = None  # a fitted prior samples real numbers before the decoder runs (meta has none)
+        runs_on_the_model_device(lambda: rt.generate_many([GenerateRequest(n=2, seed=1), GenerateRequest(n=1, seed=2)]))
+        runs_on_the_model_device(lambda: rt.interpolate(InterpolateRequest(a=LatentSource(seed=1), b=LatentSource(seed=2),
+                                                                          steps=3)))
+    assert asked == ["meta"] * 3
+
+
+def test_generation_precision_follows_the_replicas_device(runs, monkeypatch):
+    """A bf16-trained model generates in bf16 where bf16 is native, on the device it serves from."""
+    from latentforge.serve import engine
+
+    calls = []
+    monkeypatch.setattr(engine, "inference_precision", lambda trained, device_type: calls.append(device_type) or "fp32")
+    engine.ModelRuntime("m", runs / "cdcgan-mnist")
+    assert calls == ["cpu"]
+
+
+def test_only_the_generator_asks_ray_for_gpus():
+    from latentforge.serve.app import replica_options
+
+    cfg = ServeConfig(replica_cpus=1.0, replica_gpus=0.5)
+    assert replica_options(cfg, gpus=True) == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert replica_options(cfg, gpus=False) == {"num_cpus": 1.0}  # the Editor's projections stay on CPUs
+    assert replica_options(ServeConfig(), gpus=True) == {"num_cpus": 0.5}
+    with pytest.raises(ValidationError, match="replica_gpus"):
+        ServeConfig(replica_gpus=-1)
+
+
+def test_a_generator_replica_runs_on_cuda_only_where_it_sees_one(monkeypatch):
+    from latentforge.serve.app import generator_device
+
+    assert generator_device(ServeConfig()) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="replica_gpus: this process sees no CUDA GPU .*set replica_gpus: 0"):
+        generator_device(ServeConfig(replica_gpus=1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert generator_device(ServeConfig(replica_gpus=1)) == "cuda"
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_deployed(monkeypatch):
+    import ray
+    from ray import serve
+
+    from latentforge import ray_cluster
+    from latentforge.serve.runner import check_replica_gpus, start_serve
+
+    with pytest.raises(ConfigError, match=r"replica_gpus: 1 asks 1 GPU\(s\) per Generator replica and this Ray "
+                                          r"cluster has 0: set replica_gpus: 0 to serve on CPUs"):
+        check_replica_gpus(ServeConfig(replica_gpus=1), 0, joined=False)
+    said = []
+    check_replica_gpus(ServeConfig(replica_gpus=1), 0, joined=True, log=said.append)
+    assert len(said) == 1 and "wait until the cluster (its autoscaler) adds GPU nodes" in said[0]
+    said.clear()
+    check_replica_gpus(ServeConfig(replica_gpus=0.25), 1, joined=False, log=said.append)
+    assert said == []
+
+    def deployed(*a, **k):
+        raise AssertionError("deployed")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster, "ray_init", lambda address=None, num_cpus=None: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(serve, "start", deployed)
+    with pytest.raises(ConfigError, match="has 0: set replica_gpus: 0"):
+        start_serve(ServeConfig(replica_gpus=1))
