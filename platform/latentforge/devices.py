@@ -21,7 +21,7 @@ def require_cuda(flag: str, fallback: str) -> None:
 
 
 def check_cluster_gpus(workers: int, cluster_gpus: float, joined: bool, log=print,
-                       workers_flag: str = "--workers") -> None:
+                       workers_flag: str = "--workers", gpus_flag: str = "--gpus") -> None:
     """`--gpus` on Ray Train asks one GPU per worker. A local cluster that has fewer would leave
     the run waiting for them forever, so that is refused; a cluster joined by address may add GPU
     nodes through its autoscaler, so there the wait is only said.
@@ -29,16 +29,17 @@ def check_cluster_gpus(workers: int, cluster_gpus: float, joined: bool, log=prin
     Args:
         workers_flag: the setting that chose `workers`, named in the way out ('--workers' for a
             train, 'workers_per_trial' for a sweep, whose trials each ask that many).
+        gpus_flag: the setting that asked for GPUs ('--gpus'; a sweep's YAML can say it too).
 
     Raises:
         ConfigError: a local cluster with fewer GPUs than workers.
     """
     if cluster_gpus >= workers:
         return
-    have = f"this Ray cluster has {cluster_gpus:g} GPU(s) and --gpus with {workers} worker(s) asks {workers}"
+    have = f"this Ray cluster has {cluster_gpus:g} GPU(s) and {gpus_flag} with {workers} worker(s) asks {workers}"
     if not joined:
-        raise ConfigError(f"{have}: drop --gpus to train on the CPU, lower {workers_flag} to {int(cluster_gpus)}"
-                          if cluster_gpus >= 1 else f"{have}: drop --gpus to train on the CPU, or run on a GPU machine")
+        raise ConfigError(f"{have}: drop {gpus_flag} to train on the CPU, lower {workers_flag} to {int(cluster_gpus)}"
+                          if cluster_gpus >= 1 else f"{have}: drop {gpus_flag} to train on the CPU, or run on a GPU machine")
     log(f"warning: {have}; the run waits until the cluster (its autoscaler) adds GPU nodes")
 
 

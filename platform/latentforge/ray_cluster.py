@@ -43,7 +43,8 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
                  object_store_memory=512 * 1024 * 1024, log_to_driver=True)
 
 
-def check_gpus_for(workers: int, address: str | None = None, log=print, workers_flag: str = "--workers") -> float:
+def check_gpus_for(workers: int, address: str | None = None, log=print, workers_flag: str = "--workers",
+                   gpus_flag: str = "--gpus") -> float:
     """After `ray_init`: refuse `workers` GPU workers that this cluster can never place, or say
     that they wait for its autoscaler (`devices.check_cluster_gpus`, `joined_cluster`).
 
@@ -55,7 +56,8 @@ def check_gpus_for(workers: int, address: str | None = None, log=print, workers_
     from latentforge.devices import check_cluster_gpus
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    check_cluster_gpus(workers, gpus, joined=joined_cluster(address), log=log, workers_flag=workers_flag)
+    check_cluster_gpus(workers, gpus, joined=joined_cluster(address), log=log, workers_flag=workers_flag,
+                       gpus_flag=gpus_flag)
     return gpus
 
 

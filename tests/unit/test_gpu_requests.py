@@ -151,11 +151,39 @@ def test_a_gpu_sweep_is_refused_before_its_folder_exists_where_no_trial_could_be
     assert sw.gpus is False and _sweep(tmp_path, "gpus: true\n").gpus is True
     _no_cluster(monkeypatch, gpus=1)
     for how in ({"gpus": True}, {"gpus": False, "sw": _sweep(tmp_path, "gpus: true\n")}):  # --gpus, or the YAML's
-        with pytest.raises(ConfigError, match=r"has 1 GPU\(s\) and --gpus with 2 worker\(s\) asks 2: .*"
-                                              r"lower workers_per_trial to 1"):
+        with pytest.raises(ConfigError, match=r"has 1 GPU\(s\) and --gpus \(or the sweep's gpus: true\) with 2 "
+                                              r"worker\(s\) asks 2: drop --gpus .*lower workers_per_trial to 1"):
             run_sweep(how.get("sw", sw), str(mnist_dir), out=str(tmp_path / "sweep"), gpus=how["gpus"],
                       registry=None, log=lambda *_: None)
         assert not (tmp_path / "sweep").exists()
+
+
+def test_resuming_a_sweep_with_gpus_records_them_for_later_resumes(mnist_dir, tmp_path, monkeypatch):
+    import json
+
+    from ray import tune
+
+    from latentforge.tune.sweep import SWEEP_FILE, run_sweep
+
+    class Started(Exception):
+        pass
+
+    class Tuner:  # the sweep gets as far as Tune, which is not started here
+        @staticmethod
+        def can_restore(path):
+            raise Started
+
+    _no_cluster(monkeypatch, gpus=2)
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / SWEEP_FILE).write_text(json.dumps({"sweep": _sweep(tmp_path).model_dump(mode="json"), "data": "d",
+                                                 "created_unix": 1}))
+    with pytest.raises(Started):
+        run_sweep(_sweep(tmp_path), str(mnist_dir), out=str(folder), resume=True, gpus=True, registry=None,
+                  log=lambda *_: None)
+    saved = json.loads((folder / SWEEP_FILE).read_text())
+    assert saved["sweep"]["gpus"] is True and saved["data"] == "d" and saved["created_unix"] == 1
 
 
 def test_a_gpu_sweep_says_when_its_gpus_run_fewer_trials_than_max_concurrent(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ engine directly."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import threading
@@ -101,10 +100,14 @@ class ModelRuntime:
             self._directions, self._computing = found, None
 
     def _data_free(self) -> dict:
-        """SeFa / GANSpace directions by name, on the CPU where the latents they move are (a GPU
-        model's weights and activations give them on its device)."""
-        return {d.name: dataclasses.replace(d, vector=d.vector.cpu())
-                for d in data_free_directions(self.model, self.algorithm)}
+        """SeFa / GANSpace directions by name, computed from a CPU copy of the model wherever this
+        runtime runs it: GANSpace feeds the model CPU latents, and a GPU's eigenvectors could come
+        out with other signs than the CPU Editor's, so one edit would move a seed and an image
+        opposite ways."""
+        model = self.model
+        if next(model.parameters()).device.type != "cpu":
+            model = edit_model(load_checkpoint(self._checkpoint_dir).inference_generator())
+        return {d.name: d for d in data_free_directions(model, self.algorithm)}
 
     @property
     def directions_ready(self) -> bool:

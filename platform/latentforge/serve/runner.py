@@ -48,20 +48,26 @@ def check_exposure(cfg: ServeConfig, host: str, allow_unauthenticated: bool = Fa
 
 
 def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=print) -> None:
-    """`replica_gpus` asks that many GPUs for each Generator replica: a local cluster with fewer
-    is refused (the replica would never start), a joined one may add GPU nodes (said, not refused).
+    """`replica_gpus` asks that many GPUs for each Generator replica, and Serve starts
+    `generator.min_replicas` of them (at least one) before the application runs: a local cluster
+    with fewer GPUs is refused (the deployment would wait forever), a joined one may add GPU nodes
+    (said, not refused).
 
     Raises:
-        ConfigError: a local cluster with fewer GPUs than one replica asks.
+        ConfigError: a local cluster with fewer GPUs than the first replicas ask.
     """
     from latentforge.errors import ConfigError
 
-    if cluster_gpus >= cfg.replica_gpus:
+    replicas = max(1, cfg.generator.min_replicas)
+    needed = replicas * cfg.replica_gpus
+    if cluster_gpus >= needed:
         return
-    have = (f"replica_gpus: {cfg.replica_gpus:g} asks {cfg.replica_gpus:g} GPU(s) per Generator replica and this "
-            f"Ray cluster has {cluster_gpus:g}")
+    have = (f"replica_gpus: {cfg.replica_gpus:g} per Generator replica, for {replicas} replica(s) "
+            f"(generator.min_replicas, at least one), asks {needed:g} GPU(s) and this Ray cluster has {cluster_gpus:g}")
     if not joined:
-        raise ConfigError(f"{have}: set replica_gpus: 0 to serve on CPUs, or serve on a GPU machine")
+        fewer = (f"lower generator.min_replicas to {int(cluster_gpus // cfg.replica_gpus)} or replica_gpus, "
+                 if cluster_gpus >= cfg.replica_gpus else "")
+        raise ConfigError(f"{have}: {fewer}set replica_gpus: 0 to serve on CPUs, or serve on a GPU machine")
     log(f"warning: {have}; the Generator replicas wait until the cluster (its autoscaler) adds GPU nodes")
 
 

@@ -301,7 +301,6 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     from latentforge.ray_cluster import ray_init
 
     check_metric_for_data(sw, data_dir)
-    ensure_feature_net(data_dir, log=log)  # every trial's periodic evaluation loads it
     sweep_dir = Path(out) if out else Path("sweeps") / f"{sw.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = sweep_dir.resolve()
     if resume:
@@ -310,15 +309,20 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         sw = SweepConfig.model_validate(read_json(sweep_dir / SWEEP_FILE)["sweep"])
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep folder {sweep_dir} exists; choose another --out or pass --resume to continue it")
-    if gpus:
+    turned_on = gpus and not sw.gpus
+    if turned_on:
         sw = sw.model_copy(update={"gpus": True})
     ray_init(address)
-    if sw.gpus:  # before the sweep folder is written: a refused sweep leaves nothing behind
+    if sw.gpus:  # before the sweep folder is written or a feature network trained: a refused sweep leaves nothing
         _check_sweep_gpus(sw, address, log)
+    ensure_feature_net(data_dir, log=log)  # every trial's periodic evaluation loads it
     if not resume:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sweep_dir / SWEEP_FILE, {"sweep": sw.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
                                                    "created_unix": int(time.time())})
+    elif turned_on:  # `--resume --gpus`: later resumes keep the GPUs too
+        saved = read_json(sweep_dir / SWEEP_FILE)
+        atomic_write_json(sweep_dir / SWEEP_FILE, {**saved, "sweep": sw.model_dump(mode="json")})
     # Trials report every `report_every` steps so the stopper sees losses and gradient norms
     # between evaluations; those reports carry no metric, which ASHA skips by design.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -368,7 +372,8 @@ def _check_sweep_gpus(sw: SweepConfig, address: str | None, log) -> None:
     `max_concurrent` (the others queue, so the sweep takes longer than its settings suggest)."""
     from latentforge.ray_cluster import check_gpus_for
 
-    have = check_gpus_for(sw.workers_per_trial, address, log=log, workers_flag="workers_per_trial")
+    have = check_gpus_for(sw.workers_per_trial, address, log=log, workers_flag="workers_per_trial",
+                          gpus_flag="--gpus (or the sweep's gpus: true)")
     fit = int(have // sw.workers_per_trial)
     if 1 <= fit < sw.max_concurrent:
         log(f"note: {have:g} GPU(s) run {fit} trial(s) of {sw.workers_per_trial} GPU worker(s) at once, "

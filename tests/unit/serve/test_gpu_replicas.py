@@ -26,15 +26,7 @@ def runs(mnist_dir, tmp_path_factory):
 def test_a_runtime_on_a_device_moves_every_input_there_and_hands_images_back_on_the_cpu(runs, monkeypatch):
     from latentforge.serve import engine
 
-    real_load, asked = engine.load_checkpoint, []
-
-    def load_guarded(path, device="cpu"):
-        asked.append(str(device))
-        ckpt = real_load(path, device=device)
-        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
-        return ckpt
-
-    monkeypatch.setattr(engine, "load_checkpoint", load_guarded)
+    asked = _guarded_loads(monkeypatch)
     for preset in ("cdcgan-mnist", "vae-mnist", "stylegan2-mnist"):
         rt = engine.ModelRuntime("m", runs / preset, device="meta")
         rt.prior = None  # a fitted prior samples real numbers before the decoder runs (meta has none)
@@ -44,14 +36,56 @@ def test_a_runtime_on_a_device_moves_every_input_there_and_hands_images_back_on_
     assert asked == ["meta"] * 3
 
 
+def _guarded_loads(monkeypatch) -> list:
+    """Checkpoints load as asked, and a load on "meta" guards every module; returns the devices asked."""
+    from latentforge.serve import engine
+
+    real_load, asked = engine.load_checkpoint, []
+
+    def load(path, device="cpu"):
+        asked.append(str(device))
+        ckpt = real_load(path, device=device)
+        if str(device) == "meta":
+            ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
+        return ckpt
+
+    monkeypatch.setattr(engine, "load_checkpoint", load)
+    return asked
+
+
 def test_generation_precision_follows_the_replicas_device(runs, monkeypatch):
     """A bf16-trained model generates in bf16 where bf16 is native, on the device it serves from."""
     from latentforge.serve import engine
 
+    _guarded_loads(monkeypatch)
     calls = []
     monkeypatch.setattr(engine, "inference_precision", lambda trained, device_type: calls.append(device_type) or "fp32")
     engine.ModelRuntime("m", runs / "cdcgan-mnist")
-    assert calls == ["cpu"]
+    engine.ModelRuntime("m", runs / "cdcgan-mnist", device="meta")
+    assert calls == ["cpu", "meta"]
+
+
+def test_directions_of_a_model_on_another_device_are_computed_on_the_cpu(runs, monkeypatch):
+    """GANSpace feeds the model CPU latents, and a GPU's eigenvectors may differ in sign from the
+    CPU Editor's: a Generator on a GPU computes its data-free directions from a CPU copy."""
+    from latentforge.editing.directions import data_free_directions
+    from latentforge.serve import engine
+
+    asked = _guarded_loads(monkeypatch)
+    seen = []
+
+    def on_cpu(model, algorithm):
+        seen.append(next(model.parameters()).device.type)
+        return data_free_directions(model, algorithm)
+
+    monkeypatch.setattr(engine, "data_free_directions", on_cpu)
+    on_gpu = engine.ModelRuntime("m", runs / "cdcgan-mnist", device="meta")
+    found = on_gpu._data_free()
+    reference = engine.ModelRuntime("m", runs / "cdcgan-mnist")._data_free()
+    assert asked == ["meta", "cpu", "cpu"] and seen == ["cpu", "cpu"]
+    assert found and sorted(found) == sorted(reference)
+    for name, d in found.items():
+        assert d.vector.device.type == "cpu" and torch.equal(d.vector, reference[name].vector)
 
 
 def test_only_the_generator_asks_ray_for_gpus():
@@ -61,6 +95,12 @@ def test_only_the_generator_asks_ray_for_gpus():
     assert replica_options(cfg, gpus=True) == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert replica_options(cfg, gpus=False) == {"num_cpus": 1.0}  # the Editor's projections stay on CPUs
     assert replica_options(ServeConfig(), gpus=True) == {"num_cpus": 0.5}
+    from latentforge.serve.app import build_application
+
+    generator, editor = build_application(cfg)._bound_deployment.init_args[:2]  # the Gateway's handles
+    assert generator._bound_deployment.name == "Generator" and editor._bound_deployment.name == "Editor"
+    assert generator._bound_deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert editor._bound_deployment.ray_actor_options == {"num_cpus": 1.0}
     with pytest.raises(ValidationError, match="replica_gpus"):
         ServeConfig(replica_gpus=-1)
 
@@ -89,9 +129,14 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
     from latentforge import ray_cluster
     from latentforge.serve.runner import check_replica_gpus, start_serve
 
-    with pytest.raises(ConfigError, match=r"replica_gpus: 1 asks 1 GPU\(s\) per Generator replica and this Ray "
-                                          r"cluster has 0: set replica_gpus: 0 to serve on CPUs"):
+    with pytest.raises(ConfigError, match=r"replica_gpus: 1 per Generator replica, for 1 replica\(s\) "
+                                          r"\(generator.min_replicas, at least one\), asks 1 GPU\(s\) and this Ray cluster has 0: "
+                                          r"set replica_gpus: 0 to serve on CPUs"):
         check_replica_gpus(ServeConfig(replica_gpus=1), 0, joined=False)
+    two = ServeConfig(replica_gpus=1, generator={"min_replicas": 2})  # Serve starts both before it runs
+    with pytest.raises(ConfigError, match=r"asks 2 GPU\(s\) and this Ray cluster has 1: lower "
+                                          r"generator.min_replicas to 1 or replica_gpus, set replica_gpus: 0"):
+        check_replica_gpus(two, 1, joined=False)
     said = []
     check_replica_gpus(ServeConfig(replica_gpus=1), 0, joined=True, log=said.append)
     assert len(said) == 1 and "wait until the cluster (its autoscaler) adds GPU nodes" in said[0]
@@ -108,3 +153,6 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
     monkeypatch.setattr(serve, "start", deployed)
     with pytest.raises(ConfigError, match="has 0: set replica_gpus: 0"):
         start_serve(ServeConfig(replica_gpus=1))
+    start_serve_min0 = ServeConfig(replica_gpus=1, generator={"min_replicas": 0})  # still one replica to serve a request
+    with pytest.raises(ConfigError, match=r"for 1 replica\(s\) \(generator.min_replicas, at least one\)"):
+        start_serve(start_serve_min0)
