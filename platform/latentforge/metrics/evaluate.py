@@ -69,7 +69,11 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise LatentForgeError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            if any((path / f).exists() for f in ("run.json", "metrics.jsonl")):  # a training run's folder
+                raise LatentForgeError(f"{path} is a run folder with no checkpoint yet: evaluate it once training has "
+                                       "written one (train.checkpoint_every; a run also saves one at its end)")
+            raise LatentForgeError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and no checkpoint; "
+                                   "give a checkpoint or run folder, or a folder or .npz of generated images")
         arrays = []
         for f in files:
             img = decode_image(f, str(f)).convert("L" if c == 1 else "RGB")

@@ -53,6 +53,13 @@ def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_p
     np.savez(tmp_path / "none.npz")
     with pytest.raises(LatentForgeError, match="holds no arrays"):
         evaluate(tmp_path / "none.npz", mnist_dir, net=mnist_features, log=quiet)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LatentForgeError, match="holds no image files .* and no checkpoint; give a checkpoint or run"):
+        evaluate(tmp_path / "empty", mnist_dir, net=mnist_features, log=quiet)
+    (tmp_path / "early-run").mkdir()  # a run whose first checkpoint is not written yet: not "no image files"
+    (tmp_path / "early-run" / "metrics.jsonl").write_text('{"step": 25}\n')
+    with pytest.raises(LatentForgeError, match="is a run folder with no checkpoint yet"):
+        evaluate(tmp_path / "early-run", mnist_dir, net=mnist_features, log=quiet)
     for n in (0, 1):  # too few for a covariance: refused, not a linear-algebra error
         np.savez(tmp_path / f"n{n}.npz", images=np.zeros((n, 28, 28), np.uint8))
         with pytest.raises(LatentForgeError, match=f"holds {n} images: scoring needs at least 10"):
