@@ -49,3 +49,16 @@ def set_tf32(enabled: bool) -> None:
     CPU's real statistics were."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def on_device(module: torch.nn.Module, device: str | torch.device) -> bool:
+    """Whether `module`'s parameters are on `device` ('cuda' matches any CUDA device, 'cuda:1' only that one)."""
+    have, want = next(module.parameters()).device, torch.device(device)
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
+def settle(device: str | torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs ahead of the host; a CPU has nothing queued):
+    before a clock is read, so that a timing covers the work it names."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -91,7 +91,7 @@ def test_scoring_on_a_gpu_turns_tf32_off_as_the_cpu_statistics_are_fp32(monkeypa
 def test_the_backbone_is_copied_only_when_it_sits_elsewhere():
     from torch import nn
 
-    from latentforge.metrics.evaluate import on_device
+    from latentforge.devices import on_device
 
     m = nn.Linear(2, 2)
     assert on_device(m, "cpu") and on_device(m, torch.device("cpu"))

@@ -6,18 +6,18 @@ import time
 
 import torch
 
+from latentforge.devices import settle
+
 
 def _best_seconds(fn, repeats: int, device: str) -> float:
     for _ in range(2):
         fn()
-    if device != "cpu":
-        torch.cuda.synchronize()
+    settle(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        if device != "cpu":
-            torch.cuda.synchronize()
+        settle(device)
         best = min(best, time.perf_counter() - t)
     return best
 

@@ -29,6 +29,7 @@ from latentforge.config import PRECISION_MODES, load_experiment
 from latentforge.data.dataset import PreparedDataset
 from latentforge.errors import ConfigError
 from latentforge.train.batches import InMemoryBatches
+from latentforge.devices import settle
 from latentforge.host_memory import keep_freed_host_memory
 from latentforge.train.program import build_program
 from latentforge.bench import mnist5k_unless
@@ -64,18 +65,14 @@ class _PlainLoop:
     def _step(self, s: int):
         self.program.step(self._batches(), s)
 
-    def _sync(self):
-        if self.device != "cpu":
-            torch.cuda.synchronize()
-
     def timed(self, steps: int) -> float:
         """Seconds for the next `steps` steps."""
-        self._sync()
+        settle(self.device)
         t = time.perf_counter()
         for _ in range(steps):
             self._step(self.step)
             self.step += 1
-        self._sync()
+        settle(self.device)
         return time.perf_counter() - t
 
 

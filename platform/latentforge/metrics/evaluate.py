@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentforge.devices import on_device
 from latentforge.data.dataset import PreparedDataset
 
 from latentforge.images import to_model_range
@@ -125,12 +126,6 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
     return {"images": len(x), "recon_mse": float(mse(recon, x).mean()), "recon_psnr": float(psnr(recon, x).mean()),
             "recon_ssim": float(ssim(recon, x).mean()), "val_neg_elbo": elbo["neg_elbo"],
             "val_nll": elbo["nll"], "val_kl": elbo["kl"]}
-
-
-def on_device(module: torch.nn.Module, device: str | torch.device) -> bool:
-    """Whether `module`'s parameters are on `device` ('cuda' matches any CUDA device, 'cuda:1' only that one)."""
-    have, want = next(module.parameters()).device, torch.device(device)
-    return have.type == want.type and (want.index is None or have.index == want.index)
 
 
 def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, seed: int = 0,

@@ -14,6 +14,7 @@ import torch
 
 from latentforge.algorithms.precision import inference_precision
 from latentforge.checkpoint import load_checkpoint
+from latentforge.devices import on_device
 from latentforge.editing.directions import apply_edit, data_free_directions, first_layer_editable, load_directions
 from latentforge.editing.inversion import ProjectionStopped, invert
 from latentforge.editing.latent import interpolation_path
@@ -105,7 +106,7 @@ class ModelRuntime:
         out with other signs than the CPU Editor's, so one edit would move a seed and an image
         opposite ways."""
         model = self.model
-        if next(model.parameters()).device.type != "cpu":
+        if not on_device(model, "cpu"):
             model = edit_model(load_checkpoint(self._checkpoint_dir).inference_generator())
         return {d.name: d for d in data_free_directions(model, self.algorithm)}
 

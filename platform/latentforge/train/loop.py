@@ -25,6 +25,7 @@ from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png
+from latentforge.devices import settle
 from latentforge.host_memory import keep_freed_host_memory
 from latentforge.train.program import TrainingProgram, build_program
 from latentforge.tune.instability import InstabilityPolicy, unstable_warning
@@ -86,8 +87,7 @@ def format_progress(record: dict, total: int) -> str:
 
 def _settled_clock(device: torch.device) -> float:
     """`time.perf_counter()` once the device has finished the work queued on it (CUDA runs ahead)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    settle(device)
     return time.perf_counter()
 
 
