@@ -110,6 +110,14 @@ class ServeConfig(StrictConfig):
         each projection keeps a core busy."""
         return max(1, math.floor(self.replica_cpus))
 
+    @field_validator("replica_gpus")
+    @classmethod
+    def _whole_beyond_one(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus:g}: above one GPU, a replica takes whole GPUs (a fraction of a second GPU "
+                             "would sit idle); give 2, 3, ... or a fraction of one, such as 0.5, for replicas that share a GPU")
+        return gpus
+
     @field_validator("allow_plugins")
     @classmethod
     def _module_names(cls, modules: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ engine directly."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import threading
@@ -104,10 +105,9 @@ class ModelRuntime:
         """SeFa / GANSpace directions by name, computed from a CPU copy of the model wherever this
         runtime runs it: GANSpace feeds the model CPU latents, and a GPU's eigenvectors could come
         out with other signs than the CPU Editor's, so one edit would move a seed and an image
-        opposite ways."""
-        model = self.model
-        if not on_device(model, "cpu"):
-            model = edit_model(load_checkpoint(self._checkpoint_dir).inference_generator())
+        opposite ways. The copy is of the weights in memory (the checkpoint folder may have been
+        replaced or evicted from the download cache since it was loaded)."""
+        model = self.model if on_device(self.model, "cpu") else copy.deepcopy(self.model).cpu()
         return {d.name: d for d in data_free_directions(model, self.algorithm)}
 
     @property

@@ -3,6 +3,7 @@ one, HTTP on 127.0.0.1 by default."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from latentforge.serve.config import ServeConfig
@@ -47,6 +48,22 @@ def check_exposure(cfg: ServeConfig, host: str, allow_unauthenticated: bool = Fa
                           "(or, behind your own authenticating proxy, allow it explicitly)")
 
 
+def _per_gpu(share: float) -> int:
+    """Replicas asking `share` (< 1) of a GPU that one GPU holds: Ray packs fractions per GPU, and
+    1e-9 keeps 0.1 from fitting only 9 times through float rounding."""
+    return math.floor(1 / share + 1e-9)
+
+
+def gpus_for_replicas(replicas: int, share: float) -> float:
+    """GPUs that `replicas` replicas of `share` GPUs each occupy (whole GPUs for a share of one or more)."""
+    return math.ceil(replicas / _per_gpu(share)) if share < 1 else replicas * share
+
+
+def replicas_on(gpus: float, share: float) -> int:
+    """How many replicas of `share` GPUs each `gpus` whole GPUs hold."""
+    return math.floor(gpus + 1e-9) * _per_gpu(share) if share < 1 else math.floor(gpus / share + 1e-9)
+
+
 def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=print) -> None:
     """`replica_gpus` asks that many GPUs for each Generator replica, and Serve starts
     `generator.min_replicas` of them (at least one) before the application runs: a local cluster
@@ -59,14 +76,14 @@ def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=
     from latentforge.errors import ConfigError
 
     replicas = max(1, cfg.generator.min_replicas)
-    needed = replicas * cfg.replica_gpus
+    needed = gpus_for_replicas(replicas, cfg.replica_gpus)
     if cluster_gpus >= needed:
         return
     have = (f"replica_gpus: {cfg.replica_gpus:g} per Generator replica, for {replicas} replica(s) "
             f"(generator.min_replicas, at least one), asks {needed:g} GPU(s) and this Ray cluster has {cluster_gpus:g}")
     if not joined:
-        fewer = (f"lower generator.min_replicas to {int(cluster_gpus // cfg.replica_gpus)} or replica_gpus, "
-                 if cluster_gpus >= cfg.replica_gpus else "")
+        fit = replicas_on(cluster_gpus, cfg.replica_gpus)
+        fewer = f"lower generator.min_replicas to {fit} or replica_gpus, " if fit >= 1 else ""
         raise ConfigError(f"{have}: {fewer}set replica_gpus: 0 to serve on CPUs, or serve on a GPU machine")
     log(f"warning: {have}; the Generator replicas wait until the cluster (its autoscaler) adds GPU nodes")
 

@@ -65,24 +65,30 @@ def test_generation_precision_follows_the_replicas_device(runs, monkeypatch):
     assert calls == ["cpu", "meta"]
 
 
-def test_directions_of_a_model_on_another_device_are_computed_on_the_cpu(runs, monkeypatch):
+def test_directions_of_a_model_on_another_device_are_computed_on_a_cpu_copy(runs, monkeypatch):
     """GANSpace feeds the model CPU latents, and a GPU's eigenvectors may differ in sign from the
-    CPU Editor's: a Generator on a GPU computes its data-free directions from a CPU copy."""
+    CPU Editor's: a Generator whose model sits elsewhere computes its data-free directions from a
+    CPU copy of the weights in memory (its checkpoint folder may be gone or replaced by then)."""
+    import shutil
+
     from latentforge.editing.directions import data_free_directions
     from latentforge.serve import engine
 
-    asked = _guarded_loads(monkeypatch)
     seen = []
 
-    def on_cpu(model, algorithm):
-        seen.append(next(model.parameters()).device.type)
+    def recorded(model, algorithm):
+        seen.append((model, next(model.parameters()).device.type))
         return data_free_directions(model, algorithm)
 
-    monkeypatch.setattr(engine, "data_free_directions", on_cpu)
-    on_gpu = engine.ModelRuntime("m", runs / "cdcgan-mnist", device="meta")
-    found = on_gpu._data_free()
+    monkeypatch.setattr(engine, "data_free_directions", recorded)
     reference = engine.ModelRuntime("m", runs / "cdcgan-mnist")._data_free()
-    assert asked == ["meta", "cpu", "cpu"] and seen == ["cpu", "cpu"]
+    shutil.copytree(runs / "cdcgan-mnist", runs / "evicted")
+    elsewhere = engine.ModelRuntime("m", runs / "evicted")
+    shutil.rmtree(runs / "evicted")  # e.g. pruned from the download cache after the load
+    monkeypatch.setattr(engine, "on_device", lambda module, device: False)  # as if on a GPU
+    found = elsewhere._data_free()
+    copy, where = seen[-1]
+    assert copy is not elsewhere.model and where == "cpu"
     assert found and sorted(found) == sorted(reference)
     for name, d in found.items():
         assert d.vector.device.type == "cpu" and torch.equal(d.vector, reference[name].vector)
@@ -103,6 +109,9 @@ def test_only_the_generator_asks_ray_for_gpus():
     assert editor._bound_deployment.ray_actor_options == {"num_cpus": 1.0}
     with pytest.raises(ValidationError, match="replica_gpus"):
         ServeConfig(replica_gpus=-1)
+    with pytest.raises(ValidationError, match="above one GPU, a replica takes whole GPUs"):
+        ServeConfig(replica_gpus=1.5)
+    assert ServeConfig(replica_gpus=2).replica_gpus == 2
 
 
 def test_a_generator_replica_runs_on_cuda_only_where_it_sees_one(monkeypatch):
@@ -143,6 +152,12 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
     said.clear()
     check_replica_gpus(ServeConfig(replica_gpus=0.25), 1, joined=False, log=said.append)
     assert said == []
+    # Ray packs fractions per GPU: five replicas of 0.4 need three GPUs (two per GPU), not two
+    five = ServeConfig(replica_gpus=0.4, generator={"min_replicas": 5, "max_replicas": 5})
+    with pytest.raises(ConfigError, match=r"asks 3 GPU\(s\) and this Ray cluster has 2: lower generator.min_replicas to 4"):
+        check_replica_gpus(five, 2, joined=False)
+    tenths = ServeConfig(replica_gpus=0.1, generator={"min_replicas": 30, "max_replicas": 30})
+    check_replica_gpus(tenths, 3, joined=False)  # 0.1 fits ten times per GPU, float rounding or not
 
     def deployed(*a, **k):
         raise AssertionError("deployed")
