@@ -69,7 +69,8 @@ def sefa(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:
     w = model.first_layer_weight().double()  # (out, z_dim)
     evals, evecs = torch.linalg.eigh(w.T @ w)
     order = torch.argsort(evals, descending=True)[:k]
-    return [Direction(f"sefa:{i}", _unit(evecs[:, j].float()), "sefa", {"eigenvalue": float(evals[j])})
+    vecs = canonical_signs(evecs[:, order].T)  # (k, z_dim)
+    return [Direction(f"sefa:{i}", _unit(vecs[i].float()), "sefa", {"eigenvalue": float(evals[j])})
             for i, j in enumerate(order.tolist())]
 
 
@@ -125,8 +126,14 @@ def top_components(x: torch.Tensor, k: int):
         _, s_np, vt_np = svds(a, k=k, v0=start, tol=1e-10, solver="arpack")
         order = np.argsort(-s_np)
         s, vt = torch.from_numpy(s_np[order].copy()).to(x), torch.from_numpy(vt_np[order].copy()).to(x)
-    sign = torch.sign(vt.gather(1, vt.abs().argmax(1, keepdim=True)))
-    return s, vt * sign
+    return s, canonical_signs(vt)
+
+
+def canonical_signs(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (k, F) with each row's largest-magnitude entry made positive: an eigen- or singular
+    vector's sign is up to the LAPACK build, and a direction's name (`sefa:0`, `pca:0`) must mean
+    the same edit on every machine that computes it."""
+    return rows * torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))
 
 
 def data_free_directions(model: nn.Module, algorithm: str, k: int = 5) -> list[Direction]:

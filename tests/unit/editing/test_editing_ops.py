@@ -115,6 +115,9 @@ def test_sefa_gives_orthonormal_eigenvectors_and_directions_round_trip(generator
     w = generator.first_layer_weight().detach()
     # the first direction maximises ||A d|| among unit vectors
     assert (w @ m[0]).norm() >= (w @ torch.nn.functional.normalize(torch.randn(16), dim=0)).norm()
+    # an eigenvector's sign is up to the LAPACK build: each is fixed so that its largest entry is
+    # positive, so `sefa:0` is the same edit on every machine (a CPU Editor and a GPU Generator)
+    assert (m.gather(1, m.abs().argmax(1, keepdim=True)) > 0).all()
     save_directions(tmp_path, dirs + [Direction("attr:size", torch.ones(16) / 4, "attribute_regression", {"r2": 0.5})])
     loaded = load_directions(tmp_path)
     assert set(loaded) == {"sefa:0", "sefa:1", "sefa:2", "sefa:3", "attr:size"}
