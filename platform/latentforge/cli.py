@@ -129,12 +129,9 @@ def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def chosen_device(device: str) -> str:
     """`--device`, refused (with the way out) where it names a GPU this process cannot see."""
-    if device == "cuda":
-        from latentforge.devices import require_cuda, set_tf32
+    from latentforge.devices import inference_device
 
-        require_cuda("--device cuda", "drop --device to run on the CPU")
-        set_tf32(False)  # scores and samples in fp32 math, as on the CPU (cuDNN's default is TF32)
-    return device
+    return inference_device(device, "--device cuda", "drop --device to run on the CPU")
 
 
 # ------------------------------------------------------------------------------------------ evaluate

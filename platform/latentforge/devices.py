@@ -51,6 +51,16 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def inference_device(device: str, flag: str, fallback: str) -> str:
+    """`device` for sampling or scoring: a CUDA device must be visible (`require_cuda`, naming
+    `flag` and `fallback`), and runs with TF32 off, so that its images and features come from the
+    fp32 math of the CPU's (cuDNN's default is TF32)."""
+    if torch.device(device).type == "cuda":
+        require_cuda(flag, fallback)
+        set_tf32(False)
+    return device
+
+
 def on_device(module: torch.nn.Module, device: str | torch.device) -> bool:
     """Whether `module`'s parameters are on `device` ('cuda' matches any CUDA device, 'cuda:1' only that one)."""
     have, want = next(module.parameters()).device, torch.device(device)

@@ -142,13 +142,9 @@ def generator_device(cfg: ServeConfig) -> str:
     Raises:
         ConfigError: `replica_gpus` in a replica that sees no CUDA device.
     """
-    if not cfg.replica_gpus:
-        return "cpu"
-    from latentforge.devices import require_cuda, set_tf32
+    from latentforge.devices import inference_device
 
-    require_cuda("replica_gpus", "set replica_gpus: 0 to serve on CPUs")
-    set_tf32(False)
-    return "cuda"
+    return inference_device("cuda" if cfg.replica_gpus else "cpu", "replica_gpus", "set replica_gpus: 0 to serve on CPUs")
 
 
 def replica_options(cfg: ServeConfig, gpus: bool) -> dict:
