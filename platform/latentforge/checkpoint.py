@@ -275,10 +275,56 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "manifest.json").is_file():
         raise CheckpointError(f"{path} is a prepared dataset, not a checkpoint; give a checkpoint or run folder "
                               "(the dataset goes to --data)")
+    sweep = _sweep_folder(path)
+    if sweep is not None:
+        return _best_of_sweep(sweep)
     found = find_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path} holds no checkpoint (no */{CONFIG}); give a checkpoint or run folder")
-    return found[-1]
+    own = [f for f in found if f.parent == path]
+    runs = sorted({f.parent.name for f in found if f.parent != path})
+    if not own and len(runs) > 1:  # e.g. a Tune experiment folder: the latest step is not the best trial
+        shown = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+        raise CheckpointError(f"{path} holds the checkpoints of {len(runs)} runs ({shown}): give one of their folders")
+    return (own or found)[-1]
+
+
+SWEEP_FILE = "sweep.json"  # written by latentforge.tune.sweep at a sweep folder's top
+
+
+def _sweep_folder(path: Path) -> Path | None:
+    """The sweep folder that `path` is, or whose Tune experiment folder (`tune/`) it is."""
+    for folder in (path, path.parent):
+        if (folder / SWEEP_FILE).is_file() and (folder == path or path.name == "tune"):
+            return folder
+    return None
+
+
+def _best_of_sweep(sweep: Path) -> Path:
+    """A sweep folder stands for its best trial's checkpoint, as its summary.json records it."""
+    summary = sweep / "summary.json"
+    try:
+        best = read_json(summary).get("best") if summary.is_file() else None
+        ck = Path(best["checkpoint"]) if isinstance(best, dict) and best.get("checkpoint") else None
+    except Exception as e:
+        raise CheckpointError(f"{summary} is unreadable ({type(e).__name__}); give one trial's checkpoint folder "
+                              f"under {sweep / 'tune'}") from e
+    if ck is None:
+        raise CheckpointError(f"sweep {sweep} has no best checkpoint yet (summary.json is written when the sweep "
+                              f"ends, and names no trial with a finite metric); give one trial's checkpoint folder "
+                              f"under {sweep / 'tune'}, or resume the sweep with `latentforge tune --resume`")
+    if not (ck / CONFIG).is_file():
+        raise CheckpointError(f"sweep {sweep}'s best checkpoint {ck} is not on this machine (moved, deleted, or on "
+                              f"remote storage); give one trial's checkpoint folder")
+    return ck
+
+
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is meant as a checkpoint: a checkpoint, run or sweep folder (or a dataset given by
+    mistake, which `resolve_checkpoint` explains). Anything else is for the caller to read otherwise."""
+    path = Path(path)
+    return path.is_dir() and ((path / CONFIG).is_file() or (path / "manifest.json").is_file()
+                              or _sweep_folder(path) is not None or bool(find_checkpoints(path)))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:

@@ -2,11 +2,13 @@
 promoted with lineage, PBT exploiting (the killed-driver resume is in test_tune_resume.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from helpers import sweep_file
 
+from latentforge.checkpoint import resolve_checkpoint
 from latentforge.registry import list_entries, show
 from latentforge.tune.space import load_sweep
 from latentforge.tune.sweep import run_sweep
@@ -31,6 +33,8 @@ def test_unstable_trials_stop_early_with_a_reason_and_the_best_is_promoted(ray_c
     assert entry["dataset_hash"].startswith("sha256:")
     assert entry["metrics"]["fid"] == pytest.approx(summary["best"]["metric"])
     assert [e["name"] for e in list_entries(str(tmp_path / "registry"))] == ["tiny"]
+    # generate/evaluate on the sweep folder load the trial the sweep ranked best
+    assert resolve_checkpoint(tmp_path / "sweep") == Path(summary["best"]["checkpoint"])
 
 
 def test_pbt_exploits_and_warm_starts_with_new_hyperparameters(ray_cluster, mnist_dir, mnist_features, tmp_path):

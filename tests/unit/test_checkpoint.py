@@ -235,3 +235,53 @@ def test_a_registry_copy_keeps_only_what_inference_reads_and_samples_the_same_by
     (copy.path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="needs the modules"):
         load_checkpoint(copy.path)
+
+
+def _fake_sweep(gan_run, root):
+    """A sweep folder laid out as `latentforge tune` writes it: sweep.json, tune/<trial>/checkpoint_*."""
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"sweep": {}, "data": "d"}))
+    trials = {}
+    for trial, step in (("trial_a", 4), ("trial_b", 8)):  # trial_b has the later step, trial_a the better FID
+        ck = _copy(gan_run, root / "tune" / trial / f"checkpoint_{step:06d}")
+        cfg = json.loads((ck / "config.json").read_text())
+        (ck / "config.json").write_text(json.dumps({**cfg, "step": step}))
+        trials[trial] = ck
+    return trials
+
+
+def test_a_sweep_folder_stands_for_its_best_trial(gan_run, tmp_path):
+    """`generate`/`evaluate`/`promote` on a sweep folder (or its tune/ folder) load the trial the sweep
+    ranked best, never whichever trial happened to save the latest step."""
+    from latentforge.checkpoint import holds_checkpoint
+
+    sweep = tmp_path / "sweep"
+    trials = _fake_sweep(gan_run, sweep)
+    assert holds_checkpoint(sweep) and holds_checkpoint(sweep / "tune")
+    for target in (sweep, sweep / "tune"):
+        with pytest.raises(CheckpointError, match="has no best checkpoint yet .* resume the sweep"):
+            resolve_checkpoint(target)
+    (sweep / "summary.json").write_text(json.dumps({"best": {"trial_id": "a", "checkpoint": str(trials["trial_a"])}}))
+    for target in (sweep, sweep / "tune"):
+        assert resolve_checkpoint(target) == trials["trial_a"]
+        assert load_checkpoint(target).step == 4
+    # one trial's folder is an ordinary run folder
+    assert resolve_checkpoint(sweep / "tune" / "trial_b") == trials["trial_b"]
+    import shutil
+
+    shutil.rmtree(trials["trial_a"])
+    with pytest.raises(CheckpointError, match="best checkpoint .*trial_a.* is not on this machine"):
+        resolve_checkpoint(sweep)
+    (sweep / "summary.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="summary.json is unreadable"):
+        resolve_checkpoint(sweep)
+
+
+def test_a_folder_of_several_runs_is_not_read_as_one(gan_run, tmp_path):
+    """Checkpoints of different runs two levels down (a Tune experiment copied without its sweep.json)
+    are ambiguous: the error names the runs instead of picking the one with the latest step."""
+    trials = _fake_sweep(gan_run, tmp_path / "sweep")
+    (tmp_path / "sweep" / "sweep.json").unlink()
+    with pytest.raises(CheckpointError, match=r"holds the checkpoints of 2 runs \(trial_a, trial_b\): give one"):
+        load_checkpoint(tmp_path / "sweep" / "tune")
+    assert resolve_checkpoint(trials["trial_b"].parent) == trials["trial_b"]

@@ -149,7 +149,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
         suffixes as `protocol` / `reconstruction_protocol`, plus backbone, samples, seed,
         reference, timing.
     """
-    from latentforge.checkpoint import CONFIG, load_checkpoint
+    from latentforge.checkpoint import holds_checkpoint, load_checkpoint
     from latentforge.metrics.features import ensure_feature_net
     from latentforge.sampling import generate
 
@@ -165,7 +165,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     target = Path(target)
     out: dict = {"backbone": net.backbone, "backbone_val_accuracy": net.val_accuracy, "seed": seed,
                  "reference": f"{reference} split"}
-    is_checkpoint = target.is_dir() and ((target / CONFIG).is_file() or any(target.glob(f"*/{CONFIG}")))
+    is_checkpoint = holds_checkpoint(target)
     requested = None
     if is_checkpoint and not MIN_SAMPLES <= samples <= MAX_SAMPLES:
         raise LatentForgeError(f"--samples {samples} is out of range: give {MIN_SAMPLES:,}..{MAX_SAMPLES:,} "

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from latentforge.checkpoint import SWEEP_FILE
 from latentforge.errors import ConfigError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
@@ -35,7 +36,6 @@ STOP_REASONS_FILE = "stop_reasons.json"
 # A trial stopped because its FID degraded had good checkpoints before it fell apart; a trial
 # stopped for NaNs, a dead generator, a winning discriminator or mode collapse is never promoted.
 PROMOTABLE_STOP_REASONS = {"fid_degradation", "below_rung_cutoff"}
-SWEEP_FILE = "sweep.json"
 
 
 # ---------------------------------------------------------------------------------------- stopper

@@ -60,6 +60,11 @@ def test_wrong_shapes_and_bad_files_are_refused(mnist_dir, mnist_features, tmp_p
     (tmp_path / "early-run" / "metrics.jsonl").write_text('{"step": 25}\n')
     with pytest.raises(LatentForgeError, match="is a run folder with no checkpoint yet"):
         evaluate(tmp_path / "early-run", mnist_dir, net=mnist_features, log=quiet)
+    (tmp_path / "sweep" / "tune").mkdir(parents=True)  # a sweep still running: its best is not known yet
+    (tmp_path / "sweep" / "sweep.json").write_text('{"sweep": {}}')
+    for target in (tmp_path / "sweep", tmp_path / "sweep" / "tune"):
+        with pytest.raises(LatentForgeError, match="has no best checkpoint yet"):
+            evaluate(target, mnist_dir, net=mnist_features, log=quiet)
     for n in (0, 1):  # too few for a covariance: refused, not a linear-algebra error
         np.savez(tmp_path / f"n{n}.npz", images=np.zeros((n, 28, 28), np.uint8))
         with pytest.raises(LatentForgeError, match=f"holds {n} images: scoring needs at least 10"):
