@@ -84,22 +84,33 @@ YAML
   "$PY" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$WORK/sweep" --no-promote
 }
 stage tune sweep
-echo "== serve one generate request"
+echo "== serve generate and reconstruct requests"
 stage "registry promote" "$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
 serve_one() {
 "$PY" - "$WORK/registry" "$DEVICE" <<'PYEOF'
 import json, sys, time, urllib.request
 from latentforge.serve.config import ServeConfig
 from latentforge.serve.runner import start_serve
-# on a GPU, the Generator replica holds the GPU (replica_gpus) and generates there
-url = start_serve(ServeConfig(registry=sys.argv[1], replica_gpus=1 if sys.argv[2] == "cuda" else 0), port=8123)
-req = urllib.request.Request(f"{url}/v1/models/gan/generate", data=json.dumps({"n": 4, "seed": 1}).encode(),
-                             headers={"content-type": "application/json"})
-for what in ("first request (loads the model)", "second request"):
+# on a GPU, the Generator and Editor replicas share it (replica_gpus, editor_gpus): generation and
+# the Editor's projections of images run there
+share = 0.5 if sys.argv[2] == "cuda" else 0
+url = start_serve(ServeConfig(registry=sys.argv[1], replica_gpus=share, editor_gpus=share), port=8123)
+
+
+def post(route, body):
+    req = urllib.request.Request(f"{url}/v1/models/gan/{route}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
     t = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
-        body = json.loads(r.read())
-    print(f"{what}: {len(body['images'])} images in {time.perf_counter() - t:.2f} s")
+        return json.loads(r.read()), time.perf_counter() - t
+
+
+for what in ("first request (loads the model)", "second request"):
+    body, took = post("generate", {"n": 4, "seed": 1})
+    print(f"{what}: {len(body['images'])} images in {took:.2f} s")
+for what in ("first reconstruct (loads the model)", "second reconstruct"):
+    rec, took = post("reconstruct", {"image": body["images"][0]})  # a projection: 200 steps x 2 starts
+    print(f"{what}: projected one image in {took:.2f} s, mse {rec['mse']:.3g} (pixels in [-1, 1])")
 from ray import serve
 serve.shutdown()
 PYEOF

@@ -81,7 +81,7 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     device = images.device
     gen = torch.Generator().manual_seed(seed)
     center = getattr(model, "prior_center", None)  # W: the mean w; z: the origin
-    z0 = random_latents(model, restarts * n, gen, None if labels is None else labels.cpu().repeat(restarts))
+    z0 = random_latents(model, restarts * n, gen, None if labels is None else labels.repeat(restarts))
     z0 = z0.view(restarts, n, d).to(device)
     if center is not None:
         center = center.detach().float().to(device)

@@ -134,22 +134,27 @@ class _Models:
         return runtime
 
 
-def generator_device(cfg: ServeConfig) -> str:
-    """Where a Generator replica runs its models: 'cuda' with `replica_gpus` (Ray has given the
-    replica its GPU; TF32 off, so a seed's images match the CPU's fp32 math as closely as
-    `generate --device cuda`'s do), else 'cpu'.
+GPU_FIELDS = {"Generator": "replica_gpus", "Editor": "editor_gpus"}  # the config field of each model deployment's GPUs
+
+
+def replica_device(cfg: ServeConfig, deployment: str) -> str:
+    """Where a model replica ('Generator' or 'Editor') runs its models: 'cuda' when its GPU field
+    asks for GPUs (Ray has given the replica its share; TF32 off, so a seed's images match the
+    CPU's fp32 math as closely as `generate --device cuda`'s do), else 'cpu'.
 
     Raises:
-        ConfigError: `replica_gpus` in a replica that sees no CUDA device.
+        ConfigError: GPUs asked for in a replica that sees no CUDA device.
     """
     from latentforge.devices import inference_device
 
-    return inference_device("cuda" if cfg.replica_gpus else "cpu", "replica_gpus", "set replica_gpus: 0 to serve on CPUs")
+    field = GPU_FIELDS[deployment]
+    return inference_device("cuda" if getattr(cfg, field) else "cpu", field, f"set {field}: 0 to serve on CPUs")
 
 
-def replica_options(cfg: ServeConfig, gpus: bool) -> dict:
-    """A model replica's Ray resources: `replica_cpus`, and `replica_gpus` for the Generator."""
-    return {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if gpus and cfg.replica_gpus else {})}
+def replica_options(cfg: ServeConfig, deployment: str) -> dict:
+    """A model replica's Ray resources: `replica_cpus`, and its deployment's GPU field."""
+    gpus = getattr(cfg, GPU_FIELDS[deployment])
+    return {"num_cpus": cfg.replica_cpus, **({"num_gpus": gpus} if gpus else {})}
 
 
 def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
@@ -162,7 +167,7 @@ class Generator:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
         # it also runs edits of seeds and latents
-        self.models = _Models(self.cfg, directions=True, device=generator_device(self.cfg))
+        self.models = _Models(self.cfg, directions=True, device=replica_device(self.cfg, "Generator"))
         from ray.util.metrics import Counter, Histogram
 
         self.batch_images = Histogram("latentforge_serve_batch_images", "Images per generation forward pass",
@@ -236,7 +241,7 @@ class Generator:
 class Editor:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.models = _Models(self.cfg, directions=True)
+        self.models = _Models(self.cfg, directions=True, device=replica_device(self.cfg, "Editor"))
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_model(self, model_id: str):
@@ -668,10 +673,10 @@ def build_application(cfg: ServeConfig):
     raw = cfg.replica_args()
     logs = {"enable_access_log": cfg.access_log}
     generator = Generator.options(
-        ray_actor_options=replica_options(cfg, gpus=True), autoscaling_config=_autoscaling(cfg.generator),
+        ray_actor_options=replica_options(cfg, "Generator"), autoscaling_config=_autoscaling(cfg.generator),
         max_ongoing_requests=cfg.max_ongoing_requests, logging_config=logs,
     ).bind(raw)
-    editor = Editor.options(ray_actor_options=replica_options(cfg, gpus=False), autoscaling_config=_autoscaling(cfg.editor),
+    editor = Editor.options(ray_actor_options=replica_options(cfg, "Editor"), autoscaling_config=_autoscaling(cfg.editor),
                             max_ongoing_requests=cfg.editor_concurrency, max_queued_requests=cfg.editor_max_queued,
                             logging_config=logs).bind(raw)
     return Gateway.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,

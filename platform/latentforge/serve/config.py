@@ -37,9 +37,11 @@ class ServeConfig(StrictConfig):
     editor: AutoscalingSettings = AutoscalingSettings(max_replicas=2)
     replica_cpus: float = Field(0.5, gt=0)  # CPUs reserved per generator/editor replica
     # GPUs per Generator replica (0: it runs on its CPUs; a fraction lets replicas share a GPU).
-    # Generation and edits of seeds and latents then run on the GPU; the Editor's projections of
-    # images stay on CPU replicas.
+    # Generation and edits of seeds and latents then run on the GPU.
     replica_gpus: float = Field(0.0, ge=0, le=8)
+    # GPUs per Editor replica: its projections of images (reconstruct, inpaint, denoise, edits and
+    # interpolations of images) then run on the GPU, where each of their hundreds of steps is cheap.
+    editor_gpus: float = Field(0.0, ge=0, le=8)
     threads_per_replica: int = Field(1, ge=1)  # torch threads in each replica
     projection_steps: int = Field(200, ge=1)  # default Adam steps for GAN inversion
     projection_restarts: int = Field(2, ge=1)
@@ -110,7 +112,7 @@ class ServeConfig(StrictConfig):
         each projection keeps a core busy."""
         return max(1, math.floor(self.replica_cpus))
 
-    @field_validator("replica_gpus")
+    @field_validator("replica_gpus", "editor_gpus")
     @classmethod
     def _whole_beyond_one(cls, gpus: float) -> float:
         if gpus > 1 and gpus != int(gpus):

@@ -48,44 +48,49 @@ def check_exposure(cfg: ServeConfig, host: str, allow_unauthenticated: bool = Fa
                           "(or, behind your own authenticating proxy, allow it explicitly)")
 
 
-def _per_gpu(share: float) -> int:
-    """Replicas asking `share` (< 1) of a GPU that one GPU holds: Ray packs fractions per GPU, and
-    1e-9 keeps 0.1 from fitting only 9 times through float rounding."""
-    return math.floor(1 / share + 1e-9)
-
-
-def gpus_for_replicas(replicas: int, share: float) -> float:
-    """GPUs that `replicas` replicas of `share` GPUs each occupy (whole GPUs for a share of one or more)."""
-    return math.ceil(replicas / _per_gpu(share)) if share < 1 else replicas * share
-
-
-def replicas_on(gpus: float, share: float) -> int:
-    """How many replicas of `share` GPUs each `gpus` whole GPUs hold."""
-    return math.floor(gpus + 1e-9) * _per_gpu(share) if share < 1 else math.floor(gpus / share + 1e-9)
+def gpus_for(shares: list[float]) -> int:
+    """Whole GPUs that replicas asking `shares` occupy. A share of one or more takes whole GPUs;
+    fractions are packed onto GPUs as Ray packs them, each on one GPU with room left (first fit,
+    largest first; 1e-9 keeps ten replicas of 0.1 from needing a second GPU through rounding)."""
+    whole = sum(math.ceil(s - 1e-9) for s in shares if s >= 1)
+    free: list[float] = []  # room left on each GPU holding fractions
+    for share in sorted((s for s in shares if 0 < s < 1), reverse=True):
+        gpu = next((i for i, room in enumerate(free) if room >= share - 1e-9), None)
+        if gpu is None:
+            free.append(1.0)
+            gpu = len(free) - 1
+        free[gpu] -= share
+    return whole + len(free)
 
 
 def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=print) -> None:
-    """`replica_gpus` asks that many GPUs for each Generator replica, and Serve starts
-    `generator.min_replicas` of them (at least one) before the application runs: a local cluster
-    with fewer GPUs is refused (the deployment would wait forever), a joined one may add GPU nodes
-    (said, not refused).
+    """`replica_gpus` and `editor_gpus` ask that many GPUs for each Generator and Editor replica,
+    and Serve starts `min_replicas` of each (at least one) before the application runs: a local
+    cluster with fewer GPUs is refused (the deployment would wait forever), a joined one may add
+    GPU nodes (said, not refused).
 
     Raises:
         ConfigError: a local cluster with fewer GPUs than the first replicas ask.
     """
     from latentforge.errors import ConfigError
 
-    replicas = max(1, cfg.generator.min_replicas)
-    needed = gpus_for_replicas(replicas, cfg.replica_gpus)
-    if cluster_gpus >= needed:
+    asks = [(field, getattr(cfg, field), name, max(1, getattr(cfg, name.lower()).min_replicas))
+            for name, field in (("Generator", "replica_gpus"), ("Editor", "editor_gpus")) if getattr(cfg, field)]
+    needed = gpus_for([share for _, share, _, replicas in asks for _ in range(replicas)])
+    if not asks or cluster_gpus >= needed:
         return
-    have = (f"replica_gpus: {cfg.replica_gpus:g} per Generator replica, for {replicas} replica(s) "
-            f"(generator.min_replicas, at least one), asks {needed:g} GPU(s) and this Ray cluster has {cluster_gpus:g}")
+    have = (" and ".join(f"{field}: {share:g} per {name} replica, for {replicas} replica(s)" for field, share, name, replicas in asks)
+            + f" ({' and '.join(f'{name.lower()}.min_replicas' for _, _, name, _ in asks)}, at least one), "
+            f"ask{'s' if len(asks) == 1 else ''} {needed:g} GPU(s) and this Ray cluster has {cluster_gpus:g}")
     if not joined:
-        fit = replicas_on(cluster_gpus, cfg.replica_gpus)
-        fewer = f"lower generator.min_replicas to {fit} or replica_gpus, " if fit >= 1 else ""
-        raise ConfigError(f"{have}: {fewer}set replica_gpus: 0 to serve on CPUs, or serve on a GPU machine")
-    log(f"warning: {have}; the Generator replicas wait until the cluster (its autoscaler) adds GPU nodes")
+        if len(asks) == 1:
+            field, share, name, replicas = asks[0]
+            fit = max((k for k in range(1, replicas) if gpus_for([share] * k) <= cluster_gpus), default=0)
+            fewer = f"lower {name.lower()}.min_replicas to {fit} or {field}, " if fit else ""
+            raise ConfigError(f"{have}: {fewer}set {field}: 0 to serve on CPUs, or serve on a GPU machine")
+        raise ConfigError(f"{have}: lower the min_replicas or the GPUs per replica, set replica_gpus or editor_gpus "
+                          "to 0 to run that deployment on CPUs, or serve on a GPU machine")
+    log(f"warning: {have}; the replicas wait until the cluster (its autoscaler) adds GPU nodes")
 
 
 def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -112,7 +117,7 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
                               f"existing cluster start every node with {' '.join(f'{k}={v}' for k, v in REQUEST_PATHS[request_path].items())}")
         os.environ.update(REQUEST_PATHS[request_path])  # the local raylet and Serve's actors inherit it
     ray_init(address, num_cpus=num_cpus)
-    if cfg.replica_gpus:  # before anything is deployed: a replica no node can place would pend forever
+    if cfg.replica_gpus or cfg.editor_gpus:  # before anything is deployed: a replica no node can place would pend forever
         check_replica_gpus(cfg, float(ray.cluster_resources().get("GPU", 0)), joined=joined_cluster(address))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/")

@@ -36,6 +36,35 @@ def test_a_runtime_on_a_device_moves_every_input_there_and_hands_images_back_on_
     assert asked == ["meta"] * 3
 
 
+def test_an_editor_on_a_device_projects_images_there(runs, monkeypatch):
+    """`editor_gpus`: reconstructing, inpainting, denoising, and edits and interpolations whose
+    source is an image, move the decoded image, its mask and label to the model's device for the
+    projection and bring the results back (the CPU keeps latents, images and directions)."""
+    from latentforge.editing.directions import Direction
+    from latentforge.serve import engine
+    from latentforge.serve.codec import encode_png_b64
+    from latentforge.serve.schemas import EditRequest, ImageRequest, InpaintRequest
+
+    asked = _guarded_loads(monkeypatch)
+    image = encode_png_b64(torch.zeros(1, 28, 28))
+    mask = torch.zeros(1, 28, 28)
+    mask[:, 10:18, 10:18] = 1  # white: fill
+    mask = encode_png_b64(mask * 2 - 1)
+    for preset in ("cdcgan-mnist", "vae-mnist"):
+        rt = engine.ModelRuntime("m", runs / preset, device="meta")
+        rt._directions = {"d": Direction("d", torch.ones(rt.z_dim) / rt.z_dim**0.5, "sefa", {})}
+        label = 3 if rt.num_classes else None
+        for op in (lambda: rt.reconstruct(ImageRequest(image=image, label=label, steps=2)),
+                   lambda: rt.denoise(ImageRequest(image=image, label=label, steps=2)),
+                   lambda: rt.inpaint(InpaintRequest(image=image, mask=mask, label=label, steps=2)),
+                   lambda: rt.edit(EditRequest(source=LatentSource(image=image, label=label), direction="d", alpha=1.0,
+                                               projection_steps=2)),
+                   lambda: rt.interpolate(InterpolateRequest(a=LatentSource(image=image, label=label),
+                                                             b=LatentSource(seed=2, label=label), steps=3, projection_steps=2))):
+            runs_on_the_model_device(op)
+    assert asked == ["meta"] * 2
+
+
 def _guarded_loads(monkeypatch) -> list:
     """Checkpoints load as asked, and a load on "meta" guards every module; returns the devices asked."""
     from latentforge.serve import engine
@@ -94,38 +123,42 @@ def test_directions_of_a_model_on_another_device_are_computed_on_a_cpu_copy(runs
         assert d.vector.device.type == "cpu" and torch.equal(d.vector, reference[name].vector)
 
 
-def test_only_the_generator_asks_ray_for_gpus():
-    from latentforge.serve.app import replica_options
+def test_each_model_deployment_asks_ray_for_its_own_gpus():
+    from latentforge.serve.app import build_application, replica_options
 
     cfg = ServeConfig(replica_cpus=1.0, replica_gpus=0.5)
-    assert replica_options(cfg, gpus=True) == {"num_cpus": 1.0, "num_gpus": 0.5}
-    assert replica_options(cfg, gpus=False) == {"num_cpus": 1.0}  # the Editor's projections stay on CPUs
-    assert replica_options(ServeConfig(), gpus=True) == {"num_cpus": 0.5}
-    from latentforge.serve.app import build_application
-
+    assert replica_options(cfg, "Generator") == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert replica_options(cfg, "Editor") == {"num_cpus": 1.0}  # editor_gpus: 0, its projections on CPUs
+    assert replica_options(ServeConfig(), "Generator") == {"num_cpus": 0.5}
     generator, editor = build_application(cfg)._bound_deployment.init_args[:2]  # the Gateway's handles
     assert generator._bound_deployment.name == "Generator" and editor._bound_deployment.name == "Editor"
     assert generator._bound_deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert editor._bound_deployment.ray_actor_options == {"num_cpus": 1.0}
-    with pytest.raises(ValidationError, match="replica_gpus"):
-        ServeConfig(replica_gpus=-1)
-    with pytest.raises(ValidationError, match="above one GPU, a replica takes whole GPUs"):
-        ServeConfig(replica_gpus=1.5)
-    assert ServeConfig(replica_gpus=2).replica_gpus == 2
+    both = build_application(ServeConfig(replica_gpus=0.5, editor_gpus=1))._bound_deployment.init_args[:2]
+    assert [d._bound_deployment.ray_actor_options.get("num_gpus") for d in both] == [0.5, 1]
+    for field in ("replica_gpus", "editor_gpus"):
+        with pytest.raises(ValidationError, match=field):
+            ServeConfig(**{field: -1})
+        with pytest.raises(ValidationError, match="above one GPU, a replica takes whole GPUs"):
+            ServeConfig(**{field: 1.5})
+        assert getattr(ServeConfig(**{field: 2}), field) == 2
 
 
-def test_a_generator_replica_runs_on_cuda_only_where_it_sees_one(monkeypatch):
-    from latentforge.serve.app import generator_device
+@pytest.mark.parametrize("deployment,field", [("Generator", "replica_gpus"), ("Editor", "editor_gpus")])
+def test_a_model_replica_runs_on_cuda_only_where_it_sees_one(monkeypatch, deployment, field):
+    from latentforge.serve.app import replica_device
 
-    assert generator_device(ServeConfig()) == "cpu"
+    assert replica_device(ServeConfig(), deployment) == "cpu"
+    other = "editor_gpus" if field == "replica_gpus" else "replica_gpus"
+    assert replica_device(ServeConfig(**{other: 1}), deployment) == "cpu"  # the other deployment's GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="replica_gpus: this process sees no CUDA GPU .*set replica_gpus: 0"):
-        generator_device(ServeConfig(replica_gpus=1))
+    with pytest.raises(ConfigError, match=f"{field}: this process sees no CUDA GPU .*set {field}: 0"):
+        replica_device(ServeConfig(**{field: 1}), deployment)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = True
-        assert generator_device(ServeConfig(replica_gpus=1)) == "cuda"
+        assert replica_device(ServeConfig(**{field: 1}), deployment) == "cuda"
         assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
@@ -158,6 +191,15 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
         check_replica_gpus(five, 2, joined=False)
     tenths = ServeConfig(replica_gpus=0.1, generator={"min_replicas": 30, "max_replicas": 30})
     check_replica_gpus(tenths, 3, joined=False)  # 0.1 fits ten times per GPU, float rounding or not
+    # Editors count too, and share GPUs with Generators: 0.5 + 0.5 fit one GPU, 0.6 + 0.5 do not
+    check_replica_gpus(ServeConfig(replica_gpus=0.5, editor_gpus=0.5), 1, joined=False)
+    with pytest.raises(ConfigError, match=r"replica_gpus: 0.6 per Generator replica, for 1 replica\(s\) and editor_gpus: "
+                                          r"0.5 per Editor replica, for 1 replica\(s\) \(generator.min_replicas and "
+                                          r"editor.min_replicas, at least one\), ask 2 GPU\(s\) and this Ray cluster has 1"):
+        check_replica_gpus(ServeConfig(replica_gpus=0.6, editor_gpus=0.5), 1, joined=False)
+    with pytest.raises(ConfigError, match=r"editor_gpus: 1 per Editor replica, for 3 replica\(s\) .*asks 3 GPU\(s\) "
+                                          r"and this Ray cluster has 2: lower editor.min_replicas to 2 or editor_gpus"):
+        check_replica_gpus(ServeConfig(editor_gpus=1, editor={"min_replicas": 3, "max_replicas": 3}), 2, joined=False)
 
     def deployed(*a, **k):
         raise AssertionError("deployed")
@@ -171,3 +213,5 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
     start_serve_min0 = ServeConfig(replica_gpus=1, generator={"min_replicas": 0})  # still one replica to serve a request
     with pytest.raises(ConfigError, match=r"for 1 replica\(s\) \(generator.min_replicas, at least one\)"):
         start_serve(start_serve_min0)
+    with pytest.raises(ConfigError, match="has 0: set editor_gpus: 0"):
+        start_serve(ServeConfig(editor_gpus=0.5))
