@@ -177,9 +177,10 @@ def on_meta_with_guard(module):
     return module
 
 
-def runs_on_the_model_device(fn) -> None:
+def runs_on_the_model_device(fn) -> BaseException:
     """`fn` must reach the model and get past every forward pass without a device mismatch (it
-    then fails where it first needs real numbers, which meta tensors do not have)."""
+    then fails where it first needs real numbers, which meta tensors do not have: that error is
+    returned)."""
     import pytest
 
     before = CHECKED["inputs"]
@@ -188,4 +189,5 @@ def runs_on_the_model_device(fn) -> None:
     assert not isinstance(e.value, WrongDevice), str(e.value)
     # a mismatch outside a module (e.g. pasting CPU pixels into the model's output) is torch's own error
     assert "expected device" not in str(e.value) and "same device" not in str(e.value), str(e.value)
+    return e.value
     assert CHECKED["inputs"] > before, f"failed before any forward pass: {e.value}"

@@ -275,13 +275,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "manifest.json").is_file():
         raise CheckpointError(f"{path} is a prepared dataset, not a checkpoint; give a checkpoint or run folder "
                               "(the dataset goes to --data)")
-    sweep = _sweep_folder(path)
-    if sweep is not None:
-        return _best_of_sweep(sweep)
+    best = sweep_best(path)
+    if best is not None:
+        return best["checkpoint"]
     found = find_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path} holds no checkpoint (no */{CONFIG}); give a checkpoint or run folder")
-    own = [f for f in found if f.parent == path]
+    own = [f for f in found if f.parent == path]  # a run folder's own checkpoints come before any nested run's
     runs = sorted({f.parent.name for f in found if f.parent != path})
     if not own and len(runs) > 1:  # e.g. a Tune experiment folder: the latest step is not the best trial
         shown = ", ".join(runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
@@ -290,33 +290,53 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 SWEEP_FILE = "sweep.json"  # written by latentforge.tune.sweep at a sweep folder's top
+SWEEP_SUMMARY = "summary.json"  # written when a sweep ends; "best" names the trial it ranked first
 
 
 def _sweep_folder(path: Path) -> Path | None:
     """The sweep folder that `path` is, or whose Tune experiment folder (`tune/`) it is."""
+    path = path.absolute()  # "." inside tune/ has a parent too
     for folder in (path, path.parent):
         if (folder / SWEEP_FILE).is_file() and (folder == path or path.name == "tune"):
             return folder
     return None
 
 
-def _best_of_sweep(sweep: Path) -> Path:
-    """A sweep folder stands for its best trial's checkpoint, as its summary.json records it."""
-    summary = sweep / "summary.json"
+def sweep_best(path: str | Path) -> dict | None:
+    """For a sweep folder (or its `tune/` folder): its summary's best trial (trial_id, metric,
+    config, metrics, ...) with "checkpoint" as a local Path, and "sweep" / "sweep_dir" / "metric_name";
+    None for any other folder. A sweep folder moved or copied elsewhere still finds its checkpoint
+    (the summary records where the sweep ran).
+
+    Raises:
+        CheckpointError: a sweep whose best checkpoint is not known yet, or not on this machine.
+    """
+    sweep = _sweep_folder(Path(path))
+    if sweep is None:
+        return None
+    summary_file = sweep / SWEEP_SUMMARY
+    give = f"give one trial's checkpoint folder under {sweep / 'tune'}"
     try:
-        best = read_json(summary).get("best") if summary.is_file() else None
-        ck = Path(best["checkpoint"]) if isinstance(best, dict) and best.get("checkpoint") else None
+        summary = read_json(summary_file) if summary_file.is_file() else {}
+        best = summary.get("best")
+        recorded = str(best["checkpoint"]) if isinstance(best, dict) and best.get("checkpoint") else None
     except Exception as e:
-        raise CheckpointError(f"{summary} is unreadable ({type(e).__name__}); give one trial's checkpoint folder "
-                              f"under {sweep / 'tune'}") from e
-    if ck is None:
-        raise CheckpointError(f"sweep {sweep} has no best checkpoint yet (summary.json is written when the sweep "
-                              f"ends, and names no trial with a finite metric); give one trial's checkpoint folder "
-                              f"under {sweep / 'tune'}, or resume the sweep with `latentforge tune --resume`")
+        raise CheckpointError(f"{summary_file} is unreadable ({type(e).__name__}); {give}") from e
+    if recorded is None:
+        raise CheckpointError(f"sweep {sweep} has no best checkpoint yet ({SWEEP_SUMMARY} is written when the sweep "
+                              f"ends, and names no trial with a finite metric); {give}, or resume the sweep with "
+                              "`latentforge tune --resume`")
+    if "://" in recorded:
+        raise CheckpointError(f"sweep {sweep}'s best checkpoint is on remote storage ({recorded}); download it and "
+                              "give its folder")
+    ck = sweep / recorded  # an absolute path stays as it is
+    if not (ck / CONFIG).is_file() and "tune" in ck.parts:  # the sweep folder was moved: its tune/... is here
+        ck = sweep.joinpath(*ck.parts[len(ck.parts) - 1 - ck.parts[::-1].index("tune"):])
     if not (ck / CONFIG).is_file():
-        raise CheckpointError(f"sweep {sweep}'s best checkpoint {ck} is not on this machine (moved, deleted, or on "
-                              f"remote storage); give one trial's checkpoint folder")
-    return ck
+        raise CheckpointError(f"sweep {sweep}'s best checkpoint {recorded} is gone (deleted, or not copied with the "
+                              f"sweep); {give}")
+    return {**best, "checkpoint": ck, "sweep": summary.get("sweep"), "sweep_dir": str(sweep),
+            "metric_name": summary.get("metric")}
 
 
 def holds_checkpoint(path: str | Path) -> bool:
@@ -324,7 +344,8 @@ def holds_checkpoint(path: str | Path) -> bool:
     mistake, which `resolve_checkpoint` explains). Anything else is for the caller to read otherwise."""
     path = Path(path)
     return path.is_dir() and ((path / CONFIG).is_file() or (path / "manifest.json").is_file()
-                              or _sweep_folder(path) is not None or bool(find_checkpoints(path)))
+                              or _sweep_folder(path) is not None or any(path.glob(f"*/{CONFIG}"))
+                              or bool(find_checkpoints(path)))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:

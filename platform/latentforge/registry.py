@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from latentforge import __version__
-from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint, write_inference_copy
+from latentforge.checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint, sweep_best, write_inference_copy
 from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
@@ -70,6 +70,12 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
         RegistryError: bad name, or the name exists and `overwrite` is false.
     """
     check_name(name)
+    best = sweep_best(checkpoint)
+    if best is not None:  # a sweep folder: its best trial, with the lineage and metrics its own promotion records
+        lineage = {"sweep": best["sweep"], "sweep_dir": best["sweep_dir"], "trial_id": best.get("trial_id"),
+                   "hyperparameters": best.get("config", {}), **(lineage or {})}
+        if metrics is None and best.get("metric_name"):
+            metrics = {best["metric_name"]: best.get("metric"), **best.get("metrics", {})}
     ck_path = resolve_checkpoint(checkpoint)
     ck = load_checkpoint(ck_path)
     entry_uri = join_uri(registry, name)

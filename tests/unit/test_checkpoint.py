@@ -250,7 +250,7 @@ def _fake_sweep(gan_run, root):
     return trials
 
 
-def test_a_sweep_folder_stands_for_its_best_trial(gan_run, tmp_path):
+def test_a_sweep_folder_stands_for_its_best_trial(gan_run, tmp_path, monkeypatch):
     """`generate`/`evaluate`/`promote` on a sweep folder (or its tune/ folder) load the trial the sweep
     ranked best, never whichever trial happened to save the latest step."""
     from latentforge.checkpoint import holds_checkpoint
@@ -269,8 +269,18 @@ def test_a_sweep_folder_stands_for_its_best_trial(gan_run, tmp_path):
     assert resolve_checkpoint(sweep / "tune" / "trial_b") == trials["trial_b"]
     import shutil
 
+    # a sweep folder moved (or copied) elsewhere still finds its best trial under its own tune/
+    moved = shutil.move(sweep, tmp_path / "moved")
+    assert resolve_checkpoint(moved) == moved / "tune" / "trial_a" / trials["trial_a"].name
+    sweep = shutil.move(moved, sweep)
+    monkeypatch.chdir(sweep / "tune")
+    assert resolve_checkpoint(".").resolve() == trials["trial_a"]
+    (sweep / "summary.json").write_text(json.dumps({"best": {"checkpoint": "s3://bucket/sweep/tune/trial_a/c"}}))
+    with pytest.raises(CheckpointError, match="best checkpoint is on remote storage .*s3://bucket/.*download it"):
+        resolve_checkpoint(sweep)
+    (sweep / "summary.json").write_text(json.dumps({"best": {"checkpoint": str(trials["trial_a"])}}))
     shutil.rmtree(trials["trial_a"])
-    with pytest.raises(CheckpointError, match="best checkpoint .*trial_a.* is not on this machine"):
+    with pytest.raises(CheckpointError, match="best checkpoint .*trial_a.* is gone"):
         resolve_checkpoint(sweep)
     (sweep / "summary.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="summary.json is unreadable"):
@@ -285,3 +295,22 @@ def test_a_folder_of_several_runs_is_not_read_as_one(gan_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"holds the checkpoints of 2 runs \(trial_a, trial_b\): give one"):
         load_checkpoint(tmp_path / "sweep" / "tune")
     assert resolve_checkpoint(trials["trial_b"].parent) == trials["trial_b"]
+    # a run folder's own checkpoints win over a later step of a run nested inside it
+    own = _copy(gan_run, tmp_path / "sweep" / "tune" / "checkpoint_000002")
+    assert resolve_checkpoint(tmp_path / "sweep" / "tune") == own
+
+
+def test_promoting_a_sweep_folder_records_the_sweeps_lineage(gan_run, tmp_path):
+    """`registry promote SWEEP_DIR` promotes the best trial with what the sweep's own promotion
+    records: the sweep, the trial, its hyperparameters and metric."""
+    from latentforge.registry import promote
+
+    trials = _fake_sweep(gan_run, tmp_path / "sweep")
+    best = {"trial_id": "a1", "metric": 12.5, "checkpoint": str(trials["trial_a"]), "config": {"gan.lr_g": 2e-4},
+            "metrics": {"fid": 12.5, "recall": 0.4}}
+    (tmp_path / "sweep" / "summary.json").write_text(json.dumps({"sweep": "s", "metric": "fid", "best": best}))
+    entry = promote(tmp_path / "sweep", str(tmp_path / "registry"), "best")
+    assert entry["step"] == 4 and entry["lineage"]["source_checkpoint"] == str(trials["trial_a"])
+    assert {k: entry["lineage"][k] for k in ("sweep", "trial_id", "hyperparameters")} == {
+        "sweep": "s", "trial_id": "a1", "hyperparameters": {"gan.lr_g": 2e-4}}
+    assert entry["metrics"] == {"fid": 12.5, "recall": 0.4}

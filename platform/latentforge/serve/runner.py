@@ -49,12 +49,12 @@ def check_exposure(cfg: ServeConfig, host: str, allow_unauthenticated: bool = Fa
 
 
 def gpus_for(shares: list[float]) -> int:
-    """Whole GPUs that replicas asking `shares` occupy. A share of one or more takes whole GPUs;
-    fractions are packed onto GPUs as Ray packs them, each on one GPU with room left (first fit,
-    largest first; 1e-9 keeps ten replicas of 0.1 from needing a second GPU through rounding)."""
+    """Whole GPUs that replicas asking `shares`, placed in this order, occupy. A share of one or more
+    takes whole GPUs; Ray places each fraction on a GPU with room left, as the replica arrives
+    (first fit; 1e-9 keeps ten replicas of 0.1 from needing a second GPU through rounding)."""
     whole = sum(math.ceil(s - 1e-9) for s in shares if s >= 1)
     free: list[float] = []  # room left on each GPU holding fractions
-    for share in sorted((s for s in shares if 0 < s < 1), reverse=True):
+    for share in (s for s in shares if 0 < s < 1):
         gpu = next((i for i, room in enumerate(free) if room >= share - 1e-9), None)
         if gpu is None:
             free.append(1.0)
@@ -76,7 +76,9 @@ def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=
 
     asks = [(field, getattr(cfg, field), name, max(1, getattr(cfg, name.lower()).min_replicas))
             for name, field in (("Generator", "replica_gpus"), ("Editor", "editor_gpus")) if getattr(cfg, field)]
-    needed = gpus_for([share for _, share, _, replicas in asks for _ in range(replicas)])
+    # Serve starts both deployments at once: whichever's replicas Ray places first, they must fit
+    needed = max(gpus_for([share for _, share, _, replicas in order for _ in range(replicas)])
+                 for order in (asks, asks[::-1]))
     if not asks or cluster_gpus >= needed:
         return
     have = (" and ".join(f"{field}: {share:g} per {name} replica, for {replicas} replica(s)" for field, share, name, replicas in asks)

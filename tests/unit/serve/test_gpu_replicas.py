@@ -39,30 +39,43 @@ def test_a_runtime_on_a_device_moves_every_input_there_and_hands_images_back_on_
 def test_an_editor_on_a_device_projects_images_there(runs, monkeypatch):
     """`editor_gpus`: reconstructing, inpainting, denoising, and edits and interpolations whose
     source is an image, move the decoded image, its mask and label to the model's device for the
-    projection and bring the results back (the CPU keeps latents, images and directions)."""
+    projection, and stop only where the results are copied back to the CPU (the runtime keeps
+    latents, images and directions there)."""
+    from latentforge.editing import space
     from latentforge.editing.directions import Direction
     from latentforge.serve import engine
     from latentforge.serve.codec import encode_png_b64
     from latentforge.serve.schemas import EditRequest, ImageRequest, InpaintRequest
 
     asked = _guarded_loads(monkeypatch)
+    # W models map their random starts to w and hand them to the CPU first: kept on the device here,
+    # so that the projection in W runs on meta too
+    mapped = space.latents_from_noise
+    monkeypatch.setattr(space, "latents_from_noise", lambda model, z, labels=None, truncation=None: (
+        model.latents_from_noise(z.to("meta"), labels, truncation) if hasattr(model, "latents_from_noise")
+        else mapped(model, z, labels, truncation)))
     image = encode_png_b64(torch.zeros(1, 28, 28))
     mask = torch.zeros(1, 28, 28)
     mask[:, 10:18, 10:18] = 1  # white: fill
     mask = encode_png_b64(mask * 2 - 1)
-    for preset in ("cdcgan-mnist", "vae-mnist"):
+    for preset in ("cdcgan-mnist", "vae-mnist", "stylegan2-mnist"):
         rt = engine.ModelRuntime("m", runs / preset, device="meta")
         rt._directions = {"d": Direction("d", torch.ones(rt.z_dim) / rt.z_dim**0.5, "sefa", {})}
         label = 3 if rt.num_classes else None
-        for op in (lambda: rt.reconstruct(ImageRequest(image=image, label=label, steps=2)),
-                   lambda: rt.denoise(ImageRequest(image=image, label=label, steps=2)),
-                   lambda: rt.inpaint(InpaintRequest(image=image, mask=mask, label=label, steps=2)),
-                   lambda: rt.edit(EditRequest(source=LatentSource(image=image, label=label), direction="d", alpha=1.0,
-                                               projection_steps=2)),
-                   lambda: rt.interpolate(InterpolateRequest(a=LatentSource(image=image, label=label),
-                                                             b=LatentSource(seed=2, label=label), steps=3, projection_steps=2))):
-            runs_on_the_model_device(op)
-    assert asked == ["meta"] * 2
+        ops = [lambda: rt.reconstruct(ImageRequest(image=image, label=label, steps=2)),
+               lambda: rt.denoise(ImageRequest(image=image, label=label, steps=2)),
+               lambda: rt.inpaint(InpaintRequest(image=image, mask=mask, label=label, steps=2)),
+               lambda: rt.edit(EditRequest(source=LatentSource(image=image, label=label), direction="d", alpha=1.0,
+                                           projection_steps=2))]
+        if preset == "vae-mnist":
+            ops.append(lambda: rt.inpaint(InpaintRequest(image=image, mask=mask, method="chain")))
+        else:  # a VAE's image source is encoded, not projected
+            ops.append(lambda: rt.interpolate(InterpolateRequest(a=LatentSource(image=image, label=label),
+                                                                 b=LatentSource(seed=2, label=label), steps=3,
+                                                                 projection_steps=2)))
+        for op in ops:
+            assert "Cannot copy out of meta tensor" in str(runs_on_the_model_device(op))
+    assert asked == ["meta"] * 3
 
 
 def _guarded_loads(monkeypatch) -> list:
@@ -193,6 +206,11 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused_before_anything_is_d
     check_replica_gpus(tenths, 3, joined=False)  # 0.1 fits ten times per GPU, float rounding or not
     # Editors count too, and share GPUs with Generators: 0.5 + 0.5 fit one GPU, 0.6 + 0.5 do not
     check_replica_gpus(ServeConfig(replica_gpus=0.5, editor_gpus=0.5), 1, joined=False)
+    # two Generators of 0.4 placed first share a GPU, and two Editors of 0.6 then need one each
+    mixed = ServeConfig(replica_gpus=0.4, editor_gpus=0.6, generator={"min_replicas": 2}, editor={"min_replicas": 2})
+    with pytest.raises(ConfigError, match=r"ask 3 GPU\(s\) and this Ray cluster has 2"):
+        check_replica_gpus(mixed, 2, joined=False)
+    check_replica_gpus(mixed, 3, joined=False)
     with pytest.raises(ConfigError, match=r"replica_gpus: 0.6 per Generator replica, for 1 replica\(s\) and editor_gpus: "
                                           r"0.5 per Editor replica, for 1 replica\(s\) \(generator.min_replicas and "
                                           r"editor.min_replicas, at least one\), ask 2 GPU\(s\) and this Ray cluster has 1"):
