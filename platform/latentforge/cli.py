@@ -429,6 +429,7 @@ def add_edit_eval(verbs: Verbs) -> None:
     ee.add_argument("--seed", type=seed_arg, default=0)
     ee.add_argument("--project-steps", type=int, default=150, help="Adam steps per GAN projection")
     ee.add_argument("--restarts", type=int, default=2, help="random starts per GAN projection")
+    add_device_flag(ee, "run the model's projections and decoding on this device (cuda: a GPU for 64-256 px models)")
     add_json_flag(ee)
     ee.set_defaults(func=cmd_edit_eval)
 
@@ -437,7 +438,7 @@ def cmd_edit_eval(args: argparse.Namespace) -> Result:
     from latentforge.editing.quality import edit_eval
 
     result = edit_eval(args.checkpoint, args.data, images=args.images, seed=args.seed,
-                       project_steps=args.project_steps, restarts=args.restarts)
+                       project_steps=args.project_steps, restarts=args.restarts, device=chosen_device(args.device))
     for k, v in result.items():
         print(f"{k:52s} {v:.4f}" if isinstance(v, float) else f"{k:52s} {v}")
     return result

@@ -98,11 +98,12 @@ def test_the_backbone_is_copied_only_when_it_sits_elsewhere():
     assert not on_device(m, "meta") and not on_device(m, "cuda") and not on_device(m, "cuda:1")
 
 
-def test_generate_and_evaluate_refuse_a_gpu_device_they_cannot_see(mnist_dir, tmp_path, capsys, no_cuda):
+def test_generate_evaluate_and_edit_eval_refuse_a_gpu_device_they_cannot_see(mnist_dir, tmp_path, capsys, no_cuda):
     from latentforge.cli import main
 
     for argv in (["generate", str(tmp_path / "no-run"), "--out", str(tmp_path / "g.png"), "--device", "cuda"],
-                 ["evaluate", str(tmp_path / "no-run"), "--data", str(mnist_dir), "--device", "cuda"]):
+                 ["evaluate", str(tmp_path / "no-run"), "--data", str(mnist_dir), "--device", "cuda"],
+                 ["edit-eval", str(tmp_path / "no-run"), "--data", str(mnist_dir), "--device", "cuda"]):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and "--device cuda: this process sees no CUDA GPU" in err and "drop --device" in err, err

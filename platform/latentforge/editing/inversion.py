@@ -13,7 +13,7 @@ which fits images closer at the cost of leaving the space the generator was trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,29 @@ class Inversion:
     candidate_errors: torch.Tensor | None = None  # (R, N)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _back(inv: Inversion, device: torch.device) -> Inversion:
+    """An inversion's tensors on the caller's device (that of the images it was given)."""
+    return replace(inv, **{f.name: v.to(device) for f in fields(inv) if isinstance(v := getattr(inv, f.name), torch.Tensor)})
+
+
 @torch.no_grad()
 def encode_vae(vae: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> Inversion:
-    """Posterior means and their reconstructions."""
+    """Posterior means and their reconstructions, computed on the VAE's device and handed back on
+    the images' device."""
     vae.eval()
-    mu, _ = vae.encode(images, labels)
-    recon = vae.decode(mu, labels)
-    return Inversion(mu, recon, (recon - images).pow(2).flatten(1).mean(1), 0)
+    device = _model_device(vae)
+    x = images.to(device)
+    mu, _ = vae.encode(x, _to(labels, device))
+    recon = vae.decode(mu, _to(labels, device))
+    return _back(Inversion(mu, recon, (recon - x).pow(2).flatten(1).mean(1), 0), images.device)
 
 
 class ProjectionStopped(LatentForgeError):
@@ -69,7 +85,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
         plus: W+ (one w per layer) for a model in W; latents come back as (N, num_ws, D).
 
     Returns:
-        The best latent per image, its decoding and its observed-pixel MSE.
+        The best latent per image, its decoding and its observed-pixel MSE, on the images' device
+        (the optimisation runs on the model's: a GPU's, with the images on the CPU).
     """
     from latentforge.editing.space import random_latents
 
@@ -78,7 +95,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     model.eval()
     n = images.shape[0]
     d = model.z_dim
-    device = images.device
+    caller, device = images.device, _model_device(model)
+    images, labels, mask, init = (_to(t, device) for t in (images, labels, mask, init))
     gen = torch.Generator().manual_seed(seed)
     center = getattr(model, "prior_center", None)  # W: the mean w; z: the origin
     z0 = random_latents(model, restarts * n, gen, None if labels is None else labels.repeat(restarts))
@@ -127,8 +145,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
         err = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
         best = err.view(restarts, n).argmin(0)  # (N,)
         idx = best * n + torch.arange(n, device=device)
-        return Inversion(z[idx].detach(), out[idx], err[idx], steps,
-                         candidates=out.view(restarts, n, *out.shape[1:]), candidate_errors=err.view(restarts, n))
+        return _back(Inversion(z[idx].detach(), out[idx], err[idx], steps, candidates=out.view(restarts, n, *out.shape[1:]),
+                               candidate_errors=err.view(restarts, n)), caller)
 
 
 def invert(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torch.Tensor | None = None,

@@ -94,19 +94,28 @@ def measure_shape_factors(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed: int = 0,
-              project_steps: int = 150, restarts: int = 2, log=print) -> dict:
-    """Measure every editing operation on a checkpoint; also computes and saves its directions."""
+              project_steps: int = 150, restarts: int = 2, device: str = "cpu", log=print) -> dict:
+    """Measure every editing operation on a checkpoint; also computes and saves its directions.
+
+    `device` runs the model there (projections, decoding); images, latents and the measurements
+    stay on the CPU, and the dataset's feature network and grader judge there as everywhere else.
+    Missing directions are computed from the checkpoint loaded on the CPU, as Serve computes them."""
+    import copy
+
     from latentforge.checkpoint import load_checkpoint
+    from latentforge.devices import on_device
     from latentforge.metrics.features import ensure_feature_net
 
     t0 = time.time()
     if images is not None and images < 1 or project_steps < 1 or restarts < 1:
         raise ConfigError(f"--images ({images}), --project-steps ({project_steps}) and --restarts ({restarts}) must "
                           "each be at least 1")
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, device=device)
     ds = PreparedDataset(dataset_dir)
     ck.check_dataset(ds, log=log)
     net = ensure_feature_net(dataset_dir, log=log)
+    # the projection's perceptual term runs beside the model; a copy, the cached network stays put
+    project_net = net.model if on_device(net.model, device) else copy.deepcopy(net.model).to(device)
     model, algo = edit_model(ck.inference_generator()), ck.algorithm  # W models are edited in W
     classifier = net.model if net.model.head is not None else None
     grader = None
@@ -130,12 +139,12 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
         out.update({"grader": grader.name, "grader_accuracy_on_train_split": grader.accuracy})
 
     # 1. reconstruction
-    inv = invert(model, algo, x, y_cond, feature_net=net.model, **({} if algo == "vae" else proj))
+    inv = invert(model, algo, x, y_cond, feature_net=project_net, **({} if algo == "vae" else proj))
     out["recon_psnr"] = float(psnr(inv.reconstruction, x).mean())
     out["recon_ssim"] = float(ssim(inv.reconstruction, x).mean())
     log(f"  reconstruction: PSNR {out['recon_psnr']:.2f} dB, SSIM {out['recon_ssim']:.3f}")
     if hasattr(model, "num_ws"):  # a W model: W+ (one w per layer) fits closer than W
-        inv_plus = project(model, x, y_cond, feature_net=net.model, plus=True, **proj)
+        inv_plus = project(model, x, y_cond, feature_net=project_net, plus=True, **proj)
         out["recon_psnr_wplus"] = float(psnr(inv_plus.reconstruction, x).mean())
         log(f"  reconstruction in W+: PSNR {out['recon_psnr_wplus']:.2f} dB")
 
@@ -168,7 +177,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     # 4. directions (computed once, saved beside the checkpoint)
     directions = load_directions(ck.path)
     if not directions:
-        computed = compute_directions(ck, ds, net, seed=seed)
+        computed = compute_directions(ck if on_device(model, "cpu") else load_checkpoint(ck.path), ds, net, seed=seed)
         save_directions(ck.path, computed)
         directions = {d.name: d for d in computed}
     out["directions"] = sorted(directions)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import threading
@@ -50,15 +49,13 @@ class ModelRuntime:
         restarts: random starts per GAN projection.
         device: where the model runs ('cpu', or 'cuda' in a GPU replica). Latents, labels,
             images and directions stay on the CPU; `decode_latents` and `latents_from_noise`
-            move them to the model and back, and so do the projections (`_invert`, inpainting,
-            denoising) at their boundary.
+            move them to the model and back, and so do the projections (`editing.inversion`).
     """
 
     def __init__(self, name: str, checkpoint_dir: str | Path, limits: ServeLimits | None = None,
                  projection_steps: int = 200, restarts: int = 2, device: str = "cpu"):
         self.name = name
         self.limits = limits or ServeLimits()
-        self.device = torch.device(device)
         self.ckpt = load_checkpoint(checkpoint_dir, device=device)
         self.model = edit_model(self.ckpt.inference_generator())  # latents are w for generators with W
         self.prior = self.ckpt.latent_prior  # a VAE's fitted prior: seeds sample from it, as `latentforge generate` does
@@ -178,14 +175,8 @@ class ModelRuntime:
     def _image(self, data: str, field: str = "image") -> torch.Tensor:
         return decode_image_b64(data, field, self.shape, self.limits.max_image_side)
 
-    def _to_model(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(self.device)
-
     def _invert(self, x: torch.Tensor, labels, steps: int | None) -> Inversion:
-        """An image's latent, reconstruction and error, computed on the model's device, handed back on the CPU."""
-        inv = invert(self.model, self.algorithm, self._to_model(x), self._to_model(labels),
-                     **({} if self.algorithm == "vae" else self._projection(steps)))
-        return _on_cpu(inv)
+        return invert(self.model, self.algorithm, x, labels, **({} if self.algorithm == "vae" else self._projection(steps)))
 
     def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(z (D,), labels (1,) or None, provenance) for a LatentSource. A conditional model's
@@ -208,7 +199,7 @@ class ModelRuntime:
         return inv.latent[0], {"inverted": True, "reconstruction_mse": float(inv.error[0])}
 
     def _images(self, images: torch.Tensor) -> list[str]:
-        return [encode_png_b64(im) for im in images.cpu()]
+        return [encode_png_b64(im) for im in images]
 
     # ------------------------------------------------------------------------------ operations
     def generate_many(self, requests: list[GenerateRequest]) -> list[dict]:
@@ -279,9 +270,7 @@ class ModelRuntime:
         kwargs = {} if r.method == "chain" else self._projection(r.steps)
         if r.method == "optimize" and self.algorithm == "gan":
             kwargs["average"] = self.restarts  # the fill is the mean of every start's fit
-        filled, inv = inpaint(self.model, self.algorithm, self._to_model(x), self._to_model(keep), self._to_model(labels),
-                              method=r.method, **kwargs)
-        filled, inv = filled.cpu(), None if inv is None else _on_cpu(inv)
+        filled, inv = inpaint(self.model, self.algorithm, x, keep, labels, method=r.method, **kwargs)
         return {"model": self.name, "method": r.method, "images": self._images(filled),
                 "latents": None if inv is None else inv.latent.tolist(),  # the best single fit
                 "averaged_fits": kwargs.get("average", 1), "filled_fraction": float(1 - keep.mean())}
@@ -290,7 +279,7 @@ class ModelRuntime:
         x = self._image(r.image)
         labels = self._labels(1, r.label)
         kwargs = {} if self.algorithm == "vae" else self._projection(r.steps)
-        clean = denoise(self.model, self.algorithm, self._to_model(x), self._to_model(labels), **kwargs)
+        clean = denoise(self.model, self.algorithm, x, labels, **kwargs)
         return {"model": self.name, "images": self._images(clean)}
 
     def directions_info(self) -> dict:
@@ -302,10 +291,3 @@ class ModelRuntime:
             {"name": d.name, "method": d.method, **{k: v for k, v in d.meta.items() if isinstance(v, (int, float, str))
                                                     and not (isinstance(v, float) and not math.isfinite(v))}}
             for d in sorted(directions.values(), key=lambda d: d.name)]}
-
-
-def _on_cpu(inv: Inversion) -> Inversion:
-    """An inversion's results on the CPU, where the runtime keeps latents and images (every start's
-    candidates are dropped: no operation of the API returns them)."""
-    return dataclasses.replace(inv, latent=inv.latent.cpu(), reconstruction=inv.reconstruction.cpu(),
-                               error=inv.error.cpu(), candidates=None, candidate_errors=None)

@@ -65,3 +65,35 @@ def test_evaluate_runs_the_checkpoint_on_the_device_asked_and_leaves_the_callers
                                                   log=lambda *_: None))
     assert devices == ["meta", "meta"]
     assert next(mnist_features.model.parameters()).device.type == "cpu"
+
+
+def test_edit_eval_projects_on_the_device_asked_and_measures_on_the_cpu(mnist_dir, mnist_features, tmp_path, monkeypatch):
+    """`edit-eval --device`: the checkpoint is loaded there and the projections (a conditional GAN's,
+    with its labels and the perceptual term's network; a VAE's encoder) get every input there from
+    the CPU images, stopping only where results are copied back; the cached feature network stays
+    on the CPU."""
+    import latentforge.checkpoint as checkpoint_module
+    import latentforge.metrics.grader as grader_module
+    from helpers import tiny
+    from latentforge.editing.quality import edit_eval
+    from latentforge.train.local import train_local
+
+    real_load = checkpoint_module.load_checkpoint
+    devices = []
+
+    def load_guarded(path, device="cpu"):
+        devices.append(str(device))
+        ckpt = real_load(path, device=device)
+        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
+        return ckpt
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", load_guarded)
+    monkeypatch.setattr(grader_module, "ensure_grader", lambda *a, **k: None)  # not what is under test
+    for preset in ("cdcgan-mnist", "vae-mnist"):
+        train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)
+        error = runs_on_the_model_device(lambda: edit_eval(str(tmp_path / preset), str(mnist_dir), images=4, project_steps=2,
+                                                           device="meta", log=lambda *_: None))
+        assert "Cannot copy out of meta tensor" in str(error)
+    assert devices == ["meta", "meta"]
+    assert next(mnist_features.model.parameters()).device.type == "cpu"
+
