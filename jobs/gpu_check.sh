@@ -3,10 +3,11 @@
 #   1. a GAN and a VAE trained through Ray Train on one GPU worker with periodic evaluation
 #      (the VAE's evaluation is where CPU data used to meet a CUDA model),
 #   2. a grid generated from the GAN in the precision it trained in, and both scored on 5,000
-#      samples, on the GPU (`--device cuda`),
+#      samples, on the GPU (`--device cuda`); the GAN's editing measured with its projections there,
 #   3. `bench train --gpus` (fp32 / bf16 / bf16+channels_last / +compile, plain loop only),
 #   4. a 2-trial Ray Tune sweep with `tune --gpus` (one GPU: the trials run one at a time),
-#   5. the Serve application answering one generate request, its Generator replica on the GPU,
+#   5. the Serve application answering generate and reconstruct requests, its Generator and Editor
+#      replicas sharing the GPU,
 # then images/s and the fraction of the GPU's published dense peak that each bench mode reached
 # (bf16 modes against the bf16 tensor-core peak, fp32 against the fp32 peak: TF32 is off by default).
 # A stage that fails is reported and the next one runs (a GPU session may allow one try); the
@@ -55,6 +56,9 @@ for preset in dcgan-mnist vae-mnist; do
   stage "evaluate $preset" "$PY" -m latentforge.cli evaluate "$WORK/runs/$preset" --data "$WORK/data" --samples 5000 \
       --device "$DEVICE"
 done
+echo "== edit-eval on the device (projections of validation images)"
+stage "edit-eval" "$PY" -m latentforge.cli edit-eval "$WORK/runs/dcgan-mnist" --data "$WORK/data" --images 16 \
+    --project-steps 50 --device "$DEVICE"
 echo "== bench train"
 bench() {
   if [ "$DEVICE" = cuda ]; then
