@@ -177,6 +177,22 @@ def on_meta_with_guard(module):
     return module
 
 
+def guard_checkpoint_loads(monkeypatch, module) -> list:
+    """`module.load_checkpoint` loads as asked, and a load on "meta" guards every module of the
+    checkpoint (`on_meta_with_guard`); returns the devices asked, in order."""
+    real, asked = module.load_checkpoint, []
+
+    def load(path, device="cpu"):
+        asked.append(str(device))
+        ckpt = real(path, device=device)
+        if str(device) == "meta":
+            ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
+        return ckpt
+
+    monkeypatch.setattr(module, "load_checkpoint", load)
+    return asked
+
+
 def runs_on_the_model_device(fn) -> BaseException:
     """`fn` must reach the model and get past every forward pass without a device mismatch (it
     then fails where it first needs real numbers, which meta tensors do not have: that error is

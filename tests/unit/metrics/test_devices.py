@@ -8,7 +8,7 @@ it first needs real numbers, which meta tensors do not have."""
 import pytest
 import torch
 
-from helpers import WrongDevice, on_meta_with_guard, runs_on_the_model_device
+from helpers import WrongDevice, guard_checkpoint_loads, on_meta_with_guard, runs_on_the_model_device
 from latentforge.data.dataset import PreparedDataset
 from latentforge.models.vae import ConvVAE
 from latentforge.sampling import decode_latents
@@ -48,16 +48,7 @@ def test_evaluate_runs_the_checkpoint_on_the_device_asked_and_leaves_the_callers
     from latentforge.metrics.evaluate import MIN_SAMPLES, evaluate
     from latentforge.train.local import train_local
 
-    real_load = checkpoint_module.load_checkpoint
-    devices = []
-
-    def load_guarded(path, device="cpu"):
-        devices.append(str(device))
-        ckpt = real_load(path, device=device)
-        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
-        return ckpt
-
-    monkeypatch.setattr(checkpoint_module, "load_checkpoint", load_guarded)
+    devices = guard_checkpoint_loads(monkeypatch, checkpoint_module)
     for preset in ("dcgan-mnist", "vae-mnist"):
         train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)
         runs_on_the_model_device(lambda: evaluate(tmp_path / preset, mnist_dir, samples=MIN_SAMPLES, net=mnist_features,
@@ -78,16 +69,7 @@ def test_edit_eval_projects_on_the_device_asked_and_measures_on_the_cpu(mnist_di
     from latentforge.editing.quality import edit_eval
     from latentforge.train.local import train_local
 
-    real_load = checkpoint_module.load_checkpoint
-    devices = []
-
-    def load_guarded(path, device="cpu"):
-        devices.append(str(device))
-        ckpt = real_load(path, device=device)
-        ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
-        return ckpt
-
-    monkeypatch.setattr(checkpoint_module, "load_checkpoint", load_guarded)
+    devices = guard_checkpoint_loads(monkeypatch, checkpoint_module)
     monkeypatch.setattr(grader_module, "ensure_grader", lambda *a, **k: None)  # not what is under test
     for preset in ("cdcgan-mnist", "vae-mnist"):
         train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)

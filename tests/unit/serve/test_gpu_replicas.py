@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from helpers import on_meta_with_guard, runs_on_the_model_device, tiny
+from helpers import guard_checkpoint_loads, runs_on_the_model_device, tiny
 from latentforge.errors import ConfigError
 from latentforge.serve.config import ServeConfig
 from latentforge.serve.schemas import GenerateRequest, InterpolateRequest, LatentSource
@@ -79,20 +79,9 @@ def test_an_editor_on_a_device_projects_images_there(runs, monkeypatch):
 
 
 def _guarded_loads(monkeypatch) -> list:
-    """Checkpoints load as asked, and a load on "meta" guards every module; returns the devices asked."""
     from latentforge.serve import engine
 
-    real_load, asked = engine.load_checkpoint, []
-
-    def load(path, device="cpu"):
-        asked.append(str(device))
-        ckpt = real_load(path, device=device)
-        if str(device) == "meta":
-            ckpt.modules = {k: on_meta_with_guard(m) for k, m in ckpt.modules.items()}
-        return ckpt
-
-    monkeypatch.setattr(engine, "load_checkpoint", load)
-    return asked
+    return guard_checkpoint_loads(monkeypatch, engine)
 
 
 def test_generation_precision_follows_the_replicas_device(runs, monkeypatch):
