@@ -72,7 +72,8 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
         images: (N, C, H, W) in [-1, 1].
         labels: (N,) for conditional models.
         mask: (N, 1 or C, H, W), 1 = observed; None = all observed.
-        feature_net: a FeatureClassifier for the perceptual term (used only without a mask).
+        feature_net: a FeatureClassifier for the perceptual term (used only without a mask), on
+            the model's device.
         steps: Adam steps per start.
         restarts: random starts per image (the best one wins).
         lr: Adam learning rate on z.
@@ -115,6 +116,9 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     m = None if mask is None else mask.float().repeat(restarts, 1, 1, 1)
     target_feats = None
     if feature_net is not None and mask is None:
+        if next(feature_net.parameters()).device != device:
+            raise LatentForgeError(f"the feature network is on {next(feature_net.parameters()).device} and the model on "
+                                   f"{device}: the perceptual term needs both on one device")
         with torch.no_grad():
             target_feats = feature_net.features(x)
     params = list(model.parameters())

@@ -99,7 +99,8 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
 
     `device` runs the model there (projections, decoding); images, latents and the measurements
     stay on the CPU, and the dataset's feature network and grader judge there as everywhere else.
-    Missing directions are computed from the checkpoint loaded on the CPU, as Serve computes them."""
+    Missing directions are computed from the checkpoint loaded again on the CPU (an eigenvector's
+    sign is up to the linear-algebra build: CPU directions are the ones Serve and `directions` make)."""
     import copy
 
     from latentforge.checkpoint import load_checkpoint
@@ -114,8 +115,8 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     ds = PreparedDataset(dataset_dir)
     ck.check_dataset(ds, log=log)
     net = ensure_feature_net(dataset_dir, log=log)
-    # the projection's perceptual term runs beside the model; a copy, the cached network stays put
-    project_net = net.model if on_device(net.model, device) else copy.deepcopy(net.model).to(device)
+    # a GAN projection's perceptual term runs beside the model; a copy, the cached network stays put
+    project_net = net.model if on_device(net.model, device) or ck.algorithm != "gan" else copy.deepcopy(net.model).to(device)
     model, algo = edit_model(ck.inference_generator()), ck.algorithm  # W models are edited in W
     classifier = net.model if net.model.head is not None else None
     grader = None

@@ -8,7 +8,7 @@ it first needs real numbers, which meta tensors do not have."""
 import pytest
 import torch
 
-from helpers import WrongDevice, guard_checkpoint_loads, on_meta_with_guard, runs_on_the_model_device
+from helpers import CHECKED, WrongDevice, guard_checkpoint_loads, on_meta_with_guard, runs_on_the_model_device
 from latentforge.data.dataset import PreparedDataset
 from latentforge.models.vae import ConvVAE
 from latentforge.sampling import decode_latents
@@ -59,23 +59,44 @@ def test_evaluate_runs_the_checkpoint_on_the_device_asked_and_leaves_the_callers
 
 
 def test_edit_eval_projects_on_the_device_asked_and_measures_on_the_cpu(mnist_dir, mnist_features, tmp_path, monkeypatch):
-    """`edit-eval --device`: the checkpoint is loaded there and the projections (a conditional GAN's,
-    with its labels and the perceptual term's network; a VAE's encoder) get every input there from
-    the CPU images, stopping only where results are copied back; the cached feature network stays
-    on the CPU."""
+    """`edit-eval --device`: the checkpoint is loaded there, and every section (reconstruction,
+    inpainting, denoising, directions, interpolation) hands the model its inputs there from the CPU
+    images and latents. Meta tensors hold no numbers, so what comes back to the CPU (an inversion,
+    decoded images) comes back as zeros of the right shape after the guarded forward passes;
+    missing directions are computed from a CPU load, and the cached feature network stays on the CPU."""
+    import dataclasses
+    import types
+
     import latentforge.checkpoint as checkpoint_module
     import latentforge.metrics.grader as grader_module
     from helpers import tiny
-    from latentforge.editing.quality import edit_eval
+    from latentforge.editing import inversion, quality
     from latentforge.train.local import train_local
 
     devices = guard_checkpoint_loads(monkeypatch, checkpoint_module)
-    monkeypatch.setattr(grader_module, "ensure_grader", lambda *a, **k: None)  # not what is under test
-    for preset in ("cdcgan-mnist", "vae-mnist"):
-        train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)
-        error = runs_on_the_model_device(lambda: edit_eval(str(tmp_path / preset), str(mnist_dir), images=4, project_steps=2,
-                                                           device="meta", log=lambda *_: None))
-        assert "Cannot copy out of meta tensor" in str(error)
-    assert devices == ["meta", "meta"]
-    assert next(mnist_features.model.parameters()).device.type == "cpu"
 
+    def back_as_zeros(inv, device):
+        return dataclasses.replace(inv, **{f.name: torch.zeros(v.shape, device=device) for f in dataclasses.fields(inv)
+                                           if isinstance(v := getattr(inv, f.name), torch.Tensor)})
+
+    real_decode = quality.decode_latents
+
+    def decode(net, z, labels=None, **kw):
+        if next(net.parameters()).device.type != "meta":
+            return real_decode(net, z, labels, **kw)
+        with torch.no_grad():
+            out = net.decode(z.to("meta"), None if labels is None else labels.to("meta"))  # guarded
+        return torch.zeros(out.shape)
+
+    monkeypatch.setattr(inversion, "_back", back_as_zeros)
+    monkeypatch.setattr(quality, "decode_latents", decode)
+    fake_grader = types.SimpleNamespace(name="g", accuracy=1.0, predict=lambda images: torch.zeros(len(images), dtype=torch.long))
+    monkeypatch.setattr(grader_module, "ensure_grader", lambda *a, **k: fake_grader)  # not what is under test
+    for preset in ("dcgan-mnist", "vae-mnist"):  # unconditional: class boundaries and class means are computed too
+        train_local(tiny(preset, train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / preset, log=lambda *_: None)
+        before = CHECKED["inputs"]
+        out = quality.edit_eval(str(tmp_path / preset), str(mnist_dir), images=4, project_steps=2, device="meta", log=lambda *_: None)
+        assert CHECKED["inputs"] > before and out["directions"]
+        assert "interp_pairs" in out and "denoise_gain_db_sigma0.3" in out and "inpaint_random_optimize_psnr" in out
+    assert devices == ["meta", "cpu"] * 2  # the run's checkpoint on the device; its directions from a CPU load
+    assert next(mnist_features.model.parameters()).device.type == "cpu"
