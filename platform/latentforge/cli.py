@@ -513,7 +513,10 @@ def cmd_registry_promote(args: argparse.Namespace) -> Result:
     from latentforge import registry
 
     entry = registry.promote(args.checkpoint, args.registry, args.name, overwrite=args.overwrite)
-    print(f"promoted {args.checkpoint} to {args.registry} as {entry['name']!r}")
+    lineage = entry["lineage"]
+    what = (f"sweep {lineage['sweep']}'s best trial {lineage.get('trial_id')} ({lineage['source_checkpoint']})"
+            if "sweep" in lineage else lineage["source_checkpoint"])
+    print(f"promoted {what}, step {entry['step']}, to {args.registry} as {entry['name']!r}")
     return entry
 
 
