@@ -301,6 +301,18 @@ def test_playground_in_a_real_browser(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('#strip img').length === 8", timeout=60000)
         assert "latent" in page.inner_text("#provenance")
         page.screenshot(path=str(artifacts / "playground-desktop.png"), full_page=True)
+        # upload a colour photo of another size: the page sends its centre as the model's 28x28 grey
+        photo = tmp_path / "photo.png"
+        yy, xx = np.mgrid[0:200, 0:300]
+        Image.fromarray(np.stack([xx * 255 // 300, yy * 255 // 200, np.full_like(xx, 90)], -1).astype(np.uint8)).save(photo)
+        before = int(page.get_attribute("#grid", "data-request"))
+        page.set_input_files("#upload", str(photo))
+        page.wait_for_function(f"Number(document.querySelector('#grid').dataset.request) > {before}", timeout=120000)
+        page.wait_for_function("document.querySelectorAll('#grid img').length === 2", timeout=60000)
+        sent = _img_array(page.get_attribute("#grid img:nth-child(1)", "src"))
+        assert sent.shape[:2] == (28, 28) and sent.std() > 5  # the photo's gradient, not a blank
+        assert sent.ndim == 2 or (sent[..., 0] == sent[..., 1]).all()
+        assert "fitted_from" in page.inner_text("#provenance") and "300x200" in page.inner_text("#provenance")
         # API errors show on the page
         page.fill("#seed", "-5")
         page.click("#generate")

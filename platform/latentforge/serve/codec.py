@@ -73,9 +73,13 @@ def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_sid
     c, mh, mw = shape
     img = _open_image(data, field, (mh, mw), max_side)
     grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+    if c == 1 and not grey:  # a colour image whose channels are all equal is grey (a browser canvas's PNG is RGBA)
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
     channels = 1 if grey else 3
     if channels != c:
-        raise BadInput(f"{field}: image has {channels} channel(s) (mode {img.mode}); this model takes {c}")
+        convert = "convert it to greyscale" if c == 1 else "convert it to RGB"
+        raise BadInput(f"{field}: image has {channels} channel(s) (mode {img.mode}); this model takes {c}: {convert}")
     arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(mh, mw, c)
     return to_model_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
 

@@ -132,7 +132,8 @@ def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
         (lambda: gan.generate_many([GenerateRequest(n=1, label=12)]), "out of range"),
         (lambda: vae.reconstruct(ImageRequest(image="not base64!!")), "not valid base64"),
         (lambda: vae.reconstruct(ImageRequest(image=base64.b64encode(b"hello").decode())), "not a readable image"),
-        (lambda: vae.reconstruct(ImageRequest(image=b64png(np.zeros((28, 28, 3), np.uint8)))), "3 channel"),
+        (lambda: vae.reconstruct(ImageRequest(image=b64png(np.stack([digit, digit, 255 - digit], -1)))),
+         "3 channel.* this model takes 1: convert it to greyscale"),
         (lambda: vae.reconstruct(ImageRequest(image=b64png(np.zeros((32, 32), np.uint8)))), "takes 28x28"),
         (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="smile", alpha=1)), "unknown direction 'smile'"),
         (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="sefa:0", alpha=50)), "outside"),
@@ -143,6 +144,20 @@ def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
     for call, message in cases:
         with pytest.raises(BadInput, match=message):
             call()
+
+
+def test_a_colour_png_with_equal_channels_is_read_as_the_grey_image_it_is(digit):
+    """A browser canvas encodes every PNG as RGBA: a grey picture drawn there reaches a 1-channel
+    model exactly as the greyscale PNG would (the playground's uploads take that path)."""
+    from latentforge.serve.codec import decode_image_b64
+
+    grey = decode_image_b64(b64png(digit), "image", (1, 28, 28), 64)
+    rgba = np.stack([digit, digit, digit, np.full_like(digit, 255)], -1)
+    for same in (np.stack([digit] * 3, -1), rgba):
+        assert torch.equal(decode_image_b64(b64png(same), "image", (1, 28, 28), 64), grey)
+    tinted = np.stack([digit, digit, np.clip(digit.astype(int) + 1, 0, 255).astype(np.uint8)], -1)
+    with pytest.raises(BadInput, match="3 channel"):  # one level off in one channel is colour
+        decode_image_b64(b64png(tinted), "image", (1, 28, 28), 64)
 
 
 def test_huge_png_is_refused_from_its_header(vae):
