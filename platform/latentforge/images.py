@@ -116,3 +116,12 @@ def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str, x_l
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def flatten_alpha(img: Image.Image) -> Image.Image:
+    """An image with transparency composited on black (RGB), rather than keeping whatever colour
+    sits under alpha 0; an image without transparency as it is."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img

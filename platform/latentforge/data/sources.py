@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from latentforge.errors import DataError
+from latentforge.images import flatten_alpha
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_SOURCE_PIXELS = 40_000_000  # larger files are refused as decompression bombs, not decoded
@@ -76,13 +77,7 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if channels == 1:
         return img.convert("L")
-    has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        # Composite transparent pixels on black rather than keeping arbitrary colour under alpha 0.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return flatten_alpha(img).convert("RGB")
 
 
 def arrays_from_pil(images: list[Image.Image], names: list[str], opts: SourceOptions) -> np.ndarray:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
-from latentforge.images import grid_uint8, png_bytes
+from latentforge.images import flatten_alpha, grid_uint8, png_bytes
 
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # the image formats the API documents and decodes; no other parser runs
@@ -71,8 +71,9 @@ def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_sid
         BadInput: as `_open_image`, or a channel count the model does not take.
     """
     c, mh, mw = shape
-    img = _open_image(data, field, (mh, mw), max_side)
-    grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+    # transparent pixels are black, as in prepared datasets and on the playground's canvas
+    img = flatten_alpha(_open_image(data, field, (mh, mw), max_side))
+    grey = img.mode in ("1", "L", "I", "I;16", "F")
     if c == 1 and not grey:  # a colour image whose channels are all equal is grey (a browser canvas's PNG is RGBA)
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
         grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())

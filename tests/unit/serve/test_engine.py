@@ -155,6 +155,11 @@ def test_a_colour_png_with_equal_channels_is_read_as_the_grey_image_it_is(digit)
     rgba = np.stack([digit, digit, digit, np.full_like(digit, 255)], -1)
     for same in (np.stack([digit] * 3, -1), rgba):
         assert torch.equal(decode_image_b64(b64png(same), "image", (1, 28, 28), 64), grey)
+    see_through = rgba.copy()
+    see_through[:14, :, 3] = 0  # transparent pixels are black whatever colour lies under them
+    expected = grey.clone()
+    expected[..., :14, :] = -1.0
+    assert torch.equal(decode_image_b64(b64png(see_through), "image", (1, 28, 28), 64), expected)
     tinted = np.stack([digit, digit, np.clip(digit.astype(int) + 1, 0, 255).astype(np.uint8)], -1)
     with pytest.raises(BadInput, match="3 channel"):  # one level off in one channel is colour
         decode_image_b64(b64png(tinted), "image", (1, 28, 28), 64)
