@@ -27,7 +27,7 @@ from ray import serve
 from latentforge import __version__
 from latentforge.registry import RegistryError, UnknownModel, check_name, list_entries, local_checkpoint, show
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput
-from latentforge.serve.config import AutoscalingSettings, ServeConfig
+from latentforge.serve.config import GPU_FIELDS, AutoscalingSettings, ServeConfig
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
 
 if TYPE_CHECKING:  # engine imports torch; only the replicas that run models load it (in _Models.load)
@@ -132,9 +132,6 @@ class _Models:
             runtime.prepare_directions(background=True)
         self.loads.inc(tags={"model": model_id})
         return runtime
-
-
-GPU_FIELDS = {"Generator": "replica_gpus", "Editor": "editor_gpus"}  # the config field of each model deployment's GPUs
 
 
 def replica_device(cfg: ServeConfig, deployment: str) -> str:

@@ -23,6 +23,10 @@ class AutoscalingSettings(StrictConfig):
     look_back_period_s: float = Field(10.0, gt=0)  # window the averages are taken over
 
 
+# The field that asks GPUs for each model deployment's replicas.
+GPU_FIELDS = {"Generator": "replica_gpus", "Editor": "editor_gpus"}
+
+
 class ServeConfig(StrictConfig):
     """Everything `latentforge serve` and the Serve config YAML can set."""
 

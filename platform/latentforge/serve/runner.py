@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from latentforge.serve.config import ServeConfig
+from latentforge.serve.config import GPU_FIELDS, ServeConfig
 
 APP_NAME = "latentforge"
 
@@ -75,7 +75,7 @@ def check_replica_gpus(cfg: ServeConfig, cluster_gpus: float, joined: bool, log=
     from latentforge.errors import ConfigError
 
     asks = [(field, getattr(cfg, field), name, max(1, getattr(cfg, name.lower()).min_replicas))
-            for name, field in (("Generator", "replica_gpus"), ("Editor", "editor_gpus")) if getattr(cfg, field)]
+            for name, field in GPU_FIELDS.items() if getattr(cfg, field)]
     # Serve starts both deployments at once: whichever's replicas Ray places first, they must fit
     needed = max(gpus_for([share for _, share, _, replicas in order for _ in range(replicas)])
                  for order in (asks, asks[::-1]))
