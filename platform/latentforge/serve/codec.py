@@ -31,12 +31,13 @@ class BadInput(LatentForgeError):
         return type(self), (str(self), self.status)
 
 
-def _open_image(data: str, field: str, size: tuple[int, int], max_side: int) -> Image.Image:
-    """base64 → a loaded PIL image of exactly `size` (H, W).
+def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit: bool = False) -> Image.Image:
+    """base64 → a loaded PIL image of exactly `size` (H, W); with `fit`, of any size up to
+    `max_side`, its centre square resized to `size` (`data.sources.resize_square`).
 
     Raises:
         BadInput: not base64, not an image, too large (checked from the header, before decoding),
-            truncated, or a size the model does not take.
+            truncated, or (without `fit`) a size the model does not take.
     """
     try:
         raw = base64.b64decode(data, validate=True)
@@ -55,24 +56,38 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int) -> 
     if w > max_side or h > max_side:
         raise BadInput(f"{field}: image is {w}x{h}; the largest accepted side is {max_side}", status=413)
     mh, mw = size
-    if (w, h) != (mw, mh):
-        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images")
+    if (w, h) != (mw, mh) and not fit:
+        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images: resize it, or send "
+                       '"fit": true to have its centre square resized')
     try:
         img.load()
     except Exception as e:
         raise BadInput(f"{field}: the image data is truncated or corrupt") from e
+    if fit:  # one of the modes resizing takes, transparent pixels black, then the model's square
+        from latentforge.data.sources import resize_square
+
+        if mh != mw:
+            raise BadInput(f'{field}: "fit" makes square images and this model takes {mw}x{mh}; send that size')
+        img = flatten_alpha(img)
+        img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+        if (w, h) != (mw, mh):
+            img = resize_square(img, mh)
     return img
 
 
-def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_side: int) -> torch.Tensor:
-    """base64 image → (1, C, H, W) in [-1, 1], checked against the model's (C, H, W).
+def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_side: int, fit: bool = False) -> torch.Tensor:
+    """base64 image → (1, C, H, W) in [-1, 1], checked against the model's (C, H, W); with `fit`,
+    resized (`_open_image`) and converted to the model's channels (a colour image's luma for a
+    grey model).
 
     Raises:
-        BadInput: as `_open_image`, or a channel count the model does not take.
+        BadInput: as `_open_image`, or (without `fit`) a channel count the model does not take.
     """
     c, mh, mw = shape
     # transparent pixels are black, as in prepared datasets and on the playground's canvas
-    img = flatten_alpha(_open_image(data, field, (mh, mw), max_side))
+    img = flatten_alpha(_open_image(data, field, (mh, mw), max_side, fit))
+    if fit:
+        img = img.convert("L" if c == 1 else "RGB")
     grey = img.mode in ("1", "L", "I", "I;16", "F")
     if c == 1 and not grey:  # a colour image whose channels are all equal is grey (a browser canvas's PNG is RGBA)
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -80,16 +95,17 @@ def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_sid
     channels = 1 if grey else 3
     if channels != c:
         convert = "convert it to greyscale" if c == 1 else "convert it to RGB"
-        raise BadInput(f"{field}: image has {channels} channel(s) (mode {img.mode}); this model takes {c}: {convert}")
+        raise BadInput(f"{field}: image has {channels} channel(s) (mode {img.mode}); this model takes {c}: {convert}, "
+                       'or send "fit": true')
     arr = np.asarray(img.convert("L" if c == 1 else "RGB"), dtype=np.uint8).reshape(mh, mw, c)
     return to_model_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
 
 
-def decode_mask_b64(data: str, shape: tuple[int, int, int], max_side: int) -> torch.Tensor:
+def decode_mask_b64(data: str, shape: tuple[int, int, int], max_side: int, fit: bool = False) -> torch.Tensor:
     """base64 mask image of any mode (grey, RGB, RGBA: its brightness counts) → (1, 1, H, W)
-    observed-pixel mask (1 = keep; white in the image = fill)."""
+    observed-pixel mask (1 = keep; white in the image = fill); `fit` resizes it as the image."""
     _, h, w = shape
-    img = _open_image(data, "mask", (h, w), max_side)
+    img = _open_image(data, "mask", (h, w), max_side, fit)
     keep = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8) < 128).float()[None, None]
     if keep.mean() == 1.0:
         raise BadInput("mask: no pixel is marked for filling (paint the region to fill in white)")

@@ -172,8 +172,8 @@ class ModelRuntime:
         finally:
             self._local.should_stop = None
 
-    def _image(self, data: str, field: str = "image") -> torch.Tensor:
-        return decode_image_b64(data, field, self.shape, self.limits.max_image_side)
+    def _image(self, data: str, fit: bool = False, field: str = "image") -> torch.Tensor:
+        return decode_image_b64(data, field, self.shape, self.limits.max_image_side, fit)
 
     def _invert(self, x: torch.Tensor, labels, steps: int | None) -> Inversion:
         return invert(self.model, self.algorithm, x, labels, **({} if self.algorithm == "vae" else self._projection(steps)))
@@ -195,7 +195,7 @@ class ModelRuntime:
             if not torch.isfinite(z).all() or z.abs().max() > MAX_LATENT_ABS:
                 raise BadInput(f"latent: values must be finite and within ±{MAX_LATENT_ABS}")
             return z, {"latent": "given"}
-        inv = self._invert(self._image(src.image), labels, steps)
+        inv = self._invert(self._image(src.image, src.fit), labels, steps)
         return inv.latent[0], {"inverted": True, "reconstruction_mse": float(inv.error[0])}
 
     def _images(self, images: torch.Tensor) -> list[str]:
@@ -225,7 +225,7 @@ class ModelRuntime:
         return out
 
     def reconstruct(self, r: ImageRequest) -> dict:
-        x = self._image(r.image)
+        x = self._image(r.image, r.fit)
         labels = self._labels(1, r.label)
         inv = self._invert(x, labels, r.steps)
         return {"model": self.name, "images": self._images(inv.reconstruction), "latents": inv.latent.tolist(),
@@ -262,8 +262,8 @@ class ModelRuntime:
                 "original": self._images(images[:1])[0], "latents": edited.tolist(), "source": prov}
 
     def inpaint(self, r: InpaintRequest) -> dict:
-        x = self._image(r.image)
-        keep = decode_mask_b64(r.mask, self.shape, self.limits.max_image_side)
+        x = self._image(r.image, r.fit)
+        keep = decode_mask_b64(r.mask, self.shape, self.limits.max_image_side, r.fit)
         labels = self._labels(1, r.label)
         if r.method == "chain" and self.algorithm != "vae":
             raise BadInput("method: 'chain' needs a VAE; use 'optimize' for GANs")
@@ -276,7 +276,7 @@ class ModelRuntime:
                 "averaged_fits": kwargs.get("average", 1), "filled_fraction": float(1 - keep.mean())}
 
     def denoise(self, r: ImageRequest) -> dict:
-        x = self._image(r.image)
+        x = self._image(r.image, r.fit)
         labels = self._labels(1, r.label)
         kwargs = {} if self.algorithm == "vae" else self._projection(r.steps)
         clean = denoise(self.model, self.algorithm, x, labels, **kwargs)

@@ -38,6 +38,7 @@ class LatentSource(StrictRequest):
     image: str | None = Field(None, min_length=1)
     latent: list[float] | None = Field(None, min_length=1, max_length=4096)
     label: int | None = Field(None, ge=0)  # class for conditional models
+    fit: bool = False  # image of any size and mode: centre-crop, resize and convert it to what the model takes
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -59,6 +60,9 @@ class ImageRequest(StrictRequest):
     image: str = Field(min_length=1)  # base64 PNG (or JPEG)
     label: int | None = Field(None, ge=0)
     steps: int | None = Field(None, ge=1)  # GAN projection steps (default per deployment)
+    # an image of any size and mode: its centre square resized to the model's side and converted to
+    # its channels (as `data prepare --size` makes training images); the mask of an inpainting the same
+    fit: bool = False
 
 
 class InpaintRequest(ImageRequest):

@@ -165,6 +165,41 @@ def test_a_colour_png_with_equal_channels_is_read_as_the_grey_image_it_is(digit)
         decode_image_b64(b64png(tinted), "image", (1, 28, 28), 64)
 
 
+def test_fit_takes_a_photo_of_any_size_as_data_prepare_would(vae, digit):
+    """"fit": true takes any size and mode up to max_image_side: the centre square resized to the
+    model's side (`data prepare --size`'s `resize_square`), its luma for a grey model, transparent
+    pixels black; the mask of an inpainting is fitted the same way. Without it the size is refused,
+    naming the option."""
+    from latentforge.data.sources import resize_square
+    from latentforge.images import to_model_range
+    from latentforge.serve.codec import decode_image_b64, decode_mask_b64
+
+    yy, xx = np.mgrid[0:200, 0:300]
+    photo = np.stack([yy * 255 // 200, xx * 255 // 300, np.full_like(xx, 90)], -1).astype(np.uint8)
+    with pytest.raises(BadInput, match='image is 300x200; this model takes 28x28 images: resize it, or send "fit": true'):
+        decode_image_b64(b64png(photo), "image", (1, 28, 28), 1024)
+    fitted = decode_image_b64(b64png(photo), "image", (1, 28, 28), 1024, fit=True)
+    expected = np.asarray(resize_square(Image.fromarray(photo).convert("RGB"), 28).convert("L"))
+    assert torch.equal(fitted, to_model_range(torch.from_numpy(expected.copy())[None, None]))
+    colour = decode_image_b64(b64png(np.full((40, 50), 77, np.uint8)), "image", (3, 32, 32), 1024, fit=True)
+    assert colour.shape == (1, 3, 32, 32) and torch.equal(colour[0, 0], colour[0, 2])  # grey to a colour model
+    see_through = np.zeros((56, 56, 4), np.uint8)
+    see_through[..., :3] = 255  # white under alpha 0 is black
+    assert (decode_image_b64(b64png(see_through), "image", (1, 28, 28), 1024, fit=True) == -1).all()
+    hole = np.zeros((56, 56), np.uint8)
+    hole[14:42, 14:42] = 255  # fill the centre
+    keep = decode_mask_b64(b64png(hole), (1, 28, 28), 1024, fit=True)
+    assert keep.shape == (1, 1, 28, 28) and keep[0, 0, 8:20, 8:20].sum() == 0 and keep[0, 0, :6].all()
+    with pytest.raises(BadInput, match="largest accepted side is 64"):  # the header limit holds with fit too
+        decode_image_b64(b64png(photo), "image", (1, 28, 28), 64, fit=True)
+    big = np.kron(digit, np.ones((3, 3), np.uint8))  # the digit at 84 px
+    r = vae.reconstruct(ImageRequest(image=b64png(big), fit=True))
+    native = vae.reconstruct(ImageRequest(image=b64png(digit)))
+    assert decode(r["images"][0]).shape[:2] == (28, 28) and abs(r["mse"] - native["mse"]) < 0.05 * native["mse"]
+    path = vae.interpolate(InterpolateRequest(a={"image": b64png(big), "fit": True}, b={"seed": 1}, steps=3))
+    assert path["a"]["inverted"] and len(path["images"]) == 3  # a latent source's image is fitted too
+
+
 def test_huge_png_is_refused_from_its_header(vae):
     buf = io.BytesIO()
     Image.new("L", (10_000, 10_000)).save(buf, format="PNG")  # ~100 KB compressed, 100 MB decoded
