@@ -125,3 +125,19 @@ def flatten_alpha(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     return img
+
+
+def as_displayed(img: Image.Image) -> Image.Image:
+    """A decoded image as a viewer shows it: its EXIF orientation applied (a phone stores its photos
+    as the sensor saw them, with the rotation in a tag) and 16-bit grey scaled to 8 bits (PIL's
+    convert("L") clips it, turning most of a 16-bit PNG white)."""
+    from PIL import ImageOps
+
+    if img.getexif().get(0x0112, 1) != 1:  # Orientation
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        if img.mode != "I" or arr.max() > 255:  # a 32-bit "I" image may hold 8-bit values already
+            arr = (arr * 255 + 32767) // 65535
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    return img

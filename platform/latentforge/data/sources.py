@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from latentforge.errors import DataError
-from latentforge.images import flatten_alpha
+from latentforge.images import as_displayed, flatten_alpha
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_SOURCE_PIXELS = 40_000_000  # larger files are refused as decompression bombs, not decoded
@@ -133,7 +133,7 @@ def decode_image(data: bytes | Path, name: str) -> Image.Image:
         if w * h > MAX_SOURCE_PIXELS:
             raise DataError(f"{name}: image is {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
         img.load()
-        return img
+        return as_displayed(img)
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

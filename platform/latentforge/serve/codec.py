@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
-from latentforge.images import flatten_alpha, grid_uint8, png_bytes
+from latentforge.images import as_displayed, flatten_alpha, grid_uint8, png_bytes
 
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # the image formats the API documents and decodes; no other parser runs
@@ -31,14 +31,47 @@ class BadInput(LatentForgeError):
         return type(self), (str(self), self.status)
 
 
-def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit: bool = False) -> Image.Image:
-    """base64 → a loaded PIL image of exactly `size` (H, W); with `fit`, of any size up to
-    `max_side`, its centre square resized to `size` (`data.sources.resize_square`).
+def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit: bool = False,
+                mask: bool = False, channels: int = 3) -> Image.Image:
+    """base64 → a loaded PIL image of exactly `size` (H, W), as a viewer shows it (`as_displayed`);
+    with `fit`, of any size up to `max_side`, its centre square resized to `size`
+    (`data.sources.resize_square`) after it is converted to `channels`, in that order as `data
+    prepare` does it. A `mask` is resized so that every pixel touching a painted (bright) one stays
+    painted: a thin stroke must not vanish.
 
     Raises:
         BadInput: not base64, not an image, too large (checked from the header, before decoding),
             truncated, or (without `fit`) a size the model does not take.
     """
+    img, (w, h) = _header(data, field, max_side)
+    mh, mw = size
+    if (w, h) != (mw, mh) and not fit:
+        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images: resize it, or send "
+                       '"fit": true to have its centre square resized')
+    if fit and mh != mw:
+        raise BadInput(f'{field}: "fit" makes square images and this model takes {mw}x{mh}; send that size')
+    try:
+        img.load()
+    except Exception as e:
+        raise BadInput(f"{field}: the image data is truncated or corrupt") from e
+    img = as_displayed(img)  # a square image keeps its size when its EXIF rotation is applied
+    if fit:
+        from latentforge.data.sources import resize_square
+
+        if mask:  # painted = bright, as decode_mask_b64 reads it; resized by coverage, then any coverage counts
+            painted = img.convert("L").point(lambda v: 255 if v >= 128 else 0)
+            side = min(painted.size)
+            left, top = (painted.size[0] - side) // 2, (painted.size[1] - side) // 2
+            covered = painted.crop((left, top, left + side, top + side)).resize((mw, mh), Image.Resampling.BOX)
+            return covered.point(lambda v: 255 if v > 0 else 0)
+        img = flatten_alpha(img).convert("L" if channels == 1 else "RGB")  # transparent pixels black
+        if img.size != (mw, mh):
+            img = resize_square(img, mh)
+    return img
+
+
+def _header(data: str, field: str, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """base64 → an opened (not yet decoded) image and its size from the header, within `max_side`."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -55,24 +88,12 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
         raise BadInput(f"{field}: not a readable image: send a base64 {' or '.join(ACCEPTED_FORMATS)}") from e
     if w > max_side or h > max_side:
         raise BadInput(f"{field}: image is {w}x{h}; the largest accepted side is {max_side}", status=413)
-    mh, mw = size
-    if (w, h) != (mw, mh) and not fit:
-        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images: resize it, or send "
-                       '"fit": true to have its centre square resized')
-    try:
-        img.load()
-    except Exception as e:
-        raise BadInput(f"{field}: the image data is truncated or corrupt") from e
-    if fit:  # one of the modes resizing takes, transparent pixels black, then the model's square
-        from latentforge.data.sources import resize_square
+    return img, (w, h)
 
-        if mh != mw:
-            raise BadInput(f'{field}: "fit" makes square images and this model takes {mw}x{mh}; send that size')
-        img = flatten_alpha(img)
-        img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-        if (w, h) != (mw, mh):
-            img = resize_square(img, mh)
-    return img
+
+def image_size_b64(data: str, field: str, max_side: int) -> tuple[int, int]:
+    """(W, H) of a base64 image, from its header."""
+    return _header(data, field, max_side)[1]
 
 
 def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_side: int, fit: bool = False) -> torch.Tensor:
@@ -85,9 +106,7 @@ def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_sid
     """
     c, mh, mw = shape
     # transparent pixels are black, as in prepared datasets and on the playground's canvas
-    img = flatten_alpha(_open_image(data, field, (mh, mw), max_side, fit))
-    if fit:
-        img = img.convert("L" if c == 1 else "RGB")
+    img = flatten_alpha(_open_image(data, field, (mh, mw), max_side, fit, channels=c))
     grey = img.mode in ("1", "L", "I", "I;16", "F")
     if c == 1 and not grey:  # a colour image whose channels are all equal is grey (a browser canvas's PNG is RGBA)
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -105,7 +124,7 @@ def decode_mask_b64(data: str, shape: tuple[int, int, int], max_side: int, fit: 
     """base64 mask image of any mode (grey, RGB, RGBA: its brightness counts) → (1, 1, H, W)
     observed-pixel mask (1 = keep; white in the image = fill); `fit` resizes it as the image."""
     _, h, w = shape
-    img = _open_image(data, "mask", (h, w), max_side, fit)
+    img = _open_image(data, "mask", (h, w), max_side, fit, mask=True)
     keep = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8) < 128).float()[None, None]
     if keep.mean() == 1.0:
         raise BadInput("mask: no pixel is marked for filling (paint the region to fill in white)")

@@ -22,7 +22,14 @@ from latentforge.editing.latent import interpolation_path
 from latentforge.editing.restoration import denoise, inpaint
 from latentforge.editing.space import default_interpolation, edit_model
 from latentforge.sampling import decode_latents, seeded_latents
-from latentforge.serve.codec import RETRY_AFTER_S, BadInput, decode_image_b64, decode_mask_b64, encode_png_b64
+from latentforge.serve.codec import (
+    RETRY_AFTER_S,
+    BadInput,
+    decode_image_b64,
+    decode_mask_b64,
+    encode_png_b64,
+    image_size_b64,
+)
 from latentforge.serve.schemas import (
     EditRequest,
     GenerateRequest,
@@ -263,6 +270,11 @@ class ModelRuntime:
 
     def inpaint(self, r: InpaintRequest) -> dict:
         x = self._image(r.image, r.fit)
+        if r.fit:  # fitted alone, a mask of another size would cover another part of the picture
+            sizes = [image_size_b64(d, f, self.limits.max_image_side) for d, f in ((r.image, "image"), (r.mask, "mask"))]
+            if sizes[0] != sizes[1]:
+                raise BadInput(f"mask: is {sizes[1][0]}x{sizes[1][1]} and the image {sizes[0][0]}x{sizes[0][1]}; "
+                               "with fit, send the mask at the image's size")
         keep = decode_mask_b64(r.mask, self.shape, self.limits.max_image_side, r.fit)
         labels = self._labels(1, r.label)
         if r.method == "chain" and self.algorithm != "vae":

@@ -179,7 +179,7 @@ def test_fit_takes_a_photo_of_any_size_as_data_prepare_would(vae, digit):
     with pytest.raises(BadInput, match='image is 300x200; this model takes 28x28 images: resize it, or send "fit": true'):
         decode_image_b64(b64png(photo), "image", (1, 28, 28), 1024)
     fitted = decode_image_b64(b64png(photo), "image", (1, 28, 28), 1024, fit=True)
-    expected = np.asarray(resize_square(Image.fromarray(photo).convert("RGB"), 28).convert("L"))
+    expected = np.asarray(resize_square(Image.fromarray(photo).convert("L"), 28))  # data prepare's order
     assert torch.equal(fitted, to_model_range(torch.from_numpy(expected.copy())[None, None]))
     colour = decode_image_b64(b64png(np.full((40, 50), 77, np.uint8)), "image", (3, 32, 32), 1024, fit=True)
     assert colour.shape == (1, 3, 32, 32) and torch.equal(colour[0, 0], colour[0, 2])  # grey to a colour model
@@ -190,6 +190,13 @@ def test_fit_takes_a_photo_of_any_size_as_data_prepare_would(vae, digit):
     hole[14:42, 14:42] = 255  # fill the centre
     keep = decode_mask_b64(b64png(hole), (1, 28, 28), 1024, fit=True)
     assert keep.shape == (1, 1, 28, 28) and keep[0, 0, 8:20, 8:20].sum() == 0 and keep[0, 0, :6].all()
+    stroke = np.zeros((1024, 1024), np.uint8)
+    stroke[:, 510:514] = 255  # a 4-px line painted on a large photo's mask stays painted at 28 px
+    thin = decode_mask_b64(b64png(stroke), (1, 28, 28), 1024, fit=True)
+    assert 0 < (thin == 0).sum() <= 2 * 28
+    gan_digit = b64png(np.kron(digit, np.ones((2, 2), np.uint8)))
+    with pytest.raises(BadInput, match="mask: is 1024x1024 and the image 56x56; with fit, send the mask at the image's size"):
+        vae.inpaint(InpaintRequest(image=gan_digit, mask=b64png(stroke), method="chain", fit=True))
     with pytest.raises(BadInput, match="largest accepted side is 64"):  # the header limit holds with fit too
         decode_image_b64(b64png(photo), "image", (1, 28, 28), 64, fit=True)
     big = np.kron(digit, np.ones((3, 3), np.uint8))  # the digit at 84 px
@@ -198,6 +205,27 @@ def test_fit_takes_a_photo_of_any_size_as_data_prepare_would(vae, digit):
     assert decode(r["images"][0]).shape[:2] == (28, 28) and abs(r["mse"] - native["mse"]) < 0.05 * native["mse"]
     path = vae.interpolate(InterpolateRequest(a={"image": b64png(big), "fit": True}, b={"seed": 1}, steps=3))
     assert path["a"]["inverted"] and len(path["images"]) == 3  # a latent source's image is fitted too
+
+
+def test_an_upload_is_read_as_a_viewer_shows_it(digit):
+    """A phone photo's EXIF rotation is applied, and a 16-bit grey PNG is scaled to 8 bits (PIL's
+    convert("L") clips it to white), for the API as for data preparation."""
+    from latentforge.data.sources import decode_image
+    from latentforge.serve.codec import decode_image_b64
+
+    grey = decode_image_b64(b64png(digit), "image", (1, 28, 28), 64)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored as the sensor saw it: shown rotated 90 degrees clockwise
+    Image.fromarray(np.rot90(digit, 1).copy()).save(buf, format="PNG", exif=exif)
+    rotated = base64.b64encode(buf.getvalue()).decode()
+    assert torch.equal(decode_image_b64(rotated, "image", (1, 28, 28), 64), grey)
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "rotated.png")), digit)
+    buf = io.BytesIO()
+    Image.fromarray(digit.astype(np.uint16) * 257).save(buf, format="PNG")  # 16-bit grey: 0..65535
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    assert torch.equal(decode_image_b64(base64.b64encode(buf.getvalue()).decode(), "image", (1, 28, 28), 64), grey)
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "deep.png")), digit)
 
 
 def test_huge_png_is_refused_from_its_header(vae):
