@@ -133,11 +133,22 @@ def as_displayed(img: Image.Image) -> Image.Image:
     convert("L") clips it, turning most of a 16-bit PNG white)."""
     from PIL import ImageOps
 
-    if img.getexif().get(0x0112, 1) != 1:  # Orientation
-        img = ImageOps.exif_transpose(img)
+    if exif_orientation(img) != 1:
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: shown unrotated, as many viewers do
+            pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.int64)
         if img.mode != "I" or arr.max() > 255:  # a 32-bit "I" image may hold 8-bit values already
             arr = (arr * 255 + 32767) // 65535
         img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
     return img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1: as stored; 5-8: a quarter turn), 1 where the EXIF is missing or damaged."""
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF (SyntaxError, struct.error, ...) must not make an image unreadable
+        return 1

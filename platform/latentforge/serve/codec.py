@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
-from latentforge.images import as_displayed, flatten_alpha, grid_uint8, png_bytes
+from latentforge.images import as_displayed, exif_orientation, flatten_alpha, grid_uint8, png_bytes
 
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # the image formats the API documents and decodes; no other parser runs
@@ -45,16 +45,17 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
     """
     img, (w, h) = _header(data, field, max_side)
     mh, mw = size
-    if (w, h) != (mw, mh) and not fit:
-        raise BadInput(f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images: resize it, or send "
-                       '"fit": true to have its centre square resized')
+    if (w, h) not in ((mw, mh), (mh, mw)) and not fit:  # (a quarter turn in its EXIF swaps the sides)
+        raise BadInput(_size_error(field, w, h, mw, mh))
     if fit and mh != mw:
         raise BadInput(f'{field}: "fit" makes square images and this model takes {mw}x{mh}; send that size')
     try:
         img.load()
     except Exception as e:
         raise BadInput(f"{field}: the image data is truncated or corrupt") from e
-    img = as_displayed(img)  # a square image keeps its size when its EXIF rotation is applied
+    img = as_displayed(img)
+    if img.size != (mw, mh) and not fit:  # as displayed, after its EXIF rotation
+        raise BadInput(_size_error(field, *img.size, mw, mh))
     if fit:
         from latentforge.data.sources import resize_square
 
@@ -62,8 +63,9 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
             painted = img.convert("L").point(lambda v: 255 if v >= 128 else 0)
             side = min(painted.size)
             left, top = (painted.size[0] - side) // 2, (painted.size[1] - side) // 2
-            covered = painted.crop((left, top, left + side, top + side)).resize((mw, mh), Image.Resampling.BOX)
-            return covered.point(lambda v: 255 if v > 0 else 0)
+            # in floats: an 8-bit BOX rounds one painted pixel among 36x36 down to nothing
+            covered = painted.convert("F").crop((left, top, left + side, top + side)).resize((mw, mh), Image.Resampling.BOX)
+            return Image.fromarray(np.where(np.asarray(covered) > 0, 255, 0).astype(np.uint8))
         img = flatten_alpha(img).convert("L" if channels == 1 else "RGB")  # transparent pixels black
         if img.size != (mw, mh):
             img = resize_square(img, mh)
@@ -91,9 +93,15 @@ def _header(data: str, field: str, max_side: int) -> tuple[Image.Image, tuple[in
     return img, (w, h)
 
 
+def _size_error(field: str, w: int, h: int, mw: int, mh: int) -> str:
+    return (f"{field}: image is {w}x{h}; this model takes {mw}x{mh} images: resize it, or send "
+            '"fit": true to have its centre square resized')
+
+
 def image_size_b64(data: str, field: str, max_side: int) -> tuple[int, int]:
-    """(W, H) of a base64 image, from its header."""
-    return _header(data, field, max_side)[1]
+    """(W, H) of a base64 image as displayed (its EXIF rotation applied), from its header."""
+    img, (w, h) = _header(data, field, max_side)
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_side: int, fit: bool = False) -> torch.Tensor:

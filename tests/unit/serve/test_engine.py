@@ -194,6 +194,9 @@ def test_fit_takes_a_photo_of_any_size_as_data_prepare_would(vae, digit):
     stroke[:, 510:514] = 255  # a 4-px line painted on a large photo's mask stays painted at 28 px
     thin = decode_mask_b64(b64png(stroke), (1, 28, 28), 1024, fit=True)
     assert 0 < (thin == 0).sum() <= 2 * 28
+    dot = np.zeros((1024, 1024), np.uint8)
+    dot[500, 500] = 255  # even one painted pixel
+    assert (decode_mask_b64(b64png(dot), (1, 28, 28), 1024, fit=True) == 0).sum() == 1
     gan_digit = b64png(np.kron(digit, np.ones((2, 2), np.uint8)))
     with pytest.raises(BadInput, match="mask: is 1024x1024 and the image 56x56; with fit, send the mask at the image's size"):
         vae.inpaint(InpaintRequest(image=gan_digit, mask=b64png(stroke), method="chain", fit=True))
@@ -221,6 +224,18 @@ def test_an_upload_is_read_as_a_viewer_shows_it(digit):
     rotated = base64.b64encode(buf.getvalue()).decode()
     assert torch.equal(decode_image_b64(rotated, "image", (1, 28, 28), 64), grey)
     assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "rotated.png")), digit)
+    # a quarter turn on a non-square model: checked as displayed, never reshaped into scrambled pixels
+    wide = np.zeros((28, 32), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG", exif=exif)  # shown 28 wide, 32 high
+    with pytest.raises(BadInput, match="image is 28x32; this model takes 32x28"):
+        decode_image_b64(base64.b64encode(buf.getvalue()).decode(), "image", (1, 28, 32), 64)
+    assert decode_image_b64(base64.b64encode(buf.getvalue()).decode(), "image", (1, 32, 28), 64).shape == (1, 1, 32, 28)
+    # a damaged EXIF block leaves the image readable, unrotated
+    buf = io.BytesIO()
+    Image.fromarray(digit).save(buf, format="PNG", exif=b"Exif\x00\x00II*\x00")
+    assert torch.equal(decode_image_b64(base64.b64encode(buf.getvalue()).decode(), "image", (1, 28, 28), 64), grey)
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "damaged.png")), digit)
     buf = io.BytesIO()
     Image.fromarray(digit.astype(np.uint16) * 257).save(buf, format="PNG")  # 16-bit grey: 0..65535
     assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
