@@ -76,7 +76,7 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
                    "hyperparameters": best.get("config", {}), **(lineage or {})}
         if metrics is None and best.get("metric_name"):
             metrics = {best["metric_name"]: best.get("metric"), **best.get("metrics", {})}
-    ck_path = resolve_checkpoint(checkpoint)
+    ck_path = best["checkpoint"] if best is not None else resolve_checkpoint(checkpoint)
     ck = load_checkpoint(ck_path)
     entry_uri = join_uri(registry, name)
     if read_bytes_uri(join_uri(entry_uri, ENTRY_FILE)) is not None and not overwrite:

@@ -61,13 +61,19 @@ class SourceOptions:
 # pixel helpers
 
 
+def centre_square(img: Image.Image) -> Image.Image:
+    """The largest square at the image's centre (the image itself when it is square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 def resize_square(img: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square, then resize to `size` x `size` (LANCZOS down, BICUBIC up)."""
-    w, h = img.size
-    if w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
+    img = centre_square(img)
     if img.size[0] != size:
         method = Image.Resampling.LANCZOS if img.size[0] > size else Image.Resampling.BICUBIC
         img = img.resize((size, size), method)

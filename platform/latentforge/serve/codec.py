@@ -57,14 +57,12 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
     if img.size != (mw, mh) and not fit:  # as displayed, after its EXIF rotation
         raise BadInput(_size_error(field, *img.size, mw, mh))
     if fit:
-        from latentforge.data.sources import resize_square
+        from latentforge.data.sources import centre_square, resize_square
 
         if mask:  # painted = bright, as decode_mask_b64 reads it; resized by coverage, then any coverage counts
-            painted = img.convert("L").point(lambda v: 255 if v >= 128 else 0)
-            side = min(painted.size)
-            left, top = (painted.size[0] - side) // 2, (painted.size[1] - side) // 2
+            painted = centre_square(img.convert("L").point(lambda v: 255 if v >= 128 else 0))
             # in floats: an 8-bit BOX rounds one painted pixel among 36x36 down to nothing
-            covered = painted.convert("F").crop((left, top, left + side, top + side)).resize((mw, mh), Image.Resampling.BOX)
+            covered = painted.convert("F").resize((mw, mh), Image.Resampling.BOX)
             return Image.fromarray(np.where(np.asarray(covered) > 0, 255, 0).astype(np.uint8))
         img = flatten_alpha(img).convert("L" if channels == 1 else "RGB")  # transparent pixels black
         if img.size != (mw, mh):

@@ -119,7 +119,7 @@ def start_serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, add
                               f"existing cluster start every node with {' '.join(f'{k}={v}' for k, v in REQUEST_PATHS[request_path].items())}")
         os.environ.update(REQUEST_PATHS[request_path])  # the local raylet and Serve's actors inherit it
     ray_init(address, num_cpus=num_cpus)
-    if cfg.replica_gpus or cfg.editor_gpus:  # before anything is deployed: a replica no node can place would pend forever
+    if any(getattr(cfg, field) for field in GPU_FIELDS.values()):  # before anything is deployed: a replica no node can place would pend forever
         check_replica_gpus(cfg, float(ray.cluster_resources().get("GPU", 0)), joined=joined_cluster(address))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/")

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from latentforge.checkpoint import SWEEP_FILE
+from latentforge.checkpoint import SWEEP_FILE, SWEEP_SUMMARY
 from latentforge.errors import ConfigError
 from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
@@ -361,7 +361,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
                         lineage={"sweep": sw.name, "sweep_dir": str(sweep_dir), "trial_id": best["trial_id"],
                                  "hyperparameters": best["config"]})
         summary["promoted"] = {"registry": registry, "name": entry["name"]}
-        atomic_write_json(sweep_dir / "summary.json", summary)
+        atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)
         log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
     return summary
 
@@ -425,7 +425,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
     total_steps = sum(r["steps_used"] for r in rows)
     summary = {"sweep": sw.name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows),
                "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
-    atomic_write_json(sweep_dir / "summary.json", summary)
+    atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)
     keys = sorted({k for r in rows for k in r["config"]})
     from latentforge.metrics.registry import METRICS
 
