@@ -444,10 +444,16 @@ def load_training_state(path: str | Path) -> dict:
     f = Path(path) / TRAINING_STATE
     if not f.is_file():
         raise CheckpointError(f"{path} has no {TRAINING_STATE}: it is an inference-only export and cannot resume")
+    import pickle
+
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what torch raises for anything but tensors and plain data
+        raise CheckpointError(f"refusing to load {f}: it holds objects other than tensors and plain data, which "
+                              f"a checkpoint never does (weights_only=True): {e}") from e
     except Exception as e:
-        raise CheckpointError(f"cannot load {f} safely (weights_only=True): {e}") from e
+        raise CheckpointError(f"cannot read {f}: it is damaged or truncated ({type(e).__name__}: {e}); resume from "
+                              "an earlier checkpoint (train --resume skips damaged ones) or retrain") from e
 
 
 def load_module_weights(path: str | Path, modules: dict[str, nn.Module]) -> None:

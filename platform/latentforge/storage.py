@@ -104,6 +104,7 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_files(tmp)  # the rename must never publish a folder whose files are still only in the page cache
         if final.exists():
             old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
@@ -114,6 +115,28 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_files(folder: Path) -> None:
+    """Flush every file under `folder` to disk, then the folder itself (best effort where a
+    filesystem cannot fsync a directory)."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_uri(path: str) -> bool:
@@ -174,8 +197,12 @@ def append_line_uri(uri: str, line: str) -> None:
     if not is_uri(uri) or uri.startswith("file://"):
         path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line.rstrip("\n") + "\n")
+        with open(path, "a+b") as f:
+            # a process killed mid-write leaves a last line without its newline: end it, so that the
+            # next record (a resumed run's) is a line of its own rather than glued to the fragment
+            size = f.seek(0, os.SEEK_END)
+            torn = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + line.rstrip("\n").encode("utf-8") + b"\n")
         return
     old = read_bytes_uri(uri) or b""
     write_bytes_uri(uri, old + line.rstrip("\n").encode() + b"\n")

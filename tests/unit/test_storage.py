@@ -41,3 +41,18 @@ def test_a_damaged_registry_entry_is_named_and_the_others_still_list(tmp_path, c
     (tmp_path / "afile").write_text("x")
     with pytest.raises(RegistryError, match="is a file, not a folder"):
         list_entries(str(tmp_path / "afile"))
+
+
+def test_an_appended_line_never_joins_a_torn_last_line(tmp_path):
+    """A process killed mid-record leaves a line without its newline; the next record (a resumed
+    run's) starts a line of its own, so every whole record still parses."""
+    from latentforge.storage import append_line_uri
+
+    log = tmp_path / "metrics.jsonl"
+    append_line_uri(str(log), json.dumps({"step": 1}))
+    with open(log, "ab") as f:
+        f.write(b'{"step": 2, "d_lo')  # killed here
+    append_line_uri(str(log), json.dumps({"step": 3}))
+    append_line_uri(str(log), json.dumps({"step": 4}) + "\n")
+    lines = log.read_text().splitlines()
+    assert lines[0] == '{"step": 1}' and lines[1] == '{"step": 2, "d_lo' and [json.loads(x)["step"] for x in lines[2:]] == [3, 4]

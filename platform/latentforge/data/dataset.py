@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,6 +31,19 @@ def decode_rows(image_bytes: list[bytes], height: int, width: int, channels: int
     """Raw HWC bytes of equal-sized images → (N, C, H, W) uint8."""
     flat = np.frombuffer(b"".join(image_bytes), dtype=np.uint8)
     return flat.reshape(len(image_bytes), height, width, channels).transpose(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def shard_errors(path: str | Path) -> Iterator[None]:
+    """Turn a damaged or truncated Parquet shard (a failed copy, a full disk, a hand edit) into a
+    `DataError` naming the shard and the fix, rather than a pyarrow or NumPy traceback."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path} is damaged or unreadable ({type(e).__name__}: {str(e)[:200]}); prepare the "
+                        "dataset again (latentforge data prepare SOURCE OUT --overwrite)") from e
 
 
 class PreparedDataset:
@@ -98,14 +113,15 @@ class PreparedDataset:
             import pyarrow.parquet as pq
 
             c, h, w = self.image_shape
-            tables = [pq.read_table(f) for f in self.files(split)]
             images, labels, attrs = [], [], {a: [] for a in self.attributes}
-            for t in tables:
-                images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
-                if self.num_classes:
-                    labels.append(t.column("label").to_numpy())
-                for a in self.attributes:
-                    attrs[a].append(t.column(f"attr_{a}").to_numpy())
+            for f in self.files(split):
+                with shard_errors(f):
+                    t = pq.read_table(f)
+                    images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
+                    if self.num_classes:
+                        labels.append(t.column("label").to_numpy())
+                    for a in self.attributes:
+                        attrs[a].append(t.column(f"attr_{a}").to_numpy())
             n = sum(len(x) for x in images)
             if n != self.manifest["splits"][split]["count"]:
                 raise DataError(f"dataset {self.path}: split {split!r} has {n} rows, manifest says {self.manifest['splits'][split]['count']}; prepare it again")
@@ -131,10 +147,11 @@ class PreparedDataset:
         files = self.files(split)
         images, labels, have = [], [], 0
         for i in torch.randperm(len(files), generator=gen).tolist():
-            t = pq.read_table(files[i], columns=["image"] + (["label"] if self.num_classes else []))
-            images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
-            if self.num_classes:
-                labels.append(t.column("label").to_numpy())
+            with shard_errors(files[i]):
+                t = pq.read_table(files[i], columns=["image"] + (["label"] if self.num_classes else []))
+                images.append(decode_rows(t.column("image").to_pylist(), h, w, c))
+                if self.num_classes:
+                    labels.append(t.column("label").to_numpy())
             have += t.num_rows
             if have >= n:
                 break

@@ -81,9 +81,9 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    if channels == 1:
-        return img.convert("L")
-    return flatten_alpha(img).convert("RGB")
+    """The image in the dataset's mode, transparent pixels black in either (as the API reads them:
+    a grey image with alpha must not train on whatever grey sits under its transparent pixels)."""
+    return flatten_alpha(img).convert("L" if channels == 1 else "RGB")
 
 
 def arrays_from_pil(images: list[Image.Image], names: list[str], opts: SourceOptions) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from latentforge.algorithms.batch import Batch
-from latentforge.data.dataset import PreparedDataset, decode_rows
+from latentforge.data.dataset import PreparedDataset, decode_rows, shard_errors
 from latentforge.errors import ConfigError, DataError
 from latentforge.images import to_model_range
 
@@ -84,7 +84,8 @@ class StreamBatches:
         self.labelled = ds.num_classes > 0
         blocks, start = [], 0
         for f, path in enumerate(self.files):
-            meta = pq.ParquetFile(path).metadata
+            with shard_errors(path):
+                meta = pq.ParquetFile(path).metadata
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
                 blocks.append(Block(f, g, start, rows))
@@ -147,11 +148,12 @@ class StreamBatches:
         images, labels = [], []
         handles: dict[int, pq.ParquetFile] = {}
         for b in blocks:
-            pf = handles.setdefault(b.file, pq.ParquetFile(self.files[b.file]))
-            table = pf.read_row_group(b.row_group, columns=["image", "label"] if self.labelled else ["image"])
-            images.append(decode_rows(table.column("image").to_pylist(), h, w, c))
-            if self.labelled:
-                labels.append(table.column("label").to_numpy())
+            with shard_errors(self.files[b.file]):
+                pf = handles.setdefault(b.file, pq.ParquetFile(self.files[b.file]))
+                table = pf.read_row_group(b.row_group, columns=["image", "label"] if self.labelled else ["image"])
+                images.append(decode_rows(table.column("image").to_pylist(), h, w, c))
+                if self.labelled:
+                    labels.append(table.column("label").to_numpy())
             self.blocks_read += 1
         return np.concatenate(images), (np.concatenate(labels).astype(np.int64) if self.labelled else None)
 

@@ -43,6 +43,7 @@ class InMemoryBatches:
         self.split, self.global_batch_size, self.seed = split, global_batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.local = global_batch_size // world_size
+        self.rows = len(split)
         self.batches_per_epoch = len(split) // global_batch_size
 
     def _perm(self, epoch: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ from latentforge.checkpoint import find_checkpoints
 from latentforge.data.dataset import PreparedDataset
 from latentforge.data.stream import StreamBatches
 from latentforge.train.loop import WorkerContext, run_training
-from latentforge.train.run_dir import RunDir, write_run_file
+from latentforge.train.resume import check_resume, latest_resumable, remove_stale_writes
+from latentforge.train.run_dir import RunDir, read_run_data, write_run_file
 from latentforge.train.run_files import RunFiles
 from latentforge.train.setup import check_training_setup, inference_data_loader
 from latentforge.train.tracking import make_tracker
@@ -57,13 +58,14 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir)
+    run = RunDir(str(run_dir.resolve()))
     resume_from = None
     if resume:
-        found = find_checkpoints(run_dir)
-        if found:
-            resume_from = found[-1]
-    else:
-        write_run_file(RunDir(str(run_dir.resolve())), cfg, str(Path(data_dir).resolve()), "local", 1)
+        remove_stale_writes(run_dir)
+        resume_from = latest_resumable(run_dir, log)
+        if resume_from is not None:
+            check_resume(resume_from, cfg, spec, data_dir, read_run_data(run))
+    write_run_file(run, cfg, str(Path(data_dir).resolve()), "local", 1, resumed=resume)
     stream = StreamBatches(data_dir, "train", cfg.train.global_batch_size, cfg.train.seed, device=device,
                            window_bytes=cfg.train.shuffle_window_mb << 20)
     evaluate = None

@@ -31,6 +31,16 @@ from latentforge.train.program import TrainingProgram, build_program
 from latentforge.tune.instability import InstabilityPolicy, unstable_warning
 
 
+def rescale_position(consumed: int, old_batch: int, new_batch: int, rows: int | None) -> int:
+    """Global batches of `new_batch` images that resume after the images `consumed` batches of
+    `old_batch` took. Every epoch drops its last `rows % batch` images, so whole epochs stay whole
+    epochs and only the partial epoch's images are converted (without `rows`, a plain conversion)."""
+    if not rows or rows < max(old_batch, new_batch):
+        return consumed * old_batch // new_batch
+    epochs, within = divmod(consumed, rows // old_batch)
+    return epochs * (rows // new_batch) + within * old_batch // new_batch
+
+
 @dataclass
 class WorkerContext:
     """Where this copy of the loop runs."""
@@ -140,6 +150,8 @@ def run_training(
         program.load_state_dict(state.get("algorithm", {}))
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
+        if ctx.device.type == "cuda" and "cuda" in state["rng"]:  # StyleGAN2's noise and mixing draw from it
+            torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
         last_ckpt = Path(resume_from).name
         # The data position is global batches consumed, which does not depend on the worker
         # count: a run may resume on a different number of workers with the same global batch.
@@ -147,7 +159,8 @@ def run_training(
         saved_world = int(state.get("world_size", world))
         saved_batch = int(state["data"].get("global_batch_size", t.global_batch_size))
         if saved_batch != t.global_batch_size:  # keep the images seen, not the count of batches
-            batches_consumed = batches_consumed * saved_batch // t.global_batch_size
+            batches_consumed = rescale_position(batches_consumed, saved_batch, t.global_batch_size,
+                                                getattr(stream, "rows", None))
         if ctx.is_chief:
             log(f"resumed from {resume_from} at step {start}")
             if saved_batch != t.global_batch_size:
@@ -158,6 +171,9 @@ def run_training(
                     f"stays {t.global_batch_size} (per worker {t.global_batch_size // saved_world} -> {per_worker})")
     else:
         batches_consumed = 0
+    if start >= t.steps:  # the CLI refuses this before launching (train/resume.py); a library call is told
+        log(f"nothing to train: the checkpoint is at step {start} and train.steps is {t.steps}")
+        return {}
     it = stream.iterate(batches_consumed)
     experiment = experiment_to_dict(cfg)
 
@@ -169,7 +185,8 @@ def run_training(
                 training_state={
                     "step": step_done,
                     "optimizers": {k: o.state_dict() for k, o in program.optimizers.items()},
-                    "rng": {"torch": torch.get_rng_state()},
+                    "rng": {"torch": torch.get_rng_state(),
+                            **({"cuda": torch.cuda.get_rng_state(ctx.device)} if ctx.device.type == "cuda" else {})},
                     "algorithm": program.state_dict(),
                     "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step,
                              "global_batch_size": t.global_batch_size},

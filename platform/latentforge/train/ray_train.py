@@ -31,7 +31,7 @@ from latentforge.ray_cluster import check_gpus_for, ray_init
 from latentforge.storage import is_uri, join_uri, write_bytes_uri
 from latentforge.train.batches import InMemoryBatches
 from latentforge.train.loop import WorkerContext, run_training
-from latentforge.train.run_dir import RunDir, resolve_run_dir, write_run_file
+from latentforge.train.run_dir import RunDir, read_run_data, resolve_run_dir, write_run_file
 from latentforge.train.run_files import RunFiles
 from latentforge.train.setup import check_training_setup, inference_data_loader
 from latentforge.train.tracking import NullTracker, make_tracker
@@ -117,6 +117,23 @@ def _reduce_mean(world: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return reduce
 
 
+def newer_checkpoint(ray_folder: str, resume_from: str | None) -> str:
+    """Of Ray's restored checkpoint and the run folder's newest, the one at the later step (the
+    run folder's only where this worker can read it)."""
+    from latentforge.checkpoint import CONFIG
+    from latentforge.storage import read_json
+
+    def step(folder) -> int:
+        try:
+            return int(read_json(Path(folder) / CONFIG)["step"])
+        except Exception:  # noqa: BLE001 - unreadable here: not a candidate
+            return -1
+
+    if resume_from and step(resume_from) > step(ray_folder):
+        return resume_from
+    return ray_folder
+
+
 def worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker; `config["launch"]` is the driver's `TrainLaunch`."""
     import ray.train
@@ -179,8 +196,10 @@ def worker_loop(config: dict) -> None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                run_training(cfg, spec, stream, wctx, sink, resume_from=folder, log=log, evaluate=evaluate,
-                             inference_data=inference_data)
+                # Ray keeps its own record of a run's checkpoints and restores the latest it knows; a
+                # `--workers 0` resume may have trained further in the same folder since
+                run_training(cfg, spec, stream, wctx, sink, resume_from=newer_checkpoint(folder, launch.resume_from),
+                             log=log, evaluate=evaluate, inference_data=inference_data)
         else:
             run_training(cfg, spec, stream, wctx, sink, resume_from=launch.resume_from, log=log,
                          evaluate=evaluate, inference_data=inference_data)
@@ -213,6 +232,15 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     ds = PreparedDataset(data_dir)
     check_training_setup(cfg, DataSpec.from_dataset(ds), workers, ds.manifest["splits"]["train"]["count"], use_gpu)
     run = resolve_run_dir(out, storage, resume, cfg.name)
+    resume_from = None
+    if resume and run.is_local:  # checked before a cluster starts: a refused resume changes nothing
+        from latentforge.train.resume import check_resume, latest_resumable, remove_stale_writes
+
+        remove_stale_writes(run.path)
+        found = latest_resumable(run.path, log)
+        if found is not None:
+            check_resume(found, cfg, DataSpec.from_dataset(ds), data_dir, read_run_data(run))
+            resume_from = str(found)
     if cfg.train.eval_every:
         from latentforge.metrics.features import ensure_feature_net
 
@@ -220,14 +248,7 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     ray_init(address)
     if use_gpu:  # before the run folder is written: a refused run leaves nothing behind
         check_gpus_for(workers, address, log=log)
-    if not resume:
-        write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers)
-    resume_from = None
-    if resume and run.is_local:
-        from latentforge.checkpoint import find_checkpoints
-
-        found = find_checkpoints(run.path)
-        resume_from = str(found[-1]) if found else None
+    write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers, resumed=bool(resume))
     log(f"run {run.name}: {workers} worker(s), folder {run.uri}, data loader {data_loader}")
     trainer = make_trainer(cfg, data_dir, workers, run, use_gpu=use_gpu, max_failures=max_failures,
                            data_loader=data_loader, resume_from=resume_from)

@@ -104,18 +104,31 @@ def resolve_run_dir(out: str | None = None, storage: str | None = None, resume: 
     return run
 
 
-def write_run_file(run: RunDir, cfg, data_dir: str, backend: str, workers: int) -> None:
-    """Create the run folder's `run.json` (what the run is; written once, when it starts)."""
-    write_bytes_uri(run.file(RUN_FILE), json.dumps({
-        "kind": "latentforge.run",
-        "latentforge_version": __version__,
-        "name": run.name,
-        "experiment": experiment_to_dict(cfg),
-        "data": str(data_dir),
-        "backend": backend,
-        "workers": workers,
-        "created_unix": int(time.time()),
-    }, indent=2, sort_keys=True).encode())
+def write_run_file(run: RunDir, cfg, data_dir: str, backend: str, workers: int, resumed: bool = False) -> None:
+    """Write the run folder's `run.json`: what the run is. A run starts it; each resume rewrites its
+    config with the resume's overrides (a later resume starts from them, rather than silently
+    undoing an earlier `--steps` or `--set`) and appends the resume to `resumes`."""
+    now = int(time.time())
+    record = {"kind": "latentforge.run", "latentforge_version": __version__, "name": run.name, "created_unix": now}
+    if resumed:
+        try:
+            old = json.loads(read_bytes_uri(run.file(RUN_FILE)) or b"{}")
+            record.update({k: old[k] for k in ("created_unix", "resumes") if isinstance(old, dict) and k in old})
+        except (ValueError, UnicodeDecodeError):
+            pass  # a damaged run.json failed earlier (read_run_config); nothing of it is worth keeping
+        record["resumes"] = [*record.get("resumes", []), {"unix": now, "backend": backend, "workers": workers}]
+    record.update({"experiment": experiment_to_dict(cfg), "data": str(data_dir), "backend": backend,
+                   "workers": workers})
+    write_bytes_uri(run.file(RUN_FILE), json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def read_run_data(run: RunDir) -> str | None:
+    """The dataset folder run.json records, or None."""
+    try:
+        data = json.loads(read_bytes_uri(run.file(RUN_FILE)) or b"{}").get("data")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
 
 
 def read_run_config(run: RunDir):

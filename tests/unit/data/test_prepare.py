@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from latentforge.data import PreparedDataset, prepare_dataset
@@ -386,3 +387,36 @@ def test_fashion_mnist_from_the_debian_package():
     assert src.images.shape == (70_000, 28, 28, 1) and int(src.fixed_split.sum()) == 10_000
     assert np.bincount(src.labels, minlength=10).tolist() == [7000] * 10  # balanced, as published
     assert 60 < src.images.mean() < 90  # clothes on black, not blank
+
+
+def test_transparent_pixels_are_black_in_a_grey_dataset_as_the_api_reads_them(tmp_path):
+    """A grey image with alpha (and an RGBA one prepared as grey) must train on black where it is
+    transparent, not on whatever grey the file keeps under alpha 0: that is what Serve's codec
+    reads from the same file, so a model never sees at inference what it never trained on."""
+    import base64
+
+    from latentforge.serve.codec import decode_image_b64
+
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    la = np.zeros((12, 12, 2), np.uint8)
+    la[..., 0] = 200  # grey 200 everywhere, visible only in the bottom half
+    la[6:, :, 1] = 255
+    rgba = np.zeros((12, 12, 4), np.uint8)
+    rgba[..., :3] = 90
+    rgba[6:, :, 3] = 255
+    files = []
+    for i in range(6):
+        arr, mode = (la, "LA") if i % 2 else (rgba, "RGBA")
+        Image.fromarray(arr, mode).save(root / f"{i}.png")
+        files.append((root / f"{i}.png").read_bytes())
+    prepare_dataset(f"folder:{tmp_path / 'imgs'}", tmp_path / "o", SourceOptions(channels=1), **quiet)
+    ds = PreparedDataset(tmp_path / "o")
+    images = torch.cat([ds.load(s).images for s in ("train", "val")])
+    assert images.shape[1:] == (1, 12, 12) and len(images) == 6
+    assert int(images[:, :, :6].max()) == 0  # transparent: black
+    assert set(images[:, :, 6:].unique().tolist()) <= {90, 200}  # opaque: the image's own grey
+    for data in files:  # the API reads the same file to the same pixels
+        api = decode_image_b64(base64.b64encode(data).decode(), "image", (1, 12, 12), 1024)
+        px = ((api[0] + 1) * 127.5).round().to(images.dtype)
+        assert any(bool((px == img).all()) for img in images)

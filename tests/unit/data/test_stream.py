@@ -101,3 +101,29 @@ def test_the_largest_seed_gives_exact_epochs_on_both_loaders(blocky):
     assert not np.array_equal(orders[0], orders[1])
     batch = next(iter(InMemoryBatches(PreparedDataset(blocky).load("train"), B, seed=MAX_SEED).iterate()))
     assert batch.images.shape[0] == B
+
+
+def test_a_damaged_shard_is_named_with_the_fix_on_every_reader(blocky, tmp_path):
+    """A truncated shard (a failed copy, a full disk) or one whose pages are overwritten gives a
+    DataError naming the file and `data prepare`, not a pyarrow traceback from a worker."""
+    import shutil
+
+    from latentforge.errors import DataError
+
+    cut = tmp_path / "cut"
+    shutil.copytree(blocky, cut)
+    shard = PreparedDataset(cut).files("train")[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for read in (lambda: stream(cut), lambda: PreparedDataset(cut).load("train"),
+                 lambda: PreparedDataset(cut).sample("train", 10_000)):
+        with pytest.raises(DataError, match=f"{shard.name} is damaged.*data prepare"):
+            read()
+    garbled = tmp_path / "garbled"
+    shutil.copytree(blocky, garbled)
+    shard = PreparedDataset(garbled).files("train")[0]
+    raw = bytearray(shard.read_bytes())
+    raw[8:len(raw) // 2] = bytes(len(raw) // 2 - 8)  # the pages zeroed, the footer intact
+    shard.write_bytes(bytes(raw))
+    s = stream(garbled, windows_of=10_000)  # the footer reads: the damage shows only when the rows are read
+    with pytest.raises(DataError, match=f"{shard.name} is damaged"):
+        next(s.iterate(0))
