@@ -30,7 +30,7 @@ from latentforge.editing.directions import DIRECTIONS_DIR, load_directions
 from latentforge.editing.space import edit_model, latent_space
 from latentforge.errors import LatentForgeError
 from latentforge.models.prior import prior_name
-from latentforge.storage import is_uri, join_uri, json_kind, read_bytes_uri, staged_dir, write_bytes_uri
+from latentforge.storage import finite_json, is_uri, join_uri, json_kind, read_bytes_uri, staged_dir, write_bytes_uri
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
             files.update({f"{DIRECTIONS_DIR}/{p.name}": p for p in sorted(directions_dir.iterdir()) if p.is_file()})
         # what a download is checked against (and what names the cached copy): the content itself
         entry["files"] = {rel: _sha256_file(src) for rel, src in files.items()}
-        payload = json.dumps(entry, indent=2, sort_keys=True).encode()
+        # a sweep's recall or a lineage hyperparameter may be NaN or inf: stored as null, so that
+        # model.json stays JSON every client can read
+        payload = json.dumps(finite_json(entry), indent=2, sort_keys=True, allow_nan=False).encode()
         if is_uri(registry):
             for rel, src in files.items():
                 write_bytes_uri(join_uri(entry_uri, "checkpoint", *rel.split("/")), src.read_bytes())
@@ -188,8 +190,12 @@ def _parse_entry(raw: bytes, registry: str, name: str) -> dict:
     return entry
 
 
-def show(registry: str, name: str) -> dict:
+def show(registry: str, name: str, list_known: bool = True) -> dict:
     """One entry's model.json.
+
+    Args:
+        list_known: name the registry's models in the UnknownModel message (a read of every
+            entry: for people at a terminal, not for a server answering unknown ids).
 
     Raises:
         RegistryError / UnknownModel.
@@ -197,8 +203,8 @@ def show(registry: str, name: str) -> dict:
     check_name(name)
     raw = read_bytes_uri(join_uri(registry, name, ENTRY_FILE))
     if raw is None:
-        known = ", ".join(e["name"] for e in list_entries(registry)) or "none"
-        raise UnknownModel(f"no model {name!r} in registry {registry} (models: {known})")
+        known = f" (models: {', '.join(e['name'] for e in list_entries(registry)) or 'none'})" if list_known else ""
+        raise UnknownModel(f"no model {name!r} in registry {registry}{known}")
     return _parse_entry(raw, registry, name)
 
 

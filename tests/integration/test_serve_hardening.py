@@ -129,6 +129,12 @@ CASES = [
     ("unknown route", "GET", "/v2/everything", None, AUTH, 404, "no route"),
     ("wrong method", "DELETE", "/v1/models", None, AUTH, 405, "not allowed"),
     ("malformed JSON", "POST", "/v1/models/gan/generate", b'{"n": ', AUTH, 422, "JSON"),
+    # the JSON decoder's own limits, which FastAPI answered 400 "error parsing the body"
+    ("5000-digit integer", "POST", "/v1/models/gan/generate", b'{"n": 1, "seed": ' + b"9" * 5000 + b"}", AUTH, 422,
+     "number too long"),
+    ("nesting past the recursion limit", "POST", "/v1/models/gan/generate", b'{"n": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     AUTH, 422, "nesting too deep"),
+    ("label the model lacks", "POST", "/v1/models/gan/generate", {"n": 1, "label": 99}, AUTH, 422, "out of range"),
     ("sized body over the limit", "POST", "/v1/models/gan/generate", b"{" + b" " * 70000 + b"}", AUTH, 413, "limit"),
     ("unknown field", "POST", "/v1/models/gan/generate", {"n": 1, "bogus": 1}, AUTH, 422, "bogus"),
     ("NaN alpha", "POST", "/v1/models/gan/edit", b'{"source": {"seed": 1, "label": 0}, "direction": "sefa:0", "alpha": NaN}',
@@ -207,10 +213,12 @@ def test_a_full_edit_queue_sheds_load_with_503_and_retry_after(server, registry)
         time.sleep(1.0)  # the Editor is busy and its queue full now
         # edits and interpolations of seeds invert nothing: they never wait behind projections
         edit = call(server, "POST", "/v1/models/gan/edit", {"source": SEED, "direction": "sefa:0", "alpha": 1}, AUTH)
+        dirs = call(server, "GET", "/v1/models/gan/directions", headers=AUTH)  # what the playground asks first
         path = call(server, "POST", "/v1/models/gan/interpolate", {"a": SEED, "b": {"seed": 2, "label": 1}, "steps": 3}, AUTH)
         still_busy = not all(f.done() for f in pending)
         answers = [f.result() for f in pending]
     assert edit.status_code == 200 and len(edit.json()["images"]) == 1, edit.text[:200]
+    assert dirs.status_code == 200 and dirs.json()["directions"], dirs.text[:200]
     assert path.status_code == 200 and len(path.json()["images"]) == 3, path.text[:200]
     assert still_busy  # they were answered while the projections ran
     codes = [a.status_code for a in answers]
@@ -253,6 +261,32 @@ def _broken_model_is_unavailable(server, registry):
     assert call(server, "POST", "/v1/models/gan/generate", {"n": 1, "label": 0}, AUTH).status_code == 200
     assert call(server, "POST", "/v1/models/gan/edit", {"source": {"seed": 1, "label": 0}, "direction": "sefa:0",
                                                         "alpha": 1}, AUTH).status_code == 200
+
+
+def test_a_damaged_entry_is_the_servers_fault_and_a_nan_metric_does_not_break_the_list(server, registry):
+    """A damaged model.json answers 503 naming the model, not 400 with the registry's location;
+    an entry whose metrics hold NaN (written before promote stored them as null) still lists."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    damaged, nan = Path(registry) / "damaged", Path(registry) / "nan-metrics"
+    damaged.mkdir()
+    (damaged / "model.json").write_text("{")
+    shutil.copytree(Path(registry) / "gan", nan)
+    entry = json.loads((nan / "model.json").read_text())
+    (nan / "model.json").write_text(json.dumps({**entry, "name": "nan-metrics", "metrics": {"fid": float("nan")}}))
+    time.sleep(2.5)  # the gateway's registry_refresh_s
+    try:
+        r = call(server, "POST", "/v1/models/damaged/generate", {"n": 1}, AUTH)
+        check_error(r, 503, "'damaged' is unavailable: its registry entry is damaged", registry)
+        listed = call(server, "GET", "/v1/models", headers=AUTH)
+        assert listed.status_code == 200, listed.text[:300]
+        by_id = {m["id"]: m for m in listed.json()["models"]}
+        assert by_id["nan-metrics"]["metrics"] == {"fid": None} and "damaged" not in by_id
+    finally:
+        shutil.rmtree(damaged)
+        shutil.rmtree(nan)
 
 
 def test_configuration_mistakes_fail_before_serving(tmp_path):

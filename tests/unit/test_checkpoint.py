@@ -314,3 +314,34 @@ def test_promoting_a_sweep_folder_records_the_sweeps_lineage(gan_run, tmp_path):
     assert {k: entry["lineage"][k] for k in ("sweep", "trial_id", "hyperparameters")} == {
         "sweep": "s", "trial_id": "a1", "hyperparameters": {"gan.lr_g": 2e-4}}
     assert entry["metrics"] == {"fid": 12.5, "recall": 0.4}
+
+
+def test_promote_stores_nan_metrics_as_null_so_model_json_stays_json(gan_run, tmp_path):
+    """A sweep's recall can be NaN; json.dumps would write the bare token NaN, which browsers and
+    Starlette's responses refuse: /v1/models then failed for every client."""
+    from latentforge.registry import promote, show
+
+    promote(gan_run, str(tmp_path), "m", metrics={"fid": 12.5, "recall": float("nan")},
+            lineage={"hyperparameters": {"lr": float("inf")}})
+    def strict(token):
+        raise AssertionError(f"{token} in model.json")
+
+    raw = json.loads((tmp_path / "m" / "model.json").read_text(), parse_constant=strict)
+    assert raw["metrics"] == {"fid": 12.5, "recall": None} and raw["lineage"]["hyperparameters"] == {"lr": None}
+    assert show(str(tmp_path), "m")["metrics"]["recall"] is None
+
+
+def test_an_unknown_name_costs_a_server_one_read_not_a_scan(gan_run, tmp_path, monkeypatch):
+    import latentforge.registry as registry
+    from latentforge.registry import UnknownModel, promote, show
+
+    for name in ("a", "b", "c"):
+        promote(gan_run, str(tmp_path), name)
+    reads = []
+    real = registry.read_bytes_uri
+    monkeypatch.setattr(registry, "read_bytes_uri", lambda uri: reads.append(uri) or real(uri))
+    with pytest.raises(UnknownModel) as e:
+        show(str(tmp_path), "nope", list_known=False)
+    assert len(reads) == 1 and "models:" not in str(e.value)
+    with pytest.raises(UnknownModel, match=r"models: a, b, c"):  # the CLI's message still lists them
+        show(str(tmp_path), "nope")

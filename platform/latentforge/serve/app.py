@@ -29,6 +29,7 @@ from latentforge.registry import RegistryError, UnknownModel, check_name, list_e
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput
 from latentforge.serve.config import GPU_FIELDS, AutoscalingSettings, ServeConfig
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
+from latentforge.storage import finite_json
 
 if TYPE_CHECKING:  # engine imports torch; only the replicas that run models load it (in _Models.load)
     from latentforge.serve.engine import ModelRuntime
@@ -116,14 +117,19 @@ class _Models:
     def load(self, model_id: str):
         from latentforge.serve.engine import ModelRuntime
 
+        check_name(model_id)  # an invalid id: the gateway's 400
         try:
-            path = local_checkpoint(self.cfg.registry, check_name(model_id), self.cfg.model_cache_dir,
+            path = local_checkpoint(self.cfg.registry, model_id, self.cfg.model_cache_dir,
                                     max_bytes=int(self.cfg.model_cache_max_gb * 2**30))
             runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts,
                                    device=self.device)
-        except RegistryError:
-            raise  # unknown or invalid ids: the gateway's 404/400
-        except Exception:  # noqa: BLE001 - corrupt weights, a refused plug-in, storage down: the details go to the log
+        except UnknownModel:
+            raise  # the gateway's 404
+        # a damaged entry or download (a file missing, a hash mismatch), corrupt weights, a refused
+        # plug-in, storage down: the server's fault, not the client's. The details (which name the
+        # registry's location) go to the log, and the failure is remembered: a broken entry is not
+        # downloaded again on every request.
+        except Exception:  # noqa: BLE001
             logger.exception("loading model %s failed", model_id)
             self.failed[model_id] = time.monotonic()
             raise _unavailable(model_id, self.cfg.model_retry_s) from None
@@ -178,8 +184,8 @@ class Generator:
         return await asyncio.to_thread(self.models.take, model_id)
 
     def _run(self, runtime, requests):
-        results = runtime.generate_many(requests)
-        n = sum(r.n for r in requests)
+        results = runtime.generate_each(requests)
+        n = sum(r.n for r, res in zip(requests, results) if not isinstance(res, BaseException))
         self.batch_images.observe(n, tags={"model": runtime.name})
         self.images.inc(n, tags={"model": runtime.name})
         return results
@@ -213,6 +219,11 @@ class Generator:
     async def generate_many(self, model_id: str, requests: list[dict]) -> list:
         """A batch the gateway already collected: one forward pass, one result or error each."""
         return await self._generate_batch(model_id, [GenerateRequest.model_validate(r) for r in requests])
+
+    async def directions(self, model_id: str) -> dict:
+        """The model's edit directions (this replica prepares them for the edits it runs)."""
+        runtime = await self.models.runtime(model_id, self.get_model)
+        return runtime.directions_info()
 
     async def ready(self, model_id: str) -> bool:
         """Readiness: `model_id` is loaded (or loads now) on this replica."""
@@ -281,9 +292,6 @@ class Editor:
         """Remove noise from an image (weighted towards the model's reconstruction)."""
         return await self._on_model(model_id, lambda m: m.denoise(body))
 
-    async def directions(self, model_id: str) -> dict:
-        """The model's saved edit directions."""
-        return await self._on_model(model_id, lambda m: m.directions_info())
 
 
 # ------------------------------------------------------------------------------------------ gateway
@@ -335,7 +343,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     """Unknown routes (404), wrong methods (405) and the like, in the API's error shape."""
     message = {404: f"no route {request.url.path[:200]!r}; the API is under /v1 (see /docs)",
                405: f"method {request.method} is not allowed on {request.url.path[:200]!r}"}.get(exc.status_code, str(exc.detail))
-    response = _error(exc.status_code, message)
+    status = exc.status_code
+    if status == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer when the JSON decoder itself fails (an integer of thousands of digits,
+        # arrays nested past the recursion limit): a malformed body, as every other one is 422
+        status, message = 422, "the request body is not JSON this API reads (a number too long, or nesting too deep)"
+    response = _error(status, message)
     for k, v in (exc.headers or {}).items():
         response.headers[k] = v
     return response
@@ -505,13 +518,21 @@ class Gateway:
 
     def _read_entry(self, model_id: str) -> tuple:
         try:
-            answer: dict | tuple[int, str] = show(self.cfg.registry, model_id)
-        except UnknownModel:  # neither the registry's location nor the other models' names
-            answer = (404, f"no model {model_id!r}; GET /v1/models lists the models")
-        except RegistryError as e:
-            answer = (400, str(e))
-        if len(self._entries) >= 1024:  # hostile ids cannot grow it without bound
-            self._entries.clear()
+            check_name(model_id)
+        except RegistryError as e:  # the id itself: the client's mistake, named
+            answer: dict | tuple[int, str] = (400, str(e))
+        else:
+            try:  # one read: an unknown id must not cost a read of every entry
+                answer = show(self.cfg.registry, model_id, list_known=False)
+            except UnknownModel:  # neither the registry's location nor the other models' names
+                answer = (404, f"no model {model_id!r}; GET /v1/models lists the models")
+            except RegistryError as e:  # a damaged entry: the operator's to fix; its location stays in the log
+                logger.warning("model %s is unavailable: %s", model_id, e)
+                answer = (503, f"model {model_id!r} is unavailable: its registry entry is damaged (the server log "
+                               "has details)")
+        while len(self._entries) >= 1024:  # hostile ids cannot grow it without bound: the oldest answer goes
+            self._entries.pop(next(iter(self._entries)))
+        self._entries.pop(model_id, None)
         hit = self._entries[model_id] = (time.monotonic(), answer)
         return hit
 
@@ -536,7 +557,7 @@ class Gateway:
                 return _error(503, "the server is busy (its queue for this kind of request is full); retry shortly")
             if isinstance(err, UnknownModel):
                 return _error(404, f"no model {model_id!r}; GET /v1/models lists the models")
-            if isinstance(err, RegistryError):
+            if isinstance(err, RegistryError):  # what reaches here is an invalid id (check_name)
                 return _error(400, str(err))
             logger.exception("request failed")
             return _error(500, f"internal error ({type(err).__name__}); the server log has details")
@@ -595,13 +616,20 @@ class Gateway:
 
     @app.get("/v1/models", responses=_errors(401))
     async def models(self, request: Request):
-        entries = await asyncio.to_thread(list_entries, self.cfg.registry)
-        return {"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
-                            "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
-                            "latent_prior": e.get("latent_prior", "standard"),
-                            "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
-                            "supports": e.get("capabilities", []), "lineage": public_lineage(e.get("lineage", {}))}
-                           for e in entries]}
+        try:
+            entries = await asyncio.to_thread(list_entries, self.cfg.registry)
+        except Exception:  # noqa: BLE001 - storage down or the registry path wrong: the details go to the log
+            logger.exception("listing the registry failed")
+            return _error(503, "the model registry cannot be read right now (the server log has details); retry shortly")
+        # an entry promoted before metrics were stored as JSON may hold NaN: null here, or the
+        # whole list (and the playground) fails for every client
+        return finite_json({"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
+                                        "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
+                                        "latent_prior": e.get("latent_prior", "standard"),
+                                        "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
+                                        "supports": e.get("capabilities", []),
+                                        "lineage": public_lineage(e.get("lineage", {}))}
+                                       for e in entries]})
 
     def _editor(self, model_id: str):
         """The Editor handle routed to a replica that has (or will load) `model_id`; call one of
@@ -610,7 +638,9 @@ class Gateway:
 
     @app.get("/v1/models/{model_id}/directions", responses=MODEL_ERRORS)
     async def directions(self, model_id: ModelId, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).directions.remote(model_id))
+        # the Generator's: a metadata read must not queue behind the Editor's projections
+        return await self._call(request, model_id, lambda: self.generator.options(
+            multiplexed_model_id=model_id).directions.remote(model_id))
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, max_concurrent_batches=2,
                  batch_size_fn=lambda items: sum(body["n"] for _, body in items))

@@ -209,13 +209,35 @@ class ModelRuntime:
         return [encode_png_b64(im) for im in images]
 
     # ------------------------------------------------------------------------------ operations
+    def generate_each(self, requests: list[GenerateRequest]) -> list:
+        """A result or a `BadInput` per request (the batching path). The bad ones (n over the limit,
+        a label the model lacks) are found before the forward pass and the rest still share one:
+        a request sent to break batching gets its own error and costs the others nothing."""
+        out: list = [None] * len(requests)
+        good = []
+        for i, r in enumerate(requests):
+            try:
+                self._check_n(r.n)
+                self._labels(r.n, r.label, cycle=True)
+            except BadInput as e:
+                out[i] = e
+            else:
+                good.append(i)
+        if good:
+            for i, result in zip(good, self.generate_many([requests[i] for i in good])):
+                out[i] = result
+        return out
+
+    def _check_n(self, n: int) -> None:
+        if n > self.limits.max_n:
+            raise BadInput(f"n: {n} is above the limit of {self.limits.max_n} images per request")
+
     def generate_many(self, requests: list[GenerateRequest]) -> list[dict]:
         """Generate for several requests in one forward pass (the batching path); every request's
         latents come from its own seed, so the result does not depend on what it was batched with."""
         zs, ys, sizes = [], [], []
         for r in requests:
-            if r.n > self.limits.max_n:
-                raise BadInput(f"n: {r.n} is above the limit of {self.limits.max_n} images per request")
+            self._check_n(r.n)
             ys.append(self._labels(r.n, r.label, cycle=True))
             zs.append(seeded_latents(self.model, r.n, r.seed, r.truncation, ys[-1], self.prior))
             sizes.append(r.n)

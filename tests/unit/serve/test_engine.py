@@ -293,3 +293,23 @@ def test_a_stylegan_model_is_served_in_w(registry):
     torch.testing.assert_close(path[1], (path[0] + path[2]) / 2)
     r = sg.edit(EditRequest(source={"latent": path[1].tolist()}, direction="pca:0", alpha=-1.0))
     assert r["images"][0] != r["original"]
+
+
+def test_a_bad_request_in_a_batch_gets_its_error_and_the_rest_one_forward_pass(gan, monkeypatch):
+    """A label the model lacks (or n over the limit) is found before the forward pass: the batch's
+    other requests still share one pass and get exactly what they get alone. Before, the batch
+    raised and the Generator re-ran every request of it one by one."""
+    import latentforge.serve.engine as engine
+
+    good = [GenerateRequest(n=2, seed=5, label=1), GenerateRequest(n=1, seed=6)]
+    alone = [gan.generate_many([r])[0] for r in good]
+    passes = []
+    real = engine.decode_latents
+    monkeypatch.setattr(engine, "decode_latents", lambda *a, **k: passes.append(1) or real(*a, **k))
+    out = gan.generate_each([good[0], GenerateRequest(n=1, label=12), GenerateRequest(n=100), good[1]])
+    assert len(passes) == 1
+    assert isinstance(out[1], BadInput) and "out of range" in str(out[1])
+    assert isinstance(out[2], BadInput) and "above the limit" in str(out[2])
+    assert out[0]["images"] == alone[0]["images"] and out[3]["images"] == alone[1]["images"]
+    assert all(isinstance(r, BadInput) for r in gan.generate_each([GenerateRequest(n=1, label=10)]))
+    assert len(passes) == 1  # nothing left to run: no pass
