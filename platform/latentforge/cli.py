@@ -147,7 +147,8 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("--standard-prior", action="store_true",
                     help="VAEs: sample N(0, I) instead of the latent prior fitted in training (what the prior contributes)")
     ev.add_argument("--inception", metavar="WEIGHTS", help="use torchvision Inception-v3 weights from this file as the "
-                    "backbone (paper-comparable FID) instead of the dataset's feature network")
+                    "backbone (the ImageNet FID backbone; not the TF FID-Inception of published numbers) instead of the dataset's "
+                    "feature network")
     ev.add_argument("--inception-protocol", choices=["clean", "legacy"], default="clean",
                     help="how images reach Inception: clean (8-bit, antialiased bicubic resize, as clean-fid) or "
                          "legacy (bilinear float resize, as pytorch-fid/torchmetrics); results name it")

@@ -284,8 +284,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def _merge(old: dict, new: dict) -> dict:
+    """`new`'s fields over `old`'s, section by section."""
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Return a copy of `data` with dotted keys set (sections are created when missing)."""
+    """Return a copy of `data` with dotted keys set (sections are created when missing). A mapping
+    set on a section is merged into it: `gan: {lr_d: 1e-4}` changes lr_d and keeps the preset's
+    loss and betas, where assigning it would silently reset them to the defaults."""
     import copy
 
     out = copy.deepcopy(data)
@@ -298,7 +308,9 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
                 raise ConfigError(f"override {key}: {p!r} holds the value {nxt!r}, not a section of fields; set "
                                   f"its fields ({p}.FIELD=VALUE), not {p} itself")
             node = nxt
-        node[parts[-1]] = value
+        last = parts[-1]
+        node[last] = _merge(node[last], copy.deepcopy(value)) if isinstance(value, dict) and isinstance(
+            node.get(last), dict) else value
     return out
 
 

@@ -151,3 +151,19 @@ def test_every_seed_takes_0_to_2_63_minus_1_and_refuses_the_rest(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", "dcgan-mnist", "--seed", "-1"])
     assert e.value.code == 2 and "argument --seed: -1 is out of range" in capsys.readouterr().err
+
+
+def test_a_mapping_set_on_a_section_merges_into_the_preset():
+    """A sweep's `overrides: {gan: {lr_d: 1e-4}}` (or `--set 'gan={lr_d: 1e-4}'`) on a hinge preset
+    changes lr_d only; assigning the mapping reset the loss and betas to the defaults, silently."""
+    from latentforge.config import apply_overrides, load_experiment, load_experiment_dict
+
+    preset = load_experiment("sngan-hinge-mnist")
+    merged = load_experiment("sngan-hinge-mnist", {"gan": {"lr_d": 1.0e-4}})
+    assert merged.gan.lr_d == 1.0e-4
+    assert (merged.gan.loss, merged.gan.beta1, merged.gan.beta2) == (preset.gan.loss, preset.gan.beta1, preset.gan.beta2)
+    assert preset.gan.loss == "hinge"  # the case that went wrong: a non-default preset section
+    raw, _ = load_experiment_dict("sngan-hinge-mnist")
+    out = apply_overrides(raw, {"gan": {"lr_d": 1.0e-4}})
+    assert raw["gan"].get("lr_d") != 1.0e-4  # the input is not changed
+    assert out["gan"]["lr_d"] == 1.0e-4 and out["gan"]["loss"] == raw["gan"]["loss"]

@@ -232,7 +232,10 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
             ya = y_cond[idx_a] if y_cond is not None else None
         else:
             g2 = torch.Generator().manual_seed(seed + 3)
-            za, zb, ya = random_latents(model, n, g2), random_latents(model, n, g2), None
+            za, zb = random_latents(model, n, g2), random_latents(model, n, g2)
+            # a class-conditional GAN decodes nothing without labels: each path keeps one class,
+            # cycling through them, as a conditional VAE's path keeps its first endpoint's
+            ya = torch.arange(n) % model.num_classes if model.num_classes else None
         norm_dev = {"slerp": [], "lerp": []}
         for i in range(len(za)):
             for method in ("slerp", "lerp"):

@@ -24,6 +24,7 @@ from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import FeatureNet
 from latentforge.models.prior import prior_name
 from latentforge.metrics.registry import (
+    MAX_KNN,
     MAX_SAMPLES,
     MIN_SAMPLES,
     SampleSet,
@@ -199,6 +200,9 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     t_gen = time.time()
     out["samples"] = len(fake)
     out["protocol"] = suffix = protocol_suffix(len(fake), reference, net.backbone)
+    # the keys name the sample count FID used; the k-NN metrics (precision, recall, density,
+    # coverage) take at most MAX_KNN per side (their distance matrices are O(N^2)): say how many
+    out["knn_samples"] = {"real": min(len(net.real[reference].features), MAX_KNN), "generated": min(len(fake), MAX_KNN)}
     out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     if is_checkpoint and ckpt.algorithm == "vae":
         sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)

@@ -17,6 +17,10 @@ pixels, which equals what torchvision's own pipeline feeds its layers (checked i
 against torchvision with `transform_input=True`, and FID against torchmetrics on the same
 features). Real statistics are cached per weights hash *and* protocol, and results name both, so
 the two protocols are never mixed.
+
+Published FIDs use another network: the 2015 TensorFlow FID-Inception graph (pytorch-fid's
+`pt_inception-2015-12-05` port, with its own pooling), not torchvision's ImageNet weights. This
+backbone's numbers compare runs and datasets with each other, not with a paper's table.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Callable, Literal
 import torch
 
 MIN_SAMPLES = 10  # FID's covariance and the k=5 nearest-neighbour balls need several images
-MAX_SAMPLES = 100_000  # twice the 50k of paper-comparable FID
+MAX_SAMPLES = 100_000  # twice the 50k samples papers' FID uses
 
 from latentforge.metrics.distribution import (
     class_coverage,
@@ -126,22 +126,22 @@ def _kid(s: SampleSet) -> dict:
     return {"kid": kid, "kid_std": std}
 
 
-@register_metric("precision", "max", "precision ↑", description="share of samples inside the real k-NN manifold (k=3)")
+@register_metric("precision", "max", "precision ↑", description="share of samples inside the real k-NN manifold (k=3; at most 5,000 per side: knn_samples)")
 def _precision(s: SampleSet) -> float:
     return s.precision_recall[0]
 
 
-@register_metric("recall", "max", "recall ↑", description="share of real images inside the samples' k-NN manifold (k=3)")
+@register_metric("recall", "max", "recall ↑", description="share of real images inside the samples' k-NN manifold (k=3; at most 5,000 per side)")
 def _recall(s: SampleSet) -> float:
     return s.precision_recall[1]
 
 
-@register_metric("density", "max", "density ↑", description="how many real k-NN balls hold each sample (k=5)")
+@register_metric("density", "max", "density ↑", description="how many real k-NN balls hold each sample (k=5; at most 5,000 per side)")
 def _density(s: SampleSet) -> float:
     return s.density_coverage[0]
 
 
-@register_metric("coverage", "max", "coverage ↑", description="share of real k-NN balls (k=5) holding a sample")
+@register_metric("coverage", "max", "coverage ↑", description="share of real k-NN balls (k=5) holding a sample (at most 5,000 per side)")
 def _coverage(s: SampleSet) -> float:
     return s.density_coverage[1]
 
@@ -176,7 +176,7 @@ for _name, _better, _column, _fmt, _reported, _desc in (
     ("recon_psnr", "max", "recon PSNR ↑", "{:.1f}", True, "PSNR of the posterior-mean reconstruction (dB)"),
     ("recon_ssim", "max", "recon SSIM ↑", "{:.3f}", True, "SSIM of the posterior-mean reconstruction"),
     ("val_neg_elbo", "min", "−ELBO ↓", "{:.1f}", True, "negative ELBO per image (nats)"),
-    ("recon_mse", "min", "recon MSE ↓", "{:.4f}", False, "MSE of the posterior-mean reconstruction in [-1, 1]"),
+    ("recon_mse", "min", "recon MSE ↓", "{:.4f}", False, "MSE of the posterior-mean reconstruction on [0, 1] pixels"),
     ("val_nll", "min", "NLL ↓", "{:.1f}", False, "reconstruction term of the −ELBO (nats)"),
     ("val_kl", "min", "KL ↓", "{:.1f}", False, "KL term of the −ELBO (nats)"),
 ):

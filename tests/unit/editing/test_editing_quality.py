@@ -51,7 +51,7 @@ def test_betavae_size_direction_changes_size_more_than_position(shapes_dir, tmp_
 
 
 
-@pytest.mark.parametrize("preset", ["resnet-mnist", "stylegan2-mnist"])
+@pytest.mark.parametrize("preset", ["resnet-mnist", "stylegan2-mnist", "cdcgan-mnist"])
 def test_gan_families_go_through_edit_eval(preset, mnist_dir, mnist_features, tmp_path):
     """A ResNet and a StyleGAN2-style checkpoint through every edit-eval measurement: directions
     live in the model's edit space (z, or w for StyleGAN2), and a W+ fit is at least as close as W."""
@@ -67,3 +67,4 @@ def test_gan_families_go_through_edit_eval(preset, mnist_dir, mnist_features, tm
         assert r["recon_psnr_wplus"] >= r["recon_psnr"] - 0.1, r
     else:
         assert "recon_psnr_wplus" not in r
+    assert "interp_pairs" in r  # the last section ran: a class-conditional GAN crashed there, after every projection

@@ -28,6 +28,8 @@ def test_npz_and_folder_of_real_images_score_like_real_data(mnist_dir, mnist_fea
     a = evaluate(tmp_path / "real.npz", mnist_dir, net=mnist_features, log=quiet)
     b = evaluate(folder, mnist_dir, net=mnist_features, log=quiet)
     assert a["samples"] == 500 and b["samples"] == 300
+    # the k-NN metrics say how many images of each side they used (at most MAX_KNN each)
+    assert b["knn_samples"] == {"real": min(5000, len(mnist_features.real["train"].features)), "generated": 300}
     assert a["protocol"] == "500_train_lfclassifier" and b["protocol"] == "300_train_lfclassifier"
     assert a["fid500_train_lfclassifier"] < 15 and a["class_coverage500_train_lfclassifier"] == 1.0
     assert a["backbone"] == mnist_features.backbone
