@@ -50,7 +50,9 @@ def seed_list_arg(text: str) -> tuple[int, ...]:
 
 
 def _print_json_last(obj: dict) -> None:
-    print(json.dumps(obj, sort_keys=True, default=str))
+    from latentforge.storage import finite_json
+
+    print(json.dumps(finite_json(obj), sort_keys=True, default=str))  # NaN is no JSON: jq and browsers refuse it
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -466,7 +468,9 @@ def cmd_tune(args: argparse.Namespace) -> Result:
     from latentforge.tune.sweep import run_sweep
 
     if args.resume and not args.out:
-        raise SystemExit("latentforge tune: --resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
+        from latentforge.errors import ConfigError
+
+        raise ConfigError("--resume needs --out SWEEP_DIR (the folder of the sweep to continue)")
     return run_sweep(load_sweep(args.sweep), args.data, out=args.out, resume=args.resume, address=args.address,
                      registry=None if args.no_promote else args.registry, gpus=args.gpus)
 

@@ -178,13 +178,14 @@ def test_resuming_a_sweep_with_gpus_records_them_for_later_resumes(mnist_dir, tm
     monkeypatch.setattr(tune, "Tuner", Tuner)
     folder = tmp_path / "sweep"
     folder.mkdir()
-    (folder / SWEEP_FILE).write_text(json.dumps({"sweep": _sweep(tmp_path).model_dump(mode="json"), "data": "d",
+    data = str(mnist_dir.resolve())
+    (folder / SWEEP_FILE).write_text(json.dumps({"sweep": _sweep(tmp_path).model_dump(mode="json"), "data": data,
                                                  "created_unix": 1}))
     with pytest.raises(Started):
         run_sweep(_sweep(tmp_path), str(mnist_dir), out=str(folder), resume=True, gpus=True, registry=None,
                   log=lambda *_: None)
     saved = json.loads((folder / SWEEP_FILE).read_text())
-    assert saved["sweep"]["gpus"] is True and saved["data"] == "d" and saved["created_unix"] == 1
+    assert saved["sweep"]["gpus"] is True and saved["data"] == data and saved["created_unix"] == 1
 
 
 def test_a_gpu_sweep_says_when_its_gpus_run_fewer_trials_than_max_concurrent(tmp_path, monkeypatch):

@@ -97,6 +97,37 @@ class SweepConfig(StrictConfig):
         return space
 
     @model_validator(mode="after")
+    def _check_sweep_owned_fields(self):
+        """The sweep sets these training fields for every trial (experiment_for): set in overrides or
+        space, they were silently replaced."""
+        for where, keys in (("overrides", _dotted(self.overrides)), ("space", list(self.space)),
+                            *((f"families.{a}", list(sub)) for a, sub in self.families.items())):
+            for key in keys:
+                if key in SWEEP_OWNED:
+                    raise ValueError(f"{where}.{key}: the sweep sets it for every trial; {SWEEP_OWNED[key]}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_search(self):
+        spaces = [self.space, *self.families.values()]
+        if self.search.algorithm == "optuna" and any(isinstance(v, dict) and "grid" in v for sp in spaces for v in sp.values()):
+            raise ValueError("search.algorithm optuna cannot take a grid dimension (Tune's Optuna search refuses it); "
+                             "use choice, or search.algorithm random")
+        if self.workers_per_trial > 1:
+            for sp in spaces:
+                spec = sp.get("train.global_batch_size")
+                if isinstance(spec, dict) and next(iter(spec)) in ("uniform", "loguniform", "randint"):
+                    raise ValueError(f"space.train.global_batch_size: with workers_per_trial {self.workers_per_trial} the "
+                                     "batch must split evenly across workers; give a choice of multiples of "
+                                     f"{self.workers_per_trial}")
+                values = _corners(spec) if spec is not None else []
+                bad = [v for v in values if isinstance(v, int) and v % self.workers_per_trial]
+                if bad:
+                    raise ValueError(f"space.train.global_batch_size: {bad[0]} does not split across "
+                                     f"workers_per_trial {self.workers_per_trial}; give multiples of it")
+        return self
+
+    @model_validator(mode="after")
     def _check_families(self):
         if not self.families:
             if not self.space:
@@ -117,6 +148,25 @@ class SweepConfig(StrictConfig):
         return self
 
 
+# training fields a sweep sets for every trial, and the sweep field to use instead
+SWEEP_OWNED = {
+    "train.steps": "use the sweep's steps", "train.eval_every": "use the sweep's eval_every",
+    "train.eval_samples": "use the sweep's eval_samples",
+    "train.checkpoint_every": "a trial checkpoints at each evaluation (the sweep's eval_every)",
+    "train.sample_every": "a trial samples at each evaluation (the sweep's eval_every)",
+    "train.log_every": "use the sweep's report_every", "train.tracking": "trials report to Tune, not to a tracker",
+}
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys a (possibly nested) overrides mapping sets."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.extend(_dotted(v, f"{key}.") if isinstance(v, dict) else [key])
+    return out
+
+
 def _check_subspace(where: str, space: dict) -> None:
     for key, spec in space.items():
         if FAMILY_SEP in key:
@@ -127,8 +177,13 @@ def _check_subspace(where: str, space: dict) -> None:
             kind, args = next(iter(spec.items()))
             if not isinstance(args, list) or not args:
                 raise ValueError(f"{where}.{key}.{kind}: needs a non-empty list")
-            if kind in ("uniform", "loguniform", "randint") and len(args) != 2:
-                raise ValueError(f"{where}.{key}.{kind}: needs [low, high]")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                    raise ValueError(f"{where}.{key}.{kind}: needs [low, high], two numbers (got {args})")
+                if kind == "randint" and not all(float(a).is_integer() for a in args):
+                    raise ValueError(f"{where}.{key}.randint: needs whole numbers (got {args})")
+                if not args[0] < args[1]:
+                    raise ValueError(f"{where}.{key}.{kind}: needs low < high (got {args})")
             if kind == "loguniform" and not 0 < float(args[0]) < float(args[1]):
                 raise ValueError(f"{where}.{key}.loguniform: needs 0 < low < high (got {args})")
 
@@ -178,15 +233,27 @@ def check_space(sweep: SweepConfig) -> None:
         raise ConfigError(f"sweep metric {sweep.metric!r} is reported by VAEs only and {sweep.base} is a "
                           f"{algorithm}; choose one of: {', '.join(m for m in REPORTED_METRICS if m not in VAE_ONLY_METRICS)}")
     for key, spec in sweep.space.items():
-        for value in _corners(spec):
-            parse_experiment(apply_overrides(base, {key: value}), f"{source} with {key}={value!r} from the sweep space")
+        _check_dimension(base, source, key, spec, "the sweep space")
     for arch, subspace in sweep.families.items():
         family_base = apply_overrides(base, {"model.arch": arch})
         parse_experiment(family_base, f"{source} with model.arch={arch!r} from the sweep families")
         for key, spec in subspace.items():
-            for value in _corners(spec):
-                parse_experiment(apply_overrides(family_base, {key: value}),
-                                 f"{source} with model.arch={arch!r}, {key}={value!r} from the sweep families")
+            _check_dimension(family_base, f"{source} with model.arch={arch!r}", key, spec, "the sweep families")
+
+
+def _check_dimension(base: dict, source: str, key: str, spec, where: str) -> None:
+    """Every corner of one dimension makes a valid experiment, and a continuous distribution is
+    only put on a field that takes fractions (a sampled 45.27 for model.z_dim failed in the trial)."""
+    for value in _corners(spec):
+        parse_experiment(apply_overrides(base, {key: value}), f"{source} with {key}={value!r} from {where}")
+    if isinstance(spec, dict) and next(iter(spec)) in ("uniform", "loguniform"):
+        kind, (low, high) = next(iter(spec.items()))
+        between = low + 0.37 * (high - low)  # a value between the corners with a fraction
+        try:
+            parse_experiment(apply_overrides(base, {key: between}), f"{source} with {key}={between!r} from {where}")
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {kind} samples fractions and this field takes whole numbers ({e}); "
+                              "use randint: [low, high] or choice") from None
 
 
 def check_metric_for_data(sweep: SweepConfig, data_dir) -> None:

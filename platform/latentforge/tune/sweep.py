@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from latentforge.checkpoint import SWEEP_FILE, SWEEP_SUMMARY
-from latentforge.errors import ConfigError
-from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, finite_json, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
 from latentforge.tune.rungs import RungRecheck
 from latentforge.tune.space import (
@@ -39,6 +39,16 @@ PROMOTABLE_STOP_REASONS = {"fid_degradation", "below_rung_cutoff"}
 
 
 # ---------------------------------------------------------------------------------------- stopper
+def stop_reasons(sweep_dir: str | Path) -> dict[str, dict]:
+    """The stop reasons a sweep folder holds, by trial id (empty where there are none)."""
+    path = Path(sweep_dir) / STOP_REASONS_FILE
+    try:
+        reasons = read_json(path) if path.is_file() else {}
+    except LatentForgeError:
+        return {}
+    return reasons if isinstance(reasons, dict) else {}
+
+
 class InstabilityStopper:
     """A Tune `Stopper` that asks the instability policy (and, under ASHA, the rung re-check);
     reasons are kept on disk so that the results table shows them (and a resumed sweep still
@@ -48,8 +58,13 @@ class InstabilityStopper:
                  loss_of: Callable[[dict], str | None] = lambda params: None):
         self.policy, self.sweep_dir, self.rungs, self.loss_of = policy, sweep_dir, rungs, loss_of
         self._losses: dict[tuple, str | None] = {}  # by the trial's parameters (PBT can change them)
-        path = Path(sweep_dir) / STOP_REASONS_FILE
-        self.reasons: dict[str, dict] = read_json(path) if path.is_file() else {}
+        self.reasons: dict[str, dict] = stop_reasons(sweep_dir)
+
+    def __setstate__(self, state: dict) -> None:
+        # A resumed sweep's Tune restores the stopper pickled when the sweep began, with the
+        # reasons it knew then; the file holds every session's.
+        self.__dict__.update(state)
+        self.reasons = {**self.reasons, **stop_reasons(self.sweep_dir)}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         # Tune puts the trial's sampled parameters in every result: a trial whose space sets
@@ -66,6 +81,7 @@ class InstabilityStopper:
             self.reasons[trial_id] = {"reason": decision.reason, "detail": decision.detail, "step": result.get("step")}
             _tune_metrics()["stopped"].inc(tags={"reason": decision.reason})
             Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
+            self.reasons = {**stop_reasons(self.sweep_dir), **self.reasons}  # never drop another session's
             atomic_write_json(Path(self.sweep_dir) / STOP_REASONS_FILE, self.reasons)
         return decision.stop
 
@@ -300,13 +316,23 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     from latentforge.metrics.features import ensure_feature_net
     from latentforge.ray_cluster import ray_init
 
+    from latentforge.storage import is_uri
+
+    for flag, where in (("--out", out), ("--data", data_dir)):
+        if where and is_uri(str(where)):
+            raise ConfigError(f"{flag} {where}: a sweep reads and writes local folders (on a cluster, a shared "
+                              "filesystem mounted on every node); give a path")
     check_metric_for_data(sw, data_dir)
     sweep_dir = Path(out) if out else Path("sweeps") / f"{sw.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = sweep_dir.resolve()
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise ConfigError(f"--out {sweep_dir} is a file, not a folder; choose another --out")
     if resume:
         if not (sweep_dir / SWEEP_FILE).is_file():
             raise ConfigError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}); give the --out of the sweep to resume")
-        sw = SweepConfig.model_validate(read_json(sweep_dir / SWEEP_FILE)["sweep"])
+        saved = read_json(sweep_dir / SWEEP_FILE)
+        _check_resumed_sweep(sw, saved, data_dir, sweep_dir)
+        sw = SweepConfig.model_validate(saved["sweep"])
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"sweep folder {sweep_dir} exists; choose another --out or pass --resume to continue it")
     turned_on = gpus and not sw.gpus
@@ -351,7 +377,8 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
                                  verbose=1),
         )
     grid = tuner.fit()
-    summary = summarize(sw, grid, stopper.reasons, sweep_dir, log=log)
+    # the file, not this object: a resumed sweep's Tune calls the stopper it restored, not this one
+    summary = summarize(sw, grid, {**stopper.reasons, **stop_reasons(sweep_dir)}, sweep_dir, log=log)
     if registry and summary.get("best"):
         from latentforge.registry import promote
 
@@ -361,9 +388,32 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
                         lineage={"sweep": sw.name, "sweep_dir": str(sweep_dir), "trial_id": best["trial_id"],
                                  "hyperparameters": best["config"]})
         summary["promoted"] = {"registry": registry, "name": entry["name"]}
-        atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)
+        atomic_write_json(sweep_dir / SWEEP_SUMMARY, finite_json(summary))  # a trial without a metric: null, not NaN
         log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
     return summary
+
+
+def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path) -> None:
+    """A resumed sweep runs the sweep it started with, on its own data: a YAML edited since (a fixed
+    range, another metric) or another dataset is refused by name rather than silently ignored."""
+    from latentforge.data.dataset import PreparedDataset
+
+    given = sw.model_dump(mode="json")
+    kept = {**saved["sweep"], "gpus": given["gpus"]}  # --gpus may be turned on at a resume
+    changed = sorted(k for k in set(given) | set(kept) if given.get(k) != kept.get(k))
+    if changed:
+        raise ConfigError(f"the sweep YAML differs from the one {sweep_dir.name} started with ({', '.join(changed)}); a "
+                          "resumed sweep keeps its own space and settings: resume with the same YAML, or start a new "
+                          "sweep with another --out")
+    old, new = saved.get("data"), str(Path(data_dir).resolve())
+    if old and old != new:
+        try:
+            same = PreparedDataset(old).content_hash == PreparedDataset(new).content_hash
+        except LatentForgeError:
+            same = False
+        if not same:
+            raise ConfigError(f"--data {data_dir} is not the dataset sweep {sweep_dir.name} ran on ({old}); its trials "
+                              "resume from checkpoints of that data: resume with it, or start a new sweep")
 
 
 def _check_sweep_gpus(sw: SweepConfig, address: str | None, log) -> None:
@@ -425,7 +475,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
     total_steps = sum(r["steps_used"] for r in rows)
     summary = {"sweep": sw.name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows),
                "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
-    atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)
+    atomic_write_json(sweep_dir / SWEEP_SUMMARY, finite_json(summary))  # a trial without a metric: null, not NaN
     keys = sorted({k for r in rows for k in r["config"]})
     from latentforge.metrics.registry import METRICS
 

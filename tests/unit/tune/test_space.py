@@ -210,3 +210,76 @@ def test_family_trials_are_spread_evenly_whatever_each_sub_space_size(tmp_path):
     assert sorted(archs) == ["dcgan"] * 3 + ["resnet"] * 3, archs
     resnet = [(p["resnet::model.g_width"], p["resnet::model.d_width"]) for p in points if p["model.arch"] == "resnet"]
     assert len(set(resnet)) == 3  # without replacement within a family
+
+
+def test_a_resumed_sweeps_stopper_keeps_every_sessions_stop_reasons(tmp_path):
+    """Tune restores the stopper pickled when the sweep began (it knew no reasons then). It must
+    neither drop the first session's reasons from stop_reasons.json nor miss them: summarize
+    would show an unstable trial as completed, and promote it."""
+    from ray import cloudpickle as pickle  # as Tune pickles its run config
+
+    from latentforge.tune.instability import InstabilityPolicy
+    from latentforge.tune.sweep import InstabilityStopper, stop_reasons
+
+    pickled = pickle.dumps(InstabilityStopper(InstabilityPolicy(), str(tmp_path)))  # what tuner.pkl holds
+    first = InstabilityStopper(InstabilityPolicy(), str(tmp_path))  # the first session's
+    nan = {"d_loss": float("nan"), "g_loss": 1.0, "d_real": 0.5, "d_fake": 0.5}
+    assert first("trial_a", {"step": 25, **nan})
+    restored = pickle.loads(pickled)  # the resumed session's
+    assert restored.reasons["trial_a"]["reason"] == first.reasons["trial_a"]["reason"]
+    assert restored("trial_b", {"step": 25, **nan})
+    assert set(stop_reasons(tmp_path)) == {"trial_a", "trial_b"}
+
+
+@pytest.mark.parametrize("change,message", [
+    # values a trial would only fail on after Ray started, or silently never use
+    (("model.z_dim: {randint: [16, 64]}", "model.z_dim: {loguniform: [16, 256]}"),
+     "model.z_dim: loguniform samples fractions and this field takes whole numbers"),
+    (("model.z_dim: {randint: [16, 64]}", "model.z_dim: {randint: [64, 32]}"), r"randint: needs low < high"),
+    (("gan.lr_g: {loguniform: [1.0e-5, 1.0e-2]}", "gan.lr_g: {loguniform: [null, 1.0e-2]}"), "two numbers"),
+    (("gan.lr_g: {loguniform: [1.0e-5, 1.0e-2]}", "gan.lr_g: {uniform: [0.01, 0.001]}"), "needs low < high"),
+    (("overrides: {model.g_width: 8}", "overrides: {model.g_width: 8, train: {eval_every: 50}}"),
+     "overrides.train.eval_every: the sweep sets it for every trial; use the sweep's eval_every"),
+    (("gan.n_critic: 2", "train.log_every: {choice: [5, 10]}"), "space.train.log_every: .*report_every"),
+    (("steps: 50", "steps: 50\nsearch: {algorithm: optuna}\n"), None),  # optuna without a grid is fine
+    (("gan.n_critic: 2", "gan.n_critic: {grid: [1, 2]}\nsearch: {algorithm: optuna}"), "optuna cannot take a grid"),
+    (("gan.n_critic: 2", "train.global_batch_size: {randint: [32, 128]}\nworkers_per_trial: 2"),
+     "split evenly across workers"),
+    (("gan.n_critic: 2", "train.global_batch_size: {choice: [32, 33]}\nworkers_per_trial: 2"),
+     "33 does not split across workers_per_trial 2"),
+])
+def test_a_space_that_fails_only_at_run_time_is_refused_at_load(tmp_path, change, message):
+    text = GOOD.replace(*change)
+    assert text != GOOD
+    if message is None:
+        load_sweep(_write(tmp_path, text))
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_a_resume_refuses_an_edited_sweep_other_data_and_remote_folders(mnist_dir, tmp_path):
+    """`tune --resume` ran the saved sweep whatever YAML was given, on whatever --data: an edited
+    range or another dataset was silently ignored. Both are refused by name, before Ray starts."""
+    import json
+
+    from latentforge.data import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+    from latentforge.tune.sweep import SWEEP_FILE, run_sweep
+
+    sw = load_sweep(_write(tmp_path, GOOD))
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / SWEEP_FILE).write_text(json.dumps({"sweep": sw.model_dump(mode="json"), "data": str(mnist_dir.resolve())}))
+    edited = load_sweep(_write(tmp_path, GOOD.replace("steps: 50", "steps: 80").replace("[ns, hinge]", "[ns]")))
+    with pytest.raises(ConfigError, match=r"differs from the one sweep started with \(space, steps\)"):
+        run_sweep(edited, str(mnist_dir), out=str(folder), resume=True, log=lambda *_: None)
+    other = tmp_path / "digits"
+    prepare_dataset("digits", other, SourceOptions(count=60, size=28, channels=1), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="is not the dataset sweep sweep ran on"):
+        run_sweep(sw, str(other), out=str(folder), resume=True, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--out s3://bucket/s: a sweep reads and writes local folders"):
+        run_sweep(sw, str(mnist_dir), out="s3://bucket/s", log=lambda *_: None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_sweep(sw, str(mnist_dir), out=str(tmp_path / "file"), log=lambda *_: None)
