@@ -21,7 +21,7 @@ from latentforge.data.dataset import PreparedDataset
 
 from latentforge.images import to_model_range
 from latentforge.errors import LatentForgeError
-from latentforge.metrics.features import FeatureNet
+from latentforge.metrics.features import MAX_STORED_FEATURES, FeatureNet
 from latentforge.models.prior import prior_name
 from latentforge.metrics.registry import (
     MAX_KNN,
@@ -55,6 +55,20 @@ def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "
         raise LatentForgeError(f"no real statistics for split {reference!r}; choose one of: {', '.join(net.real)}")
     feats, probs = net.embed(fake)
     return distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
+
+
+def rank_warning(generated: int, real, reference: str) -> str | None:
+    """Why an FID is biased, where either side has no more images than the features have
+    dimensions: its covariance is then rank-deficient (Inception's 2048-d pool features need more
+    than 2,048 images a side). None where both sides have enough."""
+    dim = int(real.mu.shape[0])
+    real_n = len(real.features)  # the whole split where it is under the stored cap
+    short = ([f"{generated} generated"] if generated <= dim else []) + (
+        [f"{real_n} real ({reference} split)"] if real_n <= dim and real_n < MAX_STORED_FEATURES else [])
+    if not short:
+        return None
+    return (f"the FID's covariance of {dim}-d features is rank-deficient with {' and '.join(short)} images, so the FID "
+            f"is biased high; use --samples above {dim} (and a reference split of more than {dim} images)")
 
 
 def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -203,6 +217,10 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     # the keys name the sample count FID used; the k-NN metrics (precision, recall, density,
     # coverage) take at most MAX_KNN per side (their distance matrices are O(N^2)): say how many
     out["knn_samples"] = {"real": min(len(net.real[reference].features), MAX_KNN), "generated": min(len(fake), MAX_KNN)}
+    warning = rank_warning(len(fake), net.real[reference], reference)
+    if warning:
+        out["warning"] = warning
+        log(f"warning: {warning}")
     out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     if is_checkpoint and ckpt.algorithm == "vae":
         sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)

@@ -117,3 +117,20 @@ def test_inception_backbone_is_named_and_never_mixed(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"nope")
     with pytest.raises(LatentForgeError, match="safely"):
         evaluate(tmp_path / "fake.npz", data, inception=tmp_path / "bad.pth", log=quiet)
+
+
+def test_a_rank_deficient_fid_says_so():
+    """Fewer images a side than the features have dimensions make FID's covariance singular: the
+    number is biased high, and the result says why and what to change."""
+    import torch
+
+    from latentforge.metrics.evaluate import rank_warning
+    from latentforge.metrics.features import RealStats
+
+    real = RealStats(mu=torch.zeros(2048, dtype=torch.float64), sigma=torch.eye(2048, dtype=torch.float64),
+                     features=torch.zeros(584, 2048), labels=None, class_share=None)
+    said = rank_warning(1000, real, "val")
+    assert "1000 generated and 584 real (val split)" in said and "--samples above 2048" in said
+    small = RealStats(mu=torch.zeros(64, dtype=torch.float64), sigma=torch.eye(64, dtype=torch.float64),
+                      features=torch.zeros(500, 64), labels=None, class_share=None)
+    assert rank_warning(500, small, "train") is None
