@@ -434,6 +434,22 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _params_at(checkpoint: str, params: dict) -> dict:
+    """`params`' dotted keys as the checkpoint's own experiment config holds them (a key it lacks,
+    or an unreadable config, keeps the given value)."""
+    try:
+        experiment = read_json(Path(checkpoint) / "config.json")["experiment"]
+    except (LatentForgeError, KeyError, TypeError):
+        return dict(params)
+    out = {}
+    for key, value in params.items():
+        node = experiment
+        for part in key.split("."):
+            node = node.get(part, value) if isinstance(node, dict) else value
+        out[key] = node
+    return out
+
+
 def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) -> dict:
     """Results table (markdown + JSON) and a metric-vs-steps plot in the sweep folder."""
     from latentforge.images import line_chart_png
@@ -466,7 +482,10 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
         ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if promotable and _finite(m.get(sw.metric))]
         if ckpts:
             c, m = better(ckpts, key=lambda cm: cm[1][sw.metric])
-            candidate = {"trial_id": trial_id, "metric": m[sw.metric], "checkpoint": c.path, "config": config,
+            # under PBT a trial's final config may have been mutated or copied after its best
+            # checkpoint: the lineage takes the values that checkpoint trained with
+            at_best = _params_at(c.path, config) if sw.scheduler.kind == "pbt" else config
+            candidate = {"trial_id": trial_id, "metric": m[sw.metric], "checkpoint": c.path, "config": at_best,
                          "step": m.get("step"), "metrics": {k: m[k] for k in ("fid", "recall", "class_coverage") if k in m}}
             improves = best is None or (candidate["metric"] < best["metric"] if sw.mode == "min"
                                         else candidate["metric"] > best["metric"])

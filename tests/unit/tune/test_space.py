@@ -283,3 +283,16 @@ def test_a_resume_refuses_an_edited_sweep_other_data_and_remote_folders(mnist_di
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         run_sweep(sw, str(mnist_dir), out=str(tmp_path / "file"), log=lambda *_: None)
+
+
+def test_pbt_lineage_takes_the_best_checkpoints_own_hyperparameters(tmp_path):
+    import json
+
+    from latentforge.tune.sweep import _params_at
+
+    ckpt = tmp_path / "checkpoint_000003"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"experiment": {"gan": {"lr_g": 2e-4, "loss": "ns"}}}))
+    final = {"gan.lr_g": 4e-4, "gan.loss": "ns", "model.z_dim": 64}  # mutated after that checkpoint
+    assert _params_at(str(ckpt), final) == {"gan.lr_g": 2e-4, "gan.loss": "ns", "model.z_dim": 64}
+    assert _params_at(str(tmp_path / "gone"), final) == final
