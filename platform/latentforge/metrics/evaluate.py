@@ -19,7 +19,7 @@ import torch
 from latentforge.devices import on_device
 from latentforge.data.dataset import PreparedDataset
 
-from latentforge.images import to_model_range
+from latentforge.images import to_model_range, to_uint8
 from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import MAX_STORED_FEATURES, FeatureNet
 from latentforge.models.prior import prior_name
@@ -53,7 +53,9 @@ def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "
     """
     if reference not in net.real:
         raise LatentForgeError(f"no real statistics for split {reference!r}; choose one of: {', '.join(net.real)}")
-    feats, probs = net.embed(fake)
+    # scored as the 8-bit images they would be saved as, like the real ones: a checkpoint's float
+    # samples and the same samples saved and scored as files then give the same numbers
+    feats, probs = net.embed(to_model_range(to_uint8(fake)))
     return distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
 
 

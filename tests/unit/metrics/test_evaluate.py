@@ -134,3 +134,19 @@ def test_a_rank_deficient_fid_says_so():
     small = RealStats(mu=torch.zeros(64, dtype=torch.float64), sigma=torch.eye(64, dtype=torch.float64),
                       features=torch.zeros(500, 64), labels=None, class_share=None)
     assert rank_warning(500, small, "train") is None
+
+
+def test_float_samples_score_as_the_8_bit_files_they_would_be_saved_as(mnist_dir, mnist_features):
+    """`evaluate CKPT` (float samples) and `generate` then `evaluate FOLDER` (8-bit files) gave
+    different numbers for the same images with the dataset's classifier: only Inception's clean
+    protocol rounded. Every backbone now scores generated images as 8-bit, like the real ones."""
+    import torch
+
+    from latentforge.images import to_model_range, to_uint8
+    from latentforge.metrics.evaluate import distribution_metrics
+
+    real = PreparedDataset(mnist_dir).load("val").images[:200]
+    fake = (to_model_range(real) + 0.003 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    as_float = distribution_metrics(fake, mnist_features)
+    as_files = distribution_metrics(to_model_range(to_uint8(fake)), mnist_features)
+    assert as_float == as_files
