@@ -85,9 +85,34 @@ def decode_latents(net: nn.Module, z: torch.Tensor, labels: torch.Tensor | None 
         net.train(was_training)
 
 
+def share_labels(n: int, share: torch.Tensor, seed: int) -> torch.Tensor:
+    """`n` labels whose class counts follow `share` (K,) as closely as whole numbers allow (largest
+    remainders), in a seeded order: what a conditional model is asked for when it is scored
+    against a split with those class shares. Cycling through the classes asks for them equally,
+    which no generator can match to an imbalanced split (crawl-tiles' classes hold 10-36%)."""
+    share = share.double().clamp_min(0)
+    exact = share / share.sum() * n
+    counts = exact.floor().long()
+    counts[torch.argsort(exact - counts, descending=True)[: n - int(counts.sum())]] += 1
+    labels = torch.repeat_interleave(torch.arange(len(share)), counts)
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def evaluation_labels(model: nn.Module, n: int, share: torch.Tensor | None, seed: int) -> torch.Tensor | None:
+    """The labels a model is scored with: None for an unconditional model, the split's class
+    shares where they are known for its classes (`share_labels`), else cycling."""
+    k = getattr(model, "num_classes", 0)
+    if not k:
+        return None
+    if share is not None and len(share) == k and float(share.sum()) > 0:
+        return share_labels(n, share, seed)
+    return torch.arange(n) % k
+
+
 def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None,
              truncation: float | None = None, max_n: int | None = MAX_GENERATE, precision: str | None = None,
-             standard_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             standard_prior: bool = False, labels: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Generate `n` images from `seed` (the same seed gives the same latents at any batch size).
 
     Args:
@@ -95,6 +120,8 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
         precision: 'fp32' or 'bf16' forward passes (default: the precision the model trained in,
             fp32 where bf16 is only emulated).
         standard_prior: a VAE with a fitted prior samples N(0, I) instead (to compare).
+        labels: a conditional model's label per image (evaluation's `evaluation_labels`), instead
+            of `label` or cycling.
 
     Returns:
         images (n, C, H, W) in [-1, 1], the latents used (w for W models), and the labels used (or None).
@@ -105,7 +132,7 @@ def generate(ckpt: LoadedCheckpoint, n: int, seed: int, label: int | None = None
     if n < 1 or (max_n is not None and n > max_n):
         raise LatentForgeError(f"n must be between 1 and {max_n} (got {n})")
     net = edit_model(ckpt.inference_generator())
-    labels = default_labels(ckpt, n, label)
+    labels = default_labels(ckpt, n, label) if labels is None else labels
     z = seeded_latents(net, n, seed, truncation, labels, None if standard_prior else ckpt.latent_prior)
     device = next(net.parameters()).device.type
     return decode_latents(net, z, labels, precision=precision or inference_precision(ckpt.precision, device)), z, labels

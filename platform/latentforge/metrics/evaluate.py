@@ -168,7 +168,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     """
     from latentforge.checkpoint import holds_checkpoint, load_checkpoint
     from latentforge.metrics.features import ensure_feature_net
-    from latentforge.sampling import generate
+    from latentforge.sampling import evaluation_labels, generate
 
     t0 = time.time()
     ds = PreparedDataset(dataset_dir)
@@ -199,7 +199,9 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
             ckpt.modules["generator_ema"] = ckpt.modules["generator"]  # sampling then uses the raw generator
         if standard_prior and ckpt.algorithm != "vae":
             raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only VAEs fit a latent prior (drop --standard-prior)")
-        fake, _, requested = generate(ckpt, samples, seed, max_n=None, standard_prior=standard_prior)
+        share = net.real[reference].class_share if reference in net.real else None  # else refused below
+        asked = evaluation_labels(ckpt.inference_generator(), samples, share, seed)
+        fake, _, requested = generate(ckpt, samples, seed, max_n=None, standard_prior=standard_prior, labels=asked)
         out.update({"checkpoint": str(ckpt.path), "step": ckpt.step, "algorithm": ckpt.algorithm})
         if ckpt.algorithm == "gan":
             out["generator"] = "ema" if ema else "raw"

@@ -16,7 +16,7 @@ from latentforge.data.dataset import PreparedDataset
 from latentforge.metrics.evaluate import distribution_metrics, vae_reconstruction_metrics
 from latentforge.metrics.features import load_feature_net
 from latentforge.metrics.registry import REPORTED_METRICS
-from latentforge.sampling import decode_latents, seeded_latents
+from latentforge.sampling import decode_latents, evaluation_labels, seeded_latents
 
 REPORTED = tuple(REPORTED_METRICS)
 
@@ -35,7 +35,7 @@ def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0
         t0 = time.time()
         modules = program.modules()
         generator = modules["generator_ema"] if program.algorithm == "gan" else modules["vae"]
-        labels = torch.arange(samples) % generator.num_classes if generator.num_classes else None
+        labels = evaluation_labels(generator, samples, net.real["train"].class_share, seed)
         z = seeded_latents(generator, samples, seed, labels=labels, prior=modules.get(LATENT_PRIOR))  # what generate draws
         images = decode_latents(generator, z, labels, precision=precision)
         out = distribution_metrics(images, net, "train", seed, labels)
