@@ -186,8 +186,9 @@ class Generator:
     def _run(self, runtime, requests):
         results = runtime.generate_each(requests)
         n = sum(r.n for r, res in zip(requests, results) if not isinstance(res, BaseException))
-        self.batch_images.observe(n, tags={"model": runtime.name})
-        self.images.inc(n, tags={"model": runtime.name})
+        if n:  # a batch of only bad requests generated nothing (and a Ray Counter refuses to add 0)
+            self.batch_images.observe(n, tags={"model": runtime.name})
+            self.images.inc(n, tags={"model": runtime.name})
         return results
 
     def _run_safely(self, runtime, requests) -> list:
