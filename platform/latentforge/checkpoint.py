@@ -449,8 +449,8 @@ def load_training_state(path: str | Path) -> dict:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # what torch raises for anything but tensors and plain data
-        raise CheckpointError(f"refusing to load {f}: it holds objects other than tensors and plain data, which "
-                              f"a checkpoint never does (weights_only=True): {e}") from e
+        raise CheckpointError(f"refusing to load {f}: it is damaged, or holds objects other than tensors and plain "
+                              f"data, which a checkpoint never does (weights_only=True): {e}") from e
     except Exception as e:
         raise CheckpointError(f"cannot read {f}: it is damaged or truncated ({type(e).__name__}: {e}); resume from "
                               "an earlier checkpoint (train --resume skips damaged ones) or retrain") from e

@@ -284,18 +284,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _merge(old: dict, new: dict) -> dict:
-    """`new`'s fields over `old`'s, section by section."""
-    out = dict(old)
-    for k, v in new.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """Return a copy of `data` with dotted keys set (sections are created when missing). A mapping
     set on a section is merged into it: `gan: {lr_d: 1e-4}` changes lr_d and keeps the preset's
-    loss and betas, where assigning it would silently reset them to the defaults."""
+    loss and betas, where assigning it would silently reset them to the defaults. Only the
+    section's own fields are merged: a mapping set on a field (`model.d_options: {}`) replaces it."""
     import copy
 
     out = copy.deepcopy(data)
@@ -309,7 +302,8 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
                                   f"its fields ({p}.FIELD=VALUE), not {p} itself")
             node = nxt
         last = parts[-1]
-        node[last] = _merge(node[last], copy.deepcopy(value)) if isinstance(value, dict) and isinstance(
+        is_section = node is out  # a top-level key: model, gan, vae, train, ...
+        node[last] = {**node[last], **copy.deepcopy(value)} if is_section and isinstance(value, dict) and isinstance(
             node.get(last), dict) else value
     return out
 

@@ -57,8 +57,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented, key-sorted JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write `obj` as indented, key-sorted JSON atomically; NaN and infinities as null (`finite_json`),
+    so that every file the platform writes is JSON any reader takes."""
+    return atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def finite_json(obj: Any) -> Any:

@@ -167,3 +167,15 @@ def test_a_mapping_set_on_a_section_merges_into_the_preset():
     out = apply_overrides(raw, {"gan": {"lr_d": 1.0e-4}})
     assert raw["gan"].get("lr_d") != 1.0e-4  # the input is not changed
     assert out["gan"]["lr_d"] == 1.0e-4 and out["gan"]["loss"] == raw["gan"]["loss"]
+
+
+def test_a_mapping_set_on_a_field_replaces_it():
+    """Only sections merge: `--set model.d_options={}` clears a preset's discriminator options (so
+    another architecture can be chosen), as `{model: {d_options: {}}}` does."""
+    from latentforge.config import apply_overrides, load_experiment_dict
+
+    raw, _ = load_experiment_dict("resnet-mnist")
+    raw["model"]["d_options"] = {"extra_blocks": 1}
+    assert apply_overrides(raw, {"model.d_options": {}})["model"]["d_options"] == {}
+    assert apply_overrides(raw, {"model": {"d_options": {}}})["model"]["d_options"] == {}
+    assert apply_overrides(raw, {"model": {"d_options": {}}})["model"]["arch"] == raw["model"]["arch"]

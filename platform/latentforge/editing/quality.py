@@ -185,7 +185,7 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
     if algo == "vae":
         z_src = inv.latent  # edit real validation images
     else:
-        z_src = random_latents(model, n, torch.Generator().manual_seed(seed + 2))
+        z_src = random_latents(model, n, torch.Generator().manual_seed(seed + 2), y_cond)  # W models map with labels
     with torch.no_grad():
         src_images = decode_latents(model, z_src, y_cond)
         src_feats = net.embed(src_images)[0]
@@ -232,10 +232,11 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
             ya = y_cond[idx_a] if y_cond is not None else None
         else:
             g2 = torch.Generator().manual_seed(seed + 3)
-            za, zb = random_latents(model, n, g2), random_latents(model, n, g2)
-            # a class-conditional GAN decodes nothing without labels: each path keeps one class,
-            # cycling through them, as a conditional VAE's path keeps its first endpoint's
+            # a class-conditional GAN decodes (and a W model maps) nothing without labels: each path
+            # keeps one class, cycling through them, as a conditional VAE's path keeps its first
+            # endpoint's; such a path rarely changes class, which interp_pairs counts
             ya = torch.arange(n) % model.num_classes if model.num_classes else None
+            za, zb = random_latents(model, n, g2, ya), random_latents(model, n, g2, ya)
         norm_dev = {"slerp": [], "lerp": []}
         for i in range(len(za)):
             for method in ("slerp", "lerp"):

@@ -19,7 +19,7 @@ import torch
 from latentforge.devices import on_device
 from latentforge.data.dataset import PreparedDataset
 
-from latentforge.images import to_model_range, to_uint8
+from latentforge.images import flatten_alpha, to_model_range
 from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import MAX_STORED_FEATURES, FeatureNet
 from latentforge.models.prior import prior_name
@@ -55,8 +55,17 @@ def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "
         raise LatentForgeError(f"no real statistics for split {reference!r}; choose one of: {', '.join(net.real)}")
     # scored as the 8-bit images they would be saved as, like the real ones: a checkpoint's float
     # samples and the same samples saved and scored as files then give the same numbers
-    feats, probs = net.embed(to_model_range(to_uint8(fake)))
+    feats, probs = net.embed(fake, as_8bit=True)
     return distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
+
+
+def split_class_share(ds: PreparedDataset, split: str) -> torch.Tensor | None:
+    """A split's class shares (K,) from its manifest's class counts (whatever the backbone), or
+    None for unlabelled data or a manifest without them."""
+    counts = ds.manifest.get("splits", {}).get(split, {}).get("class_counts")
+    if not ds.num_classes or not counts:
+        return None
+    return torch.tensor([float(counts.get(str(k), 0)) for k in range(ds.num_classes)], dtype=torch.float64)
 
 
 def rank_warning(generated: int, real, reference: str) -> str | None:
@@ -94,7 +103,7 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
                                    "give a checkpoint or run folder, or a folder or .npz of generated images")
         arrays = []
         for f in files:
-            img = decode_image(f, str(f)).convert("L" if c == 1 else "RGB")
+            img = flatten_alpha(decode_image(f, str(f))).convert("L" if c == 1 else "RGB")  # as data prepare reads it
             if img.size != (w, h):
                 raise LatentForgeError(f"{f} is {img.size[0]}x{img.size[1]}; the dataset's images are {w}x{h}")
             arrays.append(np.asarray(img, np.uint8).reshape(h, w, c))
@@ -199,8 +208,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
             ckpt.modules["generator_ema"] = ckpt.modules["generator"]  # sampling then uses the raw generator
         if standard_prior and ckpt.algorithm != "vae":
             raise LatentForgeError(f"{ckpt.path} is a {ckpt.algorithm}: only VAEs fit a latent prior (drop --standard-prior)")
-        share = net.real[reference].class_share if reference in net.real else None  # else refused below
-        asked = evaluation_labels(ckpt.inference_generator(), samples, share, seed)
+        asked = evaluation_labels(ckpt.inference_generator(), samples, split_class_share(ds, reference), seed)
         fake, _, requested = generate(ckpt, samples, seed, max_n=None, standard_prior=standard_prior, labels=asked)
         out.update({"checkpoint": str(ckpt.path), "step": ckpt.step, "algorithm": ckpt.algorithm})
         if ckpt.algorithm == "gan":
@@ -218,6 +226,7 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     t_gen = time.time()
     out["samples"] = len(fake)
     out["protocol"] = suffix = protocol_suffix(len(fake), reference, net.backbone)
+    out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     # the keys name the sample count FID used; the k-NN metrics (precision, recall, density,
     # coverage) take at most MAX_KNN per side (their distance matrices are O(N^2)): say how many
     out["knn_samples"] = {"real": min(len(net.real[reference].features), MAX_KNN), "generated": min(len(fake), MAX_KNN)}
@@ -225,7 +234,6 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     if warning:
         out["warning"] = warning
         log(f"warning: {warning}")
-    out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     if is_checkpoint and ckpt.algorithm == "vae":
         sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)
         recon = vae_reconstruction_metrics(ckpt.modules["vae"], ds, sigma)

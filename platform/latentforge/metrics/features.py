@@ -55,12 +55,18 @@ class FeatureNet:
     path: Path
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (N, C, H, W) in [-1, 1] → (features (N, D), class probabilities (N, K) or None)."""
+    def embed(self, images: torch.Tensor, batch_size: int = 1000, as_8bit: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (N, C, H, W) in [-1, 1] → (features (N, D), class probabilities (N, K) or None).
+        `as_8bit`: each image first rounded to the 8-bit image it would be saved as (a batch at a
+        time: no copy of the whole set)."""
+        from latentforge.images import to_model_range, to_uint8
+
         device = next(self.model.parameters()).device
         feats, probs = [], []
         for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device).float()
+            x = images[i : i + batch_size]
+            x = (to_model_range(to_uint8(x)) if as_8bit else x).to(device).float()
             h = self.model.features(x)
             feats.append(h.cpu())
             if self.model.head is not None:

@@ -13,7 +13,7 @@ import torch
 from latentforge.algorithms.precision import resolve_precision
 from latentforge.checkpoint import LATENT_PRIOR
 from latentforge.data.dataset import PreparedDataset
-from latentforge.metrics.evaluate import distribution_metrics, vae_reconstruction_metrics
+from latentforge.metrics.evaluate import distribution_metrics, split_class_share, vae_reconstruction_metrics
 from latentforge.metrics.features import load_feature_net
 from latentforge.metrics.registry import REPORTED_METRICS
 from latentforge.sampling import decode_latents, evaluation_labels, seeded_latents
@@ -30,12 +30,13 @@ def make_periodic_evaluator(dataset_dir: str | Path, samples: int, seed: int = 0
     precision = resolve_precision(precision, torch.device(device).type)
     net = load_feature_net(dataset_dir, device=device)
     ds = PreparedDataset(dataset_dir)
+    share = split_class_share(ds, "train")
 
     def evaluate(program, step: int) -> dict:
         t0 = time.time()
         modules = program.modules()
         generator = modules["generator_ema"] if program.algorithm == "gan" else modules["vae"]
-        labels = evaluation_labels(generator, samples, net.real["train"].class_share, seed)
+        labels = evaluation_labels(generator, samples, share, seed)
         z = seeded_latents(generator, samples, seed, labels=labels, prior=modules.get(LATENT_PRIOR))  # what generate draws
         images = decode_latents(generator, z, labels, precision=precision)
         out = distribution_metrics(images, net, "train", seed, labels)

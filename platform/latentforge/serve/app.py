@@ -348,7 +348,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     if status == 400 and exc.detail == "There was an error parsing the body":
         # FastAPI's answer when the JSON decoder itself fails (an integer of thousands of digits,
         # arrays nested past the recursion limit): a malformed body, as every other one is 422
-        status, message = 422, "the request body is not JSON this API reads (a number too long, or nesting too deep)"
+        status, message = 422, "the request body is not JSON this API reads (not UTF-8, a number too long, or nesting too deep)"
     response = _error(status, message)
     for k, v in (exc.headers or {}).items():
         response.headers[k] = v

@@ -118,8 +118,9 @@ def _reduce_mean(world: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def newer_checkpoint(ray_folder: str, resume_from: str | None) -> str:
-    """Of Ray's restored checkpoint and the run folder's newest, the one at the later step (the
-    run folder's only where this worker can read it)."""
+    """Of Ray's restored checkpoint and the run folder's newest whole one, the one at the later
+    step (the run folder's only where this worker can read it); Ray's own record also lists a
+    checkpoint cut short, which the driver skipped."""
     from latentforge.checkpoint import CONFIG
     from latentforge.storage import read_json
 
@@ -129,8 +130,10 @@ def newer_checkpoint(ray_folder: str, resume_from: str | None) -> str:
         except Exception:  # noqa: BLE001 - unreadable here: not a candidate
             return -1
 
-    if resume_from and step(resume_from) > step(ray_folder):
-        return resume_from
+    from latentforge.train.resume import checkpoint_problem
+
+    if resume_from and (step(resume_from) > step(ray_folder) or checkpoint_problem(Path(ray_folder)) is not None):
+        return resume_from  # later, or Ray's is the damaged one the driver skipped
     return ray_folder
 
 

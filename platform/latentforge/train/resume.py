@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +51,10 @@ def latest_resumable(run_dir: str | Path, log: Callable[[str], None] = print) ->
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        log(f"skipping damaged checkpoint {folder.name} ({problem}); resuming from an earlier one")
+        # set aside (kept for a look, never resumed from or counted as one of the num_to_keep)
+        aside = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:8]}")
+        folder.rename(aside)
+        log(f"skipping damaged checkpoint {folder.name} ({problem}), moved to {aside.name}; resuming from an earlier one")
     if found:
         raise CheckpointError(f"every checkpoint in {run_dir} is damaged ({len(found)} checked); the run cannot "
                               "resume: start a new run")
@@ -86,8 +91,13 @@ def check_resume(checkpoint: Path, cfg, spec: DataSpec, data_dir: str | Path, ru
 def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     """Delete the temporary folders of checkpoint writes a killed process left in the run folder
     (`.NAME.partial-*` and `.NAME.old-*`, see `storage.staged_dir`): each is a whole checkpoint's
-    worth of disk, and nothing reads them. Returns what was removed."""
+    worth of disk, and nothing reads them. An `.old-*` whose checkpoint is missing (killed between
+    the two renames) is the only copy: it is put back. Returns what was removed."""
     removed = []
+    for old in Path(run_dir).glob(".*.old-*"):  # killed between staged_dir's two renames: the only copy
+        final = old.with_name(old.name[1:].rsplit(".old-", 1)[0])
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
     for stale in list(Path(run_dir).glob(".*.partial-*")) + list(Path(run_dir).glob(".*.old-*")):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

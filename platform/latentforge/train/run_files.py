@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from latentforge.storage import append_line_uri, join_uri, write_bytes_uri
+from latentforge.storage import append_line_uri, finite_json, join_uri, write_bytes_uri
 from latentforge.train.tracking import NullTracker
 
 METRICS_FILE = "metrics.jsonl"
@@ -20,7 +20,8 @@ class RunFiles:
         self.tracker = tracker or NullTracker()
 
     def record(self, record: dict) -> None:
-        append_line_uri(join_uri(self.run_uri, METRICS_FILE), json.dumps(record, sort_keys=True))
+        # a diverged run's NaN losses as null: each line stays JSON that jq or a browser reads
+        append_line_uri(join_uri(self.run_uri, METRICS_FILE), json.dumps(finite_json(record), sort_keys=True))
         self.tracker.log(record, int(record["step"]))
 
     def artifact(self, relpath: str, data: bytes) -> None:

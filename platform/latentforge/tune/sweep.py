@@ -344,7 +344,10 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     ensure_feature_net(data_dir, log=log)  # every trial's periodic evaluation loads it
     if not resume:
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        from latentforge.data.dataset import PreparedDataset
+
         atomic_write_json(sweep_dir / SWEEP_FILE, {"sweep": sw.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
+                                                   "data_hash": PreparedDataset(data_dir).content_hash,
                                                    "created_unix": int(time.time())})
     elif turned_on:  # `--resume --gpus`: later resumes keep the GPUs too
         saved = read_json(sweep_dir / SWEEP_FILE)
@@ -399,7 +402,9 @@ def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path
     from latentforge.data.dataset import PreparedDataset
 
     given = sw.model_dump(mode="json")
-    kept = {**saved["sweep"], "gpus": given["gpus"]}  # --gpus may be turned on at a resume
+    # as this version reads the saved sweep (fields added since take their defaults); --gpus may be
+    # turned on at a resume
+    kept = {**SweepConfig.model_validate(saved["sweep"]).model_dump(mode="json"), "gpus": given["gpus"]}
     changed = sorted(k for k in set(given) | set(kept) if given.get(k) != kept.get(k))
     if changed:
         raise ConfigError(f"the sweep YAML differs from the one {sweep_dir.name} started with ({', '.join(changed)}); a "
@@ -408,7 +413,8 @@ def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path
     old, new = saved.get("data"), str(Path(data_dir).resolve())
     if old and old != new:
         try:
-            same = PreparedDataset(old).content_hash == PreparedDataset(new).content_hash
+            # the hash saved with the sweep; a sweep saved before it was, the old folder's if still there
+            same = (saved.get("data_hash") or PreparedDataset(old).content_hash) == PreparedDataset(new).content_hash
         except LatentForgeError:
             same = False
         if not same:

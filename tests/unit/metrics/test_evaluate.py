@@ -175,3 +175,55 @@ def test_a_conditional_model_is_asked_for_the_classes_in_the_splits_proportions(
     assert torch.equal(evaluation_labels(Conditional(), 1000, share, 3), labels)
     assert torch.equal(evaluation_labels(Conditional(), 8, None, 3), torch.arange(8) % 4)  # shares unknown: cycle
     assert evaluation_labels(nn.Linear(1, 1), 8, share, 3) is None
+
+
+def test_evaluate_and_periodic_evaluation_ask_for_the_splits_class_proportions(mnist_dir, mnist_features, tmp_path,
+                                                                                monkeypatch):
+    """The wiring: both scoring paths hand a conditional model labels in the split's manifest
+    proportions (the same for any backbone), not a cycle through the classes."""
+    import torch
+
+    import latentforge.metrics.periodic as periodic
+    import latentforge.sampling as sampling
+    from helpers import tiny
+    from latentforge.metrics.evaluate import split_class_share
+    from latentforge.sampling import share_labels
+    from latentforge.train.local import train_local
+
+    train_local(tiny("cdcgan-mnist", train__steps=2, train__checkpoint_every=2), mnist_dir, tmp_path / "run",
+                log=quiet)
+    share = split_class_share(PreparedDataset(mnist_dir), "train")
+    assert share.tolist() == [float(v) for v in PreparedDataset(mnist_dir).manifest["splits"]["train"]["class_counts"].values()]
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, labels=None, **kwargs):
+        asked["evaluate"] = labels
+        raise Stop
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    with pytest.raises(Stop):
+        evaluate(tmp_path / "run", mnist_dir, samples=500, seed=4, net=mnist_features, log=quiet)
+    assert torch.equal(asked["evaluate"], share_labels(500, share, 4))
+
+    def spy_latents(model, n, seed, labels=None, prior=None):
+        asked["periodic"] = labels
+        raise Stop
+
+    monkeypatch.setattr(periodic, "seeded_latents", spy_latents)
+    monkeypatch.setattr(periodic, "load_feature_net", lambda *a, **k: mnist_features)
+    from latentforge.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "run")
+
+    class Program:
+        algorithm = "gan"
+
+        def modules(self):
+            return {"generator_ema": ckpt.inference_generator()}
+
+    with pytest.raises(Stop):
+        periodic.make_periodic_evaluator(mnist_dir, 300, seed=2)(Program(), 2)
+    assert torch.equal(asked["periodic"], share_labels(300, share, 2))

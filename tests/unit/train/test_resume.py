@@ -105,3 +105,35 @@ def test_ray_resumes_from_the_later_of_its_own_and_the_run_folders_checkpoint(mn
     assert newer_checkpoint(early, late) == late  # a --workers 0 resume trained on past Ray's record
     assert newer_checkpoint(late, early) == late
     assert newer_checkpoint(early, None) == early and newer_checkpoint(early, str(tmp_path / "gone")) == early
+
+
+def test_ray_does_not_resume_from_the_damaged_checkpoint_the_driver_skipped(mnist_dir, tmp_path):
+    """Ray's own record lists every checkpoint it took, the one cut short included: the worker
+    takes the driver's choice then, or every retry fails on the same file."""
+    from latentforge.train.ray_train import newer_checkpoint
+    from latentforge.train.resume import latest_resumable
+
+    run = tmp_path / "r"
+    assert train("dcgan-mnist", "--steps", "6", "--data", str(mnist_dir), "--out", str(run)) == 0
+    early, late = find_checkpoints(run)
+    state = late / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    ray_copy = tmp_path / "ray" / late.name  # what Ray restores: its record of the latest report
+    shutil.copytree(late, ray_copy)
+    chosen = latest_resumable(run, log=lambda *_: None)
+    assert chosen.name == early.name
+    assert newer_checkpoint(str(ray_copy), str(chosen)) == str(chosen)
+    # the damaged one is set aside: never resumed from again, never counted among num_to_keep
+    assert [p.name for p in find_checkpoints(run)] == [early.name]
+    assert len(list(run.glob(f".{late.name}.damaged-*"))) == 1
+
+
+def test_a_checkpoint_killed_between_its_two_renames_is_put_back(mnist_dir, tmp_path):
+    from latentforge.train.resume import remove_stale_writes
+
+    run = tmp_path / "r"
+    assert train("dcgan-mnist", "--steps", "3", "--data", str(mnist_dir), "--out", str(run)) == 0
+    only = find_checkpoints(run)[-1]
+    only.rename(run / f".{only.name}.old-0a1b2c3d")  # staged_dir moved it aside, then the process died
+    remove_stale_writes(run)
+    assert [p.name for p in find_checkpoints(run)] == [only.name] and load_checkpoint(run).step == 3

@@ -265,7 +265,10 @@ def test_a_resume_refuses_an_edited_sweep_other_data_and_remote_folders(mnist_di
 
     from latentforge.data import prepare_dataset
     from latentforge.data.sources import SourceOptions
-    from latentforge.tune.sweep import SWEEP_FILE, run_sweep
+    import shutil
+
+    from latentforge.data import PreparedDataset
+    from latentforge.tune.sweep import SWEEP_FILE, _check_resumed_sweep, run_sweep
 
     sw = load_sweep(_write(tmp_path, GOOD))
     folder = tmp_path / "sweep"
@@ -278,6 +281,12 @@ def test_a_resume_refuses_an_edited_sweep_other_data_and_remote_folders(mnist_di
     prepare_dataset("digits", other, SourceOptions(count=60, size=28, channels=1), log=lambda *_: None)
     with pytest.raises(ConfigError, match="is not the dataset sweep sweep ran on"):
         run_sweep(sw, str(other), out=str(folder), resume=True, log=lambda *_: None)
+    moved = tmp_path / "moved"  # the same dataset in another folder resumes
+    shutil.copytree(mnist_dir, moved)
+    saved = json.loads((folder / SWEEP_FILE).read_text())
+    (folder / SWEEP_FILE).write_text(json.dumps({**saved, "data": str(tmp_path / "gone"),
+                                                 "data_hash": PreparedDataset(mnist_dir).content_hash}))
+    _check_resumed_sweep(sw, json.loads((folder / SWEEP_FILE).read_text()), moved, folder)
     with pytest.raises(ConfigError, match="--out s3://bucket/s: a sweep reads and writes local folders"):
         run_sweep(sw, str(mnist_dir), out="s3://bucket/s", log=lambda *_: None)
     (tmp_path / "file").write_text("x")
