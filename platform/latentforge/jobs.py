@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from latentforge.config import DATA_LOADERS, StrictConfig, load_yaml_model
 from latentforge.errors import LatentForgeError
@@ -44,6 +44,13 @@ class TuneJob(StrictConfig):
     out: str | None = None  # sweep folder
     registry: str | None = "registry"  # promote the best trial here (None: no promotion)
     gpus: bool = False  # one GPU per Ray Train worker of every trial (or the sweep YAML's gpus: true)
+    resume: bool = False  # continue the sweep in `out` (a resubmitted job after a cluster loss)
+
+    @model_validator(mode="after")
+    def _resume_needs_out(self):
+        if self.resume and not self.out:
+            raise ValueError("resume: true continues the sweep folder in out; set out")
+        return self
 
 
 class EvaluateJob(StrictConfig):
@@ -101,7 +108,8 @@ def run(kind: str, spec) -> dict:
         from latentforge.tune.space import load_sweep
         from latentforge.tune.sweep import run_sweep
 
-        return run_sweep(load_sweep(spec.sweep), _dataset(spec.data), out=spec.out, registry=spec.registry, gpus=spec.gpus)
+        return run_sweep(load_sweep(spec.sweep), _dataset(spec.data), out=spec.out, registry=spec.registry, gpus=spec.gpus,
+                         resume=spec.resume)
     if kind == "evaluate":
         from latentforge.metrics.evaluate import evaluate
         from latentforge.storage import atomic_write_json
@@ -116,6 +124,23 @@ def run(kind: str, spec) -> dict:
     return {"url": url}
 
 
+def check(kind: str, spec) -> None:
+    """What a spec names besides its own fields, read before the job starts: a bad sweep YAML or
+    experiment override is a bad spec (exit 2), not a failed job.
+
+    Raises:
+        LatentForgeError: naming the problem.
+    """
+    if kind == "tune":
+        from latentforge.tune.space import load_sweep
+
+        load_sweep(spec.sweep)
+    elif kind == "train":
+        from latentforge.config import load_experiment
+
+        load_experiment(spec.preset, spec.overrides)
+
+
 def main(kind: str, argv: list[str] | None = None) -> int:
     """`python jobs/<kind>.py SPEC.yaml`: 0 on success, 2 for a bad spec, 1 for a failed job."""
     import json
@@ -126,6 +151,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     try:
         spec = load_spec(kind, argv[0])
+        check(kind, spec)
     except LatentForgeError as e:
         print(f"latentforge {kind} job: bad spec: {e}", file=sys.stderr)
         return 2
@@ -139,5 +165,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"latentforge {kind} job failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, default=str, sort_keys=True))
+    from latentforge.storage import finite_json
+
+    print(json.dumps(finite_json(result), default=str, sort_keys=True))
     return 0

@@ -1,0 +1,21 @@
+"""Job specs (`python jobs/<kind>.py SPEC.yaml`): what a spec names is read before the job starts,
+so a mistake in it is a bad spec (exit 2) rather than a failed job (exit 1) found on the cluster."""
+
+from latentforge.jobs import main
+
+
+def test_a_bad_sweep_or_override_is_a_bad_spec(tmp_path, capsys):
+    (tmp_path / "sweep.yaml").write_text("name: s\nbase: dcgan-mnist\nspace:\n  gan.lr_gg: {choice: [1.0e-4]}\n")
+    (tmp_path / "tune.yaml").write_text(f"sweep: {tmp_path / 'sweep.yaml'}\ndata: {{dir: {tmp_path / 'd'}}}\n")
+    assert main("tune", [str(tmp_path / "tune.yaml")]) == 2
+    assert "bad spec" in capsys.readouterr().err
+    (tmp_path / "train.yaml").write_text(f"preset: dcgan-mnist\noverrides: {{gan.lr_gg: 1}}\ndata: {{dir: {tmp_path / 'd'}}}\n")
+    assert main("train", [str(tmp_path / "train.yaml")]) == 2
+    assert "gan.lr_gg" in capsys.readouterr().err
+
+
+def test_a_tune_job_resumes_only_a_named_sweep_folder(tmp_path, capsys):
+    (tmp_path / "sweep.yaml").write_text("name: s\nbase: dcgan-mnist\nspace:\n  gan.lr_g: {choice: [1.0e-4]}\n")
+    (tmp_path / "tune.yaml").write_text(f"sweep: {tmp_path / 'sweep.yaml'}\ndata: {{dir: {tmp_path / 'd'}}}\nresume: true\n")
+    assert main("tune", [str(tmp_path / "tune.yaml")]) == 2
+    assert "resume: true continues the sweep folder in out; set out" in capsys.readouterr().err
