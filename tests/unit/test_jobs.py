@@ -19,3 +19,16 @@ def test_a_tune_job_resumes_only_a_named_sweep_folder(tmp_path, capsys):
     (tmp_path / "tune.yaml").write_text(f"sweep: {tmp_path / 'sweep.yaml'}\ndata: {{dir: {tmp_path / 'd'}}}\nresume: true\n")
     assert main("tune", [str(tmp_path / "tune.yaml")]) == 2
     assert "resume: true continues the sweep folder in out; set out" in capsys.readouterr().err
+
+
+def test_a_tune_jobs_resume_reaches_the_sweep(mnist_dir, tmp_path, monkeypatch):
+    import latentforge.tune.sweep as sweep
+    from latentforge.jobs import load_spec, run
+
+    (tmp_path / "sweep.yaml").write_text("name: s\nbase: dcgan-mnist\nspace:\n  gan.lr_g: {choice: [1.0e-4]}\n")
+    (tmp_path / "tune.yaml").write_text(f"sweep: {tmp_path / 'sweep.yaml'}\ndata: {{dir: {mnist_dir}}}\n"
+                                        f"out: {tmp_path / 's'}\nresume: true\n")
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: seen.update(k) or {})
+    run("tune", load_spec("tune", str(tmp_path / "tune.yaml")))
+    assert seen["resume"] is True and seen["out"] == str(tmp_path / "s")

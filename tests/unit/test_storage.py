@@ -56,3 +56,18 @@ def test_an_appended_line_never_joins_a_torn_last_line(tmp_path):
     append_line_uri(str(log), json.dumps({"step": 4}) + "\n")
     lines = log.read_text().splitlines()
     assert lines[0] == '{"step": 1}' and lines[1] == '{"step": 2, "d_lo' and [json.loads(x)["step"] for x in lines[2:]] == [3, 4]
+
+
+def test_every_json_artefact_holds_null_for_nan(tmp_path):
+    """A diverged run's NaN loss or a trial without a metric is written as null: the files stay
+    JSON that jq, a browser or Starlette reads (json.dumps would write the bare token NaN)."""
+    from latentforge.storage import atomic_write_json
+    from latentforge.train.run_files import RunFiles
+
+    def strict(token):
+        raise AssertionError(f"{token} written")
+
+    atomic_write_json(tmp_path / "a.json", {"best": float("nan"), "rows": [{"m": float("inf")}, (1.0, 2)]})
+    assert json.loads((tmp_path / "a.json").read_text(), parse_constant=strict) == {"best": None, "rows": [{"m": None}, [1.0, 2]]}
+    RunFiles(str(tmp_path / "run")).record({"step": 3, "d_loss": float("nan")})
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text(), parse_constant=strict) == {"step": 3, "d_loss": None}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -51,10 +50,10 @@ def latest_resumable(run_dir: str | Path, log: Callable[[str], None] = print) ->
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        # set aside (kept for a look, never resumed from or counted as one of the num_to_keep)
-        aside = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:8]}")
-        folder.rename(aside)
-        log(f"skipping damaged checkpoint {folder.name} ({problem}), moved to {aside.name}; resuming from an earlier one")
+        # left where it is: Ray's record of the run lists it (a missing folder stops Ray's resume),
+        # the run writes that step again in its place, and a read error of the moment must not
+        # cost a good checkpoint
+        log(f"skipping damaged checkpoint {folder.name} ({problem}); resuming from an earlier one")
     if found:
         raise CheckpointError(f"every checkpoint in {run_dir} is damaged ({len(found)} checked); the run cannot "
                               "resume: start a new run")

@@ -404,14 +404,22 @@ def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path
     given = sw.model_dump(mode="json")
     # as this version reads the saved sweep (fields added since take their defaults); --gpus may be
     # turned on at a resume
-    kept = {**SweepConfig.model_validate(saved["sweep"]).model_dump(mode="json"), "gpus": given["gpus"]}
+    try:
+        kept = {**SweepConfig.model_validate(saved["sweep"]).model_dump(mode="json"), "gpus": given["gpus"]}
+    except (ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"{sweep_dir / SWEEP_FILE} holds a sweep this version cannot read ({str(e)[:300]}); start a "
+                          "new sweep with another --out") from None
     changed = sorted(k for k in set(given) | set(kept) if given.get(k) != kept.get(k))
     if changed:
         raise ConfigError(f"the sweep YAML differs from the one {sweep_dir.name} started with ({', '.join(changed)}); a "
                           "resumed sweep keeps its own space and settings: resume with the same YAML, or start a new "
                           "sweep with another --out")
     old, new = saved.get("data"), str(Path(data_dir).resolve())
-    if old and old != new:
+    if saved.get("data_hash") and saved["data_hash"] != PreparedDataset(new).content_hash:
+        raise ConfigError(f"--data {data_dir} is not the dataset sweep {sweep_dir.name} ran on ({old}: its content hash "
+                          "differs, prepared again since?); its trials resume from checkpoints of that data: resume "
+                          "with it, or start a new sweep")
+    if old and old != new and not saved.get("data_hash"):
         try:
             # the hash saved with the sweep; a sweep saved before it was, the old folder's if still there
             same = (saved.get("data_hash") or PreparedDataset(old).content_hash) == PreparedDataset(new).content_hash

@@ -204,8 +204,13 @@ def test_evaluate_and_periodic_evaluation_ask_for_the_splits_class_proportions(m
         raise Stop
 
     monkeypatch.setattr(sampling, "generate", spy)
+    import dataclasses
+
+    # as an Inception backbone's real statistics: no class shares of their own (the manifest's count)
+    no_share = dataclasses.replace(mnist_features, real={k: dataclasses.replace(v, class_share=None)
+                                                         for k, v in mnist_features.real.items()})
     with pytest.raises(Stop):
-        evaluate(tmp_path / "run", mnist_dir, samples=500, seed=4, net=mnist_features, log=quiet)
+        evaluate(tmp_path / "run", mnist_dir, samples=500, seed=4, net=no_share, log=quiet)
     assert torch.equal(asked["evaluate"], share_labels(500, share, 4))
 
     def spy_latents(model, n, seed, labels=None, prior=None):
@@ -213,7 +218,7 @@ def test_evaluate_and_periodic_evaluation_ask_for_the_splits_class_proportions(m
         raise Stop
 
     monkeypatch.setattr(periodic, "seeded_latents", spy_latents)
-    monkeypatch.setattr(periodic, "load_feature_net", lambda *a, **k: mnist_features)
+    monkeypatch.setattr(periodic, "load_feature_net", lambda *a, **k: no_share)
     from latentforge.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tmp_path / "run")

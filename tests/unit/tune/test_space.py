@@ -287,6 +287,11 @@ def test_a_resume_refuses_an_edited_sweep_other_data_and_remote_folders(mnist_di
     (folder / SWEEP_FILE).write_text(json.dumps({**saved, "data": str(tmp_path / "gone"),
                                                  "data_hash": PreparedDataset(mnist_dir).content_hash}))
     _check_resumed_sweep(sw, json.loads((folder / SWEEP_FILE).read_text()), moved, folder)
+    reprepared = {**saved, "data": str(mnist_dir.resolve()), "data_hash": "0" * 64}  # same folder, other content
+    with pytest.raises(ConfigError, match="content hash differs"):
+        _check_resumed_sweep(sw, reprepared, mnist_dir, folder)
+    with pytest.raises(ConfigError, match="holds a sweep this version cannot read"):
+        _check_resumed_sweep(sw, {**saved, "sweep": {"name": "s"}}, mnist_dir, folder)
     with pytest.raises(ConfigError, match="--out s3://bucket/s: a sweep reads and writes local folders"):
         run_sweep(sw, str(mnist_dir), out="s3://bucket/s", log=lambda *_: None)
     (tmp_path / "file").write_text("x")
