@@ -42,7 +42,8 @@ def shard_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except (pa.ArrowException, OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path} is damaged or unreadable ({type(e).__name__}: {str(e)[:200]}); prepare the "
+        hint = "retry once the storage is reachable; if it persists, " if isinstance(e, OSError) else ""
+        raise DataError(f"{path} is damaged or unreadable ({type(e).__name__}: {str(e)[:200]}); {hint}prepare the "
                         "dataset again (latentforge data prepare SOURCE OUT --overwrite)") from e
 
 

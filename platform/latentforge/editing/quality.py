@@ -255,10 +255,12 @@ def edit_eval(checkpoint: str, dataset_dir: str, images: int | None = None, seed
                     pairs, smooth = pairs + 1, smooth + once
                 else:
                     self_pairs, self_smooth = self_pairs + 1, self_smooth + once
+        # no between-class path (a conditional GAN's paths keep their class): not measured, rather
+        # than a rate of 0 that reads as every path failing
         out["interp_pairs"] = pairs
-        out["interp_label_changes_at_most_once_rate"] = smooth / max(1, pairs)
+        out["interp_label_changes_at_most_once_rate"] = smooth / pairs if pairs else None
         out["interp_pairs_self"] = self_pairs
-        out["interp_label_changes_at_most_once_rate_self"] = self_smooth / max(1, self_pairs)
+        out["interp_label_changes_at_most_once_rate_self"] = self_smooth / self_pairs if self_pairs else None
         out["interp_slerp_max_norm_deviation"] = sum(norm_dev["slerp"]) / max(1, len(norm_dev["slerp"]))
         out["interp_lerp_max_norm_deviation"] = sum(norm_dev["lerp"]) / max(1, len(norm_dev["lerp"]))
     out["seconds"] = round(time.time() - t0, 1)

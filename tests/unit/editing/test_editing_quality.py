@@ -68,3 +68,5 @@ def test_gan_families_go_through_edit_eval(preset, mnist_dir, mnist_features, tm
     else:
         assert "recon_psnr_wplus" not in r
     assert "interp_pairs" in r  # the last section ran: a class-conditional GAN crashed there, after every projection
+    for judge in ("", "_self"):  # a rate over no between-class path is "not measured", never 0
+        assert (r[f"interp_label_changes_at_most_once_rate{judge}"] is None) == (r[f"interp_pairs{judge}"] == 0)
