@@ -214,8 +214,10 @@ def append_line_uri(uri: str, line: str) -> None:
         with open(path, "a+b") as f:
             # a process killed mid-write leaves a last line without its newline: end it, so that the
             # next record (a resumed run's) is a line of its own rather than glued to the fragment
-            size = f.seek(0, os.SEEK_END)
-            torn = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+            torn = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
             f.write((b"\n" if torn else b"") + line.rstrip("\n").encode("utf-8") + b"\n")
         return
     old = read_bytes_uri(uri) or b""

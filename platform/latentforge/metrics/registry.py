@@ -126,22 +126,25 @@ def _kid(s: SampleSet) -> dict:
     return {"kid": kid, "kid_std": std}
 
 
-@register_metric("precision", "max", "precision ↑", description="share of samples inside the real k-NN manifold (k=3; at most 5,000 per side: knn_samples)")
+@register_metric("precision", "max", "precision ↑",
+                 description=f"share of samples inside the real k-NN manifold (k=3; at most {MAX_KNN:,} per side: knn_samples)")
 def _precision(s: SampleSet) -> float:
     return s.precision_recall[0]
 
 
-@register_metric("recall", "max", "recall ↑", description="share of real images inside the samples' k-NN manifold (k=3; at most 5,000 per side)")
+@register_metric("recall", "max", "recall ↑",
+                 description=f"share of real images inside the samples' k-NN manifold (k=3; at most {MAX_KNN:,} per side)")
 def _recall(s: SampleSet) -> float:
     return s.precision_recall[1]
 
 
-@register_metric("density", "max", "density ↑", description="how many real k-NN balls hold each sample (k=5; at most 5,000 per side)")
+@register_metric("density", "max", "density ↑", description=f"how many real k-NN balls hold each sample (k=5; at most {MAX_KNN:,} per side)")
 def _density(s: SampleSet) -> float:
     return s.density_coverage[0]
 
 
-@register_metric("coverage", "max", "coverage ↑", description="share of real k-NN balls (k=5) holding a sample (at most 5,000 per side)")
+@register_metric("coverage", "max", "coverage ↑",
+                 description=f"share of real k-NN balls (k=5) holding a sample (at most {MAX_KNN:,} per side)")
 def _coverage(s: SampleSet) -> float:
     return s.density_coverage[1]
 

@@ -14,7 +14,7 @@ from latentforge.checkpoint import find_checkpoints
 from latentforge.data.dataset import PreparedDataset
 from latentforge.data.stream import StreamBatches
 from latentforge.train.loop import WorkerContext, run_training
-from latentforge.train.resume import check_resume, latest_resumable, remove_stale_writes
+from latentforge.train.resume import resume_point
 from latentforge.train.run_dir import RunDir, read_run_data, write_run_file
 from latentforge.train.run_files import RunFiles
 from latentforge.train.setup import check_training_setup, inference_data_loader
@@ -59,12 +59,7 @@ def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir)
     run = RunDir(str(run_dir.resolve()))
-    resume_from = None
-    if resume:
-        remove_stale_writes(run_dir)
-        resume_from = latest_resumable(run_dir, log)
-        if resume_from is not None:
-            check_resume(resume_from, cfg, spec, data_dir, read_run_data(run))
+    resume_from = resume_point(run_dir, cfg, spec, data_dir, read_run_data(run), log) if resume else None
     write_run_file(run, cfg, str(Path(data_dir).resolve()), "local", 1, resumed=resume)
     stream = StreamBatches(data_dir, "train", cfg.train.global_batch_size, cfg.train.seed, device=device,
                            window_bytes=cfg.train.shuffle_window_mb << 20)

@@ -123,14 +123,13 @@ def newer_checkpoint(ray_folder: str, resume_from: str | None) -> str:
     checkpoint cut short, which the driver skipped."""
     from latentforge.checkpoint import CONFIG
     from latentforge.storage import read_json
+    from latentforge.train.resume import checkpoint_problem
 
     def step(folder) -> int:
         try:
             return int(read_json(Path(folder) / CONFIG)["step"])
         except Exception:  # noqa: BLE001 - unreadable here: not a candidate
             return -1
-
-    from latentforge.train.resume import checkpoint_problem
 
     if resume_from and (step(resume_from) > step(ray_folder) or checkpoint_problem(Path(ray_folder)) is not None):
         return resume_from  # later, or Ray's is the damaged one the driver skipped
@@ -237,13 +236,10 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     run = resolve_run_dir(out, storage, resume, cfg.name)
     resume_from = None
     if resume and run.is_local:  # checked before a cluster starts: a refused resume changes nothing
-        from latentforge.train.resume import check_resume, latest_resumable, remove_stale_writes
+        from latentforge.train.resume import resume_point
 
-        remove_stale_writes(run.path)
-        found = latest_resumable(run.path, log)
-        if found is not None:
-            check_resume(found, cfg, DataSpec.from_dataset(ds), data_dir, read_run_data(run))
-            resume_from = str(found)
+        found = resume_point(run.path, cfg, DataSpec.from_dataset(ds), data_dir, read_run_data(run), log)
+        resume_from = str(found) if found is not None else None
     if cfg.train.eval_every:
         from latentforge.metrics.features import ensure_feature_net
 

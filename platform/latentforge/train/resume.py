@@ -87,6 +87,18 @@ def check_resume(checkpoint: Path, cfg, spec: DataSpec, data_dir: str | Path, ru
             "the run's own dataset: resume with that --data, or start a new run on this one")
 
 
+def resume_point(run_dir: str | Path, cfg, spec: DataSpec, data_dir: str | Path, run_data: str | None = None,
+                 log: Callable[[str], None] = print) -> Path | None:
+    """Everything `--resume` does before training, on either backend: clear a killed write's
+    leftovers, choose the newest whole checkpoint (None: the run has none yet), and refuse a
+    resume with nothing to train or on other data (`check_resume`)."""
+    remove_stale_writes(run_dir)
+    found = latest_resumable(run_dir, log)
+    if found is not None:
+        check_resume(found, cfg, spec, data_dir, run_data)
+    return found
+
+
 def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     """Delete the temporary folders of checkpoint writes a killed process left in the run folder
     (`.NAME.partial-*` and `.NAME.old-*`, see `storage.staged_dir`): each is a whole checkpoint's

@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from latentforge.checkpoint import SWEEP_FILE, SWEEP_SUMMARY
+from latentforge.checkpoint import CONFIG, SWEEP_FILE, SWEEP_SUMMARY
 from latentforge.errors import ConfigError, LatentForgeError
-from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, finite_json, read_json
+from latentforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from latentforge.tune.instability import InstabilityPolicy, StopDecision
 from latentforge.tune.rungs import RungRecheck
 from latentforge.tune.space import (
@@ -391,7 +391,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
                         lineage={"sweep": sw.name, "sweep_dir": str(sweep_dir), "trial_id": best["trial_id"],
                                  "hyperparameters": best["config"]})
         summary["promoted"] = {"registry": registry, "name": entry["name"]}
-        atomic_write_json(sweep_dir / SWEEP_SUMMARY, finite_json(summary))  # a trial without a metric: null, not NaN
+        atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)  # a trial without a metric: null (atomic_write_json)
         log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
     return summary
 
@@ -420,9 +420,8 @@ def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path
                           "differs, prepared again since?); its trials resume from checkpoints of that data: resume "
                           "with it, or start a new sweep")
     if old and old != new and not saved.get("data_hash"):
-        try:
-            # the hash saved with the sweep; a sweep saved before it was, the old folder's if still there
-            same = (saved.get("data_hash") or PreparedDataset(old).content_hash) == PreparedDataset(new).content_hash
+        try:  # a sweep saved before its dataset's hash was: the old folder's, if it is still there
+            same = PreparedDataset(old).content_hash == PreparedDataset(new).content_hash
         except LatentForgeError:
             same = False
         if not same:
@@ -452,7 +451,7 @@ def _params_at(checkpoint: str, params: dict) -> dict:
     """`params`' dotted keys as the checkpoint's own experiment config holds them (a key it lacks,
     or an unreadable config, keeps the given value)."""
     try:
-        experiment = read_json(Path(checkpoint) / "config.json")["experiment"]
+        experiment = read_json(Path(checkpoint) / CONFIG)["experiment"]
     except (LatentForgeError, KeyError, TypeError):
         return dict(params)
     out = {}
@@ -508,7 +507,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
     total_steps = sum(r["steps_used"] for r in rows)
     summary = {"sweep": sw.name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows),
                "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
-    atomic_write_json(sweep_dir / SWEEP_SUMMARY, finite_json(summary))  # a trial without a metric: null, not NaN
+    atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)  # a trial without a metric: null (atomic_write_json)
     keys = sorted({k for r in rows for k in r["config"]})
     from latentforge.metrics.registry import METRICS
 
