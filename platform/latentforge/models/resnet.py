@@ -198,7 +198,8 @@ class ResNetGenerator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes and labels is None:
             raise ValueError("this generator is class-conditional: pass labels")
-        h = as_map(self.project(z), self.c0, self.base, self.blocks[0].c1)
+        first = self.blocks[0]  # self-attention at the base side comes before the first block
+        h = as_map(self.project(z), self.c0, self.base, first.q if isinstance(first, SelfAttention) else first.c1)
         for block in self.blocks:
             h = block(h) if isinstance(block, SelfAttention) else block(h, labels)
         return torch.tanh(self.to_image(F.relu(self.out_norm(h, None))))

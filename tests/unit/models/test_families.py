@@ -61,7 +61,8 @@ def test_vae_family_shapes_at_every_supported_resolution(family):
         assert isinstance(vae, VAE)
 
 
-@pytest.mark.parametrize("opts", [{}, {"attention_res": 8, "blocks_per_stage": 2, "spectral_norm": True, "extra_blocks": 2}])
+@pytest.mark.parametrize("opts", [{}, {"attention_res": 8, "blocks_per_stage": 2, "spectral_norm": True, "extra_blocks": 2},
+                                  {"attention_res": 4}])  # 4: at the base side, before the first block
 def test_resnet_gradients_reach_every_parameter(opts):
     torch.manual_seed(0)
     g, d = _gan("resnet", 32, ch=3, k=3, **opts)
