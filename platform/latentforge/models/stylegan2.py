@@ -33,6 +33,7 @@ from torch import nn
 from latentforge.models.blocks import flatten_map, in_layout_of, level_channels, projection_logit, resolution_plan
 
 SQRT2 = math.sqrt(2.0)
+MIN_Z_DIM = 8
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +198,10 @@ class StyleGAN2Generator(nn.Module):
             raise ValueError(f"output is 'linear' or 'tanh', got {output!r}")
         if not 0.0 <= style_mixing <= 1.0:
             raise ValueError(f"style_mixing is a probability in [0, 1], got {style_mixing}")
+        if z_dim < MIN_Z_DIM:
+            # the mapping network normalises z onto a sphere: at z_dim 1 every z is ±1, two images in all
+            raise ValueError(f"the stylegan2 generator needs model.z_dim >= {MIN_Z_DIM} (got {z_dim}): it normalises z onto "
+                             "a sphere, which leaves too few directions below that")
         self.init_args = dict(z_dim=z_dim, channels=channels, resolution=resolution, width=width, norm=norm,
                               num_classes=num_classes, embed_dim=embed_dim, w_dim=w_dim, mapping_layers=mapping_layers,
                               style_mixing=style_mixing, noise=noise, output=output)
@@ -254,7 +259,7 @@ class StyleGAN2Generator(nn.Module):
             for layer in layers:
                 x = layer(x, ws[:, i])
                 i += 1
-            y = rgb(x, ws[:, i])
+            y = rgb(x, ws[:, i]).float()  # the skip sum in fp32 under bf16, as stylegan2-ada's SynthesisBlock keeps it
             i += 1
             img = y if img is None else F.interpolate(img, scale_factor=2.0, mode="bilinear", align_corners=False) + y
         return torch.tanh(img) if self.output == "tanh" else img
@@ -309,13 +314,19 @@ class _DBlock(nn.Module):
         return (x + y) / SQRT2
 
 
+def mbstd_group_size(batch: int, group: int) -> int:
+    """The group size `minibatch_stddev` uses for a batch: the largest divisor of it up to `group`."""
+    g = min(group, batch)
+    while batch % g:
+        g -= 1
+    return g
+
+
 def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
     """Append one channel: the std over groups of `group` consecutive samples, averaged over
     channels and pixels (Karras et al. 2018). Groups shrink to a divisor of the batch."""
     b, c, h, w = x.shape
-    g = min(group, b)
-    while b % g:
-        g -= 1
+    g = mbstd_group_size(b, group)
     y = x.float().reshape(b // g, g, c, h, w)
     # the variance written out, as stylegan2-ada-pytorch does: torch.var over a dim that is not
     # the innermost takes a slow path on a CPU, 39 ms against 2.7 ms for 128x256x7x7 in either

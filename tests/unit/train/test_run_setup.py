@@ -115,3 +115,50 @@ def test_what_only_a_constructor_can_check_fails_on_the_driver():
     with pytest.raises(ConfigError, match="attention_res 16 is not a feature-map side below the 28-px output"):
         check_training_setup(cfg, MNIST, workers=1, train_rows=100)
     check_training_setup(cfg, DataSpec((3, 32, 32), 0), workers=1, train_rows=100)
+
+
+def test_minibatch_std_groups_never_straddle_reals_and_fakes():
+    """D sees [reals, fakes] of one micro-batch each in one batch; with 6 per worker a group of 4
+    would hold two reals and two fakes, so the real logits (and R1) would depend on the fakes."""
+    import torch
+
+    from latentforge.models.stylegan2 import minibatch_stddev
+
+    x = torch.randn(12, 2, 2, 2, requires_grad=True)
+    minibatch_stddev(x, 4)[:6, -1].sum().backward()
+    assert x.grad[6:].abs().sum() > 0  # what the check below exists for: fakes leak into the reals' statistic
+
+    cfg = tiny("stylegan2-mnist", train__global_batch_size=12)
+    with pytest.raises(ConfigError, match=r"mbstd_group=4 does not split the discriminator's micro-batch of 6 .*"
+                                          r"mbstd_group=3"):
+        check_training_setup(cfg, MNIST, workers=2, train_rows=100)
+    check_training_setup(cfg, MNIST, workers=1, train_rows=100)  # 12 per worker: three whole groups
+    check_training_setup(tiny("stylegan2-mnist", train__global_batch_size=12, model__d_options={"mbstd_group": 3}),
+                         MNIST, workers=2, train_rows=100)
+
+
+def test_a_plugin_whose_generator_draws_another_size_is_named_on_the_driver(tmp_path, monkeypatch):
+    import sys
+
+    from helpers import PLUGIN_SOURCE
+    from latentforge.models import plugins
+
+    (tmp_path / "lf_test_plugin.py").write_text(PLUGIN_SOURCE)
+    (tmp_path / "lf_fixed8.py").write_text(
+        "import torch\nfrom lf_test_plugin import TinyGenerator\n\n\n"
+        "class Fixed8(TinyGenerator):  # always draws 8x8, whatever the data\n"
+        "    def __init__(self, **kw):\n"
+        "        super().__init__(**kw)\n"
+        "        self.shape = (self.shape[0], 8, 8)\n"
+        "        self.net[2] = torch.nn.Linear(self.net[2].in_features, self.shape[0] * 64)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_allowed", set())
+    try:
+        cfg = tiny("dcgan-mnist", model__arch="lf_fixed8:Fixed8")
+        check_training_setup(cfg, DataSpec((1, 8, 8), 0), workers=1, train_rows=100)  # the size it draws
+        with pytest.raises(ConfigError, match=r"the generator of model.arch 'lf_fixed8:Fixed8' returns "
+                                              r"\(2, 1, 8, 8\) for a batch of 2; it must return .*\(2, 1, 28, 28\)"):
+            check_training_setup(cfg, MNIST, workers=1, train_rows=100)
+    finally:
+        sys.modules.pop("lf_test_plugin", None)
+        sys.modules.pop("lf_fixed8", None)
