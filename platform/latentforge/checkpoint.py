@@ -410,29 +410,38 @@ def _check_shapes_before_allocating(path: Path, config: dict) -> None:
     the weights file declares in its header: a config.json that does not describe the weights
     beside it (planted, or from another model) is refused before anything is allocated, so what is
     allocated is bounded by the file on disk."""
+    for name, spec in config.get("modules", {}).items():
+        check_weights_describe(spec, path / WEIGHTS, f"{name}.", f"{path}: {CONFIG} describes module {name!r}")
+
+
+def check_weights_describe(spec: dict, weights: Path, prefix: str = "", what: str = "the config") -> None:
+    """Refuse a module spec whose tensors differ from those a safetensors file declares under
+    `prefix`, having built it on the meta device only (nothing allocated).
+
+    Raises:
+        CheckpointError: the file is unreadable, the spec cannot be built, or a shape differs.
+    """
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path / WEIGHTS), framework="pt", device="cpu") as f:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path / WEIGHTS}: {e}") from e
-    for name, spec in config.get("modules", {}).items():
-        try:
-            with torch.device("meta"):
-                module = build_module(spec)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: module {name!r}: {e}") from e
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot build module {name!r} ({e})") from e
-        except (NotImplementedError, RuntimeError):
-            continue  # a constructor that computes on its tensors: checked when the weights load
-        for key, t in module.state_dict().items():
-            found = shapes.get(f"{name}.{key}", "missing")
-            if found != tuple(t.shape):
-                raise CheckpointError(f"{path}: {CONFIG} describes module {name!r} with {key} of shape "
-                                      f"{tuple(t.shape)}, but {WEIGHTS} holds {found}: the config does not belong "
-                                      "to these weights")
+        raise CheckpointError(f"cannot read {weights}: {e}") from e
+    try:
+        with torch.device("meta"):
+            module = build_module(spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: it cannot be built ({e})") from e
+    except (NotImplementedError, RuntimeError):
+        return  # a constructor that computes on its tensors: checked when the weights load
+    for key, t in module.state_dict().items():
+        found = shapes.get(f"{prefix}{key}", "missing")
+        if found != tuple(t.shape):
+            raise CheckpointError(f"{what} with {key} of shape {tuple(t.shape)}, but {weights.name} holds {found}: the "
+                                  "config does not belong to these weights")
 
 
 def load_training_state(path: str | Path) -> dict:

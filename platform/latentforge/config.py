@@ -95,7 +95,7 @@ class GANConfig(StrictConfig):
     n_critic: int = Field(1, ge=1, le=20)  # discriminator updates per generator update
     gp_weight: float = Field(10.0, ge=0)  # gradient-penalty weight (wgan-gp only)
     r1_weight: float = Field(0.0, ge=0)  # R1 penalty gamma on real data (0 = off)
-    r1_interval: int = Field(1, ge=1, le=64)  # lazy R1 (StyleGAN2): the penalty every k D updates, weighted by k
+    r1_interval: int = Field(1, ge=1, le=64)  # lazy R1 (StyleGAN2): the penalty every k D updates, weighted by k. Unlike stylegan2-ada-pytorch, Adam's lr and betas are not rescaled by k/(k+1): lr_d is the lr used (the reference's 0.0025 at k=16 is 0.00235 here)
     augment: Literal["none", "diffaugment", "ada"] = "none"  # augment D's inputs (reals and fakes alike): for small data
     diffaugment_policy: list[Literal["color", "translation", "cutout"]] = ["color", "translation", "cutout"]  # DiffAugment ops
     ada_target: float = Field(0.6, gt=0, lt=1)  # ADA: wanted E[sign(D(real))]; above it p grows

@@ -170,13 +170,12 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
             if use_r1:
                 real = real.detach().requires_grad_(True)  # R1 is the gradient w.r.t. the un-augmented reals
             parts = [real, fake]
-            if loss.needs_gradient_penalty:
-                alpha = _micro(alpha_all, m, mb)
-                mix = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
-                parts.append(mix)
             if augment.active:
-                parts[0] = augment(real, _micro(u_real, m, mb))
-                parts[1] = augment(fake, _micro(u_fake, m, mb))
+                parts = [augment(real, _micro(u_real, m, mb)), augment(fake, _micro(u_fake, m, mb))]
+            if loss.needs_gradient_penalty:  # between the images D scores: augmented ones where augmentation is on
+                alpha = _micro(alpha_all, m, mb)
+                mix = (alpha * parts[0].detach() + (1 - alpha) * parts[1].detach()).requires_grad_(True)
+                parts.append(mix)
             d_labels = None if labels is None else labels.repeat(len(parts))
             with no_sync_unless(state.d, m == accumulate - 1):
                 with precision.autocast():

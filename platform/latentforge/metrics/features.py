@@ -221,6 +221,10 @@ def load_stored_network(dataset_dir: str | Path, subdir: str, what: str, cls: ty
     if config.get("dataset_content_hash") != ds.content_hash:
         raise DataError(f"the {what} in {folder} was trained on other data{fix}")
     try:
+        # a planted config.json must not allocate more than the weights file beside it holds
+        from latentforge.checkpoint import check_weights_describe
+
+        check_weights_describe(config["module"], folder / "model.safetensors", what="config.json")
         model = build_module(config["module"])
         if not isinstance(model, cls):
             raise ValueError(f"{config['module'].get('class')} is not a {cls.__name__}")

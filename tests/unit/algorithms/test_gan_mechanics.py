@@ -164,3 +164,17 @@ def test_path_length_needs_a_generator_with_w():
     cfg = tiny("dcgan-mnist", gan__pl_weight=2.0)
     with pytest.raises(ConfigError, match="gan.pl_weight needs a generator with a W space"):
         build_program(cfg, DataSpec((1, 28, 28), 0, ()), GlobalNoise(0), torch.device("cpu"), lambda m: m, lambda t: t)
+
+
+def test_wgan_gp_penalises_points_between_the_images_d_scores():
+    """With augmentation on, D scores augmented reals and fakes; the gradient penalty's points lie on
+    the segments between those (Gulrajani et al. 2017 penalise where D is evaluated), not between
+    the un-augmented images."""
+    cfg = tiny("dcgan-mnist", model__g_norm="layer", model__d_norm="layer", gan__loss="wgan-gp", gan__augment="diffaugment")
+    state = _state(cfg)
+    seen = []
+    state.d.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    gan_step(state, [Batch(_images())], GlobalNoise(0), cfg.gan, 0, augment=Augmenter("diffaugment", ("translation", "cutout")))
+    real, fake, mix = seen[0].flatten(1).chunk(3)
+    along = F.cosine_similarity(mix - fake, real - fake, dim=1)
+    assert torch.allclose(along, torch.ones_like(along), atol=1e-4), along

@@ -50,6 +50,11 @@ def test_grader_refuses_unlabelled_or_foreign_data(mnist_dir, tmp_path):
     (planted / GRADER_DIR / "config.json").write_text(json.dumps(config))
     with pytest.raises(DataError, match="cannot be loaded"):
         load_grader(planted)
+    config = json.loads((mnist_dir / GRADER_DIR / "config.json").read_text())
+    config["module"]["args"]["width"] *= 4  # (x 10,000 would be gigabytes): refused before anything is built
+    (planted / GRADER_DIR / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="config.json with .* of shape .* but model.safetensors holds .* does not belong"):
+        load_grader(planted)
     flat = tmp_path / "flat"  # a flat folder of images: no classes
     flat.mkdir()
     import numpy as np
