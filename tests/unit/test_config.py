@@ -104,6 +104,20 @@ def test_yaml_model_files_that_cannot_be_read_fail_clearly(tmp_path):
         load_yaml_model(listing, ServeConfig, "serve config")
 
 
+def test_serve_defaults_that_every_image_request_would_exceed_are_refused():
+    """Without `steps`, an image request projects with the deployment's defaults: defaults above
+    the request limits would answer every such request 422 "ask for fewer steps"."""
+    from pydantic import ValidationError
+
+    from latentforge.serve.config import ServeConfig
+
+    with pytest.raises(ValidationError, match=r"projection_steps \(600\) is above limits.max_projection_steps \(500\)"):
+        ServeConfig(projection_steps=600)
+    with pytest.raises(ValidationError, match=r"\(200 x 6\) is above limits.max_projection_work \(1000\)"):
+        ServeConfig(projection_restarts=6)
+    ServeConfig(projection_restarts=6, limits={"max_projection_work": 1200})
+
+
 def test_a_bench_mode_is_never_measured_under_a_contradicting_override():
     """`bench train --modes fp32 --set train.channels_last=true` would label NHWC numbers 'fp32'
     (NCHW); it is refused up front and names the modes to use instead. Agreeing and unrelated

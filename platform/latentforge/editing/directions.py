@@ -52,7 +52,11 @@ def apply_edit(z: torch.Tensor, direction: torch.Tensor, alpha: float | torch.Te
     d = direction.to(z)
     if orthogonal_to:
         basis = torch.linalg.qr(torch.stack([o.to(z) for o in orthogonal_to], dim=1)).Q  # (D, k) orthonormal
-        d = d - basis @ (basis.T @ d)
+        rest = d - basis @ (basis.T @ d)
+        if rest.norm() < 1e-3 * d.norm():  # what is left is rounding noise: scaled up, a random direction
+            raise ValueError("the direction lies within the span of the directions it is to be kept orthogonal to, so "
+                             "nothing of it is left; drop those from orthogonal_to")
+        d = rest
     a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device).reshape(-1, *([1] * (z.dim() - 1)))
     return z + a * _unit(d)  # z (N, D), or W+ (N, num_ws, D): every layer moves
 

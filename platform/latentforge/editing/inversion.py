@@ -132,7 +132,7 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
                 raise ProjectionStopped("projection stopped before its last step")
             out = model.decode(z, y)
             diff = (out - x).pow(2)
-            pix = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
+            pix = _observed_mse(diff, m)
             dev = z if center is None else z - center
             loss = pix + prior_weight * dev.pow(2).flatten(1).mean(1)
             if target_feats is not None:
@@ -146,11 +146,20 @@ def project(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None 
     with torch.no_grad():
         out = model.decode(z, y)
         diff = (out - x).pow(2)
-        err = (diff * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1) if m is not None else diff.flatten(1).mean(1)
+        err = _observed_mse(diff, m)
         best = err.view(restarts, n).argmin(0)  # (N,)
         idx = best * n + torch.arange(n, device=device)
         return _back(Inversion(z[idx].detach(), out[idx], err[idx], steps, candidates=out.view(restarts, n, *out.shape[1:]),
                                candidate_errors=err.view(restarts, n)), caller)
+
+
+def _observed_mse(diff: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per image, the mean of `diff` (B, C, H, W) over observed pixels: a (B, 1, H, W) mask counts
+    once per channel, so an RGB image's error is in the same units as without a mask."""
+    if mask is None:
+        return diff.flatten(1).mean(1)
+    mask = mask.expand_as(diff)
+    return (diff * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
 
 
 def invert(model: nn.Module, algorithm: str, images: torch.Tensor, labels: torch.Tensor | None = None,

@@ -12,12 +12,15 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | float) -> torch.Te
     lerp cuts through the low-density interior (midpoint norm ≈ sqrt(D/2) for independent a, b).
     """
     t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
-    an, bn = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    an, bn = a / na.clamp_min(1e-12), b / nb.clamp_min(1e-12)
     omega = torch.arccos((an * bn).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     out = (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
-    # nearly parallel vectors: fall back to lerp (sin ω → 0)
-    return torch.where(so.abs() < 1e-6, (1 - t) * a + t * b, out)
+    # nearly parallel vectors (sin ω → 0), or an end at the origin (no direction, e.g. the mean
+    # latent 0): fall back to lerp
+    flat = (so.abs() < 1e-6) | (na < 1e-8) | (nb < 1e-8)
+    return torch.where(flat, (1 - t) * a + t * b, out)
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

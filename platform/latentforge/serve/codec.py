@@ -60,7 +60,7 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
         from latentforge.data.sources import centre_square, resize_square
 
         if mask:  # painted = bright, as decode_mask_b64 reads it; resized by coverage, then any coverage counts
-            painted = centre_square(img.convert("L").point(lambda v: 255 if v >= 128 else 0))
+            painted = centre_square(flatten_alpha(img).convert("L").point(lambda v: 255 if v >= 128 else 0))
             # in floats: an 8-bit BOX rounds one painted pixel among 36x36 down to nothing
             covered = painted.convert("F").resize((mw, mh), Image.Resampling.BOX)
             return Image.fromarray(np.where(np.asarray(covered) > 0, 255, 0).astype(np.uint8))
@@ -70,12 +70,28 @@ def _open_image(data: str, field: str, size: tuple[int, int], max_side: int, fit
     return img
 
 
+def _plain_base64(data: str) -> str:
+    """The forms clients send, as standard padded base64: `base64 FILE` wraps lines, a browser's
+    canvas gives a `data:image/png;base64,` URL, and some encoders use the URL-safe alphabet or drop
+    the padding."""
+    if data.startswith("data:") and "," in data[:100]:
+        head, _, data = data.partition(",")
+        if not head.endswith(";base64"):
+            raise ValueError("a data: URL must be base64 (data:image/png;base64,...)")
+    data = "".join(data.split()).translate(_URLSAFE)
+    return data + "=" * (-len(data) % 4) if "=" not in data else data
+
+
+_URLSAFE = str.maketrans("-_", "+/")
+
+
 def _header(data: str, field: str, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """base64 → an opened (not yet decoded) image and its size from the header, within `max_side`."""
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode(_plain_base64(data), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise BadInput(f"{field}: not valid base64 ({e})") from e
+        raise BadInput(f"{field}: not valid base64 ({e}); send the file's bytes base64-encoded (a data: URL, line "
+                       "breaks and the URL-safe alphabet are accepted too)") from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
@@ -127,11 +143,14 @@ def decode_image_b64(data: str, field: str, shape: tuple[int, int, int], max_sid
 
 
 def decode_mask_b64(data: str, shape: tuple[int, int, int], max_side: int, fit: bool = False) -> torch.Tensor:
-    """base64 mask image of any mode (grey, RGB, RGBA: its brightness counts) → (1, 1, H, W)
-    observed-pixel mask (1 = keep; white in the image = fill); `fit` resizes it as the image."""
+    """base64 mask image of any mode (grey, RGB, RGBA: its brightness counts, transparent pixels
+    count as black) → (1, 1, H, W) observed-pixel mask (1 = keep; white in the image = fill); `fit`
+    resizes it as the image."""
     _, h, w = shape
     img = _open_image(data, "mask", (h, w), max_side, fit, mask=True)
-    keep = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8) < 128).float()[None, None]
+    # transparent pixels are black (kept) whatever colour they store: an editor exports a mask layer's
+    # untouched area as transparent white
+    keep = torch.from_numpy(np.asarray(flatten_alpha(img).convert("L"), dtype=np.uint8) < 128).float()[None, None]
     if keep.mean() == 1.0:
         raise BadInput("mask: no pixel is marked for filling (paint the region to fill in white)")
     return keep

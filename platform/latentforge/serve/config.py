@@ -70,6 +70,14 @@ class ServeConfig(StrictConfig):
         if self.limits.max_n > self.max_batch_images:
             raise ValueError(f"limits.max_n ({self.limits.max_n}) is above max_batch_images ({self.max_batch_images}): "
                              "one request could never fit a batch; lower max_n or raise max_batch_images")
+        lim = self.limits
+        if self.projection_steps > lim.max_projection_steps:
+            raise ValueError(f"projection_steps ({self.projection_steps}) is above limits.max_projection_steps "
+                             f"({lim.max_projection_steps}): every image request sent without steps would be refused")
+        if self.projection_steps * self.projection_restarts > lim.max_projection_work:
+            raise ValueError(f"projection_steps x projection_restarts ({self.projection_steps} x {self.projection_restarts}) "
+                             f"is above limits.max_projection_work ({lim.max_projection_work}): every image request sent "
+                             "without steps would be refused; lower them or raise the limit")
         given = [k for k in ("api_key", "api_key_file", "api_key_env") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of api_key, api_key_file, api_key_env (got {', '.join(given)})")

@@ -147,17 +147,18 @@ class ModelRuntime:
             raise BadInput(f"label: {label} is out of range; this model has classes 0..{self.num_classes - 1}")
         return torch.full((n,), label, dtype=torch.long)
 
-    def _steps(self, steps: int | None) -> int:
+    def _steps(self, steps: int | None, field: str = "steps") -> int:
         steps = steps or self.projection_steps
         if steps > self.limits.max_projection_steps:
-            raise BadInput(f"steps: {steps} is above the limit of {self.limits.max_projection_steps}")
+            raise BadInput(f"{field}: {steps} is above the limit of {self.limits.max_projection_steps}")
         return steps
 
-    def _projection(self, steps: int | None, images: int = 1) -> dict:
+    def _projection(self, steps: int | None, images: int = 1, field: str = "steps") -> dict:
         """Keyword arguments of a GAN projection (Adam steps, random starts, the stop check), once
         the request's whole projection work (steps × starts × images) is within the budget: a
-        request of a kilobyte must not buy minutes of a replica."""
-        steps = self._steps(steps)
+        request of a kilobyte must not buy minutes of a replica. `field` names the request's field
+        that set the steps."""
+        steps = self._steps(steps, field)
         work = steps * self.restarts * images
         if work > self.limits.max_projection_work:
             raise BadInput(f"this request needs {steps} steps × {self.restarts} starts × {images} image(s) = {work} "
@@ -182,13 +183,16 @@ class ModelRuntime:
     def _image(self, data: str, fit: bool = False, field: str = "image") -> torch.Tensor:
         return decode_image_b64(data, field, self.shape, self.limits.max_image_side, fit)
 
-    def _invert(self, x: torch.Tensor, labels, steps: int | None) -> Inversion:
-        return invert(self.model, self.algorithm, x, labels, **({} if self.algorithm == "vae" else self._projection(steps)))
+    def _invert(self, x: torch.Tensor, labels, steps: int | None, field: str = "steps") -> Inversion:
+        return invert(self.model, self.algorithm, x, labels,
+                      **({} if self.algorithm == "vae" else self._projection(steps, field=field)))
 
     def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(z (D,), labels (1,) or None, provenance) for a LatentSource. A conditional model's
-        provenance names the label used, so sending it back reproduces the image."""
-        labels = self._labels(1, src.label, cycle=True)
+        provenance names the label used, so sending it back reproduces the image. A seed or latent
+        without a label takes class 0 (as generate's first image); an image needs its label, as in
+        reconstruct: inverted under another class, it would come back as another picture."""
+        labels = self._labels(1, src.label, cycle=src.image is None)
         z, prov = self._source_latent(src, labels, steps)
         return z, labels, prov if labels is None else {**prov, "label": int(labels[0])}
 
@@ -202,7 +206,7 @@ class ModelRuntime:
             if not torch.isfinite(z).all() or z.abs().max() > MAX_LATENT_ABS:
                 raise BadInput(f"latent: values must be finite and within ±{MAX_LATENT_ABS}")
             return z, {"latent": "given"}
-        inv = self._invert(self._image(src.image, src.fit), labels, steps)
+        inv = self._invert(self._image(src.image, src.fit), labels, steps, field="projection_steps")
         return inv.latent[0], {"inverted": True, "reconstruction_mse": float(inv.error[0])}
 
     def _images(self, images: torch.Tensor) -> list[str]:
@@ -264,7 +268,9 @@ class ModelRuntime:
         if r.steps > self.limits.max_steps:
             raise BadInput(f"steps: {r.steps} is above the limit of {self.limits.max_steps}")
         if self.algorithm != "vae":  # the budget counts both ends before either is inverted
-            self._projection(r.projection_steps, images=sum(s.image is not None for s in (r.a, r.b)))
+            images = sum(s.image is not None for s in (r.a, r.b))
+            if images:
+                self._projection(r.projection_steps, images=images, field="projection_steps")
         za, ya, pa = self._latent(r.a, r.projection_steps)
         zb, yb, pb = self._latent(r.b, r.projection_steps)
         method = r.method or default_interpolation(self.model, self.algorithm)  # what edit-eval measures
@@ -279,12 +285,18 @@ class ModelRuntime:
     def edit(self, r: EditRequest) -> dict:
         if abs(r.alpha) > self.limits.max_alpha:
             raise BadInput(f"alpha: {r.alpha} is outside ±{self.limits.max_alpha}")
-        for name in [r.direction, *r.orthogonal_to]:
-            if name not in self.directions:
-                raise BadInput(f"direction: unknown direction {name!r}; this model has: {', '.join(sorted(self.directions))}")
+        directions = self.directions
+        for field, name in [("direction", r.direction), *(("orthogonal_to", n) for n in r.orthogonal_to)]:
+            if name not in directions:
+                have = (f"this model has: {', '.join(sorted(directions))}" if directions else
+                        f"this model has no edit directions ({self._directions_error or 'its architecture offers none'})")
+                raise BadInput(f"{field}: unknown direction {name!r}; {have}")
         z, labels, prov = self._latent(r.source, r.projection_steps)
-        others = [self.directions[n].vector for n in r.orthogonal_to]
-        edited = apply_edit(z[None], self.directions[r.direction].vector, r.alpha, others or None)
+        others = [directions[n].vector for n in r.orthogonal_to]
+        try:
+            edited = apply_edit(z[None], directions[r.direction].vector, r.alpha, others or None)
+        except ValueError as e:  # the direction lies in the span of orthogonal_to
+            raise BadInput(f"orthogonal_to: {e}") from e
         images = decode_latents(self.model, torch.cat([z[None], edited]), None if labels is None else labels.repeat(2),
                                 precision=self.precision)
         return {"model": self.name, "direction": r.direction, "alpha": r.alpha, "images": self._images(images[1:]),

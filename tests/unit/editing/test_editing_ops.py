@@ -58,6 +58,10 @@ def test_slerp_matches_closed_forms():
     # parallel vectors (sin ω → 0): the lerp result, not a division by zero
     assert torch.allclose(slerp(a, a, 0.5), a, atol=1e-9)
     assert torch.allclose(slerp(a, 2 * a, t), (1 + t) * a, atol=1e-9)
+    # an end at the origin (the mean latent) has no direction: the lerp path, finite, ends exact
+    zero_path = interpolation_path(torch.zeros(128, dtype=torch.float64), b, 5, "slerp")
+    assert torch.isfinite(zero_path).all() and torch.equal(zero_path[0], torch.zeros(128, dtype=torch.float64))
+    assert torch.allclose(zero_path, torch.linspace(0, 1, 5, dtype=torch.float64)[:, None] * b, atol=1e-12)
     with pytest.raises(ValueError, match="slerp, lerp"):
         interpolation_path(a, b, 5, "cubic")
 
@@ -71,6 +75,21 @@ def test_edit_moves_along_direction_and_respects_orthogonality():
     e2 = apply_edit(z, d, 2.0, orthogonal_to=[other])
     assert torch.allclose(e2 @ other, z @ other, atol=1e-4)  # the other attribute's score is unchanged
     assert not torch.allclose(e2, z)
+    # nothing of d is left once -d is projected out: refused, not rounding noise scaled to unit length
+    with pytest.raises(ValueError, match="within the span"):
+        apply_edit(z, d, 2.0, orthogonal_to=[-d * 1.0000001])
+
+
+def test_a_mask_counts_every_channel_so_the_error_keeps_its_units():
+    """An all-observed mask gives the unmasked mean squared error of an RGB image (the prior's
+    weight against it was a third of its value when the mask counted each pixel once)."""
+    from latentforge.editing.inversion import _observed_mse
+
+    diff = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(_observed_mse(diff, torch.ones(2, 1, 8, 8)), diff.flatten(1).mean(1))
+    half = torch.zeros(2, 1, 8, 8)
+    half[..., :4] = 1
+    torch.testing.assert_close(_observed_mse(diff, half), diff[..., :4].flatten(1).mean(1))
 
 
 def test_projection_recovers_the_generators_own_images(generator):

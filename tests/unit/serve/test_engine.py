@@ -135,7 +135,15 @@ def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
         (lambda: vae.reconstruct(ImageRequest(image=b64png(np.stack([digit, digit, 255 - digit], -1)))),
          "3 channel.* this model takes 1: convert it to greyscale"),
         (lambda: vae.reconstruct(ImageRequest(image=b64png(np.zeros((32, 32), np.uint8)))), "takes 28x28"),
-        (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="smile", alpha=1)), "unknown direction 'smile'"),
+        (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="smile", alpha=1)),
+         "^direction: unknown direction 'smile'"),
+        (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="sefa:0", alpha=1, orthogonal_to=["smile"])),
+         "^orthogonal_to: unknown direction 'smile'"),
+        # an image inverted under a class it is not would come back as another picture: its label is needed
+        (lambda: gan.edit(EditRequest(source={"image": b64png(digit)}, direction="sefa:0", alpha=1)),
+         "label: this model is class-conditional"),
+        (lambda: gan.interpolate(InterpolateRequest(a={"image": b64png(digit), "label": 1}, b={"seed": 2}, projection_steps=9999)),
+         "^projection_steps: 9999 is above the limit"),
         (lambda: gan.edit(EditRequest(source={"seed": 1, "label": 0}, direction="sefa:0", alpha=50)), "outside"),
         (lambda: gan.edit(EditRequest(source={"latent": [0.1] * 5, "label": 0}, direction="sefa:0", alpha=1)), "has 5 values"),
         (lambda: gan.inpaint(InpaintRequest(image=b64png(digit), mask=b64png(np.zeros((28, 28), np.uint8)))), "no pixel is marked"),
@@ -144,6 +152,28 @@ def test_bad_inputs_are_refused_with_clear_messages(gan, vae, digit):
     for call, message in cases:
         with pytest.raises(BadInput, match=message):
             call()
+
+
+def test_base64_as_clients_send_it_and_masks_with_transparency(vae, digit):
+    """`base64 FILE` wraps lines, a canvas gives a data: URL, some encoders are URL-safe and unpadded:
+    each is the same image. A mask's transparent pixels are kept, whatever colour they store (an
+    editor exports a layer's untouched area as transparent white)."""
+    plain = b64png(digit)
+    raw = base64.b64decode(plain)
+    forms = {"wrapped": base64.encodebytes(raw).decode(), "data URL": "data:image/png;base64," + plain,
+             "URL-safe, unpadded": base64.urlsafe_b64encode(raw).decode().rstrip("=")}
+    want = vae.reconstruct(ImageRequest(image=plain))["images"]
+    for name, sent in forms.items():
+        assert vae.reconstruct(ImageRequest(image=sent))["images"] == want, name
+    mask = np.zeros((28, 28, 4), np.uint8)
+    mask[..., :3] = 255  # white everywhere, transparent outside the square
+    mask[10:18, 10:18, 3] = 255
+    r = vae.inpaint(InpaintRequest(image=plain, mask=b64png(mask), method="chain"))
+    assert r["filled_fraction"] == pytest.approx(64 / 784)
+    out = decode(r["images"][0])
+    keep = np.ones((28, 28), bool)
+    keep[10:18, 10:18] = False
+    assert np.array_equal(out[keep], digit[keep])
 
 
 def test_a_colour_png_with_equal_channels_is_read_as_the_grey_image_it_is(digit):
