@@ -7,8 +7,14 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-unit browser-deps data-deps clean
 
+PYTHON ?= python3
+
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "LatentForge needs Python 3.10 or newer; run make PYTHON=python3.11 ..." >&2; exit 1; }
+	@# a venv left without pip (Debian/Ubuntu without python3-venv) is made again, not reused
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || \
+		{ echo "cannot create $(VENV): install python3-venv (apt-get install python3-venv)" >&2; exit 1; }
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 

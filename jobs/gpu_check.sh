@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, in minutes: one GPU, the fast path (bf16 + channels_last + torch.compile).
+# GPU check, in minutes: one GPU, the fast path (bf16 + channels_last + torch.compile). The bench
+# (3.) runs first and its numbers are printed at once; every stage runs under LF_STAGE_TIMEOUT (300 s).
 #   1. a GAN and a VAE trained through Ray Train on one GPU worker with periodic evaluation
 #      (the VAE's evaluation is where CPU data used to meet a CUDA model),
 #   2. a grid generated from the GAN in the precision it trained in, and both scored on 5,000
@@ -30,105 +31,17 @@ stage() {  # name, command...: run a stage; a failure is recorded and said, and 
   local name=$1; shift
   if ! "$@"; then FAILED+=("$name"); echo "!! stage failed: $name (the next stages still run)"; fi
 }
-
-"$PY" - "$DEVICE" <<'PYEOF' || exit 1
-import sys, torch
-if sys.argv[1] == "cuda":
-    assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine (or LF_CHECK_DEVICE=cpu for a dry run)"
-    print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-else:
-    print("device: CPU dry run | torch", torch.__version__)
-PYEOF
-
-echo "== data"
-"$PY" -m latentforge.cli data prepare mnist5k --out "$WORK/data" || exit 1  # every stage needs it
-echo "== train a GAN and a VAE: 1 Ray Train worker, bf16 + channels_last + compile, periodic evaluation"
-train() {  # preset: the last line of --json (the final record) into $WORK/preset.json
-  "$PY" -m latentforge.cli train "$1" --data "$WORK/data" --workers 1 "${GPU[@]}" --steps "$STEPS" \
-      "${FAST[@]}" --set train.log_every=50 --set train.eval_every=$((STEPS / 2)) --set train.eval_samples=1000 \
-      --set train.checkpoint_every="$STEPS" --out "$WORK/runs/$1" --json | tail -n 1 > "$WORK/$1.json"
-}
-for preset in dcgan-mnist vae-mnist; do stage "train $preset" train "$preset"; done
-echo "== generate and evaluate on the device"
-stage generate "$PY" -m latentforge.cli generate "$WORK/runs/dcgan-mnist" --n 64 --seed 0 --device "$DEVICE" \
-    --out "$WORK/samples.png"
-for preset in dcgan-mnist vae-mnist; do
-  stage "evaluate $preset" "$PY" -m latentforge.cli evaluate "$WORK/runs/$preset" --data "$WORK/data" --samples 5000 \
-      --device "$DEVICE"
-done
-echo "== edit-eval on the device (projections of validation images)"
-stage "edit-eval" "$PY" -m latentforge.cli edit-eval "$WORK/runs/dcgan-mnist" --data "$WORK/data" --images 16 \
-    --project-steps 50 --device "$DEVICE"
-echo "== bench train"
-bench() {
-  if [ "$DEVICE" = cuda ]; then
-    "$PY" -m latentforge.cli bench train --gpus --no-ray --data "$WORK/data" --warmup 20 --steps 200 \
-        --modes fp32,bf16,bf16+channels_last,bf16+channels_last+compile --json | tail -n 1 > "$WORK/bench.json"
-  else
-    "$PY" -m latentforge.cli bench train --no-ray --data "$WORK/data" --warmup 2 --steps 5 --modes fp32,bf16 --json \
-        | tail -n 1 > "$WORK/bench.json"
-  fi
-}
-stage "bench train" bench
-echo "== a 2-trial sweep, each trial's worker on the device"
-sweep() {
-  cat > "$WORK/sweep.yaml" <<YAML
-name: gpu-check-sweep
-base: dcgan-mnist
-overrides: {train.precision: bf16, train.channels_last: true, train.tracking: none}
-space:
-  gan.lr_g: {choice: [1.0e-4, 2.0e-4]}
-trials: 2
-max_concurrent: 2
-steps: $((STEPS / 4 > 4 ? STEPS / 4 : 4))
-eval_every: $((STEPS / 8 > 2 ? STEPS / 8 : 2))
-eval_samples: 500
-scheduler: {kind: fifo}
-YAML
-  "$PY" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$WORK/sweep" --no-promote
-}
-stage tune sweep
-echo "== serve generate and reconstruct requests"
-stage "registry promote" "$PY" -m latentforge.cli registry promote "$WORK/runs/dcgan-mnist" --registry "$WORK/registry" --name gan
-serve_one() {
-"$PY" - "$WORK/registry" "$DEVICE" <<'PYEOF'
-import json, sys, time, urllib.request
-from latentforge.serve.config import ServeConfig
-from latentforge.serve.runner import start_serve
-# on a GPU, the Generator and Editor replicas share it (replica_gpus, editor_gpus): generation and
-# the Editor's projections of images run there
-share = 0.5 if sys.argv[2] == "cuda" else 0
-url = start_serve(ServeConfig(registry=sys.argv[1], replica_gpus=share, editor_gpus=share), port=8123)
-
-
-def post(route, body):
-    req = urllib.request.Request(f"{url}/v1/models/gan/{route}", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read()), time.perf_counter() - t
-
-
-for what in ("first request (loads the model)", "second request"):
-    body, took = post("generate", {"n": 4, "seed": 1})
-    print(f"{what}: {len(body['images'])} images in {took:.2f} s")
-for what in ("first reconstruct (loads the model)", "second reconstruct"):
-    rec, took = post("reconstruct", {"image": body["images"][0]})  # a projection: 200 steps x 2 starts
-    print(f"{what}: projected one image in {took:.2f} s, mse {rec['mse']:.3g} (pixels in [-1, 1])")
-from ray import serve
-serve.shutdown()
-PYEOF
-}
-stage serve serve_one
-
-echo "== summary"
+# every stage's command under a time limit: one that hangs (a Ray or Serve start) must not use up a
+# GPU session whose numbers come from the later stages
+PYT=(timeout -k 10 "${LF_STAGE_TIMEOUT:-300}" "$PY")
+RUNS="$WORK/runs-$(date +%s)"  # a rerun in the same LF_CHECK_DIR writes beside the last one, never into it
 summary() {
 "$PY" - "$WORK" "$DEVICE" "${LF_GPU_PEAK_TFLOPS:-}" <<'PYEOF'
 import json, os, sys
 work, device, given = sys.argv[1], sys.argv[2], sys.argv[3]
 # published dense peaks in TFLOP/s, (bf16 tensor cores, fp32 without TF32), from NVIDIA's data sheets
 # (matched in this order: the longer names first, "L40S" before "L40" before "L4")
-PEAKS = {"H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5),
+PEAKS = {"H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200 NVL": (835, 60), "H200": (989, 67), "A100": (312, 19.5),
          "L40S": (362, 91.6), "L40": (181, 90.5), "L4": (121, 30.3)}
 peaks = None
 if device == "cuda":
@@ -168,6 +81,100 @@ for mode, m in (bench or {}).get("modes", {}).items():
           f"first step {m['first_step_s']:.1f} s{frac}")
 PYEOF
 }
+
+"$PY" - "$DEVICE" <<'PYEOF' || exit 1
+import sys, torch
+if sys.argv[1] == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device: run this on a GPU machine (or LF_CHECK_DEVICE=cpu for a dry run)"
+    print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+else:
+    print("device: CPU dry run | torch", torch.__version__)
+PYEOF
+
+echo "== data"
+[ -f "$WORK/data/manifest.json" ] || "$PY" -m latentforge.cli data prepare mnist5k --out "$WORK/data" || exit 1  # every stage needs it
+echo "== bench train (first: its numbers are what a short GPU session is for)"
+bench() {
+  if [ "$DEVICE" = cuda ]; then
+    "${PYT[@]}" -m latentforge.cli bench train --gpus --no-ray --data "$WORK/data" --warmup 20 --steps 200 \
+        --set train.global_batch_size=1024 \
+        --modes fp32,bf16,bf16+channels_last,bf16+channels_last+compile --json | tail -n 1 > "$WORK/bench.json"
+  else
+    "${PYT[@]}" -m latentforge.cli bench train --no-ray --data "$WORK/data" --warmup 2 --steps 5 --modes fp32,bf16 --json \
+        | tail -n 1 > "$WORK/bench.json"
+  fi
+}
+stage "bench train" bench
+summary | grep -E "^(device|bench)" || true  # printed now, in case a later stage hangs
+echo "== train a GAN and a VAE: 1 Ray Train worker, bf16 + channels_last + compile, periodic evaluation"
+train() {  # preset: the last line of --json (the final record) into $WORK/preset.json
+  "${PYT[@]}" -m latentforge.cli train "$1" --data "$WORK/data" --workers 1 "${GPU[@]}" --steps "$STEPS" \
+      "${FAST[@]}" --set train.log_every=50 --set train.eval_every=$((STEPS / 2)) --set train.eval_samples=1000 \
+      --set train.checkpoint_every="$STEPS" --out "$RUNS/$1" --json | tail -n 1 > "$WORK/$1.json"
+}
+for preset in dcgan-mnist vae-mnist; do stage "train $preset" train "$preset"; done
+echo "== generate and evaluate on the device"
+stage generate "${PYT[@]}" -m latentforge.cli generate "$RUNS/dcgan-mnist" --n 64 --seed 0 --device "$DEVICE" \
+    --out "$WORK/samples.png"
+for preset in dcgan-mnist vae-mnist; do
+  stage "evaluate $preset" "${PYT[@]}" -m latentforge.cli evaluate "$RUNS/$preset" --data "$WORK/data" --samples 5000 \
+      --device "$DEVICE"
+done
+echo "== edit-eval on the device (projections of validation images)"
+stage "edit-eval" "${PYT[@]}" -m latentforge.cli edit-eval "$RUNS/dcgan-mnist" --data "$WORK/data" --images 16 \
+    --project-steps 50 --device "$DEVICE"
+echo "== a 2-trial sweep, each trial's worker on the device"
+sweep() {
+  cat > "$WORK/sweep.yaml" <<YAML
+name: gpu-check-sweep
+base: dcgan-mnist
+overrides: {train.precision: bf16, train.channels_last: true}
+space:
+  gan.lr_g: {choice: [1.0e-4, 2.0e-4]}
+trials: 2
+max_concurrent: 2
+steps: $((STEPS / 4 > 4 ? STEPS / 4 : 4))
+eval_every: $((STEPS / 8 > 2 ? STEPS / 8 : 2))
+eval_samples: 500
+scheduler: {kind: fifo}
+YAML
+  "${PYT[@]}" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$RUNS/sweep" --no-promote
+}
+stage tune sweep
+echo "== serve generate and reconstruct requests"
+stage "registry promote" "${PYT[@]}" -m latentforge.cli registry promote "$RUNS/dcgan-mnist" --registry "$RUNS/registry" --name gan
+serve_one() {
+"${PYT[@]}" - "$RUNS/registry" "$DEVICE" <<'PYEOF'
+import json, sys, time, urllib.request
+from latentforge.serve.config import ServeConfig
+from latentforge.serve.runner import start_serve
+# on a GPU, the Generator and Editor replicas share it (replica_gpus, editor_gpus): generation and
+# the Editor's projections of images run there
+share = 0.5 if sys.argv[2] == "cuda" else 0
+url = start_serve(ServeConfig(registry=sys.argv[1], replica_gpus=share, editor_gpus=share), port=8123)
+
+
+def post(route, body):
+    req = urllib.request.Request(f"{url}/v1/models/gan/{route}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read()), time.perf_counter() - t
+
+
+for what in ("first request (loads the model)", "second request"):
+    body, took = post("generate", {"n": 4, "seed": 1})
+    print(f"{what}: {len(body['images'])} images in {took:.2f} s")
+for what in ("first reconstruct (loads the model)", "second reconstruct"):
+    rec, took = post("reconstruct", {"image": body["images"][0]})  # a projection: 200 steps x 2 starts
+    print(f"{what}: projected one image in {took:.2f} s, mse {rec['mse']:.3g} (pixels in [-1, 1])")
+from ray import serve
+serve.shutdown()
+PYEOF
+}
+stage serve serve_one
+
+echo "== summary"
 stage summary summary
 echo "samples: $WORK/samples.png; all outputs in $WORK; $(( $(date +%s) - t0 )) s in all"
 if [ ${#FAILED[@]} -gt 0 ]; then

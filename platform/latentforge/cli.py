@@ -315,7 +315,7 @@ def add_bench_train(bench: Verbs) -> None:
                          "start-up (default 10; 0: --warmup steps, as the plain loop)")
     bt.add_argument("--no-ray", action="store_true", help="measure the modes only (no Ray Train runs)")
     bt.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a preset field in every run, e.g. train.batch_size=512 for a GPU")
+                    help="override a preset field in every run, e.g. train.global_batch_size=512 for a GPU")
     add_json_flag(bt)
     bt.set_defaults(func=cmd_bench_train)
 
@@ -365,7 +365,8 @@ def add_bench_quality(bench: Verbs) -> None:
     bq.add_argument("--samples", type=int, default=5000, help="samples scored per preset")
     bq.add_argument("--presets", nargs="*", help="presets to include (default: every mnist preset); PRESET@key=value,... "
                     "adds a variant with overrides, e.g. resnet-diffaug-mnist@gan.ema_decay=0 to measure what EMA gives")
-    bq.add_argument("--out", default="docs/quality.md", help="markdown file to write")
+    bq.add_argument("--out", default="quality.md", help="markdown file to write (rewritten after every row; docs/quality.md "
+                    "holds the published table and its reading, so name it only to replace them)")
     bq.add_argument("--modes", default="fp32", help="precision/layout modes to train each preset in, comma-separated "
                     "(fp32, bf16, bf16+channels_last, ...): a row per preset and mode")
     bq.add_argument("--seeds", type=seed_list_arg, default=(0,), help="training seeds, comma-separated: a row per seed and their mean")

@@ -82,11 +82,9 @@ def load_spec(kind: str, path: str):
 
 
 def _dataset(spec: JobData) -> str:
-    from latentforge.data.prepare import MANIFEST, prepare_dataset
+    from latentforge.data.prepare import ensure_prepared
 
-    if not (Path(spec.dir) / MANIFEST).is_file():
-        print(f"preparing {spec.source} into {spec.dir}")
-        prepare_dataset(spec.source, spec.dir)
+    ensure_prepared(spec.dir, spec.source)
     return spec.dir
 
 
@@ -103,7 +101,8 @@ def run(kind: str, spec) -> dict:
         # a name that is a whole location needs no storage root, unless the spec gives one on purpose
         storage = None if full_name and "storage" not in spec.model_fields_set else spec.storage
         return train_ray(cfg, _dataset(spec.data), workers=spec.workers, use_gpu=spec.gpus, out=spec.name,
-                         storage=storage, max_failures=spec.max_failures, data_loader=spec.data_loader)
+                         storage=storage, max_failures=spec.max_failures, data_loader=spec.data_loader,
+                         data_source=spec.data.source)
     if kind == "tune":
         from latentforge.tune.space import load_sweep
         from latentforge.tune.sweep import run_sweep
@@ -139,6 +138,10 @@ def check(kind: str, spec) -> None:
         from latentforge.config import load_experiment
 
         load_experiment(spec.preset, spec.overrides)
+    elif kind == "deploy":  # a key file that is not there (a Secret not mounted) is the spec's problem
+        from latentforge.serve.runner import check_exposure
+
+        check_exposure(spec.serve, spec.host, spec.allow_unauthenticated)
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """Job specs (`python jobs/<kind>.py SPEC.yaml`): what a spec names is read before the job starts,
 so a mistake in it is a bad spec (exit 2) rather than a failed job (exit 1) found on the cluster."""
 
+import pytest
+
 from latentforge.jobs import main
 
 
@@ -32,3 +34,34 @@ def test_a_tune_jobs_resume_reaches_the_sweep(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: seen.update(k) or {})
     run("tune", load_spec("tune", str(tmp_path / "tune.yaml")))
     assert seen["resume"] is True and seen["out"] == str(tmp_path / "s")
+
+
+def test_a_node_without_the_dataset_prepares_it_once_and_checks_it_is_the_drivers(tmp_path):
+    """A cluster job's workers on another machine do not see the folder the driver prepared: each
+    node prepares the built-in source itself, once however many workers start there, and refuses a
+    folder whose content is not the driver's."""
+    import threading
+
+    from latentforge.data.dataset import PreparedDataset
+    from latentforge.data.prepare import ensure_prepared
+    from latentforge.errors import DataError
+
+    folder = tmp_path / "node" / "digits"
+    said = []
+    workers = [threading.Thread(target=ensure_prepared, args=(folder, "digits"), kwargs={"log": said.append})
+               for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len([m for m in said if "preparing digits" in m]) == 1
+    digest = PreparedDataset(folder).content_hash
+    ensure_prepared(tmp_path / "other" / "digits", "digits", digest, log=lambda *_: None)  # the same bytes anywhere
+    with pytest.raises(DataError, match="is not the one the run was started with"):
+        ensure_prepared(folder, "digits", "sha256:" + "0" * 64, log=lambda *_: None)
+
+
+def test_a_deploy_spec_whose_key_file_is_missing_is_a_bad_spec(tmp_path, capsys):
+    (tmp_path / "deploy.yaml").write_text(f"serve: {{registry: {tmp_path / 'r'}, api_key_file: {tmp_path / 'nokey'}}}\n")
+    assert main("deploy", [str(tmp_path / "deploy.yaml")]) == 2
+    assert "nokey" in capsys.readouterr().err

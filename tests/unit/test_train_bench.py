@@ -195,3 +195,28 @@ def test_a_settling_time_that_is_not_a_finite_number_of_seconds_is_refused_befor
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=r"--ray-settle .*: give 0 or more seconds"):
             train_bench.bench_train("dcgan-mnist", "unused", warmup=0, steps=10, modes=(), ray_settle_s=bad)
+
+
+def test_the_ray_runs_train_the_plain_loops_model(monkeypatch, tmp_path):
+    """`--set model.g_width=128` (or a YAML preset) reached the plain loop only: the Ray runs rebuilt
+    the preset by name, so b/a compared two different models."""
+    import json
+
+    import latentforge.train.ray_train as ray_train
+    from latentforge.config import load_experiment
+
+    seen = []
+
+    def fake_train_ray(cfg, data_dir, **kw):
+        seen.append(cfg)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        records = [{"step": s, "step_time_s": 0.1} for s in (2, 4, 6)]
+        (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {"run_dir": str(tmp_path / "run")}
+
+    monkeypatch.setattr(ray_train, "train_ray", fake_train_ray)
+    cfg = load_experiment("dcgan-mnist", {"model.g_width": 128, "gan.lr_d": 1e-3})
+    out = train_bench.ray_run(cfg, tmp_path, workers=1, warmup=2, steps=4, storage=str(tmp_path), data_loader="stream",
+                              use_gpu=False)
+    ran = seen[0]
+    assert (ran.model.g_width, ran.gan.lr_d, ran.train.steps) == (128, 1e-3, 6) and out["windows"] == 2

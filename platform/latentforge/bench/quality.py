@@ -39,7 +39,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def bench_quality(data_dir: str | None, steps: int, samples: int = 5000, presets=MNIST_PRESETS,
-                  out: str = "docs/quality.md", modes=("fp32",), seeds=(0,), log=print) -> list[dict]:
+                  out: str = "quality.md", modes=("fp32",), seeds=(0,), log=print) -> list[dict]:
     """Train each preset (or `preset@key=value,...` variant) with `--workers 0` for `steps` steps in
     each precision/layout mode and seed, evaluate, and write the table, rewritten after every row
     so a long benchmark shows its results as they come."""

@@ -81,12 +81,13 @@ def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, 
     from latentforge.train.ray_train import train_ray
 
     records = []
-    run_cfg = load_experiment(cfg.name, {
-        **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
-        "train.steps": warmup + steps, "train.log_every": warmup if warmup else steps,
-        "train.checkpoint_every": 10**9, "train.sample_every": 10**9, "train.tracking": "none",
-        "train.threads": max(1, (os.cpu_count() or 2) // workers),
-    })
+    # the plain loop's whole config (a --set on the model or a YAML preset included), with the run's
+    # length and quiet logging: re-validated, so the Ray runs measure the very model of (a)
+    run_cfg = type(cfg).model_validate({**cfg.model_dump(), "train": {
+        **cfg.train.model_dump(), "steps": warmup + steps, "log_every": warmup if warmup else steps,
+        "checkpoint_every": 10**9, "sample_every": 10**9, "tracking": "none",
+        "threads": max(1, (os.cpu_count() or 2) // workers),
+    }})
     result = train_ray(run_cfg, data_dir, workers=workers, out=f"bench-{workers}w-{time.time_ns()}", storage=storage,
                        data_loader=data_loader, use_gpu=use_gpu, log=lambda *_: None)
     from latentforge.storage import join_uri, read_bytes_uri

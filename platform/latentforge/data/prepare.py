@@ -12,11 +12,13 @@ bytes hash reproducibly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,24 +31,41 @@ MANIFEST = "manifest.json"
 DATASET_KIND = "latentforge.dataset"
 DATASET_FORMAT_VERSION = 1
 ROWS_PER_SHARD = 4096
+SHARD_BYTES = 256 * 1024 * 1024  # pixels per shard at most (fewer rows at large sizes: 1,365 at 256 px RGB)
 ROW_GROUP_BYTES = 32 * 1024 * 1024  # pixels per Parquet row group: the unit a training stream reads
 
 
-def _split_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Deterministic validation mask: the first round(n*f) indices of a seeded permutation."""
+def _split_mask(n: int, val_fraction: float, seed: int, keys: list[bytes] | None = None) -> np.ndarray:
+    """Deterministic validation mask of about round(n*f) images.
+
+    Without `keys`: the first round(n*f) indices of a seeded permutation. With `keys` (a digest of
+    each image's pixels): the images whose seeded hash of their key ranks below the round(n*f)-th,
+    so the split follows each image's content, not its position in the listing. Adding a file to a
+    folder then moves at most the one image at the boundary (a permutation of n+1 rows reshuffles
+    most of them), and exact copies share a side (no image is both trained on and held out).
+    """
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n_val == 0 and n > 1:
         n_val = 1
-    perm = np.random.default_rng(seed).permutation(n)
     mask = np.zeros(n, bool)
-    mask[perm[:n_val]] = True
+    if keys is None:
+        mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+        return mask
+    salt = seed.to_bytes(8, "little", signed=True)
+    rank = np.asarray([int.from_bytes(hashlib.sha256(salt + k).digest()[:8], "little") for k in keys], np.uint64)
+    if n_val:
+        cut = np.sort(rank)[min(n_val, n - 1)]  # the first training image's rank: copies stay on one side of it
+        mask = rank < cut
     return mask
 
 
 def _content_hash(src: SourceImages, order: np.ndarray, val: np.ndarray) -> str:
-    """sha256 over every stored byte that matters: shape, pixels, labels, attributes, split."""
+    """sha256 over every stored byte that matters: shape, pixels, labels and what they name,
+    attributes, split."""
     h = hashlib.sha256()
     h.update(str(src.images.shape[1:]).encode())
+    if src.labels is not None and src.class_names:
+        h.update(("classes:" + "\x00".join(src.class_names)).encode())
     for i in order:
         h.update(b"v" if val[i] else b"t")
         h.update(src.images[i].tobytes())
@@ -58,25 +77,36 @@ def _content_hash(src: SourceImages, order: np.ndarray, val: np.ndarray) -> str:
 
 
 def _write_split(folder: Path, split: str, src: SourceImages, idx: np.ndarray) -> list[str]:
-    n_shards = max(1, -(-len(idx) // ROWS_PER_SHARD))
+    """Shards of at most SHARD_BYTES of pixels, written one row group at a time: only one row
+    group's images (32 MB) are ever copied into memory, whatever the dataset's size."""
     _, h, w, c = src.images.shape
+    row_bytes = h * w * c
+    per_shard = max(16, min(ROWS_PER_SHARD, SHARD_BYTES // row_bytes))
+    # bounded row groups, so that streaming 256 px images never reads a whole shard at once
+    group = max(16, min(per_shard, ROW_GROUP_BYTES // row_bytes))
+    n_shards = max(1, -(-len(idx) // per_shard))
     files = []
     for s in range(n_shards):
-        part = idx[s * ROWS_PER_SHARD : (s + 1) * ROWS_PER_SHARD]
-        cols = {
-            "image": pa.array([src.images[i].tobytes() for i in part], type=pa.binary()),
-            "height": pa.array(np.full(len(part), h, np.int32)),
-            "width": pa.array(np.full(len(part), w, np.int32)),
-            "channels": pa.array(np.full(len(part), c, np.int32)),
-            "label": pa.array(src.labels[part] if src.labels is not None else [None] * len(part), type=pa.int64()),
-            "source_index": pa.array(part.astype(np.int64)),
-        }
-        for k in sorted(src.attributes):
-            cols[f"attr_{k}"] = pa.array(src.attributes[k][part].astype(np.float32))
+        shard = idx[s * per_shard : (s + 1) * per_shard]
         name = f"{split}-{s:05d}-of-{n_shards:05d}.parquet"
-        # bounded row groups, so that streaming 256 px images never reads a whole 4096-row shard at once
-        group = max(16, min(ROWS_PER_SHARD, ROW_GROUP_BYTES // (h * w * c)))
-        pq.write_table(pa.table(cols), folder / name, compression="zstd", row_group_size=group)
+        writer = None
+        for g in range(0, max(1, len(shard)), group):
+            part = shard[g : g + group]
+            cols = {
+                "image": pa.array([src.images[i].tobytes() for i in part], type=pa.binary()),
+                "height": pa.array(np.full(len(part), h, np.int32)),
+                "width": pa.array(np.full(len(part), w, np.int32)),
+                "channels": pa.array(np.full(len(part), c, np.int32)),
+                "label": pa.array(src.labels[part] if src.labels is not None else [None] * len(part), type=pa.int64()),
+                "source_index": pa.array(part.astype(np.int64)),
+            }
+            for k in sorted(src.attributes):
+                cols[f"attr_{k}"] = pa.array(src.attributes[k][part].astype(np.float32))
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(folder / name, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=group)
+        writer.close()
         files.append(name)
     return files
 
@@ -138,23 +168,61 @@ def prepare_dataset(
         raise DataError(f"--size must be between 4 and 1024 pixels (got {opts.size})")
     if opts.channels not in (None, 1, 3):
         raise DataError(f"--channels must be 1 or 3 (got {opts.channels})")
+    if opts.count is not None and opts.count <= 0:
+        raise DataError(f"--count must be positive (got {opts.count})")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.exists():
         _check_replaceable(out, source)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {out.parent} ({e.strerror}); choose another --out") from None
+    _remove_abandoned(out, log)
     t0 = time.time()
     log(f"loading source {source} ...")
+    # decoded images of a user's folder wait for the split in a file beside --out, not in memory
+    opts = dataclasses.replace(opts, scratch=out.parent, log=log)
+    try:
+        return _prepare(source, out, opts, val_fraction, split_seed, overwrite, log, t0)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the partial folder is already gone
+        raise DataError(f"cannot write the dataset to {out}: {e.strerror or e}; free some space or choose another "
+                        "--out (nothing was left behind)") from None
+
+
+def _remove_abandoned(out: Path, log) -> None:
+    """Folders a killed prepare left beside `out` (`.NAME.partial-*`, hidden, possibly gigabytes)."""
+    import shutil
+
+    for old in out.parent.glob(f".{out.name}.partial-*"):
+        if old.is_dir() and time.time() - old.stat().st_mtime > 3600:  # not one another prepare is writing now
+            log(f"removing {old}, left by an interrupted prepare")
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare(source: str, out: Path, opts: SourceOptions, val_fraction: float, split_seed: int, overwrite: bool,
+             log, t0: float) -> dict:
     src = load_source(source, opts)
     n = len(src.images)
     if n == 0:
         raise DataError(f"source {source!r} produced no images")
-    val = src.fixed_split if src.fixed_split is not None else _split_mask(n, val_fraction, split_seed)
+    val = src.fixed_split if src.fixed_split is not None else _split_mask(n, val_fraction, split_seed, src.keys)
+    if val.all():
+        raise DataError(f"{n} image(s) with --val-fraction {val_fraction} leave none to train on; add images or lower "
+                        "--val-fraction")
+    duplicates = n - len(set(src.keys)) if src.keys is not None else 0
+    if duplicates:
+        log(f"warning: {duplicates} image(s) are exact copies of others (after conversion); each copy stays in the "
+            "split of its original")
     # Rows are stored in a seeded shuffled order so that streaming readers with a small shuffle
     # buffer (Ray Data) do not see class-sorted sources (mnist5k is sorted by digit) in long runs.
     order = np.random.default_rng(split_seed + 1).permutation(n)
     splits = {"train": order[~val[order]], "val": order[val[order]]}
     _, h, w, c = src.images.shape
+    if h != w:
+        log(f"warning: the images are {w}x{h}, not square; the models train on squares: pass --size N to "
+            "centre-crop and resize them")
     log(f"writing {n} images ({c}x{h}x{w}) to {out} ...")
     with staged_dir(out, overwrite=overwrite) as tmp:
         split_info = {}
@@ -177,9 +245,13 @@ def prepare_dataset(
             "num_classes": len(src.class_names) if src.labels is not None else 0,
             "class_names": src.class_names if src.labels is not None else [],
             "attributes": sorted(src.attributes),
-            "split": {"method": "fixed" if src.fixed_split is not None else "seeded", "val_fraction": val_fraction, "seed": split_seed},
+            "split": {"method": "fixed" if src.fixed_split is not None else "content" if src.keys is not None else "seeded",
+                      "val_fraction": val_fraction, "seed": split_seed},
             "splits": split_info,
             "skipped": {"count": len(src.skipped), "items": src.skipped[:100]},
+            "duplicates": duplicates,
+            **({"source_notes": src.notes} if src.notes else {}),
+            "decoder": {"pillow": PIL.__version__},  # JPEG pixels can differ between libjpeg versions
             "content_hash": _content_hash(src, order, val),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -188,3 +260,36 @@ def prepare_dataset(
         f"{manifest['num_classes']} classes, {len(src.skipped)} skipped, {time.time() - t0:.1f}s"
     )
     return manifest
+
+
+def ensure_prepared(folder: str | Path, source: str, content_hash: str | None = None, log=print) -> None:
+    """The dataset `source` at `folder`, prepared there (with default options) where this node has
+    none yet: a cluster job's workers on other machines do not see the folder the driver prepared,
+    and a built-in source prepares to the same bytes anywhere. Processes on one node take a lock,
+    so one prepares and the others wait for it.
+
+    Args:
+        content_hash: the driver's dataset; a folder with other content is refused.
+
+    Raises:
+        DataError: the source cannot be prepared here, or it gave other data than the driver's.
+    """
+    import fcntl
+    import socket
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.with_name(f".{folder.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (folder / MANIFEST).is_file():
+                log(f"{folder} is not on {socket.gethostname()}: preparing {source} there")
+                prepare_dataset(source, folder, log=log)
+    if content_hash:
+        from latentforge.data.dataset import PreparedDataset
+
+        found = PreparedDataset(folder).content_hash
+        if found != content_hash:
+            raise DataError(f"the dataset at {folder} on {socket.gethostname()} ({found}) is not the one the run was "
+                            f"started with ({content_hash}): put the prepared folder on storage every node mounts at "
+                            "the same path")

@@ -41,6 +41,11 @@ class SourceImages:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N,) float32
     skipped: list[dict] = field(default_factory=list)  # [{"item": ..., "reason": ...}]
     fixed_split: np.ndarray | None = None  # (N,) bool, True = validation; None = split by seed
+    # (N,) digests of each image's stored pixels (users' folders and Parquet): the split is then
+    # decided per image by its content, so adding files moves no old image across it and exact
+    # copies share a side; None = a seeded permutation of the rows (built-in sources)
+    keys: list[bytes] | None = None
+    notes: dict = field(default_factory=dict)  # what the manifest should say about the source (ignored files, ...)
 
 
 @dataclass
@@ -55,6 +60,10 @@ class SourceOptions:
     download: bool = False  # torchvision only: allow a download (needs internet)
     image_column: str = "image"  # parquet only
     label_column: str = "label"  # parquet only
+    # set by prepare_dataset, not flags: where decoded images of a user's folder or Parquet wait
+    # for the split (a file, so a dataset larger than memory prepares), and the progress printer
+    scratch: Path | None = None
+    log: Callable[[str], None] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,19 +136,30 @@ def arrays_from_pil(images: list[Image.Image], names: list[str], opts: SourceOpt
     return np.stack(out) if out else np.zeros((0, 1, 1, channels), np.uint8)
 
 
-def decode_image(data: bytes | Path, name: str) -> Image.Image:
-    """Decode an image fully (a truncated file fails here, not later).
+def decode_image(data: bytes | Path, name: str, size: int | None = None) -> Image.Image:
+    """Decode an image fully (a truncated file fails here, not later), its file closed again.
+
+    Args:
+        size: the side it will be resized to, if known: a JPEG larger than the pixel limit (a 48 MP
+            phone photo) is then decoded at a reduced scale that still covers `size` (libjpeg's DCT
+            scaling), not refused.
 
     Raises:
         DataError: the bytes are not a readable image or the image is absurdly large.
     """
     try:
-        img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
-        w, h = img.size
-        if w * h > MAX_SOURCE_PIXELS:
-            raise DataError(f"{name}: image is {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
-        img.load()
-        return as_displayed(img)
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > MAX_SOURCE_PIXELS and size is not None and img.format == "JPEG":
+                img.draft(img.mode, (size, size))  # the largest 1/2, 1/4 or 1/8 scale with both sides >= size
+                w, h = img.size
+            if w * h > MAX_SOURCE_PIXELS:
+                raise DataError(f"{name}: image is {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS:,} allowed")
+            img.load()
+            shown = as_displayed(img)
+            # a multi-frame file (GIF, a phone's MPO .jpg) keeps its file open until closed: copy,
+            # then close it, so thousands of them never exhaust the open-file limit
+            return shown.copy() if shown is img else shown
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -353,43 +373,190 @@ def _collect_bad(name: str, err: DataError, opts: SourceOptions, skipped: list[d
     skipped.append({"item": name, "reason": str(err)})
 
 
-def load_folder(path: str, opts: SourceOptions) -> SourceImages:
-    """An ImageFolder tree (`PATH/<class>/<image>`) or a flat folder of unlabeled images."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"folder source {path!r} is not a folder; give folder:PATH with one subfolder per class")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_dirs:
-        class_names = [p.name for p in class_dirs]
-        files = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+# folders that hold no pictures of the dataset: macOS zip and Synology thumbnail folders, Windows' bin
+JUNK_DIRS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+PROGRESS_EVERY_S = 10.0
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") or part in JUNK_DIRS for part in rel.parts)
+
+
+def _image_files(folder: Path, root: Path, datasets: set[Path], ignored: dict) -> list[Path]:
+    """Image files under `folder`, sorted: no hidden or system files (macOS `._x.jpg`, thumbnail
+    folders), nothing inside a prepared dataset (an --out inside the source), and every other file
+    counted in `ignored` by extension."""
+    out = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(root)
+        if _hidden(rel) or any(d in f.parents for d in datasets) or not f.is_file():
+            continue
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(f)
+        else:
+            ext = f.suffix.lower() or "(none)"
+            ignored[ext] = ignored.get(ext, 0) + 1
+    return out
+
+
+def _list_folder(root: Path, log) -> tuple[list[tuple[Path, int]], list[str] | None, dict]:
+    """[(file, class index or -1)], class names (None for a flat folder) and what was ignored.
+
+    Raises:
+        DataError: no images, or images at the top level beside class folders (which would drop
+            them silently or make a class of a stray folder).
+    """
+    from latentforge.data.prepare import DATASET_KIND, MANIFEST
+    from latentforge.storage import json_kind
+
+    datasets = {m.parent for m in root.rglob(MANIFEST) if json_kind(m) == DATASET_KIND}
+    ignored: dict[str, int] = {}
+    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not _hidden(p.relative_to(root)) and p not in datasets]
+    loose = [f for f in sorted(root.iterdir()) if f.is_file() and not _hidden(f.relative_to(root))
+             and f.suffix.lower() in IMAGE_EXTENSIONS]
+    per_class = {d.name: _image_files(d, root, datasets, ignored) for d in subdirs}
+    classes = [name for name, files in per_class.items() if files]
+    if loose and classes:
+        raise DataError(
+            f"{root} has {len(loose)} image(s) at its top level (e.g. {loose[0].name}) and class folders "
+            f"({', '.join(classes[:5])}): move the loose images into a class folder, or move the folders out for "
+            "an unlabelled dataset")
+    empty = [name for name, files in per_class.items() if not files]
+    if classes and empty:
+        log(f"warning: {len(empty)} folder(s) in {root} hold no images and are not classes: {', '.join(empty[:10])}")
+    for f in root.iterdir():  # the top level's other files
+        if f.is_file() and not _hidden(f.relative_to(root)) and f.suffix.lower() not in IMAGE_EXTENSIONS:
+            ext = f.suffix.lower() or "(none)"
+            ignored[ext] = ignored.get(ext, 0) + 1
+    if classes:
+        files = [(f, c) for c, name in enumerate(classes) for f in per_class[name]]
     else:
-        class_names = None
-        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        files = [(f, -1) for f in loose]
     if not files:
         raise DataError(
             f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-            "put images in one subfolder per class, e.g. PATH/cat/001.png"
+            "put images in one subfolder per class, e.g. PATH/cat/001.png, or all of them in PATH"
         )
-    if opts.count is not None:
-        files = files[: opts.count]
-    decoded, names, labels, skipped = [], [], [], []
-    for f, c in files:
+    if ignored:
+        hint = "; HEIC photos need converting to JPEG or PNG first" if ".heic" in ignored or ".heif" in ignored else ""
+        log(f"ignored {sum(ignored.values())} file(s) that are not images it reads: "
+            + ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1])[:8]) + hint)
+    return files, classes or None, ignored
+
+
+def _subset(n: int, count: int | None, seed: int) -> np.ndarray:
+    """Indices of a seeded random subset of `count` of `n` items, in their order (the first
+    `count` files of a class-sorted listing would be one class)."""
+    if count is None or count >= n:
+        return np.arange(n)
+    if count <= 0:
+        raise DataError(f"--count must be positive (got {count})")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
+
+
+def _header_channels(items: list, opener, opts: SourceOptions) -> int:
+    """The dataset's channel count: `--channels`, else 1 when every image is grey and 3 when every
+    image is colour, read from the headers alone (nothing decoded).
+
+    Raises:
+        DataError: grey and colour images are mixed.
+    """
+    if opts.channels is not None:
+        return opts.channels
+    grey = colour = None
+    n_grey = n_colour = 0
+    for name, ref in items:
         try:
-            decoded.append(decode_image(f, str(f)))
-        except DataError as e:
-            _collect_bad(str(f), e, opts, skipped)
+            with opener(ref) as img:
+                mode = img.mode
+        except Exception:  # noqa: BLE001 - an unreadable file is reported (or skipped) when it is decoded
             continue
-        names.append(str(f))
-        labels.append(c)
-    if not decoded:
-        raise DataError(f"every image in {root} was unreadable ({len(skipped)} skipped); nothing to prepare")
-    images = arrays_from_pil(decoded, names, opts)
-    return SourceImages(
-        images,
-        np.asarray(labels, np.int64) if class_names else None,
-        class_names,
-        skipped=skipped,
-    )
+        if mode in _GREY_MODES:
+            n_grey, grey = n_grey + 1, grey or name
+        else:
+            n_colour, colour = n_colour + 1, colour or name
+    if n_grey and n_colour:
+        raise DataError(
+            f"mixed image modes: {n_grey} greyscale (e.g. {grey}) and {n_colour} colour "
+            f"(e.g. {colour}); pass --channels 1 or --channels 3 to convert every image"
+        )
+    return 1 if n_grey else 3
+
+
+def _decode_all(items: list, opener, loader, opts: SourceOptions, what: str) -> tuple[np.ndarray, list[int], list, list[bytes], int]:
+    """Decode, convert and resize each image in turn into one array of stored pixels, so that only
+    one decoded image is in memory at a time (a photo folder of several GB prepares on a laptop);
+    with `opts.scratch` the array is a file there, not memory.
+
+    Args:
+        items: [(name, reference)] in order.
+        opener: reference → a lazily opened PIL image (header only).
+        loader: (reference, name) → the decoded image (`decode_image`).
+
+    Returns:
+        (images (K, H, W, C) uint8, indices of `items` kept, skipped, pixel digests, images upscaled).
+    """
+    import hashlib
+    import tempfile
+    import time
+
+    log = opts.log or (lambda *_: None)
+    channels = _header_channels(items, opener, opts)
+    out, kept, skipped, keys, upscaled, first = None, [], [], [], 0, None
+    t_last = time.time()
+    for i, (name, ref) in enumerate(items):
+        try:
+            img = loader(ref, name)
+        except DataError as e:
+            _collect_bad(name, e, opts, skipped)
+            continue
+        upscaled += opts.size is not None and min(img.size) < opts.size
+        img = _to_mode(img, channels)
+        if opts.size is not None:
+            img = resize_square(img, opts.size)
+        arr = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
+        if out is None:
+            first = (name, arr.shape)
+            shape = (len(items), *arr.shape)
+            if opts.scratch is not None:  # unlinked at once: the space comes back even if the process is killed
+                handle = tempfile.TemporaryFile(dir=opts.scratch, prefix=".latentforge-prepare-")
+                out = np.memmap(handle, dtype=np.uint8, mode="w+", shape=shape)
+                handle.close()  # the mapping keeps the file
+            else:
+                out = np.empty(shape, np.uint8)
+        elif arr.shape != first[1]:
+            raise DataError(
+                f"images have different sizes ({first[0]}: {first[1][1]}x{first[1][0]}, {name}: "
+                f"{arr.shape[1]}x{arr.shape[0]}); pass --size N to centre-crop and resize them all"
+            )
+        out[len(kept)] = arr
+        kept.append(i)
+        keys.append(hashlib.sha256(arr.tobytes()).digest())
+        if time.time() - t_last > PROGRESS_EVERY_S:
+            t_last = time.time()
+            log(f"  {i + 1:,} / {len(items):,} images read from {what}")
+    if out is None:
+        raise DataError(f"every image in {what} was unreadable ({len(skipped)} skipped); nothing to prepare")
+    if upscaled:
+        log(f"warning: {upscaled} image(s) were smaller than --size {opts.size} and were upscaled")
+    return out[: len(kept)], kept, skipped, keys, upscaled
+
+
+def load_folder(path: str, opts: SourceOptions) -> SourceImages:
+    """An ImageFolder tree (`PATH/<class>/<image>`, folders without images are not classes) or a
+    flat folder of unlabelled images; hidden and system files are skipped, other files counted."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"folder source {path!r} is not a folder; give folder:PATH with one subfolder per class")
+    log = opts.log or (lambda *_: None)
+    files, class_names, ignored = _list_folder(root, log)
+    files = [files[i] for i in _subset(len(files), opts.count, opts.seed)]
+    log(f"reading {len(files):,} images from {root}" + (f" in {len(class_names)} classes" if class_names else ""))
+    images, kept, skipped, keys, upscaled = _decode_all(
+        [(str(f), f) for f, _ in files], Image.open, lambda f, name: decode_image(f, name, opts.size), opts, str(root))
+    labels = np.asarray([files[i][1] for i in kept], np.int64)
+    return SourceImages(images, labels if class_names else None, class_names, skipped=skipped, keys=keys,
+                        notes={"ignored_files": ignored, "upscaled": upscaled})
 
 
 # Zalando's Fashion-MNIST (Xiao et al. 2017, MIT licence), as Debian's dataset-fashion-mnist installs
@@ -534,33 +701,31 @@ def load_parquet(path: str, opts: SourceOptions) -> SourceImages:
         if not pa.types.is_integer(lab.type):
             raise DataError(f"{p}: label column {opts.label_column!r} has type {lab.type}; it must be integers")
         labels_in = np.asarray(lab.to_pylist(), dtype=object)
-    raw = img_col.to_pylist()
-    if opts.count is not None:
-        raw = raw[: opts.count]
-    decoded, names, labels, skipped = [], [], [], []
-    for i, b in enumerate(raw):
-        name = f"{p} row {i}"
-        try:
-            if b is None:
-                raise DataError(f"cannot read image {name}: the value is null")
-            decoded.append(decode_image(b, name))
-        except DataError as e:
-            _collect_bad(name, e, opts, skipped)
-            continue
-        names.append(name)
-        labels.append(None if labels_in is None else labels_in[i])
-    if not decoded:
-        raise DataError(f"{p} has no readable images ({len(skipped)} skipped)")
-    images = arrays_from_pil(decoded, names, opts)
+    raw = img_col.to_pylist()  # encoded bytes (compressed); decoded one at a time below
+    pick = _subset(len(raw), opts.count, opts.seed)
+    items = [(f"{p} row {int(i)}", raw[int(i)]) for i in pick]
+
+    def load(b, name):
+        if b is None:
+            raise DataError(f"cannot read image {name}: the value is null")
+        return decode_image(b, name, opts.size)
+
+    def opener(b):
+        if b is None:
+            raise ValueError("null")
+        return Image.open(io.BytesIO(b))
+
+    images, kept, skipped, keys, upscaled = _decode_all(items, opener, load, opts, str(p))
     out_labels = class_names = None
     if labels_in is not None:
+        labels = [labels_in[int(pick[i])] for i in kept]
         if any(v is None for v in labels):
             raise DataError(f"{p}: label column {opts.label_column!r} has nulls; fill them or drop the column")
         out_labels = np.asarray(labels, np.int64)
         if out_labels.min() < 0:
             raise DataError(f"{p}: labels must be >= 0 (found {out_labels.min()})")
         class_names = [str(i) for i in range(int(out_labels.max()) + 1)]
-    return SourceImages(images, out_labels, class_names, skipped=skipped)
+    return SourceImages(images, out_labels, class_names, skipped=skipped, keys=keys, notes={"upscaled": upscaled})
 
 
 BUILTIN_SOURCES: dict[str, Callable[[SourceOptions], SourceImages]] = {

@@ -53,6 +53,7 @@ class TrainLaunch:
     threads: int  # torch threads per worker
     train_rows: int  # images in the training split
     resume_from: str | None = None  # a checkpoint folder to start from when Ray holds none of this run
+    data_source: str | None = None  # a worker whose node lacks data_dir prepares this source there (jobs)
     plugins: tuple[str, ...] = field(default_factory=lambda: tuple(allowed_modules()))  # the driver's allowed plug-in modules
 
     def __post_init__(self):
@@ -160,6 +161,10 @@ def worker_loop(config: dict) -> None:
         return ray.train.torch.prepare_model(module)  # DDP when world > 1, the module itself otherwise
 
     local_batch = cfg.train.global_batch_size // world
+    if launch.data_source and launch.data_loader != "ray":
+        from latentforge.data.prepare import ensure_prepared
+
+        ensure_prepared(launch.data_dir, launch.data_source, spec.content_hash, log=lambda m: print(f"[rank {rank}] {m}"))
     if launch.data_loader == "stream":
         from latentforge.data.stream import StreamBatches
 
@@ -211,7 +216,8 @@ def worker_loop(config: dict) -> None:
 
 def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, out: str | None = None,
               storage: str | None = None, max_failures: int = 2, resume: str | None = None,
-              address: str | None = None, data_loader: str = "stream", log=print) -> dict:
+              address: str | None = None, data_loader: str = "stream", data_source: str | None = None,
+              log=print) -> dict:
     """Train `cfg` data-parallel on `workers` Ray Train workers.
 
     Args:
@@ -225,6 +231,8 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
         address: an existing cluster's address (default: start a local cluster).
         data_loader: 'stream' (exact seeded epochs from Parquet row groups), 'memory' (the split in
             memory) or 'ray' (Ray Data shards, not exact).
+        data_source: the `data prepare` SOURCE of `data_dir`: a worker on a node without the folder
+            prepares it there (checked against the driver's content hash) instead of failing.
 
     Returns:
         The final record plus `run_dir` and `checkpoint`.
@@ -250,7 +258,7 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
     write_run_file(run, cfg, str(Path(data_dir).resolve()), "ray", workers, resumed=bool(resume))
     log(f"run {run.name}: {workers} worker(s), folder {run.uri}, data loader {data_loader}")
     trainer = make_trainer(cfg, data_dir, workers, run, use_gpu=use_gpu, max_failures=max_failures,
-                           data_loader=data_loader, resume_from=resume_from)
+                           data_loader=data_loader, resume_from=resume_from, data_source=data_source)
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     return {**metrics, "run_dir": run.uri, "checkpoint": result.checkpoint.path if result.checkpoint else None}
@@ -258,7 +266,7 @@ def train_ray(cfg, data_dir: str | Path, workers: int, use_gpu: bool = False, ou
 
 def make_trainer(cfg, data_dir: str | Path, workers: int, run: RunDir, *,
                  use_gpu: bool = False, max_failures: int = 2, data_loader: str = "stream",
-                 resume_from: str | None = None, callbacks: list | None = None):
+                 resume_from: str | None = None, callbacks: list | None = None, data_source: str | None = None):
     """A `TorchTrainer` running `worker_loop` for `cfg` (used by `train_ray` and by sweep trials).
 
     Args:
@@ -278,7 +286,8 @@ def make_trainer(cfg, data_dir: str | Path, workers: int, run: RunDir, *,
         datasets["train"] = read_prepared(data_dir, "train")
     launch = TrainLaunch(experiment=cfg, spec=DataSpec.from_dataset(ds), run_uri=run.uri, run_name=run.name,
                          data_dir=str(Path(data_dir).resolve()), data_loader=data_loader, threads=threads,
-                         train_rows=ds.manifest["splits"]["train"]["count"], resume_from=resume_from)
+                         train_rows=ds.manifest["splits"]["train"]["count"], resume_from=resume_from,
+                         data_source=data_source)
     return TorchTrainer(
         worker_loop,
         train_loop_config={"launch": launch},

@@ -420,3 +420,156 @@ def test_transparent_pixels_are_black_in_a_grey_dataset_as_the_api_reads_them(tm
         api = decode_image_b64(base64.b64encode(data).decode(), "image", (1, 12, 12), 1024)
         px = ((api[0] + 1) * 127.5).round().to(images.dtype)
         assert any(bool((px == img).all()) for img in images)
+
+
+# ------------------------------------------------------------------------------------------------
+# a user's photo folder as it really is
+
+
+def _noise(root, names, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def _stored(out) -> dict:
+    """split name → set of the stored images' bytes."""
+    ds = PreparedDataset(out)
+    return {s: {bytes(x.numpy().tobytes()) for x in ds.load(s).images} for s in ("train", "val")}
+
+
+def test_a_folder_decodes_one_image_at_a_time_not_all_of_them(tmp_path):
+    """24 photos of 2400x1600 are 276 MB decoded; prepared to 16 px they are 18 kB. The process's
+    peak memory may grow by a few decoded photos, not by all of them (measured in a child process,
+    whose peak is its own)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    yy, xx = np.mgrid[0:1600, 0:2400]
+    for i in range(24):
+        Image.fromarray(np.stack([(xx + i) % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(
+            root / f"{i:02d}.jpg", quality=80)
+    code = (
+        "from latentforge.data import prepare_dataset\n"
+        "from latentforge.data.sources import SourceOptions\n"
+        "def kb(key):\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+        "before = kb('VmRSS:')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # the peak so far (imports) no longer counts\n"
+        f"prepare_dataset('folder:{root}', '{tmp_path / 'out'}', SourceOptions(size=16), log=lambda *_: None)\n"
+        "print((kb('VmHWM:') - before) // 1024)\n")
+    grown_mb = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+    assert grown_mb < 150, f"peak memory grew by {grown_mb} MB"  # all 24 decoded: 276 MB more
+    assert PreparedDataset(tmp_path / "out").manifest["num_images"] == 24
+
+
+def test_decoding_a_multi_frame_image_leaves_no_file_open(tmp_path):
+    """An animated GIF (or a phone's MPO .jpg) keeps its file open after load(): thousands of them
+    exhausted the open-file limit, and the error blamed a good file."""
+    import os
+
+    from latentforge.data.sources import decode_image
+
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    open_before = len(os.listdir("/proc/self/fd"))
+    images = [decode_image(tmp_path / "a.gif", "a.gif") for _ in range(20)]
+    assert len(os.listdir("/proc/self/fd")) == open_before and images[0].size == (8, 8)
+
+
+def test_a_real_folder_skips_system_files_and_says_what_it_ignored(tmp_path):
+    """macOS `._` files and `__MACOSX`, Synology's `@eaDir` thumbnails and hidden folders are not
+    pictures of the dataset; a folder without images is not a class; other files are counted."""
+    root = tmp_path / "imgs"
+    _noise(root, ["cat/1.png", "cat/2.png", "dog/1.png", "dog/2.png",
+                  "cat/.thumbs/1.png", "__MACOSX/cat/x.png", "dog/@eaDir/1.png/SYNOPHOTO_THUMB_S.png"])
+    (root / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "cat" / "IMG_1.HEIC").write_bytes(b"not read")
+    (root / "notes.txt").write_text("x")
+    (root / "empty").mkdir()
+    said = []
+    m = prepare_dataset(f"folder:{root}", tmp_path / "out", log=said.append)
+    assert m["class_names"] == ["cat", "dog"] and m["num_images"] == 4
+    assert m["source_notes"]["ignored_files"] == {".heic": 1, ".txt": 1}
+    assert any("HEIC" in line for line in said) and any("empty" in line and "not classes" in line for line in said)
+
+
+def test_loose_images_beside_class_folders_are_refused_and_an_out_inside_the_source_is_not_read(tmp_path):
+    root = tmp_path / "imgs"
+    _noise(root, [f"{i}.png" for i in range(6)] + ["rejected/x.png"])
+    with pytest.raises(DataError, match=r"6 image\(s\) at its top level .* class folders \(rejected\)"):
+        prepare_dataset(f"folder:{root}", tmp_path / "o", **quiet)
+    (root / "rejected" / "x.png").unlink()
+    (root / "rejected").rmdir()
+    first = prepare_dataset(f"folder:{root}", root / "prepared", **quiet)  # its --out inside the source
+    again = prepare_dataset(f"folder:{root}", root / "prepared", overwrite=True, **quiet)
+    assert first["num_images"] == again["num_images"] == 6 and again["num_classes"] == 0
+    assert first["content_hash"] == again["content_hash"]
+
+
+def test_count_takes_a_seeded_sample_of_every_class_and_must_be_positive(tmp_path):
+    root = _folder(tmp_path / "imgs", classes=("a", "b"), per_class=10)
+    m = prepare_dataset(f"folder:{root}", tmp_path / "o", SourceOptions(count=10), val_fraction=0.0, **quiet)
+    counts = m["splits"]["train"]["class_counts"]
+    assert m["num_images"] == 10 and counts["0"] > 0 and counts["1"] > 0  # not the first 10 files: all of class a
+    for bad in (0, -3):
+        with pytest.raises(DataError, match="--count must be positive"):
+            prepare_dataset(f"folder:{root}", tmp_path / f"o{bad}", SourceOptions(count=bad), **quiet)
+
+
+def test_adding_a_photo_moves_no_old_photo_across_the_split_and_copies_share_a_side(tmp_path):
+    """The split follows each image's content: with a seeded permutation of positions, one file that
+    sorts first moved 80 of 100 validation images into training, which a model trained on the old
+    folder then scores as unseen."""
+    root = tmp_path / "imgs"
+    _noise(root, [f"{i:03d}.png" for i in range(1, 101)])
+    before = _stored(prepare_dataset(f"folder:{root}", tmp_path / "v1", **quiet) and tmp_path / "v1")
+    _noise(root, ["000.png"], seed=7)  # sorts first
+    after = _stored(prepare_dataset(f"folder:{root}", tmp_path / "v2", **quiet) and tmp_path / "v2")
+    assert len(before["val"]) == 10 and len(before["val"] - after["val"]) <= 1
+    assert len(after["train"] | after["val"]) == 101
+    (root / "copy of 001.png").write_bytes((root / "001.png").read_bytes())
+    said = []
+    m = prepare_dataset(f"folder:{root}", tmp_path / "v3", log=said.append)
+    ds = PreparedDataset(tmp_path / "v3")
+    sides = [{bytes(x.numpy().tobytes()) for x in ds.load(s).images} for s in ("train", "val")]
+    assert m["duplicates"] == 1 and not (sides[0] & sides[1]) and any("exact copies" in line for line in said)
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused(tmp_path):
+    with pytest.raises(DataError, match="leave none to train on"):
+        prepare_dataset("digits", tmp_path / "o", SourceOptions(count=2), val_fraction=0.9, **quiet)
+    root = tmp_path / "imgs"
+    _noise(root, ["1.png"])  # a folder's content split always keeps one image to train on
+    assert prepare_dataset(f"folder:{root}", tmp_path / "o", val_fraction=0.9, **quiet)["splits"]["train"]["count"] == 1
+
+
+def test_a_photo_above_the_pixel_limit_is_decoded_at_a_reduced_scale_when_a_size_is_given(tmp_path, monkeypatch):
+    from latentforge.data import sources
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(root / "big.jpg")
+    monkeypatch.setattr(sources, "MAX_SOURCE_PIXELS", 10_000)  # as a 48 MP photo against the real limit
+    with pytest.raises(DataError, match="more than the 10,000 allowed"):
+        prepare_dataset(f"folder:{root}", tmp_path / "o", **quiet)
+    m = prepare_dataset(f"folder:{root}", tmp_path / "o", SourceOptions(size=32), **quiet)
+    assert m["image_shape"] == [3, 32, 32]
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from latentforge.data import prepare as prep
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep.pq, "ParquetWriter", full)
+    with pytest.raises(DataError, match="cannot write the dataset to .*No space left on device; free some space"):
+        prepare_dataset("digits", tmp_path / "o", SourceOptions(count=50), **quiet)
+    assert not list(tmp_path.iterdir())
