@@ -34,6 +34,9 @@ stage() {  # name, command...: run a stage; a failure is recorded and said, and 
 # every stage's command under a time limit: one that hangs (a Ray or Serve start) must not use up a
 # GPU session whose numbers come from the later stages
 PYT=(timeout -k 10 "${LF_STAGE_TIMEOUT:-300}" "$PY")
+PYT_LONG=(timeout -k 10 "$(( ${LF_STAGE_TIMEOUT:-300} * 2 ))" "$PY")  # the sweep: Tune's start and two trials
+# `timeout` puts its stage in a process group of its own, out of reach of Ctrl-C: pass it on
+trap 'echo "interrupted: stopping the running stage"; pkill -TERM -P $$; exit 130' INT TERM
 RUNS="$WORK/runs-$(date +%s)"  # a rerun in the same LF_CHECK_DIR writes beside the last one, never into it
 summary() {
 "$PY" - "$WORK" "$DEVICE" "${LF_GPU_PEAK_TFLOPS:-}" <<'PYEOF'
@@ -138,7 +141,7 @@ eval_every: $((STEPS / 8 > 2 ? STEPS / 8 : 2))
 eval_samples: 500
 scheduler: {kind: fifo}
 YAML
-  "${PYT[@]}" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$RUNS/sweep" --no-promote
+  "${PYT_LONG[@]}" -m latentforge.cli tune "$WORK/sweep.yaml" --data "$WORK/data" "${GPU[@]}" --out "$RUNS/sweep" --no-promote
 }
 stage tune sweep
 echo "== serve generate and reconstruct requests"

@@ -214,8 +214,9 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
             lines.append(f"  algorithm: must be 'gan' or 'vae' (got {e.get('input', {}).get('algorithm') if isinstance(e.get('input'), dict) else e.get('input')!r})")
         else:
             msg = e["msg"].removeprefix("Value error, ")  # a validator's own words
-            # a model-level validator's input is the whole file: its message names what is wrong
-            got = "" if isinstance(e.get("input"), dict) and field == "(top level)" else f" (got {e.get('input')!r})"
+            # a model-level validator's input is a whole section (a serve config's API key among it):
+            # its message names what is wrong, and the section is not echoed into logs
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
             lines.append(f"  {field}: {msg}{got}")
     return "\n".join(lines)
 

@@ -65,3 +65,11 @@ def test_a_deploy_spec_whose_key_file_is_missing_is_a_bad_spec(tmp_path, capsys)
     (tmp_path / "deploy.yaml").write_text(f"serve: {{registry: {tmp_path / 'r'}, api_key_file: {tmp_path / 'nokey'}}}\n")
     assert main("deploy", [str(tmp_path / "deploy.yaml")]) == 2
     assert "nokey" in capsys.readouterr().err
+
+
+def test_a_bad_serve_section_is_named_without_echoing_its_api_key(tmp_path, capsys):
+    (tmp_path / "deploy.yaml").write_text(f"serve: {{registry: {tmp_path / 'r'}, api_key: s3cr3t-token-value-xyz, "
+                                          "projection_steps: 600}\n")
+    assert main("deploy", [str(tmp_path / "deploy.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "projection_steps (600) is above" in err and "s3cr3t" not in err

@@ -60,12 +60,9 @@ def _split_mask(n: int, val_fraction: float, seed: int, keys: list[bytes] | None
 
 
 def _content_hash(src: SourceImages, order: np.ndarray, val: np.ndarray) -> str:
-    """sha256 over every stored byte that matters: shape, pixels, labels and what they name,
-    attributes, split."""
+    """sha256 over every stored byte that matters: shape, pixels, labels, attributes, split."""
     h = hashlib.sha256()
     h.update(str(src.images.shape[1:]).encode())
-    if src.labels is not None and src.class_names:
-        h.update(("classes:" + "\x00".join(src.class_names)).encode())
     for i in order:
         h.update(b"v" if val[i] else b"t")
         h.update(src.images[i].tobytes())
@@ -87,11 +84,18 @@ def _write_split(folder: Path, split: str, src: SourceImages, idx: np.ndarray) -
     n_shards = max(1, -(-len(idx) // per_shard))
     files = []
     for s in range(n_shards):
-        shard = idx[s * per_shard : (s + 1) * per_shard]
         name = f"{split}-{s:05d}-of-{n_shards:05d}.parquet"
-        writer = None
-        for g in range(0, max(1, len(shard)), group):
-            part = shard[g : g + group]
+        _write_shard(folder / name, src, idx[s * per_shard : (s + 1) * per_shard], group)
+        files.append(name)
+    return files
+
+
+def _write_shard(path: Path, src: SourceImages, rows: np.ndarray, group: int) -> None:
+    _, h, w, c = src.images.shape
+    writer = None
+    try:
+        for g in range(0, max(1, len(rows)), group):  # an empty split still gets one (empty) shard
+            part = rows[g : g + group]
             cols = {
                 "image": pa.array([src.images[i].tobytes() for i in part], type=pa.binary()),
                 "height": pa.array(np.full(len(part), h, np.int32)),
@@ -104,11 +108,11 @@ def _write_split(folder: Path, split: str, src: SourceImages, idx: np.ndarray) -
                 cols[f"attr_{k}"] = pa.array(src.attributes[k][part].astype(np.float32))
             table = pa.table(cols)
             if writer is None:
-                writer = pq.ParquetWriter(folder / name, table.schema, compression="zstd")
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
             writer.write_table(table, row_group_size=group)
-        writer.close()
-        files.append(name)
-    return files
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _check_replaceable(out: Path, source: str) -> None:
@@ -184,33 +188,38 @@ def prepare_dataset(
     log(f"loading source {source} ...")
     # decoded images of a user's folder wait for the split in a file beside --out, not in memory
     opts = dataclasses.replace(opts, scratch=out.parent, log=log)
-    try:
-        return _prepare(source, out, opts, val_fraction, split_seed, overwrite, log, t0)
-    except OSError as e:  # a full disk, a read-only or vanished folder: the partial folder is already gone
-        raise DataError(f"cannot write the dataset to {out}: {e.strerror or e}; free some space or choose another "
-                        "--out (nothing was left behind)") from None
+    return _prepare(source, out, opts, val_fraction, split_seed, overwrite, log, t0)
 
 
 def _remove_abandoned(out: Path, log) -> None:
-    """Folders a killed prepare left beside `out` (`.NAME.partial-*`, hidden, possibly gigabytes)."""
+    """Folders a killed prepare left beside `out` (`.NAME.partial-*`, `.NAME.old-*`: hidden, possibly
+    gigabytes), once they are an hour old (not those another prepare is writing now)."""
     import shutil
 
-    for old in out.parent.glob(f".{out.name}.partial-*"):
-        if old.is_dir() and time.time() - old.stat().st_mtime > 3600:  # not one another prepare is writing now
-            log(f"removing {old}, left by an interrupted prepare")
-            shutil.rmtree(old, ignore_errors=True)
+    for old in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+                log(f"removing {old}, left by an interrupted prepare")
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # gone meanwhile (another prepare cleaned it), or not ours to remove
+            pass
 
 
 def _prepare(source: str, out: Path, opts: SourceOptions, val_fraction: float, split_seed: int, overwrite: bool,
              log, t0: float) -> dict:
-    src = load_source(source, opts)
+    try:
+        src = load_source(source, opts)
+    except OSError as e:  # an unreadable folder, a disconnected share
+        raise DataError(f"cannot read the source {source!r}: {e.filename or ''} {e.strerror or e}".replace("  ", " ")
+                        + "; check that it is readable") from None
     n = len(src.images)
     if n == 0:
         raise DataError(f"source {source!r} produced no images")
     val = src.fixed_split if src.fixed_split is not None else _split_mask(n, val_fraction, split_seed, src.keys)
     if val.all():
-        raise DataError(f"{n} image(s) with --val-fraction {val_fraction} leave none to train on; add images or lower "
-                        "--val-fraction")
+        fix = ("the source's official split holds them all out: raise --count" if src.fixed_split is not None else
+               "add images or lower --val-fraction")
+        raise DataError(f"{n} image(s) with --val-fraction {val_fraction} leave none to train on; {fix}")
     duplicates = n - len(set(src.keys)) if src.keys is not None else 0
     if duplicates:
         log(f"warning: {duplicates} image(s) are exact copies of others (after conversion); each copy stays in the "
@@ -224,6 +233,23 @@ def _prepare(source: str, out: Path, opts: SourceOptions, val_fraction: float, s
         log(f"warning: the images are {w}x{h}, not square; the models train on squares: pass --size N to "
             "centre-crop and resize them")
     log(f"writing {n} images ({c}x{h}x{w}) to {out} ...")
+    try:
+        manifest = _write(out, src, splits, order, val, source, opts, val_fraction, split_seed, overwrite, duplicates)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the partial folder is already gone
+        raise DataError(f"cannot write the dataset to {out}: {e.strerror or e}; free some space or choose another "
+                        "--out (nothing was left behind)") from None
+    split_info = manifest["splits"]
+    log(
+        f"prepared {out}: train {split_info['train']['count']}, val {split_info['val']['count']}, "
+        f"{manifest['num_classes']} classes, {len(src.skipped)} skipped, {time.time() - t0:.1f}s"
+    )
+    return manifest
+
+
+def _write(out: Path, src: SourceImages, splits: dict, order: np.ndarray, val: np.ndarray, source: str,
+           opts: SourceOptions, val_fraction: float, split_seed: int, overwrite: bool, duplicates: int) -> dict:
+    n = len(src.images)
+    _, h, w, c = src.images.shape
     with staged_dir(out, overwrite=overwrite) as tmp:
         split_info = {}
         for name, idx in splits.items():
@@ -255,10 +281,6 @@ def _prepare(source: str, out: Path, opts: SourceOptions, val_fraction: float, s
             "content_hash": _content_hash(src, order, val),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-    log(
-        f"prepared {out}: train {split_info['train']['count']}, val {split_info['val']['count']}, "
-        f"{manifest['num_classes']} classes, {len(src.skipped)} skipped, {time.time() - t0:.1f}s"
-    )
     return manifest
 
 
@@ -279,11 +301,17 @@ def ensure_prepared(folder: str | Path, source: str, content_hash: str | None = 
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.with_name(f".{folder.name}.lock"), "a") as lock:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(folder.with_name(f".{folder.name}.lock"), "a")
+        except OSError as e:
+            raise DataError(f"{folder} has no prepared dataset on {socket.gethostname()} and it cannot be prepared "
+                            f"there ({e.strerror}): prepare it with `latentforge data prepare {source} --out {folder}`, "
+                            "or put it on storage every node mounts") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not (folder / MANIFEST).is_file():
-                log(f"{folder} is not on {socket.gethostname()}: preparing {source} there")
+                log(f"preparing {source} into {folder} on {socket.gethostname()}")
                 prepare_dataset(source, folder, log=log)
     if content_hash:
         from latentforge.data.dataset import PreparedDataset

@@ -14,6 +14,7 @@ Specs (`latentforge data prepare SOURCE`):
 
 from __future__ import annotations
 
+import errno
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,15 @@ from latentforge.images import as_displayed, flatten_alpha
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_SOURCE_PIXELS = 40_000_000  # larger files are refused as decompression bombs, not decoded
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def _grey_mode(mode: str) -> bool:
+    """Whether a PIL mode is greyscale: 1, L, LA, I, F and every 16-bit variant (a big-endian TIFF
+    reads as I;16B), as opposed to P, RGB, RGBA, CMYK, YCbCr, ..."""
+    try:
+        return Image.getmodebase(mode) == "L"
+    except KeyError:  # a mode PIL cannot convert anyway: reported when the image is converted
+        return False
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
@@ -111,8 +120,8 @@ def arrays_from_pil(images: list[Image.Image], names: list[str], opts: SourceOpt
     """
     channels = opts.channels
     if channels is None:
-        grey = [n for img, n in zip(images, names) if img.mode in _GREY_MODES]
-        colour = [n for img, n in zip(images, names) if img.mode not in _GREY_MODES]
+        grey = [n for img, n in zip(images, names) if _grey_mode(img.mode)]
+        colour = [n for img, n in zip(images, names) if not _grey_mode(img.mode)]
         if grey and colour:
             raise DataError(
                 f"mixed image modes: {len(grey)} greyscale (e.g. {grey[0]}) and {len(colour)} colour "
@@ -150,7 +159,7 @@ def decode_image(data: bytes | Path, name: str, size: int | None = None) -> Imag
     try:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
             w, h = img.size
-            if w * h > MAX_SOURCE_PIXELS and size is not None and img.format == "JPEG":
+            if w * h > MAX_SOURCE_PIXELS and size is not None and img.format in ("JPEG", "MPO"):
                 img.draft(img.mode, (size, size))  # the largest 1/2, 1/4 or 1/8 scale with both sides >= size
                 w, h = img.size
             if w * h > MAX_SOURCE_PIXELS:
@@ -471,7 +480,7 @@ def _header_channels(items: list, opener, opts: SourceOptions) -> int:
                 mode = img.mode
         except Exception:  # noqa: BLE001 - an unreadable file is reported (or skipped) when it is decoded
             continue
-        if mode in _GREY_MODES:
+        if _grey_mode(mode):
             n_grey, grey = n_grey + 1, grey or name
         else:
             n_colour, colour = n_colour + 1, colour or name
@@ -497,7 +506,6 @@ def _decode_all(items: list, opener, loader, opts: SourceOptions, what: str) -> 
         (images (K, H, W, C) uint8, indices of `items` kept, skipped, pixel digests, images upscaled).
     """
     import hashlib
-    import tempfile
     import time
 
     log = opts.log or (lambda *_: None)
@@ -519,9 +527,7 @@ def _decode_all(items: list, opener, loader, opts: SourceOptions, what: str) -> 
             first = (name, arr.shape)
             shape = (len(items), *arr.shape)
             if opts.scratch is not None:  # unlinked at once: the space comes back even if the process is killed
-                handle = tempfile.TemporaryFile(dir=opts.scratch, prefix=".latentforge-prepare-")
-                out = np.memmap(handle, dtype=np.uint8, mode="w+", shape=shape)
-                handle.close()  # the mapping keeps the file
+                out = _scratch_array(Path(opts.scratch), shape)
             else:
                 out = np.empty(shape, np.uint8)
         elif arr.shape != first[1]:
@@ -540,6 +546,32 @@ def _decode_all(items: list, opener, loader, opts: SourceOptions, what: str) -> 
     if upscaled:
         log(f"warning: {upscaled} image(s) were smaller than --size {opts.size} and were upscaled")
     return out[: len(kept)], kept, skipped, keys, upscaled
+
+
+def _scratch_array(folder: Path, shape: tuple) -> np.ndarray:
+    """A uint8 array of `shape` in an unlinked file in `folder`, its disk space reserved first: a
+    full disk must fail here with ENOSPC, not later as a SIGBUS when a page of a sparse mapping is
+    first written.
+
+    Raises:
+        DataError: no room (or no write access) in `folder`.
+    """
+    import os
+    import tempfile
+
+    nbytes = int(np.prod(shape))
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".latentforge-prepare-") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it: written as it goes
+                    raise
+                handle.truncate(nbytes)
+            return np.memmap(handle, dtype=np.uint8, mode="r+", shape=shape)  # the mapping keeps the file
+    except OSError as e:
+        raise DataError(f"no room for the decoded images ({nbytes / 1e9:.2f} GB) beside --out in {folder}: {e.strerror}; "
+                        "free some space or choose an --out on a larger disk") from None
 
 
 def load_folder(path: str, opts: SourceOptions) -> SourceImages:

@@ -134,17 +134,17 @@ class ModelRuntime:
         return found
 
     # ------------------------------------------------------------------------------ helpers
-    def _labels(self, n: int, label: int | None, cycle: bool = False) -> torch.Tensor | None:
+    def _labels(self, n: int, label: int | None, cycle: bool = False, field: str = "label") -> torch.Tensor | None:
         if not self.num_classes:
             if label is not None:
-                raise BadInput("label: this model is not class-conditional; leave label out")
+                raise BadInput(f"{field}: this model is not class-conditional; leave label out")
             return None
         if label is None:
             if cycle:
                 return torch.arange(n) % self.num_classes
-            raise BadInput(f"label: this model is class-conditional; give a label in 0..{self.num_classes - 1}")
+            raise BadInput(f"{field}: this model is class-conditional; give a label in 0..{self.num_classes - 1}")
         if label >= self.num_classes:
-            raise BadInput(f"label: {label} is out of range; this model has classes 0..{self.num_classes - 1}")
+            raise BadInput(f"{field}: {label} is out of range; this model has classes 0..{self.num_classes - 1}")
         return torch.full((n,), label, dtype=torch.long)
 
     def _steps(self, steps: int | None, field: str = "steps") -> int:
@@ -187,12 +187,12 @@ class ModelRuntime:
         return invert(self.model, self.algorithm, x, labels,
                       **({} if self.algorithm == "vae" else self._projection(steps, field=field)))
 
-    def _latent(self, src: LatentSource, steps: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    def _latent(self, src: LatentSource, steps: int | None, field: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(z (D,), labels (1,) or None, provenance) for a LatentSource. A conditional model's
         provenance names the label used, so sending it back reproduces the image. A seed or latent
         without a label takes class 0 (as generate's first image); an image needs its label, as in
         reconstruct: inverted under another class, it would come back as another picture."""
-        labels = self._labels(1, src.label, cycle=src.image is None)
+        labels = self._labels(1, src.label, cycle=src.image is None, field=f"{field}.label")
         z, prov = self._source_latent(src, labels, steps)
         return z, labels, prov if labels is None else {**prov, "label": int(labels[0])}
 
@@ -271,8 +271,8 @@ class ModelRuntime:
             images = sum(s.image is not None for s in (r.a, r.b))
             if images:
                 self._projection(r.projection_steps, images=images, field="projection_steps")
-        za, ya, pa = self._latent(r.a, r.projection_steps)
-        zb, yb, pb = self._latent(r.b, r.projection_steps)
+        za, ya, pa = self._latent(r.a, r.projection_steps, "a")
+        zb, yb, pb = self._latent(r.b, r.projection_steps, "b")
         method = r.method or default_interpolation(self.model, self.algorithm)  # what edit-eval measures
         path = interpolation_path(za, zb, r.steps, method)
         labels = None
@@ -291,7 +291,7 @@ class ModelRuntime:
                 have = (f"this model has: {', '.join(sorted(directions))}" if directions else
                         f"this model has no edit directions ({self._directions_error or 'its architecture offers none'})")
                 raise BadInput(f"{field}: unknown direction {name!r}; {have}")
-        z, labels, prov = self._latent(r.source, r.projection_steps)
+        z, labels, prov = self._latent(r.source, r.projection_steps, "source")
         others = [directions[n].vector for n in r.orthogonal_to]
         try:
             edited = apply_edit(z[None], directions[r.direction].vector, r.alpha, others or None)

@@ -573,3 +573,44 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot write the dataset to .*No space left on device; free some space"):
         prepare_dataset("digits", tmp_path / "o", SourceOptions(count=50), **quiet)
     assert not list(tmp_path.iterdir())
+
+
+def test_sixteen_bit_tiffs_are_grey_whatever_their_byte_order(tmp_path):
+    """Scanners and microscopes write big-endian 16-bit TIFFs (mode I;16B): grey, like the 8-bit PNG
+    beside them, not colour."""
+    root = tmp_path / "scans"
+    root.mkdir()
+    ramp = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    Image.frombytes("I;16B", (16, 16), ramp.astype(">u2").tobytes()).save(root / "a.tif")
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(root / "b.png")
+    m = prepare_dataset(f"folder:{root}", tmp_path / "o", val_fraction=0.0, **quiet)
+    assert m["image_shape"] == [1, 16, 16]
+    stored = {bytes(x.numpy().tobytes()) for x in PreparedDataset(tmp_path / "o").load("train").images}
+    assert np.arange(256, dtype=np.uint8).tobytes() in stored  # scaled to 8 bits, not clipped white
+
+
+def test_an_oversized_phone_mpo_is_decoded_at_a_reduced_scale_too(tmp_path, monkeypatch):
+    from latentforge.data import sources
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (200, 200, 3), dtype=np.uint8)) for i in (0, 1)]
+    frames[0].save(root / "phone.jpg", "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(root / "phone.jpg").format == "MPO"
+    monkeypatch.setattr(sources, "MAX_SOURCE_PIXELS", 10_000)
+    assert prepare_dataset(f"folder:{root}", tmp_path / "o", SourceOptions(size=32), **quiet)["image_shape"] == [3, 32, 32]
+
+
+def test_no_room_for_the_decoded_images_is_said_before_any_is_written(tmp_path, monkeypatch):
+    """The scratch file's space is reserved up front: a sparse mapping filling a disk dies of SIGBUS."""
+    import errno
+    import os
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    root = _folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"no room for the decoded images .* No space left on device; free some space"):
+        prepare_dataset(f"folder:{root}", tmp_path / "out", **quiet)
+    assert not (tmp_path / "out").exists()
