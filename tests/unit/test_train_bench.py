@@ -220,3 +220,18 @@ def test_the_ray_runs_train_the_plain_loops_model(monkeypatch, tmp_path):
                               use_gpu=False)
     ran = seen[0]
     assert (ran.model.g_width, ran.gan.lr_d, ran.train.steps) == (128, 1e-3, 6) and out["windows"] == 2
+
+
+def test_flops_are_counted_over_a_whole_period_of_the_lazy_regularisers():
+    """One counted step holds R1 (every 16th D update in StyleGAN2) or not depending on --warmup,
+    which moved GFLOP/s and the share of the peak; the count now spans the regularisers' period."""
+    from latentforge.config import load_experiment
+
+    def period(preset, **o):
+        return train_bench.regulariser_period(load_experiment(preset, o))
+
+    assert period("dcgan-mnist") == 1 and period("vae-mnist") == 1
+    assert period("dcgan-mnist", **{"gan.r1_weight": 1.0, "gan.r1_interval": 16}) == 16
+    assert period("dcgan-mnist", **{"gan.r1_weight": 1.0, "gan.r1_interval": 16, "gan.n_critic": 2}) == 8  # 2 D updates a step
+    assert period("stylegan2-mnist", **{"gan.r1_weight": 1.0, "gan.r1_interval": 16, "gan.pl_weight": 2.0,
+                                        "gan.pl_interval": 3}) == 48

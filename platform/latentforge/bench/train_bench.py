@@ -53,11 +53,18 @@ class _PlainLoop:
         for s in range(1, warmup):
             self._step(s)
         self.step = warmup
+        # FLOPs are counted on eager steps (compiled kernels bypass the counter; the math is the same),
+        # over one period of the lazy regularisers: one step alone would count R1 (every 16th D update
+        # in StyleGAN2) as on every step, or never, depending on --warmup
+        period = 1 if cfg.train.compile else regulariser_period(cfg)
+        flops = float("nan") if cfg.train.compile else sum(self._counted_step() for _ in range(period))
+        self.flops_per_image = flops / (period * self.images_per_step)
+
+    def _counted_step(self) -> float:
         batches = self._batches()
-        # FLOPs are counted on an eager step (compiled kernels bypass the counter; the math is the same)
-        flops = float("nan") if cfg.train.compile else count_flops(lambda: self.program.step(batches, self.step))
-        self.flops_per_image = flops / self.images_per_step
+        flops = count_flops(lambda: self.program.step(batches, self.step))
         self.step += 1
+        return flops
 
     def _batches(self):
         return [next(self.it) for _ in range(self.per_step)]
@@ -74,6 +81,17 @@ class _PlainLoop:
             self.step += 1
         settle(self.device)
         return time.perf_counter() - t
+
+
+def regulariser_period(cfg) -> int:
+    """Training steps after which a GAN's lazy regularisers (R1 every `r1_interval` D updates, path
+    length every `pl_interval` G steps) have all run in their proportion: the FLOP count's window."""
+    if cfg.algorithm != "gan":
+        return 1
+    g = cfg.gan
+    r1 = g.r1_interval // math.gcd(g.r1_interval, g.n_critic) if g.r1_weight > 0 else 1  # D updates: n_critic a step
+    pl = g.pl_interval if getattr(g, "pl_weight", 0) > 0 else 1
+    return math.lcm(r1, pl)
 
 
 def ray_run(cfg, data_dir, workers: int, warmup: int, steps: int, storage: str, data_loader: str, use_gpu: bool) -> dict:
