@@ -133,6 +133,21 @@ class PreparedDataset:
             )
         return self._cache[split]
 
+    def chunks(self, split: str, rows: int = 1024) -> Iterator[Split]:
+        """The whole split in its stored order, `rows` images at a time, read a row group at a time:
+        what a pass over a split larger than memory uses (statistics, not training)."""
+        import pyarrow.parquet as pq
+
+        c, h, w = self.image_shape
+        columns = ["image"] + (["label"] if self.num_classes else [])
+        for f in self.files(split):
+            with shard_errors(f):
+                batches = pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns)
+                for b in batches:
+                    images = torch.from_numpy(decode_rows(b.column("image").to_pylist(), h, w, c).copy())  # writable
+                    labels = torch.from_numpy(b.column("label").to_numpy().astype(np.int64)) if self.num_classes else None
+                    yield Split(images, labels)
+
     def sample(self, split: str, n: int, seed: int = 0, max_bytes: int = 512 << 20) -> Split:
         """A seeded random subset of at most `n` images of `split`, reading only as many shards as
         it needs (a split larger than memory is never read whole).

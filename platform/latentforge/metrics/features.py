@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from latentforge.data.dataset import PreparedDataset
+from latentforge.data.dataset import PreparedDataset, Split
 
 from latentforge.images import to_model_range
 from latentforge.errors import DataError, LatentForgeError
@@ -135,16 +135,39 @@ def _fit_autoencoder(model, train, epochs, batch_size, seed, log):
 
 
 def real_stats(model, split, num_classes) -> dict[str, torch.Tensor]:
-    """Feature mean, covariance, stored features (and labels, class shares) of one split."""
+    """Feature mean, covariance, stored features (and labels, class shares) of one split: a `Split`
+    in memory, or an iterable of them (`PreparedDataset.chunks`), embedded a chunk at a time, so
+    only the features of a split larger than memory are ever held."""
     net = FeatureNet(model, "", None, {}, Path("."))
-    feats, _ = net.embed(to_model_range(split.images))
+    feats, labels = [], []
+    for part in [split] if isinstance(split, Split) else split:
+        feats.append(net.embed(to_model_range(part.images))[0])
+        if part.labels is not None:
+            labels.append(part.labels)
+    feats = torch.cat(feats)
     mu, sigma = gaussian_stats(feats)
     keep = feats[:MAX_STORED_FEATURES]
     out = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "features": keep.contiguous()}
-    if split.labels is not None:
-        out["labels"] = split.labels[:MAX_STORED_FEATURES].contiguous()
-        out["class_share"] = (torch.bincount(split.labels, minlength=num_classes).double() / len(split)).contiguous()
+    if labels:
+        labels = torch.cat(labels)
+        out["labels"] = labels[:MAX_STORED_FEATURES].contiguous()
+        out["class_share"] = (torch.bincount(labels, minlength=num_classes).double() / len(labels)).contiguous()
     return out
+
+
+FIT_BYTES = 1 << 30  # pixels a feature network trains on at most (a larger split: a seeded sample of it)
+
+
+def _fitting_split(ds: PreparedDataset, split: str, seed: int, log) -> Split:
+    """The images a feature network trains (or checks its accuracy) on: the whole split, or where it
+    holds more than FIT_BYTES of pixels, a seeded sample of that size (FFHQ at 256 px is 14 GB)."""
+    c, h, w = ds.image_shape
+    n = ds.manifest["splits"][split]["count"]
+    if n * c * h * w <= FIT_BYTES:
+        return ds.load(split)
+    cap = FIT_BYTES // (c * h * w)
+    log(f"  the {split} split holds {n:,} images; the feature network fits on a seeded sample of {cap:,}")
+    return ds.sample(split, cap, seed=seed, max_bytes=FIT_BYTES)
 
 
 def train_feature_net(dataset_dir: str | Path, epochs: int | None = None, batch_size: int = 128, seed: int = 0,
@@ -165,7 +188,7 @@ def train_feature_net(dataset_dir: str | Path, epochs: int | None = None, batch_
     t0 = time.time()
     ds = PreparedDataset(dataset_dir)
     c, h, w = ds.image_shape
-    train, val = ds.load("train"), ds.load("val")
+    train, val = _fitting_split(ds, "train", seed, log), _fitting_split(ds, "val", seed, log)
     if len(train) < 2:
         raise DataError(f"{dataset_dir} has too few training images ({len(train)}) to train a feature network")
     epochs = epochs or max(4, min(30, 40_000 // max(1, len(train))))
@@ -181,9 +204,9 @@ def train_feature_net(dataset_dir: str | Path, epochs: int | None = None, batch_
         _fit_autoencoder(model, train, epochs, batch_size, seed, log)
     model.eval()
     tensors = {}
-    for name, split in (("train", train), ("val", val)):
-        if len(split) >= 2:
-            for k, v in real_stats(model, split, ds.num_classes).items():
+    for name in ("train", "val"):  # the statistics cover every image of the split, read in chunks
+        if ds.manifest["splits"][name]["count"] >= 2:
+            for k, v in real_stats(model, ds.chunks(name), ds.num_classes).items():
                 tensors[f"{name}.{k}"] = v
     backbone = f"lf-{'classifier' if labelled else 'autoencoder'}@{ds.content_hash.split(':')[-1][:12]}"
     config = {
