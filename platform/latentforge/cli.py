@@ -490,7 +490,8 @@ def add_registry(verbs: Verbs) -> None:
             r.add_argument("name")
         if verb == "promote":
             r.add_argument("checkpoint", help="checkpoint or run folder (latest checkpoint)")
-            r.add_argument("--name", required=True, help="registry name: a-z, 0-9, '.', '_', '-'")
+            r.add_argument("--name", help="registry name: a-z, 0-9, '.', '_', '-' (default: the experiment's name, "
+                           "e.g. dcgan-mnist)")
             r.add_argument("--overwrite", action="store_true")
         r.set_defaults(func=handler)
 

@@ -61,15 +61,23 @@ def _capabilities(algorithm: str, conditional: bool) -> list[str]:
     return common + (["class_conditional"] if conditional else [])
 
 
-def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | None = None,
+def default_name(experiment: str | None) -> str:
+    """An entry name from an experiment's name (`dcgan-mnist`, or a YAML's `my GAN v2` → `my-gan-v2`)."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", (experiment or "model").lower()).strip("-._")[:64].rstrip("-._")
+    return name.replace("..", ".") or "model"
+
+
+def promote(checkpoint: str | Path, registry: str, name: str | None, lineage: dict | None = None,
             metrics: dict | None = None, overwrite: bool = False) -> dict:
-    """Copy a checkpoint's inference files into the registry under `name`, with lineage: its config
-    and the weights of the modules inference reads (`checkpoint.write_inference_copy`).
+    """Copy a checkpoint's inference files into the registry under `name` (default: the
+    experiment's name), with lineage: its config and the weights of the modules inference reads
+    (`checkpoint.write_inference_copy`).
 
     Raises:
         RegistryError: bad name, or the name exists and `overwrite` is false.
     """
-    check_name(name)
+    if name is not None:
+        check_name(name)
     best = sweep_best(checkpoint)
     if best is not None:  # a sweep folder: its best trial, with the lineage and metrics its own promotion records
         lineage = {"sweep": best["sweep"], "sweep_dir": best["sweep_dir"], "trial_id": best.get("trial_id"),
@@ -78,6 +86,7 @@ def promote(checkpoint: str | Path, registry: str, name: str, lineage: dict | No
             metrics = {best["metric_name"]: best.get("metric"), **best.get("metrics", {})}
     ck_path = best["checkpoint"] if best is not None else resolve_checkpoint(checkpoint)
     ck = load_checkpoint(ck_path)
+    name = check_name(name or default_name(ck.experiment.get("name")))
     entry_uri = join_uri(registry, name)
     if read_bytes_uri(join_uri(entry_uri, ENTRY_FILE)) is not None and not overwrite:
         raise RegistryError(f"model {name!r} already exists in {registry}; choose another --name or pass --overwrite")

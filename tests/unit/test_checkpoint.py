@@ -331,6 +331,18 @@ def test_promote_stores_nan_metrics_as_null_so_model_json_stays_json(gan_run, tm
     assert show(str(tmp_path), "m")["metrics"]["recall"] is None
 
 
+def test_promote_without_a_name_uses_the_experiments(gan_run, tmp_path):
+    """The CLI contract's `registry promote CHECKPOINT --registry DIR [--name NAME]`."""
+    from latentforge.checkpoint import load_checkpoint
+    from latentforge.registry import RegistryError, default_name, promote
+
+    entry = promote(gan_run, str(tmp_path), None)
+    assert entry["name"] == default_name(load_checkpoint(gan_run).experiment["name"]) == entry["experiment"]
+    with pytest.raises(RegistryError, match="already exists .* choose another --name or pass --overwrite"):
+        promote(gan_run, str(tmp_path), None)
+    assert default_name("My GAN v2 (final)") == "my-gan-v2-final" and default_name("..") == "model"
+
+
 def test_an_unknown_name_costs_a_server_one_read_not_a_scan(gan_run, tmp_path, monkeypatch):
     import latentforge.registry as registry
     from latentforge.registry import UnknownModel, promote, show
