@@ -33,10 +33,12 @@ stage() {  # name, command...: run a stage; a failure is recorded and said, and 
 }
 # every stage's command under a time limit: one that hangs (a Ray or Serve start) must not use up a
 # GPU session whose numbers come from the later stages
-PYT=(timeout -k 10 "${LF_STAGE_TIMEOUT:-300}" "$PY")
-PYT_LONG=(timeout -k 10 "$(( ${LF_STAGE_TIMEOUT:-300} * 2 ))" "$PY")  # the sweep: Tune's start and two trials
-# `timeout` puts its stage in a process group of its own, out of reach of Ctrl-C: pass it on
-trap 'echo "interrupted: stopping the running stage"; pkill -TERM -P $$; exit 130' INT TERM
+LIMIT=${LF_STAGE_TIMEOUT:-300}
+case $LIMIT in ''|*[!0-9]*) echo "LF_STAGE_TIMEOUT must be whole seconds (got '$LIMIT')" >&2; exit 2 ;; esac
+# --foreground: the stage stays in this script's process group, so Ctrl-C reaches it (and stops it)
+PYT=(timeout --foreground -k 10 "$LIMIT" "$PY")
+PYT_LONG=(timeout --foreground -k 10 "$(( LIMIT * 2 ))" "$PY")  # the sweep: Tune's start and two trials
+trap 'echo "interrupted"; exit 130' INT
 RUNS="$WORK/runs-$(date +%s)"  # a rerun in the same LF_CHECK_DIR writes beside the last one, never into it
 summary() {
 "$PY" - "$WORK" "$DEVICE" "${LF_GPU_PEAK_TFLOPS:-}" <<'PYEOF'

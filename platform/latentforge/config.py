@@ -216,7 +216,8 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
             msg = e["msg"].removeprefix("Value error, ")  # a validator's own words
             # a model-level validator's input is a whole section (a serve config's API key among it):
             # its message names what is wrong, and the section is not echoed into logs
-            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            secret = any(w in field.lower() for w in ("key", "token", "secret", "password"))  # never into a log
+            got = "" if isinstance(e.get("input"), dict) or secret else f" (got {e.get('input')!r})"
             lines.append(f"  {field}: {msg}{got}")
     return "\n".join(lines)
 

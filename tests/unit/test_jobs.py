@@ -73,3 +73,10 @@ def test_a_bad_serve_section_is_named_without_echoing_its_api_key(tmp_path, caps
     assert main("deploy", [str(tmp_path / "deploy.yaml")]) == 2
     err = capsys.readouterr().err
     assert "projection_steps (600) is above" in err and "s3cr3t" not in err
+
+
+def test_a_key_of_the_wrong_type_is_named_without_its_value(tmp_path, capsys):
+    (tmp_path / "deploy.yaml").write_text(f"serve: {{registry: {tmp_path / 'r'}, api_key: 8675309012345}}\n")
+    assert main("deploy", [str(tmp_path / "deploy.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "serve.api_key" in err and "8675309012345" not in err

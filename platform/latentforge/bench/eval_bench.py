@@ -36,7 +36,7 @@ def bench_eval(data_dir: str | None = None, samples: int = 5000, checkpoint: str
         cfg = load_experiment("dcgan-mnist")
         g, _ = build_gan(cfg.model, DataSpec.from_dataset(PreparedDataset(data_dir)))
     # untimed: the first forward passes pay one-off set-up (allocator, kernel selection)
-    few = min(samples, 64)
+    few = min(samples, 1000)  # the timed passes' batch shapes
     net.embed(decode_latents(g, sample_latents(few, g.z_dim, 1), torch.arange(few) % g.num_classes if g.num_classes else None))
     timings = {}
     t = time.perf_counter()

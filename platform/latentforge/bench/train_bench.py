@@ -56,7 +56,7 @@ class _PlainLoop:
         # FLOPs are counted on eager steps (compiled kernels bypass the counter; the math is the same),
         # over one period of the lazy regularisers: one step alone would count R1 (every 16th D update
         # in StyleGAN2) as on every step, or never, depending on --warmup
-        period = 1 if cfg.train.compile else regulariser_period(cfg)
+        period = 1 if cfg.train.compile else min(regulariser_period(cfg), MAX_COUNTED_STEPS)
         flops = float("nan") if cfg.train.compile else sum(self._counted_step() for _ in range(period))
         self.flops_per_image = flops / (period * self.images_per_step)
 
@@ -81,6 +81,9 @@ class _PlainLoop:
             self.step += 1
         settle(self.device)
         return time.perf_counter() - t
+
+
+MAX_COUNTED_STEPS = 64  # the presets' period is 16; an odd pair of intervals (64, 63) would be 4032 eager steps
 
 
 def regulariser_period(cfg) -> int:

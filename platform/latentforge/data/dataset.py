@@ -47,6 +47,9 @@ def shard_errors(path: str | Path) -> Iterator[None]:
                         "dataset again (latentforge data prepare SOURCE OUT --overwrite)") from e
 
 
+CHUNK_BYTES = 32 * 1024 * 1024  # pixels per chunk of `PreparedDataset.chunks`
+
+
 class PreparedDataset:
     """A prepared dataset folder written by `prepare_dataset`.
 
@@ -134,11 +137,12 @@ class PreparedDataset:
         return self._cache[split]
 
     def chunks(self, split: str, rows: int = 1024) -> Iterator[Split]:
-        """The whole split in its stored order, `rows` images at a time, read a row group at a time:
-        what a pass over a split larger than memory uses (statistics, not training)."""
+        """The whole split in its stored order, at most `rows` images (and CHUNK_BYTES of pixels) at a
+        time: what a pass over a split larger than memory uses (statistics, not training)."""
         import pyarrow.parquet as pq
 
         c, h, w = self.image_shape
+        rows = max(1, min(rows, CHUNK_BYTES // (c * h * w)))  # pyarrow merges row groups up to `rows`
         columns = ["image"] + (["label"] if self.num_classes else [])
         for f in self.files(split):
             with shard_errors(f):
@@ -172,6 +176,7 @@ class PreparedDataset:
             if have >= n:
                 break
         all_images = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, c, h, w, dtype=torch.uint8)
+        images.clear()  # the shards' own arrays: the peak is the joined array and the pick, not three copies
         pick = torch.randperm(len(all_images), generator=gen)[:n]
         return Split(images=all_images[pick],
                      labels=torch.from_numpy(np.concatenate(labels).astype(np.int64))[pick] if self.num_classes else None)

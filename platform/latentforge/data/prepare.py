@@ -13,6 +13,7 @@ bytes hash reproducibly.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import time
 from pathlib import Path
@@ -198,7 +199,8 @@ def _remove_abandoned(out: Path, log) -> None:
 
     for old in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
         try:
-            if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+            # ctime: a rename (how an .old-* is made) updates it, where mtime keeps the dataset's age
+            if old.is_dir() and time.time() - old.stat().st_ctime > 3600:
                 log(f"removing {old}, left by an interrupted prepare")
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:  # gone meanwhile (another prepare cleaned it), or not ours to remove
@@ -210,6 +212,9 @@ def _prepare(source: str, out: Path, opts: SourceOptions, val_fraction: float, s
     try:
         src = load_source(source, opts)
     except OSError as e:  # an unreadable folder, a disconnected share
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # a download or cache that could not be written
+            raise DataError(f"cannot write while reading the source {source!r}: {e.filename or ''} {e.strerror}; free "
+                            "some space") from None
         raise DataError(f"cannot read the source {source!r}: {e.filename or ''} {e.strerror or e}".replace("  ", " ")
                         + "; check that it is readable") from None
     n = len(src.images)

@@ -563,6 +563,8 @@ def _scratch_array(folder: Path, shape: tuple) -> np.ndarray:
     try:
         with tempfile.TemporaryFile(dir=folder, prefix=".latentforge-prepare-") as handle:
             try:
+                if not hasattr(os, "posix_fallocate"):  # macOS: a sparse file, written as it goes
+                    raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
                 os.posix_fallocate(handle.fileno(), 0, nbytes)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it: written as it goes

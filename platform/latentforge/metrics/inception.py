@@ -115,10 +115,9 @@ def load_inception_net(dataset_dir: str | Path, weights: str | Path, protocol: s
     else:
         log(f"computing Inception-v3 real statistics of {dataset_dir} (once; cached in {cache})")
         raw = {}
-        for split in ("train", "val"):
-            data = ds.load(split)
-            if len(data) >= 2:
-                raw.update({f"{split}.{k}": v for k, v in real_stats(model, data, 0).items()})
+        for split in ("train", "val"):  # a chunk at a time: a split larger than memory is never read whole
+            if ds.manifest["splits"][split]["count"] >= 2:
+                raw.update({f"{split}.{k}": v for k, v in real_stats(model, ds.chunks(split), 0).items()})
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".partial")
         save_file(raw, str(tmp))

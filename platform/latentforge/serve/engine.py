@@ -193,20 +193,20 @@ class ModelRuntime:
         without a label takes class 0 (as generate's first image); an image needs its label, as in
         reconstruct: inverted under another class, it would come back as another picture."""
         labels = self._labels(1, src.label, cycle=src.image is None, field=f"{field}.label")
-        z, prov = self._source_latent(src, labels, steps)
+        z, prov = self._source_latent(src, labels, steps, field)
         return z, labels, prov if labels is None else {**prov, "label": int(labels[0])}
 
-    def _source_latent(self, src: LatentSource, labels: torch.Tensor | None, steps: int | None):
+    def _source_latent(self, src: LatentSource, labels: torch.Tensor | None, steps: int | None, field: str):
         if src.seed is not None:
             return seeded_latents(self.model, 1, src.seed, labels=labels, prior=self.prior)[0], {"seed": src.seed}
         if src.latent is not None:
             z = torch.tensor(src.latent, dtype=torch.float32)
             if z.numel() != self.z_dim:
-                raise BadInput(f"latent: has {z.numel()} values; this model's latents have {self.z_dim}")
+                raise BadInput(f"{field}.latent: has {z.numel()} values; this model's latents have {self.z_dim}")
             if not torch.isfinite(z).all() or z.abs().max() > MAX_LATENT_ABS:
-                raise BadInput(f"latent: values must be finite and within ±{MAX_LATENT_ABS}")
+                raise BadInput(f"{field}.latent: values must be finite and within ±{MAX_LATENT_ABS}")
             return z, {"latent": "given"}
-        inv = self._invert(self._image(src.image, src.fit), labels, steps, field="projection_steps")
+        inv = self._invert(self._image(src.image, src.fit, field=f"{field}.image"), labels, steps, field="projection_steps")
         return inv.latent[0], {"inverted": True, "reconstruction_mse": float(inv.error[0])}
 
     def _images(self, images: torch.Tensor) -> list[str]:
