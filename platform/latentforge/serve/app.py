@@ -10,6 +10,7 @@ the Serve config / RayService in `cluster/`.
 import asyncio
 import hmac
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -317,6 +318,7 @@ class ErrorBody(BaseModel):
 _STATUS_TEXT = {400: "an invalid model id", 401: "a missing or wrong API key (when the server has one)",
                 404: "no such model or route", 413: "a body or image over the size limit",
                 422: "a request that is not valid: the message names the field",
+                429: "over the per-client request rate (when the server has one); see Retry-After",
                 503: "busy (a full queue), a model that failed to load, or directions being computed; see Retry-After",
                 504: "past the server's deadline"}
 
@@ -326,7 +328,7 @@ def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorBody, "description": _STATUS_TEXT[s]} for s in statuses}
 
 
-MODEL_ERRORS = _errors(400, 401, 404, 413, 422, 503, 504)  # every /v1/models/{model_id}/... route
+MODEL_ERRORS = _errors(400, 401, 404, 413, 422, 429, 503, 504)  # every /v1/models/{model_id}/... route
 ModelId = Annotated[str, FastAPIPath(description="a registry model name",
                                      json_schema_extra={"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$", "maxLength": 64})]
 
@@ -453,7 +455,62 @@ class ApiKeyAuth:
         return await self.inner(scope, receive, send)
 
 
+class TokenBuckets:
+    """Per-client token buckets: `rate` tokens a second up to `burst`; a request takes one. At most
+    `max_clients` are tracked (the longest idle goes first), so a flood of addresses cannot grow it."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000, clock=time.monotonic):
+        self.rate, self.burst, self.max_clients, self.clock = rate, burst, max_clients, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+
+    def take(self, client: str) -> float:
+        """0 when the request may go ahead (a token is taken), else the seconds until it could."""
+        now = self.clock()
+        tokens, when = self.buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+        self.buckets[client] = (tokens - 1.0 if wait == 0.0 else tokens, now)  # re-inserted: most recent last
+        while len(self.buckets) > self.max_clients:
+            self.buckets.pop(next(iter(self.buckets)))
+        return wait
+
+
+class RateLimit:
+    """ASGI middleware: a 429 with Retry-After past a client's rate (`ServeLimits.rate_per_s`),
+    before a body is read or a model looked up. Per gateway replica: with N replicas a client
+    gets up to N times the rate. The settings are class attributes (see BodyLimit on why)."""
+
+    buckets: TokenBuckets | None = None
+    trust_forwarded_for = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        buckets = RateLimit.buckets
+        if scope["type"] == "http" and buckets is not None and scope.get("path") not in PUBLIC_PATHS:
+            wait = buckets.take(client_of(scope, RateLimit.trust_forwarded_for))
+            if wait > 0:
+                resp = _error(429, f"too many requests: this server allows {buckets.rate:g} a second per client "
+                                   f"(bursts of {buckets.burst}); retry in {math.ceil(wait)} s")
+                resp.headers["Retry-After"] = str(math.ceil(wait))
+                return await resp(scope, receive, send)
+        return await self.inner(scope, receive, send)
+
+
+def client_of(scope, trust_forwarded_for: bool) -> str:
+    """Who a request counts against: its peer address, or the first X-Forwarded-For address."""
+    if trust_forwarded_for:
+        forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for", b"").decode("latin-1")
+        first = forwarded.split(",")[0].strip()
+        if first:
+            return first[:64]
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 app.add_middleware(BodyLimit)
+app.add_middleware(RateLimit)  # after the key check: a stranger without the key gets 401s, never tokens
 app.add_middleware(ApiKeyAuth)  # added last: runs first
 
 
@@ -502,6 +559,9 @@ class Gateway:
         # replica's own environment is never consulted: on a cluster it is not the user's
         ApiKeyAuth.key = self.cfg.api_key.get_secret_value() if self.cfg.api_key else None
         BodyLimit.max_bytes = self.cfg.limits.max_body_bytes
+        lim = self.cfg.limits
+        RateLimit.buckets = TokenBuckets(lim.rate_per_s, lim.rate_burst) if lim.rate_per_s else None
+        RateLimit.trust_forwarded_for = lim.trust_forwarded_for
         self._forward.set_max_batch_size(self.cfg.max_batch_images)
         self._entries: dict[str, tuple[float, dict | tuple[int, str]]] = {}
 

@@ -22,6 +22,13 @@ class ServeLimits(StrictConfig):
     max_image_side: int = Field(1024, ge=8)  # larger images are refused from the PNG header, before decoding
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # request bodies above this are 413s
     max_alpha: float = Field(10.0, gt=0)  # |alpha| for edits
+    # requests per second each client may make through one gateway replica, with bursts of up to
+    # rate_burst (a token bucket; None: no limit). A client is its address, or with
+    # trust_forwarded_for the first address of X-Forwarded-For (behind your own proxy only:
+    # anyone can send that header)
+    rate_per_s: float | None = Field(None, gt=0)
+    rate_burst: int = Field(20, ge=1)
+    trust_forwarded_for: bool = False
 
 
 class StrictRequest(BaseModel):
