@@ -3,6 +3,8 @@ Ray check takes the cluster's numbers as arguments)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from latentforge.errors import ConfigError
@@ -49,6 +51,18 @@ def set_tf32(enabled: bool) -> None:
     CPU's real statistics were."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 off inside (a training run's `train.tf32` is process-wide): the FID a run reports while
+    it trains, and its sample grids, use the fp32 math its real statistics were computed with."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def inference_device(device: str, flag: str, fallback: str) -> str:

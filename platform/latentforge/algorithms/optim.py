@@ -16,3 +16,15 @@ def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
+
+
+def match_parameter_layouts(opt: torch.optim.Optimizer) -> None:
+    """Put each per-parameter state tensor (Adam's moments) in its parameter's memory layout. A
+    checkpoint keeps the layout of the run that wrote it, and `load_state_dict` keeps it too; a
+    resume that picks another layout (channels_last is on for a CPU's bf16 and off for CUDA fp32)
+    left NHWC moments beside NCHW weights, and the fused kernel, which walks both in memory
+    order, paired each weight with another weight's moments, silently."""
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # p's strides, v's values

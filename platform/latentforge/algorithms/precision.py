@@ -54,7 +54,8 @@ def native_bf16(device_type: str = "cpu") -> bool:
     emulated and slower than fp32."""
     try:
         if device_type == "cuda":
-            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            # native only: a T4 or V100 "supports" bf16 by emulation, slower than its fp32
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -42,10 +42,10 @@ class ServeConfig(StrictConfig):
     replica_cpus: float = Field(0.5, gt=0)  # CPUs reserved per generator/editor replica
     # GPUs per Generator replica (0: it runs on its CPUs; a fraction lets replicas share a GPU).
     # Generation and edits of seeds and latents then run on the GPU.
-    replica_gpus: float = Field(0.0, ge=0, le=8)
+    replica_gpus: float = Field(0.0, ge=0)
     # GPUs per Editor replica: its projections of images (reconstruct, inpaint, denoise, edits and
     # interpolations of images) then run on the GPU, where each of their hundreds of steps is cheap.
-    editor_gpus: float = Field(0.0, ge=0, le=8)
+    editor_gpus: float = Field(0.0, ge=0)
     threads_per_replica: int = Field(1, ge=1)  # torch threads in each replica
     projection_steps: int = Field(200, ge=1)  # default Adam steps for GAN inversion
     projection_restarts: int = Field(2, ge=1)
@@ -126,10 +126,11 @@ class ServeConfig(StrictConfig):
 
     @field_validator("replica_gpus", "editor_gpus")
     @classmethod
-    def _whole_beyond_one(cls, gpus: float) -> float:
-        if gpus > 1 and gpus != int(gpus):
-            raise ValueError(f"{gpus:g}: above one GPU, a replica takes whole GPUs (a fraction of a second GPU "
-                             "would sit idle); give 2, 3, ... or a fraction of one, such as 0.5, for replicas that share a GPU")
+    def _at_most_one(cls, gpus: float) -> float:
+        if gpus > 1:
+            raise ValueError(f"{gpus:g}: a replica runs its model on one GPU, so the others would sit idle; give at most 1 "
+                             "(or a fraction, such as 0.5, for replicas that share a GPU) and more replicas (max_replicas) "
+                             "for more GPUs")
         return gpus
 
     @field_validator("allow_plugins")

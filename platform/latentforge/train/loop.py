@@ -25,7 +25,7 @@ from latentforge.data.spec import DataSpec
 from latentforge.checkpoint import load_module_weights, load_training_state, save_checkpoint
 from latentforge.config import experiment_to_dict
 from latentforge.images import grid_png
-from latentforge.devices import settle
+from latentforge.devices import settle, tf32_off
 from latentforge.host_memory import keep_freed_host_memory
 from latentforge.train.program import TrainingProgram, build_program
 from latentforge.tune.instability import InstabilityPolicy, unstable_warning
@@ -206,7 +206,8 @@ def run_training(
         if slow:
             log(slow)
         if start == 0:
-            sink.artifact("samples/step_000000.png", grid_png(program.sample()))
+            with tf32_off():
+                sink.artifact("samples/step_000000.png", grid_png(program.sample()))
 
     # the chief watches its own records with the sweeps' instability policy and says once when the
     # run has died (e.g. a hinge D at its margins with G's samples all black), instead of silently
@@ -237,7 +238,8 @@ def run_training(
             if note and is_last:
                 log(note)
             if sample_due:
-                sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
+                with tf32_off():
+                    sink.artifact(f"samples/step_{done:06d}.png", grid_png(program.sample()))
             window_aside += _settled_clock(ctx.device) - aside_start
         if not (log_due or ckpt_due):
             continue
@@ -264,7 +266,8 @@ def run_training(
             **dict(zip(keys, mean)),
         }
         if evaluate is not None and ctx.is_chief and eval_due:
-            record.update(evaluate(program, done))
+            with tf32_off():
+                record.update(evaluate(program, done))
         if ckpt_due:
             last_ckpt = checkpoint_name(done)
         record["last_checkpoint"] = last_ckpt

@@ -19,6 +19,7 @@ from latentforge.algorithms.ema import STANDING_SEED_OFFSET, standing_batchnorm_
 from latentforge.algorithms.gan import NO_PATH_LENGTH, PathLength, gan_step, make_gan_state
 from latentforge.algorithms.losses import get_loss
 from latentforge.algorithms.noise import GlobalNoise
+from latentforge.algorithms.optim import match_parameter_layouts
 from latentforge.algorithms.precision import Precision, precision_for
 from latentforge.algorithms.vae import fit_latent_prior, make_vae_state, vae_step
 from latentforge.checkpoint import LATENT_PRIOR
@@ -50,11 +51,13 @@ class TrainingProgram:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
         state from a checkpoint (which carries the old ones), e.g. when PBT warm-starts a trial
         from another trial's checkpoint with mutated hyperparameters. How the optimiser runs
-        (fused, foreach) stays as built: a checkpoint from before the fused Adam carries neither."""
+        (fused, foreach) stays as built: a checkpoint from before the fused Adam carries neither.
+        The loaded moments take their parameters' memory layout (`match_parameter_layouts`)."""
         for name, opt in self.optimizers.items():
             for group in opt.param_groups:
                 group.update(self.hyperparameters[name])
                 group.update({k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults})
+            match_parameter_layouts(opt)
 
 
 def _grid_inputs(spec: DataSpec, z_dim: int, n: int, seed: int, device, conditional: bool):

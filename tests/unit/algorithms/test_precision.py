@@ -303,3 +303,33 @@ def test_auto_channels_last_is_on_for_cpus_and_for_bf16_on_cuda(monkeypatch):
     assert precision.precision_for(nchw.train, "cpu").channels_last is False
     with pytest.raises(ConfigError, match="channels_last: must be true, false or auto"):
         load_experiment("dcgan-mnist", {"train.channels_last": "sometimes"})
+
+
+def test_a_resume_in_another_memory_layout_puts_adams_moments_in_the_weights_layout():
+    """channels_last is picked per machine (on for a CPU's bf16, off for CUDA fp32): a checkpoint's
+    NHWC moments beside NCHW weights were paired by memory order in the fused kernel, so each
+    weight was updated with another weight's moments, silently (0.015 off at lr 1e-2 here)."""
+    import copy
+
+    from latentforge.algorithms.optim import adam, match_parameter_layouts
+
+    torch.manual_seed(0)
+    nhwc = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    nchw = torch.nn.Conv2d(4, 8, 3)
+    x = torch.randn(2, 4, 6, 6)
+    opt_a = adam(nhwc.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    for _ in range(2):
+        opt_a.zero_grad()
+        nhwc(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        opt_a.step()
+    nchw.load_state_dict(nhwc.state_dict())
+    opt_b = adam(nchw.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a checkpoint file: nothing shared
+    match_parameter_layouts(opt_b)
+    w = nchw.weight
+    assert opt_b.state[w]["exp_avg"].stride() == w.stride()
+    for model, opt, inp in ((nhwc, opt_a, x.contiguous(memory_format=torch.channels_last)), (nchw, opt_b, x)):
+        opt.zero_grad()
+        model(inp).square().mean().backward()
+        opt.step()
+    torch.testing.assert_close(nchw.weight, nhwc.weight.contiguous(), rtol=1e-6, atol=1e-7)

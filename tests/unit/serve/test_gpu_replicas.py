@@ -141,9 +141,10 @@ def test_each_model_deployment_asks_ray_for_its_own_gpus():
     for field in ("replica_gpus", "editor_gpus"):
         with pytest.raises(ValidationError, match=field):
             ServeConfig(**{field: -1})
-        with pytest.raises(ValidationError, match="above one GPU, a replica takes whole GPUs"):
-            ServeConfig(**{field: 1.5})
-        assert getattr(ServeConfig(**{field: 2}), field) == 2
+        for more in (1.5, 2):  # a replica runs on one GPU: a second would sit idle
+            with pytest.raises(ValidationError, match="a replica runs its model on one GPU.* more replicas"):
+                ServeConfig(**{field: more})
+        assert getattr(ServeConfig(**{field: 1}), field) == 1
 
 
 @pytest.mark.parametrize("deployment,field", [("Generator", "replica_gpus"), ("Editor", "editor_gpus")])
