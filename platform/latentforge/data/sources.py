@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -188,9 +189,7 @@ def _cap(src: SourceImages, count: int | None, seed: int = 0) -> SourceImages:
     are sorted by class, so the first `count` rows would hold a single class."""
     if count is None or count >= len(src.images):
         return src
-    if count <= 0:
-        raise DataError(f"--count must be positive (got {count})")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(src.images))[:count])
+    keep = _subset(len(src.images), count, seed)
     return SourceImages(
         images=src.images[keep],
         labels=None if src.labels is None else src.labels[keep],
@@ -391,7 +390,7 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") or part in JUNK_DIRS for part in rel.parts)
 
 
-def _image_files(folder: Path, root: Path, datasets: set[Path], ignored: dict) -> list[Path]:
+def _image_files(folder: Path, root: Path, datasets: set[Path], ignored: Counter) -> list[Path]:
     """Image files under `folder`, sorted: no hidden or system files (macOS `._x.jpg`, thumbnail
     folders), nothing inside a prepared dataset (an --out inside the source), and every other file
     counted in `ignored` by extension."""
@@ -403,8 +402,7 @@ def _image_files(folder: Path, root: Path, datasets: set[Path], ignored: dict) -
         if f.suffix.lower() in IMAGE_EXTENSIONS:
             out.append(f)
         else:
-            ext = f.suffix.lower() or "(none)"
-            ignored[ext] = ignored.get(ext, 0) + 1
+            ignored[f.suffix.lower() or "(none)"] += 1
     return out
 
 
@@ -419,7 +417,7 @@ def _list_folder(root: Path, log) -> tuple[list[tuple[Path, int]], list[str] | N
     from latentforge.storage import json_kind
 
     datasets = {m.parent for m in root.rglob(MANIFEST) if json_kind(m) == DATASET_KIND}
-    ignored: dict[str, int] = {}
+    ignored: Counter[str] = Counter()
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not _hidden(p.relative_to(root)) and p not in datasets]
     loose = [f for f in sorted(root.iterdir()) if f.is_file() and not _hidden(f.relative_to(root))
              and f.suffix.lower() in IMAGE_EXTENSIONS]
@@ -435,8 +433,7 @@ def _list_folder(root: Path, log) -> tuple[list[tuple[Path, int]], list[str] | N
         log(f"warning: {len(empty)} folder(s) in {root} hold no images and are not classes: {', '.join(empty[:10])}")
     for f in root.iterdir():  # the top level's other files
         if f.is_file() and not _hidden(f.relative_to(root)) and f.suffix.lower() not in IMAGE_EXTENSIONS:
-            ext = f.suffix.lower() or "(none)"
-            ignored[ext] = ignored.get(ext, 0) + 1
+            ignored[f.suffix.lower() or "(none)"] += 1
     if classes:
         files = [(f, c) for c, name in enumerate(classes) for f in per_class[name]]
     else:
@@ -450,7 +447,7 @@ def _list_folder(root: Path, log) -> tuple[list[tuple[Path, int]], list[str] | N
         hint = "; HEIC photos need converting to JPEG or PNG first" if ".heic" in ignored or ".heif" in ignored else ""
         log(f"ignored {sum(ignored.values())} file(s) that are not images it reads: "
             + ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1])[:8]) + hint)
-    return files, classes or None, ignored
+    return files, classes or None, dict(ignored)
 
 
 def _subset(n: int, count: int | None, seed: int) -> np.ndarray:

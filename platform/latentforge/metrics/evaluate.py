@@ -144,8 +144,9 @@ def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_
     vae.eval()
     try:
         with torch.no_grad():  # in chunks: 5,000 images of 128 px at once do not fit a 24 GB GPU
-            recon = torch.cat([vae.decode(vae.encode(xc, yc)[0], yc) for xc, yc in zip(
-                x.split(500), [None] * len(x.split(500)) if y is None else y.split(500))])
+            xs = x.split(500)
+            ys = [None] * len(xs) if y is None else y.split(500)
+            recon = torch.cat([vae.decode(vae.encode(xc, yc)[0], yc) for xc, yc in zip(xs, ys)])
     finally:
         vae.train(was_training)
     elbo = vae_negative_elbo(vae, x, y, sigma=sigma)
