@@ -86,11 +86,11 @@ def test_ddp_matches_single_process_with_resnet_ada_and_accumulation(ray_cluster
 
 
 def test_ddp_matches_single_process_with_stylegan2(ray_cluster, mnist_dir, tmp_path):
-    """The same for the StyleGAN2-style family with lazy R1: the tracked mean w is averaged over the
-    global batch, so g_ema's w_avg matches too. Noise inputs and style mixing draw per-worker random
-    numbers (the same distribution, not the same bits), so they are off here."""
+    """The same for the StyleGAN2-style family with lazy R1, noise maps and style mixing: the tracked
+    mean w is averaged over the global batch, so g_ema's w_avg matches too, and the maps and the
+    mixing are drawn for the global batch and sliced like the latents."""
     k = 3
-    cfg = tiny("stylegan2-mnist", model__g_options={"noise": False, "style_mixing": 0.0}, gan__r1_interval=2,
+    cfg = tiny("stylegan2-mnist", model__g_options={"noise": True, "style_mixing": 0.9}, gan__r1_interval=2,
                train__steps=k, train__checkpoint_every=k)
     train_local(cfg, mnist_dir, tmp_path / "single", log=quiet)
     train_ray(cfg, mnist_dir, workers=2, out="ddp", storage=str(tmp_path / "runs"), log=quiet)

@@ -52,8 +52,9 @@ class PathLength:
     def due(self, step: int) -> bool:
         return self.weight > 0 and step % self.interval == 0
 
-    def penalty(self, g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        lengths = g.path_lengths(z, labels, y)
+    def penalty(self, g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, y: torch.Tensor,
+                randomness: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        lengths = g.path_lengths(z, labels, y, **_as_kwargs(randomness))
         batch_mean = float(self.reduce_mean(lengths.detach().mean().reshape(1)).cpu()[0])
         self.mean = self.mean + self.decay * (batch_mean - self.mean)
         return (lengths - self.mean).square().mean()
@@ -111,6 +112,32 @@ def _clip(params, max_norm: float | None) -> torch.Tensor:
     return norm
 
 
+def random_inputs(g: nn.Module, noise: GlobalNoise, step: int, stream: int, local: int,
+                  device: torch.device) -> dict[str, torch.Tensor] | None:
+    """This worker's slice of the global batch's draws of a generator's own random inputs (its
+    `random_inputs()` spec: StyleGAN2's noise maps and style mixing), for the pass whose latents use
+    `stream`; None for a generator without any. Drawn like the latents, so N workers equal one."""
+    spec = getattr(g, "random_inputs", None)
+    spec = spec() if callable(spec) else {}
+    out = {}
+    for i, (name, (dist, shape)) in enumerate(spec.items()):
+        if dist not in ("normal", "uniform"):
+            raise ValueError(f"{type(g).__name__}.random_inputs() gives {name!r} the distribution {dist!r}; "
+                             "use 'normal' or 'uniform'")
+        draw = noise.normal if dist == "normal" else noise.uniform
+        out[name] = draw(step, GlobalNoise.RANDOM_INPUTS * (i + 1) + stream, local, *shape).to(device)
+    return out or None
+
+
+def _as_kwargs(randomness: dict[str, torch.Tensor] | None, m: int = 0, size: int | None = None,
+               every: int = 1) -> dict:
+    """`randomness=` for a generator call (nothing for generators without random inputs), sliced to
+    micro-batch `m` of `size` and then to every `every`-th sample."""
+    if randomness is None:
+        return {}
+    return {"randomness": {k: (v if size is None else _micro(v, m, size))[::every] for k, v in randomness.items()}}
+
+
 def _micro(t: torch.Tensor | None, m: int, size: int) -> torch.Tensor | None:
     return None if t is None else t[m * size : (m + 1) * size]
 
@@ -156,6 +183,7 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
         d_update = step * cfg.n_critic + k
         use_r1 = cfg.r1_weight > 0 and d_update % cfg.r1_interval == 0  # lazy R1: every r1_interval updates
         z_all = noise.normal(step, GlobalNoise.LATENT_D + 10 * k, b, z_dim).to(device)
+        r_all = random_inputs(g_plain, noise, step, GlobalNoise.LATENT_D + 10 * k, b, device)
         alpha_all = (noise.uniform(step, GlobalNoise.PENALTY_MIX + 10 * k, b, 1, 1, 1).to(device)
                      if loss.needs_gradient_penalty else None)
         u_real = noise.uniform(step, GlobalNoise.AUG_REAL + 10 * k, b, n_aug) if n_aug else None
@@ -166,7 +194,7 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
         for m in range(accumulate):
             real, labels = precision.images(_micro(batch.images, m, mb)), _micro(batch.labels, m, mb)
             with torch.no_grad(), precision.autocast():
-                fake = g_plain(_micro(z_all, m, mb), labels).float()
+                fake = g_plain(_micro(z_all, m, mb), labels, **_as_kwargs(r_all, m, mb)).float()
             if use_r1:
                 real = real.detach().requires_grad_(True)  # R1 is the gradient w.r.t. the un-augmented reals
             parts = [real, fake]
@@ -208,11 +236,13 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
     d_plain.requires_grad_(False)
     try:
         z_all = noise.normal(step, GlobalNoise.LATENT_G, b, z_dim).to(device)
+        r_all = random_inputs(g_plain, noise, step, GlobalNoise.LATENT_G, b, device)
         u_g = noise.uniform(step, GlobalNoise.AUG_G, b, n_aug) if n_aug else None
         use_pl = path_length.due(step)
         if use_pl:
             _, c, h, w = last.images.shape
             y_all = noise.normal(step, GlobalNoise.PATH_LENGTH, b, c, h, w).to(device) / (h * w) ** 0.5
+            r_pl = random_inputs(g_plain, noise, step, GlobalNoise.PATH_LENGTH, b, device)
         state.opt_g.zero_grad(set_to_none=True)
         g_loss_sum = torch.zeros((), device=device)
         pl_sum = torch.zeros((), device=device)
@@ -220,7 +250,8 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
             labels = _micro(last.labels, m, mb)
             with no_sync_unless(state.g, m == accumulate - 1):
                 with precision.autocast():
-                    fake = state.g(_micro(z_all, m, mb), labels)  # through the wrapper: DDP all-reduces G's grads
+                    # through the wrapper: DDP all-reduces G's grads
+                    fake = state.g(_micro(z_all, m, mb), labels, **_as_kwargs(r_all, m, mb))
                     if augment.active:
                         fake = augment(fake, _micro(u_g, m, mb))
                     fake_logits_g = d_plain(fake, labels)
@@ -228,7 +259,8 @@ def gan_step(state: GANState, batches: list[Batch], noise: GlobalNoise, cfg, ste
                 total = g_loss
                 if use_pl:  # every other sample: the same global samples however the batch is split
                     pl = path_length.penalty(g_plain, _micro(z_all, m, mb)[::2],
-                                             None if labels is None else labels[::2], _micro(y_all, m, mb)[::2])
+                                             None if labels is None else labels[::2], _micro(y_all, m, mb)[::2],
+                                             **_as_kwargs(r_pl, m, mb, every=2))
                     total = total + path_length.weight * path_length.interval * pl
                     pl_sum += pl.detach() / accumulate
                 (total / accumulate).backward()

@@ -3,7 +3,13 @@
 Every random draw of a step (latents, penalty interpolation weights, reparameterisation noise)
 is drawn for the whole global batch from a generator seeded by (seed, step, stream), and each
 worker keeps its slice. So N workers with batch b and 1 worker with batch N*b see the same
-numbers: this is what makes data-parallel training match single-process training exactly.
+numbers: this is what makes data-parallel training match single-process training exactly. And as
+nothing is carried from step to step, a resumed run draws what the uninterrupted run drew.
+
+The draws are made on the worker's device: on a GPU a StyleGAN2 step's noise maps for the global
+batch (tens of millions of numbers at 256 px) take microseconds there and most of a second on the
+host. A CUDA generator gives other numbers than the CPU's, so runs are exact across worker counts
+on one kind of device.
 """
 
 from __future__ import annotations
@@ -22,25 +28,29 @@ class GlobalNoise:
         world_size: number of workers.
     """
 
-    # Streams: one per kind of draw within a step; D sub-steps use stream + 10*k.
+    # Streams: one per kind of draw within a step; D sub-steps use stream + 10*k. A generator's
+    # own random inputs (StyleGAN2's noise maps) use RANDOM_INPUTS * (i + 1) + the stream of the
+    # latents of the pass they belong to, i the input's place in its `random_inputs()`.
     LATENT_D, LATENT_G, PENALTY_MIX, REPARAM, AUG_REAL, AUG_FAKE, AUG_G, PATH_LENGTH = 1, 2, 3, 4, 5, 6, 7, 8
+    RANDOM_INPUTS = 1000
 
-    def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
 
     def _generator(self, step: int, stream: int) -> torch.Generator:
         key = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & _MASK
-        return torch.Generator().manual_seed(key)
+        return torch.Generator(self.device).manual_seed(key)
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
         return full[self.rank * local : (self.rank + 1) * local]
 
     def normal(self, step: int, stream: int, local: int, *shape: int) -> torch.Tensor:
         """(local, *shape) standard normal: this worker's slice of a (world*local, *shape) draw."""
-        full = torch.randn(self.world_size * local, *shape, generator=self._generator(step, stream))
+        full = torch.randn(self.world_size * local, *shape, generator=self._generator(step, stream), device=self.device)
         return self._slice(full, local)
 
     def uniform(self, step: int, stream: int, local: int, *shape: int) -> torch.Tensor:
         """(local, *shape) uniform in [0, 1), sliced like `normal`."""
-        full = torch.rand(self.world_size * local, *shape, generator=self._generator(step, stream))
+        full = torch.rand(self.world_size * local, *shape, generator=self._generator(step, stream), device=self.device)
         return self._slice(full, local)

@@ -43,7 +43,7 @@ class _PlainLoop:
         keep_freed_host_memory()  # as `run_training` does: the loop measured is the loop trained
         ds = PreparedDataset(data_dir)
         spec = DataSpec.from_dataset(ds)
-        self.program = build_program(cfg, spec, GlobalNoise(cfg.train.seed), device)
+        self.program = build_program(cfg, spec, GlobalNoise(cfg.train.seed, device=device), device)
         self.it = InMemoryBatches(ds.load("train"), cfg.train.global_batch_size, cfg.train.seed, device=device).iterate()
         self.per_step, self.device = self.program.batches_per_step, device
         self.images_per_step = cfg.train.global_batch_size * self.per_step

@@ -146,15 +146,19 @@ class SynthesisLayer(nn.Module):
         super().__init__()
         self.conv = ModulatedConv2d(c_in, c_out, 3, w_dim, up=up)
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.use_noise = noise
+        self.use_noise, self.side = noise, side
         if noise:
             self.noise_strength = nn.Parameter(torch.zeros(()))
             self.register_buffer("noise_const", torch.randn(1, 1, side, side))
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """`noise`: this forward's (B, 1, side, side) noise map in training (drawn here when None)."""
         x = self.conv(x, w)
         if self.use_noise:
-            n = torch.randn_like(x[:, :1]) if self.training else self.noise_const.to(x.dtype)
+            if not self.training:
+                n = self.noise_const.to(x.dtype)
+            else:
+                n = torch.randn_like(x[:, :1]) if noise is None else noise.to(x.dtype)
             x = x + n * self.noise_strength.to(x.dtype)
         return _act(x + self.bias.to(x.dtype)[None, :, None, None])
 
@@ -244,9 +248,26 @@ class StyleGAN2Generator(nn.Module):
             return ws
         raise ValueError(f"ws must be (B, {self.w_dim}) or (B, {self.num_ws}, {self.w_dim}); got {tuple(ws.shape)}")
 
-    def synthesis(self, ws: torch.Tensor) -> torch.Tensor:
+    def random_inputs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The random numbers a training forward draws, per sample, by name: (distribution, shape).
+
+        A training loop that draws them for the global batch from counter-based noise and hands
+        each worker its slice (`randomness=`) makes N workers train exactly as one, and a resume
+        continue the same numbers. Style mixing takes a second z and two uniforms (the mixing
+        coin and the cut layer); every noise layer a map of its side."""
+        spec: dict[str, tuple[str, tuple[int, ...]]] = {}
+        if self.style_mixing > 0:
+            spec["mix_z"] = ("normal", (self.z_dim,))
+            spec["mix_u"] = ("uniform", (2,))
+        for j, layer in enumerate(self.convs):
+            if layer.use_noise:
+                spec[f"noise{j}"] = ("normal", (1, layer.side, layer.side))
+        return spec
+
+    def synthesis(self, ws: torch.Tensor, randomness: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """w (B, w_dim) or W+ (B, num_ws, w_dim) → images (B, C, H, W), not clamped (tanh-bounded
-        with output='tanh')."""
+        with output='tanh'). `randomness`: noise maps by name (`random_inputs`), training only."""
+        r = randomness or {}
         ws = self.broadcast_ws(ws)
         # a copy, not an expand: a view of a parameter made under no_grad still "requires grad" as a
         # leaf, which autograd hooks (FlopCounterMode, module trackers) cannot attach to
@@ -255,9 +276,8 @@ class StyleGAN2Generator(nn.Module):
         img = None
         i = 0
         for k, rgb in enumerate(self.to_rgbs):
-            layers = self.convs[:1] if k == 0 else self.convs[2 * k - 1 : 2 * k + 1]
-            for layer in layers:
-                x = layer(x, ws[:, i])
+            for j in (range(0, 1) if k == 0 else range(2 * k - 1, 2 * k + 1)):
+                x = self.convs[j](x, ws[:, i], r.get(f"noise{j}"))
                 i += 1
             y = rgb(x, ws[:, i]).float()  # the skip sum in fp32 under bf16, as stylegan2-ada's SynthesisBlock keeps it
             i += 1
@@ -269,30 +289,37 @@ class StyleGAN2Generator(nn.Module):
         in W factorises it (Shen & Zhou 2021, their StyleGAN variant)."""
         return torch.cat([m.affine.effective_weight() for m in self.modules() if isinstance(m, ModulatedConv2d)])
 
-    def path_lengths(self, z: torch.Tensor, labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    def path_lengths(self, z: torch.Tensor, labels: torch.Tensor | None, y: torch.Tensor,
+                     randomness: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """|J_wᵀ y| per sample (B,), for the path-length regulariser (Karras et al. 2020, sec. 3.2):
         J the Jacobian of the image with respect to the per-layer ws, y a random image-space
         direction (N(0, 1)/√(H·W), drawn by the caller so every worker draws the same numbers),
-        squared norms averaged over layers as the reference does. Differentiable (create_graph)."""
+        squared norms averaged over layers as the reference does. Differentiable (create_graph).
+        `randomness`: the noise maps, as for `forward` (style mixing does not apply here)."""
         ws = self.mapping_net(z, labels, update_avg=False)[:, None].repeat(1, self.num_ws, 1)
-        img = self.synthesis(ws)
+        img = self.synthesis(ws, randomness)
         (grad,) = torch.autograd.grad((img * y).sum(), ws, create_graph=True)
         return grad.square().sum(2).mean(1).sqrt()
 
     # --- the generator interface --------------------------------------------------------------
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                randomness: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`randomness`: this batch's draws of `random_inputs()` in training; missing ones are drawn
+        here from torch's generator."""
+        r = randomness or {}
         w = self.mapping_net(z, labels)
         ws = w[:, None].expand(-1, self.num_ws, -1)
         if self.training and self.style_mixing > 0:
             # A random share of the batch takes a second z's w from a random layer on (the
             # regulariser that keeps neighbouring styles from correlating).
-            z2 = torch.randn_like(z)
-            w2 = self.mapping_net(z2, labels)
-            cut = torch.randint(1, self.num_ws, (len(z), 1), device=z.device)
-            cut = torch.where(torch.rand(len(z), 1, device=z.device) < self.style_mixing, cut, self.num_ws)
+            z2 = r["mix_z"].to(z.dtype) if "mix_z" in r else torch.randn_like(z)
+            u = r["mix_u"].float() if "mix_u" in r else torch.rand(len(z), 2, device=z.device)
+            w2 = self.mapping_net(z2, labels, update_avg=False)  # w_avg tracks the first z only, as the reference's
+            cut = 1 + (u[:, 1:] * (self.num_ws - 1)).long().clamp(max=self.num_ws - 2)  # uniform over 1..num_ws-1
+            cut = torch.where(u[:, :1] < self.style_mixing, cut, self.num_ws)
             later = torch.arange(self.num_ws, device=z.device)[None] >= cut  # (B, num_ws)
             ws = torch.where(later[:, :, None], w2[:, None], ws)
-        return self.synthesis(ws)
+        return self.synthesis(ws, r)
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self(z, labels).clamp(-1, 1)

@@ -136,7 +136,7 @@ def run_training(
     chosen = cfg.train.precision if asked_auto else None
     t = cfg.train
     world = ctx.world_size
-    noise = GlobalNoise(t.seed, ctx.rank, world)
+    noise = GlobalNoise(t.seed, ctx.rank, world, ctx.device)
     program = build_program(cfg, spec, noise, ctx.device, ctx.wrap, ctx.reduce_mean,
                             inference_data if ctx.is_chief else None)
     per_worker = t.global_batch_size // world
@@ -150,7 +150,7 @@ def run_training(
         program.load_state_dict(state.get("algorithm", {}))
         start = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
-        if ctx.device.type == "cuda" and "cuda" in state["rng"]:  # StyleGAN2's noise and mixing draw from it
+        if ctx.device.type == "cuda" and "cuda" in state["rng"]:  # for plug-ins that draw from torch's generator
             torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
         last_ckpt = Path(resume_from).name
         # The data position is global batches consumed, which does not depend on the worker

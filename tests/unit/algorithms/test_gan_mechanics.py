@@ -101,6 +101,65 @@ def test_accumulated_micro_batches_equal_the_whole_batch(overrides):
         _assert_same(_params(getattr(a, net)), _params(getattr(b, net)), atol=2e-5)
 
 
+def _sg2_noisy(**overrides):
+    """A tiny StyleGAN2 with noise maps and style mixing, its noise strengths at 0.5 (they start
+    at 0, where the maps would not reach the images)."""
+    cfg = tiny("stylegan2-mnist", model__g_options={"noise": True, "style_mixing": 0.9}, **overrides)
+    state = _state(cfg)
+    for m in state.g.modules():
+        if hasattr(m, "noise_strength"):
+            m.noise_strength.data.fill_(0.5)
+    state.g_ema.load_state_dict(state.g.state_dict())
+    return cfg, state
+
+
+@pytest.mark.parametrize("pl_weight", [0.0, 2.0])
+def test_stylegan2_noise_and_style_mixing_are_drawn_per_global_batch(pl_weight):
+    """StyleGAN2's noise maps and style mixing are drawn like the latents (counter-based, for the
+    whole batch, then sliced). A step does not read torch's global generator, so a resumed run draws
+    what the uninterrupted run drew; and accumulate=4 equals one batch of 16, as N workers equal one.
+    (Before, every worker drew the same maps from the same seeded global generator.)"""
+    from latentforge.algorithms.gan import PathLength
+
+    cfg, a = _sg2_noisy(gan__r1_weight=1.0)
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    pls = [PathLength(pl_weight, 1, 0.01) for _ in range(3)]
+    for step in range(2):
+        batches = [Batch(_images(16, seed=20 + step))]
+        out = []
+        for i, (s, pl) in enumerate(zip((a, b, c), pls)):
+            torch.manual_seed(1000 * i + step)  # another global generator state for every run
+            out.append(gan_step(s, batches, GlobalNoise(0), cfg.gan, step, path_length=pl,
+                                accumulate=4 if i == 2 else 1))
+        assert out[0].as_dict() == out[1].as_dict()
+        if not pl_weight:  # the path-length mean is an EMA stepped per micro-batch, as the reference's
+            assert out[0].g_loss == pytest.approx(out[2].g_loss, abs=1e-5)
+    _assert_same(_params(a.g), _params(b.g))
+    _assert_same(_params(a.d), _params(b.d))
+    if not pl_weight:  # w_avg too is an EMA over each forward's batch
+        # Tolerance: Adam with beta1 0 divides by |g|, so summation order reaches ~4e-5 of these
+        # N(0, 1) weights in 2 steps (measured); other draws move them by ~lr x steps = 5e-3.
+        same = lambda p: {k: v for k, v in _params(p).items() if "w_avg" not in k}  # noqa: E731
+        _assert_same(same(a.g), same(c.g), atol=1e-4)
+
+
+def test_stylegan2_random_inputs_reach_the_images():
+    """The drawn maps and mixing are what a training forward uses: the same draws give the same
+    images, another seed's draws other images; eval mode ignores them (the constant maps)."""
+    from latentforge.algorithms.gan import random_inputs
+
+    cfg, state = _sg2_noisy()
+    g = state.g
+    z = GlobalNoise(0).normal(0, GlobalNoise.LATENT_G, 4, cfg.model.z_dim)
+    r0, r1 = (random_inputs(g, GlobalNoise(seed), 0, GlobalNoise.LATENT_G, 4, torch.device("cpu")) for seed in (0, 1))
+    assert {"mix_z", "mix_u", "noise0"} <= r0.keys() and r0["noise0"].shape[0] == 4
+    assert torch.equal(g(z, None, randomness=r0), g(z, None, randomness=r0))
+    assert not torch.allclose(g(z, None, randomness=r0), g(z, None, randomness=r1))
+    g.eval()
+    assert torch.equal(g(z, None, randomness=r0), g(z, None, randomness=r1))
+    assert random_inputs(build_gan(tiny("dcgan-mnist").model, SPEC)[0], GlobalNoise(0), 0, 2, 4, torch.device("cpu")) is None
+
+
 def test_accumulation_must_split_the_batch_evenly():
     cfg = tiny("dcgan-mnist")
     with pytest.raises(ValueError, match="16 images cannot be split into 3 equal micro-batches"):
