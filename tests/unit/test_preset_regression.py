@@ -79,7 +79,8 @@ def _key(name: str, mode: str) -> str:
         return name
     from latentforge.algorithms.precision import native_bf16
 
-    held_to_avx2 = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"  # bf16 emulated (module docstring)
+    held_to_avx2 = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"  # bf16 emulated (module docstring)
+                    and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2")
     return f"{name}@{mode}" if native_bf16("cpu") and not held_to_avx2 else f"{name}@{mode}-emulated"
 
 

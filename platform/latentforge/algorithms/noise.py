@@ -6,10 +6,12 @@ worker keeps its slice. So N workers with batch b and 1 worker with batch N*b se
 numbers: this is what makes data-parallel training match single-process training exactly. And as
 nothing is carried from step to step, a resumed run draws what the uninterrupted run drew.
 
-The draws are made on the worker's device: on a GPU a StyleGAN2 step's noise maps for the global
-batch (tens of millions of numbers at 256 px) take microseconds there and most of a second on the
-host. A CUDA generator gives other numbers than the CPU's, so runs are exact across worker counts
-on one kind of device.
+The draws are made on the worker's device. At 256 px one StyleGAN2 pass's noise maps are 175k
+numbers per sample: 11M for a global batch of 64, 83 ms on a host core (measured) and three such
+passes a step, against a fraction of a millisecond on a GPU. A CUDA generator gives other numbers
+than the CPU's, and PyTorch spreads a large CUDA draw over a grid sized by the GPU's number of
+SMs, so large draws also differ between GPU models: runs are exact across worker counts, and a
+resume continues the same numbers, on one kind of device (one GPU model).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class GlobalNoise:
     """
 
     # Streams: one per kind of draw within a step; D sub-steps use stream + 10*k. A generator's
-    # own random inputs (StyleGAN2's noise maps) use RANDOM_INPUTS * (i + 1) + the stream of the
-    # latents of the pass they belong to, i the input's place in its `random_inputs()`.
+    # own random inputs (StyleGAN2's noise maps) use RANDOM_INPUTS * (i + 1) + the stream of their
+    # pass (LATENT_D + 10*k, LATENT_G, or PATH_LENGTH for the path-length pass, which reuses
+    # LATENT_G's z), i the input's place in its `random_inputs()`.
     LATENT_D, LATENT_G, PENALTY_MIX, REPARAM, AUG_REAL, AUG_FAKE, AUG_G, PATH_LENGTH = 1, 2, 3, 4, 5, 6, 7, 8
     RANDOM_INPUTS = 1000
 
@@ -43,7 +46,8 @@ class GlobalNoise:
         return torch.Generator(self.device).manual_seed(key)
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
-        return full[self.rank * local : (self.rank + 1) * local]
+        part = full[self.rank * local : (self.rank + 1) * local]
+        return part if self.world_size == 1 else part.clone()  # a view would keep the whole draw alive
 
     def normal(self, step: int, stream: int, local: int, *shape: int) -> torch.Tensor:
         """(local, *shape) standard normal: this worker's slice of a (world*local, *shape) draw."""

@@ -18,6 +18,13 @@ serves and edits along supervised directions; only the directions that need them
 
 A generator with an intermediate latent space W (StyleGAN-style) also has `w_dim`,
 `mapping(z, labels) -> w` and `synthesis(w) -> images`.
+
+A generator that draws random numbers of its own in training (noise maps, style mixing) names
+them, so that training draws them for the global batch and N workers equal one:
+
+    random_inputs() -> {name: ("normal" | "uniform", per-sample shape)}
+    forward(z, labels, randomness=None)   randomness: {name: (B, *shape)}; in training, all of them
+    path_lengths(z, labels, y, randomness=None)   where it has the path-length regulariser
 """
 
 from __future__ import annotations

@@ -307,6 +307,10 @@ class StyleGAN2Generator(nn.Module):
         """`randomness`: this batch's draws of `random_inputs()` in training; missing ones are drawn
         here from torch's generator."""
         r = randomness or {}
+        if randomness is not None and self.training:  # a partial dict would quietly fall back to torch's generator
+            missing = self.random_inputs().keys() - r.keys()
+            if missing:
+                raise ValueError(f"randomness lacks {sorted(missing)}, which random_inputs() names")
         w = self.mapping_net(z, labels)
         ws = w[:, None].expand(-1, self.num_ws, -1)
         if self.training and self.style_mixing > 0:

@@ -28,8 +28,46 @@ def check_buildable(cfg, spec: DataSpec):
 
     with torch.device("meta"):
         nets = build_gan(cfg.model, spec) if cfg.algorithm == "gan" else build_vae(cfg.model, spec)
+    if cfg.algorithm == "gan":
+        _check_random_inputs(cfg, nets[0])
     _check_output_shapes(cfg, spec, nets)
     return nets
+
+
+def _takes_randomness(fn) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == "randomness" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _check_random_inputs(cfg, g) -> None:
+    """A generator's `random_inputs()` (docs/models.md, 'Your own architecture'): a spec training
+    can draw, and a `forward` (and `path_lengths`, where the path-length regulariser calls it) that
+    takes `randomness=`."""
+    spec_fn = getattr(g, "random_inputs", None)
+    if spec_fn is None:
+        return
+    name, see = type(g).__name__, "(the model interface: docs/models.md, 'Your own architecture')"
+    form = "{name: ('normal' | 'uniform', per-sample shape)}"
+    if not callable(spec_fn):
+        raise ConfigError(f"{name}.random_inputs must be a method returning {form} {see}")
+    spec = spec_fn()
+    for key, value in (spec.items() if isinstance(spec, dict) else [(None, None)]):
+        ok = (isinstance(value, (tuple, list)) and len(value) == 2 and value[0] in ("normal", "uniform")
+              and isinstance(value[1], (tuple, list)) and all(isinstance(n, int) and n > 0 for n in value[1]))
+        if not ok:
+            got = f"{key!r}: {value!r}" if key is not None else type(spec).__name__
+            raise ConfigError(f"{name}.random_inputs() must return {form}, e.g. {{'noise': ('normal', (1, 8, 8))}}; "
+                              f"got {got} {see}")
+    if not spec:
+        return
+    if not _takes_randomness(g.forward):
+        raise ConfigError(f"{name}.random_inputs() names random inputs, but {name}.forward takes no `randomness`: "
+                          f"add `randomness=None` to forward(z, labels, randomness=None) {see}")
+    if cfg.gan.pl_weight > 0 and callable(getattr(g, "path_lengths", None)) and not _takes_randomness(g.path_lengths):
+        raise ConfigError(f"{name}.random_inputs() names random inputs, but {name}.path_lengths takes no `randomness` "
+                          f"(gan.pl_weight calls it): add `randomness=None` to it {see}")
 
 
 def _check_output_shapes(cfg, spec: DataSpec, nets) -> None:

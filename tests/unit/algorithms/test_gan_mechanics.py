@@ -155,6 +155,8 @@ def test_stylegan2_random_inputs_reach_the_images():
     assert {"mix_z", "mix_u", "noise0"} <= r0.keys() and r0["noise0"].shape[0] == 4
     assert torch.equal(g(z, None, randomness=r0), g(z, None, randomness=r0))
     assert not torch.allclose(g(z, None, randomness=r0), g(z, None, randomness=r1))
+    with pytest.raises(ValueError, match=r"randomness lacks \['mix_u'\], which random_inputs\(\) names"):
+        g(z, None, randomness={k: v for k, v in r0.items() if k != "mix_u"})  # no silent fallback
     g.eval()
     assert torch.equal(g(z, None, randomness=r0), g(z, None, randomness=r1))
     assert random_inputs(build_gan(tiny("dcgan-mnist").model, SPEC)[0], GlobalNoise(0), 0, 2, 4, torch.device("cpu")) is None

@@ -95,6 +95,9 @@ def test_global_noise_is_split_invariant():
     parts = torch.cat([GlobalNoise(7, r, 4).normal(3, 1, 2, 5) for r in range(4)])
     assert torch.equal(full, parts)
     assert not torch.equal(full, GlobalNoise(7, 0, 1).normal(4, 1, 8, 5))
+    # a worker's slice owns only its own numbers: a view would keep the global draw alive (8x here)
+    part = GlobalNoise(7, 1, 8).normal(3, 1, 2, 1, 16, 16)
+    assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
 
 
 def test_vae_terms():

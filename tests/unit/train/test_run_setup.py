@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import tiny
 from latentforge.data.spec import DataSpec
@@ -162,3 +163,39 @@ def test_a_plugin_whose_generator_draws_another_size_is_named_on_the_driver(tmp_
     finally:
         sys.modules.pop("lf_test_plugin", None)
         sys.modules.pop("lf_fixed8", None)
+
+
+class _NoisyG(torch.nn.Module):
+    """A plug-in generator with random inputs of its own; `forward_kw` False drops `randomness`."""
+
+    def __init__(self, z_dim, spec, forward_kw=True):
+        super().__init__()
+        self.z_dim, self.num_classes, self._spec = z_dim, 0, spec
+        self.lin = torch.nn.Linear(z_dim, 16 * 16)
+        if not forward_kw:
+            self.forward = lambda z, labels=None: self.lin(z).view(-1, 1, 16, 16)
+
+    def random_inputs(self):
+        return self._spec
+
+    def forward(self, z, labels=None, randomness=None):
+        return self.lin(z).view(-1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("spec, forward_kw, message", [
+    ({"n": ("normal", (1, 4, 4))}, False, "forward takes no `randomness`: add `randomness=None`"),
+    ({"n": ("gauss", (1, 4, 4))}, True, r"must return \{name: \('normal' \| 'uniform', per-sample shape\)\}.*'n': \('gauss'"),
+    ({"n": ("normal", 4)}, True, r"got 'n': \('normal', 4\)"),
+    ({"n": ("normal", (0, 4))}, True, r"got 'n': \('normal', \(0, 4\)\)"),
+    (["n"], True, "got list"),
+])
+def test_a_plugins_random_inputs_are_checked_on_the_driver(spec, forward_kw, message):
+    """A plug-in that names random inputs but cannot take them, or names them in a form training
+    cannot draw, is refused before any worker starts, with the form and the fix."""
+    from latentforge.train.setup import _check_random_inputs
+
+    cfg = tiny("dcgan-mnist")
+    with pytest.raises(ConfigError, match=message):
+        _check_random_inputs(cfg, _NoisyG(8, spec, forward_kw))
+    _check_random_inputs(cfg, _NoisyG(8, {"n": ("normal", (1, 4, 4))}))  # a well-formed one passes
+    _check_random_inputs(cfg, _NoisyG(8, {}, forward_kw=False))  # none at all: forward may lack it
