@@ -48,18 +48,18 @@ class RungRecheck:
         step, value = result.get("step"), result.get(self.metric)
         if step is None or value is None or not math.isfinite(float(value)):
             return StopDecision(False)
-        passed = []
+        highest, new = None, False
         for m in self.milestones:
             if step < m:
                 break
-            if trial_id in self.recorded[m]:
-                passed.append(m)
-            else:  # first result at or past the rung: what ASHA records (and decides on itself)
+            highest, new = m, trial_id not in self.recorded[m]
+            if new:  # first result at or past the rung: what ASHA records (and decides on itself)
                 self.recorded[m][trial_id] = self.sign * float(value)
-        # only the highest rung already passed: a trial that made a later rung has been judged
-        # there, against the trials that got that far (a slow starter cut at the first rung after
-        # it led the second was the best trial of a cross-family sweep)
-        for m in passed[-1:]:
+        # only the highest rung reached: a trial that made a later rung has been judged there,
+        # against the trials that got that far (a slow starter cut at the first rung after it led
+        # the second was the best trial of a cross-family sweep); and not on the report that
+        # reaches it, where ASHA itself decides
+        for m in ([] if highest is None or new else [highest]):
             cut = self.cutoff(m, trial_id)
             mine = self.recorded[m][trial_id]
             if cut is not None and mine < cut:

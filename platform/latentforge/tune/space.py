@@ -109,7 +109,19 @@ class SweepConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check_search(self):
-        spaces = [self.space, *self.families.values()]
+        for arch, sub in self.families.items():  # checked here first: the batch check below reads them
+            if isinstance(sub, dict):
+                _check_subspace(f"families.{arch}", sub)
+        spaces = [self.space, *(sub for sub in self.families.values() if isinstance(sub, dict))]
+        if self.scheduler.kind == "pbt" and self.search.algorithm == "optuna":
+            raise ValueError("scheduler pbt cannot take search.algorithm optuna (Tune refuses a search algorithm "
+                             "beside PBT, which mutates the trials itself); use search.algorithm random")
+        if self.scheduler.kind == "pbt":
+            model_keys = [k for k in self.space if k.startswith("model.")]
+            if model_keys:
+                raise ValueError(f"space.{model_keys[0]}: scheduler pbt cannot search model fields: a trial that "
+                                 "exploits another loads its weights, which another model setting gives other "
+                                 "shapes; search model fields with asha or fifo, or fix them in overrides")
         if self.search.algorithm == "optuna" and any(isinstance(v, dict) and "grid" in v for sp in spaces for v in sp.values()):
             raise ValueError("search.algorithm optuna cannot take a grid dimension (Tune's Optuna search refuses it); "
                              "use choice, or search.algorithm random")
@@ -208,8 +220,26 @@ def load_sweep(path: str | Path) -> SweepConfig:
         ConfigError: every problem, each naming its field.
     """
     sweep = load_yaml_model(path, SweepConfig, "sweep")
+    sweep = sweep.model_copy(update={"base": _absolute_base(sweep.base, Path(path))})
+    if sweep.search.algorithm == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:  # before a sweep folder is written
+            raise ConfigError("search.algorithm optuna needs optuna: pip install optuna")
     check_space(sweep)
     return sweep
+
+
+def _absolute_base(base: str, sweep_file: Path) -> str:
+    """A YAML `base` as an absolute path: Tune runs each trial in its own working folder, where a
+    relative path no longer points at the file. Relative to the current folder, else to the
+    sweep file's folder; a preset name is kept."""
+    if not base.endswith((".yaml", ".yml")) and not Path(base).is_file():
+        return base
+    for candidate in (Path(base), sweep_file.parent / base):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return base  # check_space names the missing file
 
 
 def _corners(spec) -> list:

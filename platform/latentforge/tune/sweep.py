@@ -251,15 +251,53 @@ def _scheduler(sw: SweepConfig):
         return ASHAScheduler(time_attr="step", metric=f"{sw.metric}_best", mode=sw.mode, max_t=sw.steps,
                              grace_period=sw.scheduler.grace_period, reduction_factor=sw.scheduler.reduction_factor)
     if sw.scheduler.kind == "pbt":
-        mutations = {k: v for k, v in tune_param_space(sw).items() if hasattr(v, "sample")}
+        mutations, bounds = _pbt_mutations(sw)
         if not mutations:
             raise ConfigError("scheduler pbt needs at least one sampled dimension in space to mutate")
         return PopulationBasedTraining(time_attr="step", metric=sw.metric, mode=sw.mode,
                                        perturbation_interval=sw.scheduler.perturbation_interval,
                                        quantile_fraction=sw.scheduler.quantile_fraction,
                                        resample_probability=sw.scheduler.resample_probability,
-                                       hyperparam_mutations=mutations, synch=False)
+                                       hyperparam_mutations=mutations, custom_explore_fn=ClampToSpace(bounds),
+                                       synch=False)
     return FIFOScheduler()
+
+
+def _pbt_mutations(sw: SweepConfig) -> tuple[dict, dict]:
+    """PBT's mutations, and the range of each continuous one.
+
+    PBT perturbs a Tune domain by multiplying its value by 0.8 or 1.2, and steps along a plain
+    list. So a `choice` goes as its list (a text choice multiplied crashed the sweep; a number
+    choice left its list: widths 16/32 became 13 and 19), and a perturbed `uniform`,
+    `loguniform` or `randint` value is brought back into its range (beta1 0.9 x 1.2 = 1.08
+    failed every trial it reached)."""
+    from ray.tune.search.sample import Categorical
+
+    mutations, bounds = {}, {}
+    for key, domain in tune_param_space(sw).items():
+        if not hasattr(domain, "sample"):
+            continue
+        if isinstance(domain, Categorical):
+            mutations[key] = list(domain.categories)
+        else:
+            mutations[key] = domain
+            integer = type(domain).__name__ == "Integer"  # tune.randint's upper bound is exclusive
+            bounds[key] = (domain.lower, domain.upper - 1 if integer else domain.upper, integer)
+    return mutations, bounds
+
+
+class ClampToSpace:
+    """PBT's `custom_explore_fn`: a perturbed value back inside its dimension's range."""
+
+    def __init__(self, bounds: dict):
+        self.bounds = bounds
+
+    def __call__(self, config: dict) -> dict:
+        for key, (low, high, integer) in self.bounds.items():
+            if key in config:
+                value = min(max(config[key], low), high)
+                config[key] = int(round(value)) if integer else float(value)
+        return config
 
 
 def _search(sw: SweepConfig):
@@ -365,7 +403,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         {"cpu": 0.1},  # the trial only waits on its Train run, whose workers hold the CPUs
     )
     experiment = str(sweep_dir / "tune")
-    log(f"sweep {sw.name}: {sw.trials} trials x {sw.steps} steps, {sw.scheduler.kind} + instability stopper, folder {sweep_dir}")
+    log(f"sweep {sw.name}: {trial_count(sw)} trials x {sw.steps} steps, {sw.scheduler.kind} + instability stopper, folder {sweep_dir}")
     if resume and Tuner.can_restore(experiment):
         tuner = Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
                               param_space=tune_param_space(sw))
@@ -382,7 +420,11 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
     grid = tuner.fit()
     # the file, not this object: a resumed sweep's Tune calls the stopper it restored, not this one
     summary = summarize(sw, grid, {**stopper.reasons, **stop_reasons(sweep_dir)}, sweep_dir, log=log)
-    if registry and summary.get("best"):
+    if not summary.get("best"):
+        log(f"no trial reported a finite {sw.metric} (each errored, diverged or stopped before its first evaluation "
+            f"at step {sw.eval_every}): nothing {'promoted' if registry else 'to promote'}; see "
+            f"{sweep_dir / 'summary.md'} and the trials' logs under {sweep_dir / 'tune'}")
+    elif registry and _may_replace(sw, registry, summary["best"]["metric"], sweep_dir, log):
         from latentforge.registry import promote
 
         best = summary["best"]
@@ -394,6 +436,34 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)  # a trial without a metric: null (atomic_write_json)
         log(f"promoted trial {best['trial_id']} ({sw.metric} {best['metric']:.4g}) to {registry} as {entry['name']!r}")
     return summary
+
+
+def trial_count(sw: SweepConfig) -> int:
+    """Trials the sweep runs: Tune repeats a grid for each of `trials` samples."""
+    return sw.trials * math.prod(len(spec["grid"]) for spec in sw.space.values() if isinstance(spec, dict) and "grid" in spec)
+
+
+def _may_replace(sw: SweepConfig, registry: str, value: float, sweep_dir: Path, log) -> bool:
+    """Whether the sweep's best may take the registry name: a free name, an entry this sweep folder
+    promoted (a resumed sweep), or an entry it beats on the sweep's metric. Another sweep's better
+    model, or one promoted by hand, is kept and the log says how to replace it anyway."""
+    from latentforge.registry import UnknownModel, show
+
+    name = sw.promote_as or sw.name
+    try:
+        entry = show(registry, name, list_known=False)
+    except UnknownModel:
+        return True
+    if (entry.get("lineage") or {}).get("sweep_dir") == str(sweep_dir):
+        return True
+    theirs = (entry.get("metrics") or {}).get(sw.metric)
+    if isinstance(theirs, (int, float)) and math.isfinite(theirs) and (value < theirs if sw.mode == "min" else value > theirs):
+        return True
+    held = f"{sw.metric} {theirs:.4g}" if isinstance(theirs, (int, float)) else f"no {sw.metric}"
+    log(f"kept {name!r} in {registry} ({held}, not beaten by this sweep's best {value:.4g}); to replace it anyway: "
+        f"latentforge registry promote CHECKPOINT --registry {registry} --name {name} --overwrite (the best "
+        "checkpoint is in summary.json), or set promote_as to another name")
+    return False
 
 
 def _check_resumed_sweep(sw: SweepConfig, saved: dict, data_dir, sweep_dir: Path) -> None:
@@ -506,7 +576,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
                 best = candidate
     total_steps = sum(r["steps_used"] for r in rows)
     summary = {"sweep": sw.name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows),
-               "total_steps": total_steps, "max_steps": sw.trials * sw.steps, "rows": rows, "best": best}
+               "total_steps": total_steps, "max_steps": trial_count(sw) * sw.steps, "rows": rows, "best": best}
     atomic_write_json(sweep_dir / SWEEP_SUMMARY, summary)  # a trial without a metric: null (atomic_write_json)
     keys = sorted({k for r in rows for k in r["config"]})
     from latentforge.metrics.registry import METRICS
@@ -515,7 +585,7 @@ def summarize(sw: SweepConfig, grid, reasons: dict, sweep_dir: Path, log=print) 
                 f"{sw.eval_samples} samples against the training split in the dataset's feature network")
     lines = [f"# Sweep {sw.name}", "", f"metric: {sw.metric}, {METRICS[sw.metric].description} ({protocol}); "
              f"{'lower' if sw.mode == 'min' else 'higher'} is better; scheduler: {sw.scheduler.kind}; "
-             f"steps used: {total_steps} of {sw.trials * sw.steps} possible", "",
+             f"steps used: {total_steps} of {trial_count(sw) * sw.steps} possible", "",
              "| trial | " + " | ".join(keys) + f" | best {sw.metric} | steps | status |",
              "| --- | " + " | ".join("---" for _ in keys) + " | ---: | ---: | --- |"]
     for r in sorted(rows, key=lambda r: (not _finite(r["best_metric"]), r["best_metric"] * (1 if sw.mode == "min" else -1) if _finite(r["best_metric"]) else 0)):

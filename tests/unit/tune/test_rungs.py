@@ -55,6 +55,21 @@ def test_a_trial_that_leads_a_later_rung_is_not_cut_at_an_earlier_one():
     assert report(p, "other", 300, 160).stop  # behind at the step-250 rung: cut there
 
 
+def test_the_report_that_reaches_a_new_rung_is_not_judged_at_the_one_before():
+    """A trial behind at the step-100 rung that is the first to reach step 200 is left to ASHA
+    there; it was cut for its step-100 value on that very report."""
+    p = RungRecheck(100, 2, 400, "fid_best", "min")
+    report(p, "a", 100, 50)
+    report(p, "a", 175, 50)
+    report(p, "b", 100, 10)
+    report(p, "c", 100, 20)
+    assert not report(p, "a", 200, 30).stop  # the only trial at the step-200 rung
+    assert not report(p, "a", 250, 30).stop  # and judged there afterwards, against nobody yet
+    report(p, "b", 200, 8)
+    report(p, "c", 200, 9)
+    assert report(p, "a", 275, 30).stop  # behind both at the step-200 rung
+
+
 def test_max_mode_missing_and_non_finite_values():
     p = RungRecheck(10, 2, 100, "recall_best", "max")
     assert not p.observe("x", {"step": 10}).stop  # no metric in this report

@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 
 from latentforge.errors import ConfigError
@@ -241,7 +243,9 @@ def test_a_resumed_sweeps_stopper_keeps_every_sessions_stop_reasons(tmp_path):
     (("overrides: {model.g_width: 8}", "overrides: {model.g_width: 8, train: {eval_every: 50}}"),
      "overrides.train.eval_every: the sweep sets it for every trial; use the sweep's eval_every"),
     (("gan.n_critic: 2", "train.log_every: {choice: [5, 10]}"), "space.train.log_every: .*report_every"),
-    (("steps: 50", "steps: 50\nsearch: {algorithm: optuna}\n"), None),  # optuna without a grid is fine
+    # optuna without a grid is fine where optuna is installed; where not, refused before any folder is written
+    (("steps: 50", "steps: 50\nsearch: {algorithm: optuna}\n"),
+     None if importlib.util.find_spec("optuna") else "search.algorithm optuna needs optuna: pip install optuna"),
     (("gan.n_critic: 2", "gan.n_critic: {grid: [1, 2]}\nsearch: {algorithm: optuna}"), "optuna cannot take a grid"),
     (("gan.n_critic: 2", "train.global_batch_size: {randint: [32, 128]}\nworkers_per_trial: 2"),
      "split evenly across workers"),
@@ -310,3 +314,79 @@ def test_pbt_lineage_takes_the_best_checkpoints_own_hyperparameters(tmp_path):
     final = {"gan.lr_g": 4e-4, "gan.loss": "ns", "model.z_dim": 64}  # mutated after that checkpoint
     assert _params_at(str(ckpt), final) == {"gan.lr_g": 2e-4, "gan.loss": "ns", "model.z_dim": 64}
     assert _params_at(str(tmp_path / "gone"), final) == final
+
+
+PBT_SWEEP = """
+name: p
+base: dcgan-mnist
+space:
+  gan.loss: {choice: [ns, hinge]}
+  gan.lr_g: {choice: [1.0e-4, 2.0e-4]}
+  gan.beta1: {uniform: [0.0, 0.9]}
+  gan.n_critic: {randint: [1, 3]}
+scheduler: {kind: pbt, resample_probability: 0.0}
+steps: 50
+eval_every: 10
+"""
+
+
+def test_pbt_steps_along_choices_and_keeps_perturbed_values_in_range(tmp_path):
+    """PBT multiplies a Tune domain's value by 0.8 or 1.2: a text choice crashed the sweep's driver,
+    a number choice left its list, and beta1 0.9 became 1.08. Choices now go as lists (PBT steps
+    along them) and perturbed continuous values are clamped to their range."""
+    import random
+
+    from ray.tune.schedulers.pbt import _explore
+
+    from latentforge.tune.sweep import _pbt_mutations, _scheduler
+
+    sw = load_sweep(_write(tmp_path, PBT_SWEEP))
+    mutations, bounds = _pbt_mutations(sw)
+    assert mutations["gan.loss"] == ["ns", "hinge"] and mutations["gan.lr_g"] == [1e-4, 2e-4]
+    assert bounds == {"gan.beta1": (0.0, 0.9, False), "gan.n_critic": (1, 3, True)}
+    explore = _scheduler(sw)._custom_explore_fn
+    random.seed(0)
+    seen = set()
+    for _ in range(50):
+        config = {"gan.loss": "hinge", "gan.lr_g": 2e-4, "gan.beta1": 0.9, "gan.n_critic": 3}
+        new, _ = _explore(config, mutations, 0.0, [1.2, 0.8], custom_explore_fn=explore)
+        assert new["gan.loss"] in ("ns", "hinge") and new["gan.lr_g"] in (1e-4, 2e-4)
+        assert 0.0 <= new["gan.beta1"] <= 0.9 and new["gan.n_critic"] in (1, 2, 3)
+        experiment_for(sw, new)  # every explored point is a valid trial
+        seen.add(round(new["gan.beta1"], 6))
+    assert seen == {0.9, 0.72}  # x1.2 clamped back to 0.9, x0.8 inside
+
+
+@pytest.mark.parametrize("change, message", [
+    ("  model.g_width: {choice: [16, 32]}\n", "scheduler pbt cannot search model fields"),
+    ("search: {algorithm: optuna}\n", "scheduler pbt cannot take search.algorithm optuna"),
+])
+def test_pbt_refuses_what_it_cannot_run(tmp_path, change, message):
+    text = PBT_SWEEP.replace("scheduler:", change + "scheduler:") if change.startswith("  ") else PBT_SWEEP + change
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_a_relative_base_file_works_from_a_trials_own_folder(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working folder: a `base: mine.yaml` given relative to where
+    the sweep started must still be found there (it failed every trial)."""
+    import os
+
+    from importlib import resources
+
+    preset = resources.files("latentforge.presets").joinpath("dcgan-mnist.yaml").read_text()
+    (tmp_path / "mine.yaml").write_text(preset.replace("name: dcgan-mnist", "name: mine"))
+    monkeypatch.chdir(tmp_path)
+    sw = load_sweep(_write(tmp_path, GOOD.replace("base: dcgan-mnist", "base: mine.yaml")))
+    assert os.path.isabs(sw.base)
+    (tmp_path / "trial").mkdir()
+    os.chdir(tmp_path / "trial")
+    cfg = experiment_for(sw, {"gan.lr_g": 3e-4, "gan.loss": "hinge", "model.z_dim": 20, "gan.n_critic": 2})
+    assert cfg.name == "mine"
+
+
+@pytest.mark.parametrize("bad", ["{choice: 64}", "{}"])
+def test_a_malformed_family_batch_space_is_named(tmp_path, bad):
+    text = FAMILIES_SWEEP.replace("    gan.beta1: 0.0\n", f"    gan.beta1: 0.0\n    train.global_batch_size: {bad}\n")
+    with pytest.raises(ConfigError, match="families.resnet.train.global_batch_size"):
+        load_sweep(_write(tmp_path, text + "workers_per_trial: 2\n"))
