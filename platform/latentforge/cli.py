@@ -175,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
 def add_train(verbs: Verbs) -> None:
     tr = verbs.add_parser("train", help="train a preset or YAML config")
     tr.add_argument("config", nargs="?", help="preset name (see `latentforge presets`) or YAML file")
-    tr.add_argument("--data", required=True, help="prepared dataset folder")
+    tr.add_argument("--data", help="prepared dataset folder (required; with --resume, default: the run's own)")
     tr.add_argument("--workers", type=int, default=2, help="Ray Train workers; 0 trains in this process without Ray")
     tr.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
     tr.add_argument("--steps", type=int, help="override train.steps")
@@ -197,15 +197,23 @@ def add_train(verbs: Verbs) -> None:
 def cmd_train(args: argparse.Namespace) -> Result:
     from latentforge.config import load_experiment
     from latentforge.errors import ConfigError
-    from latentforge.train.run_dir import read_run_config, resolve_run_dir
+    from latentforge.train.run_dir import read_run_config, read_run_data, resolve_run_dir
 
     if args.resume:
         from latentforge.config import apply_overrides, experiment_to_dict, parse_experiment
 
         if args.out or args.storage:
             raise ConfigError("--resume RUN continues that run folder; drop --out/--storage")
-        base = read_run_config(resolve_run_dir(resume=args.resume))
+        resumed = resolve_run_dir(resume=args.resume)
+        base = read_run_config(resumed)
         cfg = parse_experiment(apply_overrides(experiment_to_dict(base), _overrides(args)), f"run {args.resume}")
+        if not args.data:  # the dataset the run was started on (run.json); checked by content hash on resume
+            args.data = read_run_data(resumed)
+            if not args.data:
+                raise ConfigError(f"{args.resume} does not record its dataset; give --data DIR")
+            print(f"data: {args.data} (the run's own)")
+    elif not args.data:
+        raise ConfigError("give --data DIR, a prepared dataset folder (latentforge data prepare)")
     elif not args.config:
         raise ConfigError("give a PRESET_OR_YAML to train (see `latentforge presets`), or --resume RUN_DIR")
     else:
@@ -246,7 +254,8 @@ def add_generate(verbs: Verbs) -> None:
     gen.add_argument("--n", type=int, default=64, help="number of images (1..4096)")
     gen.add_argument("--seed", type=seed_arg, default=0, help="latent seed: the same seed gives the same bytes")
     gen.add_argument("--label", type=int, help="class for conditional models (default: cycle through classes)")
-    gen.add_argument("--truncation", type=float, help="truncate latents to |z| <= T")
+    gen.add_argument("--truncation", type=float, help="truncation: latents cut to |z| <= T for z-space models; for W-space models (StyleGAN2) "
+                     "StyleGAN's psi, w pulled towards the mean w (1 = none)")
     gen.add_argument("--precision", choices=["fp32", "bf16"],
                      help="forward-pass precision (default: the precision the model trained in)")
     gen.add_argument("--standard-prior", action="store_true",
@@ -532,7 +541,9 @@ def add_serve(verbs: Verbs) -> None:
     # no abbreviations: `--api-key SECRET` must not be taken for --api-key-file and echoed back
     sv = verbs.add_parser("serve", help="serve the registry's models over HTTP (Ray Serve)", allow_abbrev=False)
     sv.add_argument("--registry", help="registry folder or URI (default ./registry)")
-    sv.add_argument("--config", help="serve config YAML (limits, batching, autoscaling; see cluster/serve-config.yaml)")
+    sv.add_argument("--config", help="serve config YAML: ServeConfig fields (limits, batching, autoscaling, GPUs), or a "
+                    "Ray Serve deployment file such as cluster/serve-config.yaml, whose LatentForge application's "
+                    "args are taken")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--address", help="join an existing Ray cluster")
@@ -545,6 +556,25 @@ def add_serve(verbs: Verbs) -> None:
                          "replicas, 2.4x batched throughput measured; needs an API key), throughput (Serve's "
                          "throughput-optimised mode), default (the Python proxy)")
     sv.set_defaults(func=cmd_serve)
+
+
+def _serve_app_args(data: dict, source: str) -> tuple[dict, str]:
+    """A Ray Serve deployment file's LatentForge application `args` (the ServeConfig fields); any
+    other file as it is."""
+    from latentforge.errors import ConfigError
+
+    if "applications" not in data:
+        return data, source
+    apps = [a for a in data["applications"] or [] if isinstance(a, dict)
+            and str(a.get("import_path", "")).startswith("latentforge.serve.app")]
+    if len(apps) != 1:
+        raise ConfigError(f"{source} is a Ray Serve deployment file with {len(apps)} LatentForge applications "
+                          "(import_path latentforge.serve.app:build_app); --config takes one, or a file of "
+                          "ServeConfig fields")
+    args = apps[0].get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"{source}: the application's args must be a mapping of ServeConfig fields")
+    return args, f"{source} (applications[{apps[0].get('name', '?')}].args)"
 
 
 def _serve_config(config: str | None, registry: str | None = None, api_key_file: str | None = None,
@@ -566,7 +596,7 @@ def _serve_config(config: str | None, registry: str | None = None, api_key_file:
     import os
 
     updates = {k: v for k, v in (("registry", registry), ("api_key_file", api_key_file)) if v}
-    base = load_yaml_model(config, ServeConfig, "serve config").model_dump() if config else {}
+    base = load_yaml_model(config, ServeConfig, "serve config", select=_serve_app_args).model_dump() if config else {}
     if base.get("api_key") is not None:
         base["api_key"] = base["api_key"].get_secret_value()
     has_source = any(base.get(k) or updates.get(k) for k in ("api_key", "api_key_file", "api_key_env"))

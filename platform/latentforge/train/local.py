@@ -26,6 +26,9 @@ def vae_sigma(cfg) -> float:
     return cfg.vae.decoder_sigma if cfg.algorithm == "vae" else 0.1
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints (Ray 2.5x-2.60)
+
+
 class LocalRunSink:
     """A run folder on local disk: checkpoints written in place (oldest pruned), records and
     samples through `RunFiles`."""
@@ -36,13 +39,48 @@ class LocalRunSink:
     def report(self, record: dict, checkpoint) -> None:
         if checkpoint is not None:
             name, write = checkpoint
-            write(self.run_dir / name)
-            for old in find_checkpoints(self.run_dir)[: -self.num_to_keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            written = self.run_dir / name
+            write(written)
+            found = find_checkpoints(self.run_dir)
+            # Only checkpoints up to the one just written are pruned: one at a later step is a
+            # damaged one the resume skipped (or a longer earlier attempt's), and counting it would
+            # delete the resume's source and this new checkpoint. Folders Ray Train's record of the
+            # run lists stay: a Ray resume of this run stops before any worker when one is missing.
+            up_to = found[: found.index(written) + 1] if written in found else found
+            keep = ray_listed_checkpoints(self.run_dir)
+            for old in up_to[: -self.num_to_keep]:
+                if old.name not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
         self.files.record(record)
 
     def artifact(self, relpath: str, data: bytes) -> None:
         self.files.artifact(relpath, data)
+
+
+def ray_listed_checkpoints(run_dir: Path) -> set[str]:
+    """The checkpoint folder names in Ray Train's snapshot of a run (empty without one)."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return set()
+    names: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "checkpoint_dir_name" and isinstance(v, str):
+                    names.add(v)
+                elif k.endswith("checkpoint_dir_names") and isinstance(v, list):
+                    names.update(x for x in v if isinstance(x, str))
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(snapshot)
+    return names
 
 
 def train_local(cfg, data_dir: str | Path, run_dir: Path, resume: bool = False,

@@ -35,7 +35,8 @@ def test_a_second_resume_keeps_the_first_resumes_overrides(mnist_dir, tmp_path, 
     assert train("--resume", str(run), "--data", str(mnist_dir)) == 2
     err = capsys.readouterr().err
     assert "already at step 6" in err and "--steps N with N above 6" in err
-    assert train("--resume", str(run), "--steps", "9", "--data", str(mnist_dir)) == 0
+    assert train("--resume", str(run), "--steps", "9") == 0  # --data defaults to the run's own
+    assert f"data: {mnist_dir} (the run's own)" in capsys.readouterr().out
     ckpt = load_checkpoint(run)
     assert ckpt.step == 9 and ckpt.config["experiment"]["gan"]["lr_g"] == 1e-4  # the first resume's lr still holds
     assert len(json.loads((run / "run.json").read_text())["resumes"]) == 2
@@ -137,3 +138,35 @@ def test_a_checkpoint_killed_between_its_two_renames_is_put_back(mnist_dir, tmp_
     only.rename(run / f".{only.name}.old-0a1b2c3d")  # staged_dir moved it aside, then the process died
     remove_stale_writes(run)
     assert [p.name for p in find_checkpoints(run)] == [only.name] and load_checkpoint(run).step == 3
+
+
+def test_pruning_keeps_the_resume_source_beside_a_damaged_later_checkpoint(mnist_dir, tmp_path, capsys):
+    """num_to_keep=1 and a damaged step_000009 (the resume skips it): the checkpoints the resumed
+    run writes at steps 4 and 5 sort below it. Pruning counted it, so it deleted the resume's
+    source and each new checkpoint as soon as it was written, and the next resume found only the
+    damaged one."""
+    run = tmp_path / "r"
+    keep1 = ["--set", "train.num_to_keep=1"]
+    assert train("dcgan-mnist", "--steps", "3", "--data", str(mnist_dir), "--out", str(run), *keep1) == 0
+    damaged = run / "step_000009"
+    shutil.copytree(run / "step_000003", damaged)
+    cfg = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**cfg, "step": 9}))
+    (damaged / "training_state.pt").write_bytes(b"cut")
+    assert train("--resume", str(run), "--steps", "5", *keep1, "--set", "train.checkpoint_every=1") == 0
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000005", "step_000009"]
+    assert load_checkpoint(run / "step_000005").step == 5
+
+
+def test_pruning_leaves_the_checkpoints_ray_trains_record_lists(mnist_dir, tmp_path):
+    """A run trained with Ray, then resumed with --workers 0: the folders Ray's snapshot lists stay
+    (Ray refuses to resume a run whose snapshot names a missing folder)."""
+    run = tmp_path / "r"
+    keep1 = ["--set", "train.num_to_keep=1"]
+    assert train("dcgan-mnist", "--steps", "3", "--data", str(mnist_dir), "--out", str(run), *keep1) == 0
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "step_000003", "metrics": {}}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "step_000003", "metrics": {}},
+                "validated_checkpoint_dir_names": []}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert train("--resume", str(run), "--steps", "9", *keep1) == 0
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000003", "step_000009"]
