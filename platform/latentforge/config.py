@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -222,8 +222,12 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
     return "\n".join(lines)
 
 
-def load_yaml_model(path: str | Path, model: type[BaseModel], what: str) -> BaseModel:
+def load_yaml_model(path: str | Path, model: type[BaseModel], what: str,
+                    select: Callable[[dict, str], tuple[dict, str]] | None = None) -> BaseModel:
     """Read a YAML file into a pydantic model (job specs, sweeps).
+
+    `select(data, source)` may pick the part of the file that holds the fields (and name it for
+    the messages), e.g. a Ray Serve deployment file's application `args`.
 
     Raises:
         ConfigError: a missing or unreadable file, or every invalid field, each named.
@@ -238,10 +242,13 @@ def load_yaml_model(path: str | Path, model: type[BaseModel], what: str) -> Base
     data = _read_yaml(text, str(p)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must be a mapping of fields at the top level, got {type(data).__name__}")
+    source = str(p)
+    if select is not None:
+        data, source = select(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(p), what)) from e
+        raise ConfigError(format_validation_error(e, source, what)) from e
 
 
 def parse_experiment(data: Any, source: str = "<dict>") -> GANExperiment | VAEExperiment:

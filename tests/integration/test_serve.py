@@ -76,6 +76,9 @@ def test_every_endpoint(server, digit):
     models = {m["id"]: m for m in requests.get(f"{server}/v1/models", timeout=30).json()["models"]}
     assert set(models) == {"gan", "vae", "resnet", "stylegan"} and models["gan"]["num_classes"] == 10 and "edit" in models["vae"]["supports"]
     assert models["vae"]["latent_prior"] == "gmm-40" and models["gan"]["latent_prior"] == "standard"  # what seeds draw from
+    # the latents' size and space, as docs/models.md says a client reads them
+    assert models["stylegan"]["latent_space"] == "w" and models["gan"]["latent_space"] == "z"
+    assert models["gan"]["z_dim"] > 0 and models["stylegan"]["z_dim"] > 0
     assert requests.get(f"{server}/openapi.json", timeout=30).json()["info"]["title"] == "LatentForge"
     assert requests.get(f"{server}/docs", timeout=30).status_code == 200
     g = post(server, "/v1/models/gan/generate", {"n": 4, "seed": 3, "label": 2}).json()

@@ -118,6 +118,29 @@ def test_serve_defaults_that_every_image_request_would_exceed_are_refused():
     ServeConfig(projection_restarts=6, limits={"max_projection_work": 1200})
 
 
+def test_serve_config_takes_a_ray_serve_deployment_files_application_args(tmp_path):
+    """`serve --config cluster/serve-config.yaml` (what the help pointed to) was refused for
+    proxy_location/http_options/applications: the LatentForge application's args are taken."""
+    from pathlib import Path
+
+    import yaml
+
+    from latentforge.cli import _serve_config
+
+    shipped = Path(__file__).resolve().parents[2] / "cluster" / "serve-config.yaml"
+    args = yaml.safe_load(shipped.read_text())["applications"][0]["args"]
+    cfg = _serve_config(str(shipped))
+    assert cfg.limits.max_n == args["limits"]["max_n"] and cfg.generator.max_replicas == args["generator"]["max_replicas"]
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text(shipped.read_text().replace("max_n: 64", "max_n: -1"))
+    with pytest.raises(ConfigError, match=r"(?s)deploy.yaml \(applications\[latentforge\].args\).*limits.max_n"):
+        _serve_config(str(bad))
+    other = tmp_path / "other.yaml"
+    other.write_text("applications:\n  - name: x\n    import_path: other.app:build\n")
+    with pytest.raises(ConfigError, match="with 0 LatentForge applications"):
+        _serve_config(str(other))
+
+
 def test_a_bench_mode_is_never_measured_under_a_contradicting_override():
     """`bench train --modes fp32 --set train.channels_last=true` would label NHWC numbers 'fp32'
     (NCHW); it is refused up front and names the modes to use instead. Agreeing and unrelated

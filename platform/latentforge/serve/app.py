@@ -687,6 +687,8 @@ class Gateway:
         return finite_json({"models": [{"id": e["name"], "kind": e["algorithm"], "dataset": e.get("dataset_hash"),
                                         "image_shape": e.get("image_shape"), "num_classes": e.get("num_classes"),
                                         "latent_prior": e.get("latent_prior", "standard"),
+                                        # the size and space of the latents the API takes and returns
+                                        "z_dim": e.get("z_dim"), "latent_space": e.get("latent_space", "z"),
                                         "class_names": e.get("class_names"), "metrics": e.get("metrics", {}),
                                         "supports": e.get("capabilities", []),
                                         "lineage": public_lineage(e.get("lineage", {}))}
