@@ -211,6 +211,13 @@ class AdaState:
             self.p = min(max(self.p + sign * step, 0.0), 1.0)
             self.last_rt, self.sign_sum = rt, 0.0
 
+    def sync(self, device) -> None:
+        """Every worker holds the workers' mean partial sum (a collective: all call it). r_t is the
+        mean of the partial sums, so the next adjustment is unchanged, and the checkpoint rank 0
+        writes holds the global sum: before, a resume mid-interval gave every worker rank 0's."""
+        local = torch.tensor([self.sign_sum], dtype=torch.float64, device=device)
+        self.sign_sum = float(self.reduce_mean(local).cpu()[0])
+
     def state_dict(self) -> dict:
         return {"p": self.p, "sign_sum": self.sign_sum, "updates": self.updates, "last_rt": self.last_rt}
 

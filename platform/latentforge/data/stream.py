@@ -109,6 +109,11 @@ class StreamBatches:
         """The whole split is one window: blocks in file order, rows in `InMemoryBatches`' order."""
         return self.rows <= self.window_rows
 
+    @property
+    def order(self) -> str:
+        """How an epoch's order is made (saved with a checkpoint; `InMemoryBatches.order`)."""
+        return "whole-split" if self.fits_one_window else f"windows-of-{self.window_rows}"
+
     def windows(self, epoch: int) -> list[list[Block]]:
         """The epoch's windows: consecutive blocks of its block order, about `window_rows` rows each."""
         if self.fits_one_window:

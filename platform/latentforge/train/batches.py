@@ -46,6 +46,11 @@ class InMemoryBatches:
         self.rows = len(split)
         self.batches_per_epoch = len(split) // global_batch_size
 
+    # How an epoch's order is made, saved with a checkpoint: a resume read in another order would
+    # repeat some images of the epoch and skip others (StreamBatches gives this order too when the
+    # split fits one shuffle window).
+    order = "whole-split"
+
     def _perm(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 

@@ -101,6 +101,20 @@ def _settled_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _resume_order(position: int, saved: str | None, stream) -> tuple[int, str | None]:
+    """The data position to resume at, and a note when it moved: an epoch read in another order
+    than the one the run started (a changed shuffle window, another loader) would repeat some of
+    its images and skip others, so the resume starts the next epoch instead."""
+    current = getattr(stream, "order", None)
+    per_epoch = getattr(stream, "batches_per_epoch", 0)
+    if saved is None or current is None or saved == current or not per_epoch or position % per_epoch == 0:
+        return position, None
+    nxt = (position // per_epoch + 1) * per_epoch
+    return nxt, (f"note: the run read its epochs in another order ({saved}, now {current}: another shuffle window "
+                 f"or data loader); it resumes at the start of the next epoch (batch {nxt}, not {position}), so no "
+                 "image repeats within an epoch")
+
+
 def run_training(
     cfg,
     spec: DataSpec,
@@ -161,8 +175,11 @@ def run_training(
         if saved_batch != t.global_batch_size:  # keep the images seen, not the count of batches
             batches_consumed = rescale_position(batches_consumed, saved_batch, t.global_batch_size,
                                                 getattr(stream, "rows", None))
+        batches_consumed, moved = _resume_order(batches_consumed, state["data"].get("order"), stream)
         if ctx.is_chief:
             log(f"resumed from {resume_from} at step {start}")
+            if moved:
+                log(moved)
             if saved_batch != t.global_batch_size:
                 log(f"note: the global batch changed from {saved_batch} to {t.global_batch_size}; the data resumes "
                     f"after the same images ({batches_consumed} batches of the new size)")
@@ -189,7 +206,7 @@ def run_training(
                             **({"cuda": torch.cuda.get_rng_state(ctx.device)} if ctx.device.type == "cuda" else {})},
                     "algorithm": program.state_dict(),
                     "data": {"batches_consumed": batches_consumed + (step_done - start) * program.batches_per_step,
-                             "global_batch_size": t.global_batch_size},
+                             "global_batch_size": t.global_batch_size, "order": getattr(stream, "order", None)},
                     "world_size": world,
                 },
             )
@@ -270,6 +287,7 @@ def run_training(
                 record.update(evaluate(program, done))
         if ckpt_due:
             last_ckpt = checkpoint_name(done)
+            program.sync_state()  # every worker: rank 0's checkpoint then holds the global state
         record["last_checkpoint"] = last_ckpt
         sink.report(record, (last_ckpt, write_checkpoint(done, dict(record))) if ckpt_due else None)
         if ctx.is_chief:

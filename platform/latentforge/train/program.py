@@ -46,6 +46,9 @@ class TrainingProgram:
     # readies the modules that sample (a GAN's EMA copy, a VAE's fitted prior) before a sample grid,
     # an evaluation or a checkpoint; changes nothing that training reads. May return a line to log.
     prepare_inference: Callable[[], str | None] = lambda: None
+    # called on every worker before a checkpoint (a collective): makes the state rank 0 saves the
+    # global one (ADA's partial sum of signs is each worker's own between adjustments)
+    sync_state: Callable[[], None] = lambda: None
 
     def apply_hyperparameters(self) -> None:
         """Set the configured learning rates and betas on every optimiser: after loading optimiser
@@ -119,6 +122,7 @@ def build_gan_program(cfg, spec: DataSpec, noise: GlobalNoise, device, wrap, red
         state_dict=lambda: _gan_algorithm_state(augment, path_length),
         load_state_dict=lambda st: _load_gan_algorithm_state(st, augment, path_length),
         prepare_inference=lambda: standing_batchnorm_stats(state.g_ema, seed=cfg.train.seed + STANDING_SEED_OFFSET),
+        sync_state=lambda: augment.ada.sync(device) if augment.ada is not None else None,
     )
 
 

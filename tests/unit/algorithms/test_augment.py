@@ -163,3 +163,56 @@ def test_bf16_inputs_get_the_same_transforms_as_fp32(kind):
         low = aug(x.bfloat16(), u)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max() < 0.02  # bf16 rounding of the result only
+
+
+def test_ada_resumed_mid_interval_on_two_workers_adjusts_as_uninterrupted():
+    """ADA's partial sum of signs is each worker's own between adjustments, and rank 0 writes the
+    checkpoint: a resume mid-interval gave every worker rank 0's, so the next r_t differed (here
+    0.5 instead of 0.0). `sync` before a checkpoint makes the saved sum the workers' mean."""
+    import threading
+
+    from latentforge.algorithms.augment import AdaState
+
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def collective(rank):
+        def reduce_mean(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            out = (slots[0] + slots[1]) / 2
+            barrier.wait()
+            return out
+        return reduce_mean
+
+    signs = {0: 1.0, 1: -1.0}  # rank 0's reals all score above 0, rank 1's all below
+
+    def run(rank, states, resume_after=None, checkpoint=None):
+        ada = AdaState(p=0.5, interval=4, reduce_mean=collective(rank))
+        if checkpoint is not None:
+            ada.load_state_dict(checkpoint)
+        for i in range(resume_after or 0, 8) if checkpoint is not None else range(resume_after or 8):
+            ada.observe(torch.full((4,), signs[rank]))
+        states[rank] = ada
+
+    def both(**kw):
+        states = [None, None]
+        threads = [threading.Thread(target=run, args=(r, states), kwargs=kw) for r in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        return states
+
+    whole = both()
+    first = both(resume_after=6)  # stopped after 6 updates: 2 into the second interval
+    for synced in (False, True):  # unsynced first: sync changes the states
+        saved = [ada.state_dict() for ada in first]
+        if synced:
+            threads = [threading.Thread(target=ada.sync, args=("cpu",)) for ada in first]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            saved = [ada.state_dict() for ada in first]
+        resumed = both(resume_after=6, checkpoint=saved[0])  # every worker loads rank 0's checkpoint
+        if synced:
+            assert [a.last_rt for a in resumed] == [a.last_rt for a in whole] == [0.0, 0.0]
+            assert [a.p for a in resumed] == [a.p for a in whole]
+        else:
+            assert resumed[0].last_rt == 0.5  # what rank 0's partial sum alone gave

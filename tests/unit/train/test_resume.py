@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from latentforge.checkpoint import find_checkpoints, load_checkpoint
 from latentforge.cli import main
@@ -170,3 +171,24 @@ def test_pruning_leaves_the_checkpoints_ray_trains_record_lists(mnist_dir, tmp_p
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     assert train("--resume", str(run), "--steps", "9", *keep1) == 0
     assert sorted(p.name for p in run.glob("step_*")) == ["step_000003", "step_000009"]
+
+
+def test_a_resume_read_in_another_order_starts_the_next_epoch(mnist_dir, tmp_path, capsys):
+    """The saved data position is a count of batches; the epoch's order also depends on the
+    shuffle window. Resumed with another window mid-epoch, some images of the epoch came again and
+    others never (82 of 168 in the review's case): the resume now starts the next epoch, and says so."""
+    run = tmp_path / "r"
+    small = ["--set", "train.shuffle_window_mb=1"]  # 4,500 digits in windows of 1,337
+    assert train("dcgan-mnist", "--steps", "3", "--data", str(mnist_dir), "--out", str(run), *small) == 0
+    state = torch.load(run / "step_000003" / "training_state.pt", weights_only=False)
+    assert state["data"]["order"] == "windows-of-1337" and state["data"]["batches_consumed"] == 3
+    capsys.readouterr()
+    # the run keeps its overrides on resume: a window that holds the whole split is asked for
+    assert train("--resume", str(run), "--steps", "6", "--set", "train.shuffle_window_mb=256") == 0
+    out = capsys.readouterr().out
+    assert "resumes at the start of the next epoch (batch 281, not 3)" in out
+    state = torch.load(run / "step_000006" / "training_state.pt", weights_only=False)
+    assert state["data"]["batches_consumed"] == 284 and state["data"]["order"] == "whole-split"
+    capsys.readouterr()
+    assert train("--resume", str(run), "--steps", "9") == 0  # the same order: no move
+    assert "next epoch" not in capsys.readouterr().out

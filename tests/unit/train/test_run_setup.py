@@ -91,11 +91,12 @@ def test_resume_with_a_new_global_batch_continues_after_the_same_images(mnist_di
 
     quiet = lambda *_: None  # noqa: E731
     train_local(tiny("dcgan-mnist", train__steps=6, train__checkpoint_every=6), mnist_dir, tmp_path, log=quiet)
-    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 6, "global_batch_size": 16}
+    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 6, "global_batch_size": 16,
+                                                                            "order": "whole-split"}
     bigger = tiny("dcgan-mnist", train__steps=8, train__checkpoint_every=8, train__global_batch_size=32)
     train_local(bigger, mnist_dir, tmp_path, resume=True, log=quiet)
     # 6 batches of 16 = 3 batches of 32 seen before, then 2 more
-    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 5, "global_batch_size": 32}
+    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 5, "global_batch_size": 32, "order": "whole-split"}
 
 
 def test_workers_0_refuses_a_ray_data_loader(mnist_dir, tmp_path, capsys):
