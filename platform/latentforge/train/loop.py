@@ -272,7 +272,10 @@ def run_training(
         images = window_steps * t.global_batch_size * program.batches_per_step
         record = {
             "step": done,
-            "images_seen": done * t.global_batch_size * program.batches_per_step,
+            # the data position in images: after a resume with another global batch, the images
+            # actually seen (the position was rescaled to keep them), not steps x today's batch
+            "images_seen": (batches_consumed + (done - start) * program.batches_per_step) * t.global_batch_size,
+            "attempt_images": (done - start) * program.batches_per_step * t.global_batch_size,
             "images_per_sec": images / max(elapsed, 1e-9),
             "step_time_s": elapsed / window_steps,
             "eta_s": (t.steps - done) * total_elapsed / max(steps_timed, 1),

@@ -28,7 +28,9 @@ class TrainMetrics:
         self._last_images = 0
 
     def update(self, record: dict) -> None:
-        seen = int(record.get("images_seen", 0))
+        # images this attempt processed: a restarted attempt's counter starts at 0 (a new process)
+        # and counts on from there, instead of adding every image of the attempts before it at once
+        seen = int(record.get("attempt_images", 0))
         if seen > self._last_images:
             self.images.inc(seen - self._last_images, tags=self.tags)
             self._last_images = seen

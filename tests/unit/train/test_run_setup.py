@@ -94,9 +94,12 @@ def test_resume_with_a_new_global_batch_continues_after_the_same_images(mnist_di
     assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 6, "global_batch_size": 16,
                                                                             "order": "whole-split"}
     bigger = tiny("dcgan-mnist", train__steps=8, train__checkpoint_every=8, train__global_batch_size=32)
-    train_local(bigger, mnist_dir, tmp_path, resume=True, log=quiet)
+    record = train_local(bigger, mnist_dir, tmp_path, resume=True, log=quiet)
     # 6 batches of 16 = 3 batches of 32 seen before, then 2 more
-    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 5, "global_batch_size": 32, "order": "whole-split"}
+    assert load_training_state(find_checkpoints(tmp_path)[-1])["data"] == {"batches_consumed": 5, "global_batch_size": 32,
+                                                                            "order": "whole-split"}
+    # the images seen, not 8 steps x today's batch of 32 (256); this attempt processed 64
+    assert record["images_seen"] == 160 and record["attempt_images"] == 64
 
 
 def test_workers_0_refuses_a_ray_data_loader(mnist_dir, tmp_path, capsys):
