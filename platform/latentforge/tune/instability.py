@@ -79,6 +79,11 @@ class InstabilityPolicy:
         state.streaks[key] = state.streaks.get(key, 0) + 1 if condition else 0
         return state.streaks[key]
 
+    def forget(self, trial_id: str) -> None:
+        """Start a trial's history again: PBT gave it another trial's weights, whose best FID and
+        streaks are not its own."""
+        self._trials.pop(trial_id, None)
+
     def observe(self, trial_id: str, result: dict, loss: str | None = None) -> StopDecision:
         """Update the trial's state with one result and decide.
 

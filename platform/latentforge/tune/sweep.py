@@ -58,12 +58,14 @@ class InstabilityStopper:
                  loss_of: Callable[[dict], str | None] = lambda params: None):
         self.policy, self.sweep_dir, self.rungs, self.loss_of = policy, sweep_dir, rungs, loss_of
         self._losses: dict[tuple, str | None] = {}  # by the trial's parameters (PBT can change them)
+        self._warm_starts: dict[str, object] = {}  # each trial's last warm start (PBT exploit or restore)
         self.reasons: dict[str, dict] = stop_reasons(sweep_dir)
 
     def __setstate__(self, state: dict) -> None:
         # A resumed sweep's Tune restores the stopper pickled when the sweep began, with the
         # reasons it knew then; the file holds every session's.
         self.__dict__.update(state)
+        self.__dict__.setdefault("_warm_starts", {})  # pickled by an earlier version
         self.reasons = {**self.reasons, **stop_reasons(self.sweep_dir)}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
@@ -73,6 +75,10 @@ class InstabilityStopper:
         key = tuple(sorted((k, repr(v)) for k, v in params.items()))
         if key not in self._losses:
             self._losses[key] = self.loss_of(params)
+        warm = result.get("warm_started_at_step")
+        if trial_id in self._warm_starts and warm != self._warm_starts[trial_id] and trial_id not in self.reasons:
+            self.policy.forget(trial_id)  # another trial's weights now: its best FID and streaks are not this one's
+        self._warm_starts[trial_id] = warm
         decision: StopDecision = self.policy.observe(trial_id, result, loss=self._losses[key])
         if self.rungs is not None:  # sees every result, so that its rungs are complete
             behind = self.rungs.observe(trial_id, result)
@@ -183,7 +189,6 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
                          use_gpu=sw.gpus)
     trial_dir = Path(tune.get_context().get_trial_dir())
     name = f"attempt-{uuid.uuid4().hex[:8]}"
-    forward_all = sw.scheduler.kind != "pbt"  # PBT needs the metric in every result it sees
     queue = Queue(maxsize=4, actor_options={"num_cpus": 0})
     tune_ckpt = tune.get_checkpoint()
     outcome: dict = {}
@@ -211,8 +216,6 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
                 continue
             if start_step is None:
                 start_step = record.get("attempt_start_step", 0)
-            if not forward_all and sw.metric not in record:
-                continue
             result = _clean(record)
             value = result.get(sw.metric)
             if value is not None and math.isfinite(value):
@@ -259,7 +262,9 @@ def _scheduler(sw: SweepConfig):
                                        quantile_fraction=sw.scheduler.quantile_fraction,
                                        resample_probability=sw.scheduler.resample_probability,
                                        hyperparam_mutations=mutations, custom_explore_fn=ClampToSpace(bounds),
-                                       synch=False)
+                                       # every report reaches the stopper (report_every), not only the
+                                       # evaluations that carry the metric PBT ranks on
+                                       require_attrs=False, synch=False)
     return FIFOScheduler()
 
 

@@ -127,3 +127,24 @@ def test_a_repeated_result_is_not_counted_twice():
     assert not p.observe("t", collapsed).stop
     assert not p.observe("t", dict(collapsed)).stop
     assert p.observe("t", {**collapsed, "step": 400}).stop
+
+
+def test_a_trial_warm_started_from_another_trials_weights_starts_its_history_again(tmp_path):
+    """PBT gives an exploiting trial another trial's weights: judging them against the best FID of
+    the weights it had (60 here) stopped it as degraded three reports later."""
+    from latentforge.tune.instability import InstabilityPolicy
+    from latentforge.tune.sweep import InstabilityStopper
+
+    def reports(stopper, fids, start, warm=None):
+        out = []
+        for i, f in enumerate(fids):
+            r = {"step": start + 100 * i, "fid": f, "recall": 0.5, "class_coverage": 1.0, "config": {}}
+            if warm is not None:
+                r["warm_started_at_step"] = warm
+            out.append(stopper("t", r))
+        return out
+
+    for warm, stopped in ((400, False), (None, True)):  # None: the same weights went on (no warm start)
+        stopper = InstabilityStopper(InstabilityPolicy(), str(tmp_path / str(warm)))
+        assert not any(reports(stopper, [300, 150, 80, 60], 100))
+        assert any(reports(stopper, [95, 100, 120], 500, warm)) is stopped
