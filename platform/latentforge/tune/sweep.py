@@ -67,6 +67,8 @@ class InstabilityStopper:
         self.__dict__.update(state)
         self.__dict__.setdefault("_warm_starts", {})  # pickled by an earlier version
         self.reasons = {**self.reasons, **stop_reasons(self.sweep_dir)}
+        if self.rungs is not None:
+            replay_rungs(self.rungs, Path(self.sweep_dir) / "tune")
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         # Tune puts the trial's sampled parameters in every result: a trial whose space sets
@@ -93,6 +95,29 @@ class InstabilityStopper:
 
     def stop_all(self) -> bool:
         return False
+
+
+def replay_rungs(rungs: RungRecheck, experiment: Path) -> int:
+    """Record at the rungs every result the sweep's trials reported before it stopped (each trial
+    folder's result.json): the stopper a resumed sweep restores is the one pickled when it began,
+    with empty rungs, so finished trials no longer counted towards any cut. Returns the results read."""
+    import json
+
+    n = 0
+    for path in sorted(experiment.glob("*/result.json")):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash
+            if isinstance(result, dict) and result.get("trial_id"):
+                rungs.observe(str(result["trial_id"]), result)  # records only; decisions are for live trials
+                n += 1
+    return n
 
 
 _METRICS: dict = {}

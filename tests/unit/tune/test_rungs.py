@@ -80,3 +80,26 @@ def test_max_mode_missing_and_non_finite_values():
     report_max("mid", 10, 0.5)
     assert report_max("low", 12, 0.2).stop
     assert not report_max("high", 12, 0.6).stop
+
+
+def test_a_resumed_sweep_replays_its_trials_results_into_the_rungs(tmp_path):
+    """A resumed sweep's Tune restores the stopper pickled when the sweep began, with empty rungs:
+    finished trials no longer counted, so a weak trial that resumed ran on. The trials' result
+    files are replayed into the rungs on restore."""
+    import json
+    from ray import cloudpickle as pickle  # as Tune pickles its stopper
+
+    from latentforge.tune.instability import InstabilityPolicy
+    from latentforge.tune.sweep import InstabilityStopper
+
+    stopper = InstabilityStopper(InstabilityPolicy(), str(tmp_path),
+                                 RungRecheck(100, 2, 400, "fid_best", "min"))
+    frozen = pickle.dumps(stopper)  # what Tune keeps from the sweep's start
+    for trial, fids in (("good1", [20, 15]), ("good2", [25, 18]), ("weak", [90])):
+        folder = tmp_path / "tune" / f"trial_{trial}"
+        folder.mkdir(parents=True)
+        lines = [json.dumps({"trial_id": trial, "step": 100 * (i + 1), "fid_best": f}) for i, f in enumerate(fids)]
+        (folder / "result.json").write_text("\n".join(lines) + "\n{\"trial_id\": \"cut sh")  # a line cut by the crash
+    restored = pickle.loads(frozen)
+    assert restored.rungs.recorded[100] == {"good1": -20.0, "good2": -25.0, "weak": -90.0}
+    assert restored("weak", {"step": 150, "fid_best": 85, "config": {}})  # behind both at the step-100 rung
