@@ -24,7 +24,7 @@ from latentforge.errors import LatentForgeError
 from latentforge.metrics.features import MAX_STORED_FEATURES, FeatureNet
 from latentforge.models.prior import prior_name
 from latentforge.metrics.registry import (
-    MAX_KNN,
+    knn_count,
     MAX_SAMPLES,
     MIN_SAMPLES,
     SampleSet,
@@ -56,7 +56,12 @@ def distribution_metrics(fake: torch.Tensor, net: FeatureNet, reference: str = "
     # scored as the 8-bit images they would be saved as, like the real ones: a checkpoint's float
     # samples and the same samples saved and scored as files then give the same numbers
     feats, probs = net.embed(fake, as_8bit=True)
-    return distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
+    values = distribution_values(SampleSet(net.real[reference], feats, probs, seed, requested_labels))
+    if fake.is_floating_point() and not bool(torch.isfinite(fake).all()):
+        # NaN pixels became black ones in 8 bits, and a diverged generator a finite, merely bad FID
+        # that no stopper or sweep could tell from a weak one: every metric is NaN instead
+        values = {k: float("nan") for k in values}
+    return values
 
 
 def split_class_share(ds: PreparedDataset, split: str) -> torch.Tensor | None:
@@ -132,11 +137,14 @@ def load_image_file_set(path: str | Path, expected_shape: tuple[int, int, int]) 
 
 
 def vae_reconstruction_metrics(vae, dataset: PreparedDataset, sigma: float, max_images: int = 5000) -> dict:
-    """Reconstruction MSE/PSNR/SSIM (posterior mean) and −ELBO on the validation split."""
+    """Reconstruction MSE/PSNR/SSIM (posterior mean) and −ELBO on the validation split; only
+    {"images": 0} for a dataset prepared without one (`--val-fraction 0`)."""
     from latentforge.algorithms.vae import vae_negative_elbo
     from latentforge.metrics.reconstruction import mse, psnr, ssim
 
     val = dataset.load("val")
+    if len(val) == 0:  # the ELBO divided by zero and SSIM raised on an empty batch
+        return {"images": 0}
     device = next(vae.parameters()).device  # the model may live on a GPU; the split is read on the CPU
     x = to_model_range(val.images[:max_images]).to(device)
     y = None if val.labels is None or not vae.num_classes else val.labels[:max_images].to(device)
@@ -229,8 +237,10 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     out["protocol"] = suffix = protocol_suffix(len(fake), reference, net.backbone)
     out.update({protocol_key(k, suffix): v for k, v in distribution_metrics(fake, net, reference, seed, requested).items()})
     # the keys name the sample count FID used; the k-NN metrics (precision, recall, density,
-    # coverage) take at most MAX_KNN per side (their distance matrices are O(N^2)): say how many
-    out["knn_samples"] = {"real": min(len(net.real[reference].features), MAX_KNN), "generated": min(len(fake), MAX_KNN)}
+    # coverage) take as many real as generated points, at most MAX_KNN (their distance matrices are
+    # O(N^2)): say how many
+    n_knn = knn_count(len(net.real[reference].features), len(fake))
+    out["knn_samples"] = {"real": n_knn, "generated": n_knn}
     warning = rank_warning(len(fake), net.real[reference], reference)
     if warning:
         out["warning"] = warning
@@ -238,8 +248,12 @@ def evaluate(target: str | Path, dataset_dir: str | Path, samples: int = 5000, s
     if is_checkpoint and ckpt.algorithm == "vae":
         sigma = ckpt.experiment.get("vae", {}).get("decoder_sigma", 0.1)
         recon = vae_reconstruction_metrics(ckpt.modules["vae"], ds, sigma)
-        out["reconstruction_protocol"] = rsuffix = reconstruction_suffix(recon.pop("images"))
-        out.update({protocol_key(k, rsuffix): v for k, v in recon.items()})
+        if recon["images"]:
+            out["reconstruction_protocol"] = rsuffix = reconstruction_suffix(recon.pop("images"))
+            out.update({protocol_key(k, rsuffix): v for k, v in recon.items()})
+        else:
+            log("note: the dataset has no validation split (prepared with --val-fraction 0): no reconstruction "
+                "metrics or held-out ELBO")
     out["generate_seconds"] = round(t_gen - t0, 3)
     out["metrics_seconds"] = round(time.time() - t_gen, 3)
     return out

@@ -28,8 +28,8 @@ def test_npz_and_folder_of_real_images_score_like_real_data(mnist_dir, mnist_fea
     a = evaluate(tmp_path / "real.npz", mnist_dir, net=mnist_features, log=quiet)
     b = evaluate(folder, mnist_dir, net=mnist_features, log=quiet)
     assert a["samples"] == 500 and b["samples"] == 300
-    # the k-NN metrics say how many images of each side they used (at most MAX_KNN each)
-    assert b["knn_samples"] == {"real": min(5000, len(mnist_features.real["train"].features)), "generated": 300}
+    # the k-NN metrics say how many images of each side they used: as many real as generated
+    assert b["knn_samples"] == {"real": 300, "generated": 300}
     assert a["protocol"] == "500_train_lfclassifier" and b["protocol"] == "300_train_lfclassifier"
     assert a["fid500_train_lfclassifier"] < 15 and a["class_coverage500_train_lfclassifier"] == 1.0
     assert a["backbone"] == mnist_features.backbone
@@ -232,3 +232,29 @@ def test_evaluate_and_periodic_evaluation_ask_for_the_splits_class_proportions(m
     with pytest.raises(Stop):
         periodic.make_periodic_evaluator(mnist_dir, 300, seed=2)(Program(), 2)
     assert torch.equal(asked["periodic"], share_labels(300, share, 2))
+
+
+def test_a_vae_on_data_without_a_validation_split_is_scored_without_reconstructions(tmp_path):
+    """`data prepare --val-fraction 0` is allowed; scoring a VAE on it divided by zero in the ELBO
+    (and SSIM raised on an empty batch), which also crashed training at its first evaluation."""
+    from latentforge.builders import build_vae
+    from latentforge.data.spec import DataSpec
+    from latentforge.metrics.evaluate import vae_reconstruction_metrics
+
+    out = tmp_path / "digits"
+    prepare_dataset("digits", out, SourceOptions(count=60, size=28, channels=1), val_fraction=0.0, log=lambda *_: None)
+    ds = PreparedDataset(out)
+    assert ds.manifest["splits"]["val"]["count"] == 0
+    vae = build_vae(tiny("vae-mnist").model, DataSpec.from_dataset(ds))
+    assert vae_reconstruction_metrics(vae, ds, 0.1) == {"images": 0}
+
+
+def test_non_finite_samples_score_nan_not_a_finite_fid(mnist_features):
+    from latentforge.metrics.evaluate import distribution_metrics
+
+    fake = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fine = distribution_metrics(fake, mnist_features, "train")
+    fake[3, 0, 5, 5] = float("nan")  # one pixel of one sample, as a diverging generator starts
+    broken = distribution_metrics(fake, mnist_features, "train")
+    assert set(broken) == set(fine) and all(v == v for v in fine.values() if isinstance(v, float))
+    assert all(v != v for v in broken.values())
