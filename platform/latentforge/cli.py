@@ -571,6 +571,14 @@ def _serve_app_args(data: dict, source: str) -> tuple[dict, str]:
         raise ConfigError(f"{source} is a Ray Serve deployment file with {len(apps)} LatentForge applications "
                           "(import_path latentforge.serve.app:build_app); --config takes one, or a file of "
                           "ServeConfig fields")
+    ignored = [k for k in ("http_options", "proxy_location") if k in data] + [k for k in ("route_prefix", "runtime_env")
+                                                                             if k in apps[0]]
+    if ignored:
+        import sys
+
+        print(f"latentforge: note: serve --config reads the application's args from {source}; its "
+              f"{', '.join(ignored)} do not apply here (--host, --port and this process's environment do)",
+              file=sys.stderr)
     args = apps[0].get("args") or {}
     if not isinstance(args, dict):
         raise ConfigError(f"{source}: the application's args must be a mapping of ServeConfig fields")

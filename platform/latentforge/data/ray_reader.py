@@ -60,6 +60,8 @@ class ShardBatches:
         seed: seeds the local shuffle buffer.
     """
 
+    order = "ray-data"  # a checkpoint's epoch order (train/loop.py): Ray Data's, not reproduced by the others
+
     def __init__(self, shard, local_batch: int, rows_per_worker: int, labelled: bool, device, seed: int = 0):
         self.shard, self.local, self.labelled, self.device, self.seed = shard, local_batch, labelled, device, seed
         self.batches_per_epoch = max(1, rows_per_worker // local_batch)

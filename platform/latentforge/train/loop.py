@@ -175,17 +175,17 @@ def run_training(
         if saved_batch != t.global_batch_size:  # keep the images seen, not the count of batches
             batches_consumed = rescale_position(batches_consumed, saved_batch, t.global_batch_size,
                                                 getattr(stream, "rows", None))
-        batches_consumed, moved = _resume_order(batches_consumed, state["data"].get("order"), stream)
         if ctx.is_chief:
             log(f"resumed from {resume_from} at step {start}")
-            if moved:
-                log(moved)
             if saved_batch != t.global_batch_size:
                 log(f"note: the global batch changed from {saved_batch} to {t.global_batch_size}; the data resumes "
                     f"after the same images ({batches_consumed} batches of the new size)")
             if saved_world != world:
-                log(f"note: the run trained on {saved_world} worker(s) and resumes on {world}; the global batch "
-                    f"stays {t.global_batch_size} (per worker {t.global_batch_size // saved_world} -> {per_worker})")
+                log(f"note: the run trained on {saved_world} worker(s) and resumes on {world}; the global batch is "
+                    f"{t.global_batch_size} (per worker {saved_batch // saved_world} -> {per_worker})")
+        batches_consumed, moved = _resume_order(batches_consumed, state["data"].get("order"), stream)
+        if moved and ctx.is_chief:
+            log(moved)
     else:
         batches_consumed = 0
     if start >= t.steps:  # the CLI refuses this before launching (train/resume.py); a library call is told
@@ -273,7 +273,8 @@ def run_training(
         record = {
             "step": done,
             # the data position in images: after a resume with another global batch, the images
-            # actually seen (the position was rescaled to keep them), not steps x today's batch
+            # seen up to the rescaled position (which keeps whole epochs, and counts an epoch's
+            # rest skipped by a changed order), not steps x today's batch
             "images_seen": (batches_consumed + (done - start) * program.batches_per_step) * t.global_batch_size,
             "attempt_images": (done - start) * program.batches_per_step * t.global_batch_size,
             "images_per_sec": images / max(elapsed, 1e-9),

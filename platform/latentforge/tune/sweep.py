@@ -77,7 +77,7 @@ class InstabilityStopper:
         key = tuple(sorted((k, repr(v)) for k, v in params.items()))
         if key not in self._losses:
             self._losses[key] = self.loss_of(params)
-        warm = result.get("warm_started_at_step")
+        warm = result.get("warm_start", result.get("warm_started_at_step"))
         if trial_id in self._warm_starts and warm != self._warm_starts[trial_id] and trial_id not in self.reasons:
             self.policy.forget(trial_id)  # another trial's weights now: its best FID and streaks are not this one's
         self._warm_starts[trial_id] = warm
@@ -194,7 +194,7 @@ def _clean(record: dict) -> dict:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
+def sweep_trial(config: dict, sweep: dict, data_dir: str, forward_all: bool = True) -> None:
     """The Tune function trainable: one trial = one Ray Train run of the sampled config."""
     import ray
     from ray import tune
@@ -213,7 +213,8 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
     check_training_setup(cfg, DataSpec.from_dataset(ds), sw.workers_per_trial, ds.manifest["splits"]["train"]["count"],
                          use_gpu=sw.gpus)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    name = f"attempt-{uuid.uuid4().hex[:8]}"
+    attempt = uuid.uuid4().hex[:8]
+    name, attempt_id = f"attempt-{attempt}", int(attempt, 16)
     queue = Queue(maxsize=4, actor_options={"num_cpus": 0})
     tune_ckpt = tune.get_checkpoint()
     outcome: dict = {}
@@ -241,6 +242,8 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
                 continue
             if start_step is None:
                 start_step = record.get("attempt_start_step", 0)
+            if not forward_all and sw.metric not in record:
+                continue
             result = _clean(record)
             value = result.get(sw.metric)
             if value is not None and math.isfinite(value):
@@ -249,6 +252,7 @@ def sweep_trial(config: dict, sweep: dict, data_dir: str) -> None:
                 result[f"{sw.metric}_best"] = best
             if resume_from is not None:
                 result["warm_started_at_step"] = start_step
+                result["warm_start"] = attempt_id  # which warm start: two exploits may start at one step
             checkpoint = tune.Checkpoint.from_directory(ckpt_path) if ckpt_path else None
             tune.report(result, checkpoint=checkpoint)
         if "error" in outcome:
@@ -416,7 +420,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
 
         atomic_write_json(sweep_dir / SWEEP_FILE, {"sweep": sw.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
                                                    "data_hash": PreparedDataset(data_dir).content_hash,
-                                                   "created_unix": int(time.time())})
+                                                   "created_unix": int(time.time()), "reports": "all"})
     elif turned_on:  # `--resume --gpus`: later resumes keep the GPUs too
         saved = read_json(sweep_dir / SWEEP_FILE)
         atomic_write_json(sweep_dir / SWEEP_FILE, {**saved, "sweep": sw.model_dump(mode="json")})
@@ -428,8 +432,12 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
         rungs = RungRecheck(sw.scheduler.grace_period, sw.scheduler.reduction_factor, sw.steps, f"{sw.metric}_best", sw.mode)
     stopper = InstabilityStopper(InstabilityPolicy(sw.stopper), str(sweep_dir), rungs,
                                  loss_of=lambda params: trial_loss(sw, params))
+    # A PBT sweep begun before every report was forwarded restores its scheduler as pickled then,
+    # which raises on a report without the metric: its trials keep sending only evaluations.
+    forward_all = sw.scheduler.kind != "pbt" or not resume or read_json(sweep_dir / SWEEP_FILE).get("reports") == "all"
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve())),
+        tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve()),
+                             forward_all=forward_all),
         {"cpu": 0.1},  # the trial only waits on its Train run, whose workers hold the CPUs
     )
     experiment = str(sweep_dir / "tune")
@@ -477,16 +485,22 @@ def _may_replace(sw: SweepConfig, registry: str, value: float, sweep_dir: Path, 
     """Whether the sweep's best may take the registry name: a free name, an entry this sweep folder
     promoted (a resumed sweep), or an entry it beats on the sweep's metric. Another sweep's better
     model, or one promoted by hand, is kept and the log says how to replace it anyway."""
-    from latentforge.registry import UnknownModel, show
+    from latentforge.registry import RegistryError, UnknownModel, show
 
     name = sw.promote_as or sw.name
     try:
         entry = show(registry, name, list_known=False)
     except UnknownModel:
         return True
+    except RegistryError as e:  # an entry that cannot be read cannot be served either
+        log(f"replacing {name!r} in {registry}: its entry cannot be read ({e})")
+        return True
     if (entry.get("lineage") or {}).get("sweep_dir") == str(sweep_dir):
         return True
-    theirs = (entry.get("metrics") or {}).get(sw.metric)
+    metrics = entry.get("metrics") or {}
+    theirs = metrics.get(sw.metric)
+    if sw.metric in metrics and theirs is None:  # stored as null: it was NaN or infinite
+        return True
     if isinstance(theirs, (int, float)) and math.isfinite(theirs) and (value < theirs if sw.mode == "min" else value > theirs):
         return True
     held = f"{sw.metric} {theirs:.4g}" if isinstance(theirs, (int, float)) else f"no {sw.metric}"
