@@ -229,6 +229,13 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def entry_version(entry: dict) -> str:
+    """A short hash of a registry entry (model.json, which records every file's SHA-256 and which
+    promotion rewrites): what names a downloaded copy, and what Serve routes a model's requests by,
+    so that replicas load a re-promoted model instead of serving the copy they hold."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = None,
                      max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> Path:
     """A local folder holding the entry's checkpoint; for URIs a download into `cache_dir`
@@ -246,38 +253,78 @@ def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = No
     entry = show(registry, name)
     if not is_uri(registry):
         return Path(registry) / name / "checkpoint"
-    version = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    version = entry_version(entry)
     root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "latentforge-registry-cache" / \
         hashlib.sha256(registry.encode()).hexdigest()[:16]
     cache = root / name / version
-    if (cache / CONFIG).is_file():
+    wanted = [WEIGHTS] + [f"{DIRECTIONS_DIR}/{f}" for f in DIRECTION_FILES if entry.get("directions")] + [CONFIG]
+    if _holds(cache, wanted):
         os.utime(cache)  # recently used: the last to be evicted
         return cache
-    wanted = [WEIGHTS] + [f"{DIRECTIONS_DIR}/{f}" for f in DIRECTION_FILES if entry.get("directions")] + [CONFIG]
     hashes = entry.get("files") or {}  # entries promoted before hashes were recorded have none
-    for rel in wanted:
-        data = read_bytes_uri(join_uri(registry, name, "checkpoint", *rel.split("/")))
-        if data is None:
-            raise RegistryError(f"registry entry {name!r} is missing checkpoint/{rel}; promote it again")
-        if rel in hashes and hashlib.sha256(data).hexdigest() != hashes[rel]:
-            raise RegistryError(f"registry entry {name!r}: the downloaded checkpoint/{rel} does not match the hash in its "
-                                "model.json (damaged, or replaced during the download); retry, or promote it again")
-        write_bytes_uri(str(cache / rel), data)
+    # Downloaded into a folder of its own, then renamed into place whole: replicas on a node share
+    # the cache, and one's prune could delete a version another was writing file by file, which
+    # then held config.json alone and passed for complete ever after.
+    staging = cache.parent / f".{version}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        for rel in wanted:
+            data = read_bytes_uri(join_uri(registry, name, "checkpoint", *rel.split("/")))
+            if data is None:
+                raise RegistryError(f"registry entry {name!r} is missing checkpoint/{rel}; promote it again")
+            if rel in hashes and hashlib.sha256(data).hexdigest() != hashes[rel]:
+                raise RegistryError(f"registry entry {name!r}: the downloaded checkpoint/{rel} does not match the hash in "
+                                    "its model.json (damaged, or replaced during the download); retry, or promote it again")
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+        if cache.exists() and not _holds(cache, wanted):  # an incomplete leftover (an earlier version's download)
+            shutil.rmtree(cache, ignore_errors=True)
+        try:
+            os.rename(staging, cache)
+        except OSError:
+            if not _holds(cache, wanted):  # not another replica's finished copy of the same version
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     os.utime(cache)
     prune_cache(root, keep=cache, max_bytes=max_bytes)
     return cache
 
 
+def _holds(folder: Path, files: list[str]) -> bool:
+    return all((folder / rel).is_file() for rel in files)
+
+
 def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:  # another replica's prune of the same shared cache
+            pass
+    return total
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+CACHE_IN_USE_S = 120  # a cached version used this recently may be loading in another replica
+PARTIAL_ABANDONED_S = 3600  # a download folder this old belongs to a replica that died
 
 
 def prune_cache(root: Path, keep: Path, max_bytes: int) -> list[Path]:
     """Delete the cached versions that `keep` supersedes (same model, other version), then the
-    least recently used ones until the cache holds at most `max_bytes`. Returns what was deleted."""
-    versions = [v for v in root.glob("*/*") if v.is_dir() and v != keep]
-    removed = [v for v in versions if v.parent == keep.parent]
-    rest = sorted((v for v in versions if v.parent != keep.parent), key=lambda v: v.stat().st_mtime)
+    least recently used ones until the cache holds at most `max_bytes`; and downloads abandoned
+    for an hour. A version used in the last two minutes stays (another replica on the node may be
+    loading it). Returns what was deleted."""
+    now = time.time()
+    versions = [v for v in root.glob("*/*") if v.is_dir() and v != keep and not v.name.startswith(".")]
+    removed = [v for v in root.glob("*/.*.partial-*") if now - _mtime(v) > PARTIAL_ABANDONED_S]
+    removed += [v for v in versions if v.parent == keep.parent and now - _mtime(v) > CACHE_IN_USE_S]
+    rest = sorted((v for v in versions if v.parent != keep.parent), key=_mtime)
     sizes = {v: _tree_bytes(v) for v in rest}
     total = _tree_bytes(keep) + sum(sizes.values())
     for v in rest:

@@ -145,6 +145,14 @@ def test_a_model_promoted_while_serving_is_found_after_the_refresh_window(server
         time.sleep(0.5)
     assert r.status_code == 200
     assert r.json()["images"] == post(server, "/v1/models/gan/generate", {"n": 2, "seed": 5}).json()["images"]
+    # promoted again over it (--overwrite): the replica that holds the old copy in its cache loads
+    # the new one (before, it served the old weights for as long as it kept them)
+    promote(local_checkpoint(registry, "stylegan"), registry, "late", overwrite=True)
+    want = post(server, "/v1/models/stylegan/generate", {"n": 2, "seed": 5}).json()["images"]
+    deadline = time.time() + 30
+    while post(server, "/v1/models/late/generate", {"n": 2, "seed": 5}).json().get("images") != want:
+        assert time.time() < deadline, "the replica kept serving the model it had cached"
+        time.sleep(0.5)
 
 
 def test_bad_inputs_get_clear_4xx_and_the_app_keeps_serving(server, digit):

@@ -141,6 +141,16 @@ def test_serve_config_takes_a_ray_serve_deployment_files_application_args(tmp_pa
         _serve_config(str(other))
 
 
+def test_an_api_key_that_no_http_header_could_carry_is_refused():
+    """Headers arrive as latin-1 and the key was compared as UTF-8: a key with 'ü' never matched,
+    so every request got a 401 with nothing to say why."""
+    from latentforge.serve.config import ServeConfig
+
+    with pytest.raises(ValueError, match="printable ASCII"):
+        ServeConfig(api_key="schlüssel-" + "x" * 16).resolve_api_key()  # where the app is built
+    assert ServeConfig(api_key="k" * 20).resolve_api_key() == "k" * 20
+
+
 def test_a_bench_mode_is_never_measured_under_a_contradicting_override():
     """`bench train --modes fp32 --set train.channels_last=true` would label NHWC numbers 'fp32'
     (NCHW); it is refused up front and names the modes to use instead. Agreeing and unrelated

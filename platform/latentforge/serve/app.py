@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from latentforge import __version__
-from latentforge.registry import RegistryError, UnknownModel, check_name, list_entries, local_checkpoint, show
+from latentforge.registry import (RegistryError, UnknownModel, check_name, entry_version, list_entries, local_checkpoint,
+                                  show)
 from latentforge.serve.codec import RETRY_AFTER_S, BadInput
 from latentforge.serve.config import GPU_FIELDS, AutoscalingSettings, ServeConfig
 from latentforge.serve.schemas import EditRequest, GenerateRequest, ImageRequest, InpaintRequest, InterpolateRequest
@@ -116,13 +117,15 @@ class _Models:
         return runtime
 
     def load(self, model_id: str):
+        """`model_id` as routed: 'name@version' from the gateway (`_routed`), or a bare name."""
         from latentforge.serve.engine import ModelRuntime
 
-        check_name(model_id)  # an invalid id: the gateway's 400
+        name = model_name(model_id)
+        check_name(name)  # an invalid id: the gateway's 400
         try:
-            path = local_checkpoint(self.cfg.registry, model_id, self.cfg.model_cache_dir,
+            path = local_checkpoint(self.cfg.registry, name, self.cfg.model_cache_dir,
                                     max_bytes=int(self.cfg.model_cache_max_gb * 2**30))
-            runtime = ModelRuntime(model_id, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts,
+            runtime = ModelRuntime(name, path, self.cfg.limits, self.cfg.projection_steps, self.cfg.projection_restarts,
                                    device=self.device)
         except UnknownModel:
             raise  # the gateway's 404
@@ -137,7 +140,7 @@ class _Models:
         self.failed.pop(model_id, None)
         if self.directions:  # the Editor's: read them, or compute missing ones off the request path
             runtime.prepare_directions(background=True)
-        self.loads.inc(tags={"model": model_id})
+        self.loads.inc(tags={"model": name})
         return runtime
 
 
@@ -161,8 +164,13 @@ def replica_options(cfg: ServeConfig, deployment: str) -> dict:
     return {"num_cpus": cfg.replica_cpus, **({"num_gpus": gpus} if gpus else {})}
 
 
+def model_name(routed: str) -> str:
+    """The registry name of a routed model id ('name@version', `Gateway._routed`)."""
+    return routed.partition("@")[0]
+
+
 def _unavailable(model_id: str, retry_in_s: float) -> BadInput:
-    return BadInput(f"model {model_id!r} is unavailable: it failed to load on this server (the server log has "
+    return BadInput(f"model {model_name(model_id)!r} is unavailable: it failed to load on this server (the server log has "
                     f"details); it is tried again in {max(1, round(retry_in_s))} s", status=503)
 
 
@@ -591,6 +599,9 @@ class Gateway:
                 logger.warning("model %s is unavailable: %s", model_id, e)
                 answer = (503, f"model {model_id!r} is unavailable: its registry entry is damaged (the server log "
                                "has details)")
+            except Exception:  # noqa: BLE001 - storage down or unreachable: a 503 to retry, not a 500
+                logger.exception("reading the registry entry of %s failed", model_id)
+                answer = (503, "the model registry cannot be read right now (the server log has details); retry shortly")
         while len(self._entries) >= 1024:  # hostile ids cannot grow it without bound: the oldest answer goes
             self._entries.pop(next(iter(self._entries)))
         self._entries.pop(model_id, None)
@@ -601,9 +612,12 @@ class Gateway:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            await self._entry(model_id)
+            # routed by name and entry version: a replica holding an older copy of a re-promoted
+            # model loads the new one instead of serving the old weights from its cache
+            entry = await asyncio.wait_for(self._entry(model_id), self.cfg.request_timeout_s)  # storage may hang
+            routed = f"{model_id}@{entry_version(entry)}"
             # the replica stops its own work at the deadline; this bounds queueing and loading too
-            result = await asyncio.wait_for(_awaited(coro_factory()), self.cfg.request_timeout_s + 5)
+            result = await asyncio.wait_for(_awaited(coro_factory(routed)), self.cfg.request_timeout_s + 5)
             if isinstance(result, BaseException):  # a batched call hands errors back as values
                 raise result
         except _HTTPError as e:
@@ -702,8 +716,8 @@ class Gateway:
     @app.get("/v1/models/{model_id}/directions", responses=MODEL_ERRORS)
     async def directions(self, model_id: ModelId, request: Request):
         # the Generator's: a metadata read must not queue behind the Editor's projections
-        return await self._call(request, model_id, lambda: self.generator.options(
-            multiplexed_model_id=model_id).directions.remote(model_id))
+        return await self._call(request, model_id, lambda m: self.generator.options(
+            multiplexed_model_id=m).directions.remote(m))
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, max_concurrent_batches=2,
                  batch_size_fn=lambda items: sum(body["n"] for _, body in items))
@@ -726,11 +740,11 @@ class Gateway:
     async def generate(self, model_id: ModelId, body: GenerateRequest, request: Request):
         if body.n > self.cfg.limits.max_n:
             return _error(422, f"n: {body.n} is above the limit of {self.cfg.limits.max_n} images per request")
-        return await self._call(request, model_id, lambda: self._generate(model_id, body.model_dump()))
+        return await self._call(request, model_id, lambda m: self._generate(m, body.model_dump()))
 
     @app.post("/v1/models/{model_id}/reconstruct", responses=MODEL_ERRORS)
     async def reconstruct(self, model_id: ModelId, body: ImageRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).reconstruct.remote(model_id, body))
+        return await self._call(request, model_id, lambda m: self._editor(m).reconstruct.remote(m, body))
 
     def _latent_op(self, model_id: str, op: str, body, sources: list):
         """Work that inverts an image goes to the Editor (bounded queue, one projection per
@@ -742,19 +756,19 @@ class Gateway:
 
     @app.post("/v1/models/{model_id}/interpolate", responses=MODEL_ERRORS)
     async def interpolate(self, model_id: ModelId, body: InterpolateRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._latent_op(model_id, "interpolate", body, [body.a, body.b]))
+        return await self._call(request, model_id, lambda m: self._latent_op(m, "interpolate", body, [body.a, body.b]))
 
     @app.post("/v1/models/{model_id}/edit", responses=MODEL_ERRORS)
     async def edit(self, model_id: ModelId, body: EditRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._latent_op(model_id, "edit", body, [body.source]))
+        return await self._call(request, model_id, lambda m: self._latent_op(m, "edit", body, [body.source]))
 
     @app.post("/v1/models/{model_id}/inpaint", responses=MODEL_ERRORS)
     async def inpaint(self, model_id: ModelId, body: InpaintRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).inpaint.remote(model_id, body))
+        return await self._call(request, model_id, lambda m: self._editor(m).inpaint.remote(m, body))
 
     @app.post("/v1/models/{model_id}/denoise", responses=MODEL_ERRORS)
     async def denoise(self, model_id: ModelId, body: ImageRequest, request: Request):
-        return await self._call(request, model_id, lambda: self._editor(model_id).denoise.remote(model_id, body))
+        return await self._call(request, model_id, lambda m: self._editor(m).denoise.remote(m, body))
 
 
 def build_application(cfg: ServeConfig):

@@ -108,6 +108,10 @@ class ServeConfig(StrictConfig):
         if len(key) < 16:
             raise ValueError(f"{where}: the API key is {'empty' if not key else 'shorter than 16 characters'}; "
                              "use a long random key, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        if not key.isascii() or not key.isprintable():
+            # HTTP headers arrive as latin-1: a key with other characters could never match
+            raise ValueError(f"{where}: the API key must be printable ASCII (it travels in an HTTP header); use e.g. "
+                             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         return key
 
     def replica_args(self) -> dict:

@@ -118,6 +118,9 @@ def test_uri_registry_carries_directions_and_replicas_pick_up_an_overwrite(gan_r
     train_local(tiny("dcgan-mnist", train__steps=4, train__checkpoint_every=4, train__seed=5), mnist_dir,
                 tmp_path / "run2", log=lambda *_: None)
     promote(tmp_path / "run2", registry, "gan", overwrite=True)
+    import os
+
+    os.utime(first, (1, 1))  # not used for a while (a version used in the last 2 minutes may be loading elsewhere)
     second = local_checkpoint(registry, "gan", cache)
     assert second != first and json.loads((second / "config.json").read_text())["step"] == 4
     b = load_file(str(second / "model.safetensors"))
@@ -158,3 +161,30 @@ def test_the_download_cache_is_bounded_and_evicts_the_least_recently_used(gan_ru
     assert a.exists() and c.exists() and not b.exists()
     tiny_bound = local_checkpoint(registry, "b", cache, max_bytes=1)  # the version just fetched always stays
     assert tiny_bound.exists() and not a.exists() and not c.exists()
+
+
+def test_a_prune_in_another_replica_mid_download_cannot_leave_a_config_only_copy(gan_run, tmp_path, monkeypatch):
+    """Replicas on a node share the download cache. One's prune deleted the version another was
+    writing file by file; the writer then added config.json, the completeness mark, to an empty
+    folder, and every later load was a 'hit' on a copy without weights. Downloads now land in a
+    folder of their own and are renamed into place whole."""
+    import latentforge.registry as reg
+
+    registry = f"file://{tmp_path / 'remote'}"
+    promote(gan_run, registry, "gan")
+    promote(gan_run, registry, "other")
+    cache = tmp_path / "cache"
+    other = local_checkpoint(registry, "other", cache)
+    real_read, seen = reg.read_bytes_uri, []
+
+    def read_and_prune(uri):
+        data = real_read(uri)
+        if uri.endswith("config.json"):  # the weights are in: the other replica prunes everything it may
+            seen.append(sorted(p.name for p in (cache / "gan").iterdir()) if (cache / "gan").exists() else [])
+            reg.prune_cache(cache, keep=other, max_bytes=0)
+        return data
+    monkeypatch.setattr(reg, "read_bytes_uri", read_and_prune)
+    path = local_checkpoint(registry, "gan", cache)
+    assert seen == [[]] or all(name.startswith(".") for name in seen[0])  # nothing published half-written
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    assert not [p for p in (cache / "gan").iterdir() if p.name.startswith(".")]  # the download folder is gone
