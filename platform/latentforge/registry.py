@@ -254,7 +254,9 @@ def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = No
     if not is_uri(registry):
         return Path(registry) / name / "checkpoint"
     version = entry_version(entry)
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "latentforge-registry-cache" / \
+    # one folder per registry, inside a given cache_dir too: two apps (staging, production) sharing
+    # it deleted each other's copy of a model of the same name as "another version"
+    root = (Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "latentforge-registry-cache") / \
         hashlib.sha256(registry.encode()).hexdigest()[:16]
     cache = root / name / version
     wanted = [WEIGHTS] + [f"{DIRECTIONS_DIR}/{f}" for f in DIRECTION_FILES if entry.get("directions")] + [CONFIG]

@@ -61,7 +61,7 @@ class ServeConfig(StrictConfig):
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # per request; past it a 504 (a client cannot lift it)
     editor_max_queued: int = Field(16, ge=1)  # edit requests waiting per Editor deployment before 503s
     model_retry_s: float = Field(30.0, ge=0)  # after a model fails to load, 503s without retrying for this long
-    model_cache_dir: str | None = None  # where registry URIs are downloaded (default: a temp folder)
+    model_cache_dir: str | None = None  # where registry URIs are downloaded, a folder per registry (default: a temp folder)
     model_cache_max_gb: float = Field(20.0, gt=0)  # the download cache's bound (least recently used versions go first)
     allow_plugins: list[str] = []  # plug-in architecture modules replicas may import (models.plugins); none by default
 

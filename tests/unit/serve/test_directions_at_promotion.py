@@ -180,11 +180,12 @@ def test_a_prune_in_another_replica_mid_download_cannot_leave_a_config_only_copy
     def read_and_prune(uri):
         data = real_read(uri)
         if uri.endswith("config.json"):  # the weights are in: the other replica prunes everything it may
-            seen.append(sorted(p.name for p in (cache / "gan").iterdir()) if (cache / "gan").exists() else [])
-            reg.prune_cache(cache, keep=other, max_bytes=0)
+            models = other.parent.parent  # the registry's folder in the cache
+            seen.append(sorted(p.name for p in (models / "gan").iterdir()) if (models / "gan").exists() else [])
+            reg.prune_cache(models, keep=other, max_bytes=0)
         return data
     monkeypatch.setattr(reg, "read_bytes_uri", read_and_prune)
     path = local_checkpoint(registry, "gan", cache)
     assert seen == [[]] or all(name.startswith(".") for name in seen[0])  # nothing published half-written
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
-    assert not [p for p in (cache / "gan").iterdir() if p.name.startswith(".")]  # the download folder is gone
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # the download folder is gone
