@@ -13,6 +13,8 @@ runs on the same dataset, not with papers: every result names its backbone.
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ class FeatureNet:
     """A dataset's evaluation backbone and its real statistics."""
 
     model: FeatureClassifier
-    backbone: str  # e.g. 'lf-classifier@3f2a9c1b0d4e' (architecture @ dataset hash)
+    backbone: str  # e.g. 'lf-classifier@3f2a9c1b0d4e.8c1d2e3f' (architecture @ dataset hash . weights hash)
     val_accuracy: float | None
     real: dict[str, RealStats]
     path: Path
@@ -208,7 +210,13 @@ def train_feature_net(dataset_dir: str | Path, epochs: int | None = None, batch_
         if ds.manifest["splits"][name]["count"] >= 2:
             for k, v in real_stats(model, ds.chunks(name), ds.num_classes).items():
                 tensors[f"{name}.{k}"] = v
-    backbone = f"lf-{'classifier' if labelled else 'autoencoder'}@{ds.content_hash.split(':')[-1][:12]}"
+    # the dataset and the weights: a network retrained with another --seed or --epochs is another
+    # feature space, and its FIDs must not pass for comparable with the first one's
+    weights = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        weights.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    backbone = (f"lf-{'classifier' if labelled else 'autoencoder'}@{ds.content_hash.split(':')[-1][:12]}"
+                f".{weights.hexdigest()[:8]}")
     config = {
         "kind": "latentforge.feature_net",
         "backbone": backbone,

@@ -35,3 +35,16 @@ def test_a_split_above_the_fitting_budget_trains_on_a_sample_and_scores_every_im
     # the class shares are those of all 4,500 training images, not of the sample
     labels = PreparedDataset(data).load("train").labels
     torch.testing.assert_close(stats["train.class_share"], torch.bincount(labels, minlength=10).double() / 4500)
+
+
+def test_the_backbone_name_tells_feature_networks_of_one_dataset_apart(tmp_path):
+    """Retrained with another seed, a dataset's feature network is another feature space: its name
+    named only the dataset, so FIDs from the two passed for comparable."""
+    from latentforge.data import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+
+    out = tmp_path / "digits"
+    prepare_dataset("digits", out, SourceOptions(count=80, size=16, channels=1), log=lambda *_: None)
+    names = [train_feature_net(out, epochs=1, seed=seed, log=lambda *_: None)["backbone"] for seed in (0, 0, 1)]
+    assert names[0] == names[1] != names[2]
+    assert names[0].split("@")[1].split(".")[0] == names[2].split("@")[1].split(".")[0]  # the same dataset
