@@ -243,9 +243,9 @@ def local_checkpoint(registry: str, name: str, cache_dir: str | Path | None = No
 
     The download folder is named by the hash of the entry's model.json, which records the SHA-256
     of every file and which promotion rewrites: a replica that loads the model after `promote
-    --overwrite` gets the new weights, never a mix. Each file is checked against its hash before it
-    is written (atomically), and config.json, the completeness mark, last: a download cut short or
-    damaged is never used, and the next load finishes it. Edit directions come along.
+    --overwrite` gets the new weights, never a mix. Each file is checked against its hash and
+    written into a folder of the download's own, which is renamed into place whole: a download cut
+    short or damaged is never used, and the next load starts it again. Edit directions come along.
 
     The cache is bounded: after a download, older versions of the same model are deleted (a replica
     holds the weights it loaded in memory), then the least recently used versions of other models
@@ -326,7 +326,8 @@ def prune_cache(root: Path, keep: Path, max_bytes: int) -> list[Path]:
     versions = [v for v in root.glob("*/*") if v.is_dir() and v != keep and not v.name.startswith(".")]
     removed = [v for v in root.glob("*/.*.partial-*") if now - _mtime(v) > PARTIAL_ABANDONED_S]
     removed += [v for v in versions if v.parent == keep.parent and now - _mtime(v) > CACHE_IN_USE_S]
-    rest = sorted((v for v in versions if v.parent != keep.parent), key=_mtime)
+    # the least recently used first; one used in the last two minutes stays even over the bound
+    rest = sorted((v for v in versions if v.parent != keep.parent and now - _mtime(v) > CACHE_IN_USE_S), key=_mtime)
     sizes = {v: _tree_bytes(v) for v in rest}
     total = _tree_bytes(keep) + sum(sizes.values())
     for v in rest:

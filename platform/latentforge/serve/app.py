@@ -611,13 +611,17 @@ class Gateway:
     async def _call(self, request: Request, model_id: str, coro_factory):
         from ray.serve.exceptions import BackPressureError
 
+        deadline = time.monotonic() + self.cfg.request_timeout_s + 5
         try:
+            try:  # storage may hang: the entry read shares the request's deadline
+                entry = await asyncio.wait_for(self._entry(model_id), self.cfg.request_timeout_s)
+            except TimeoutError:
+                return _error(503, "the model registry did not answer in time; retry shortly")
             # routed by name and entry version: a replica holding an older copy of a re-promoted
             # model loads the new one instead of serving the old weights from its cache
-            entry = await asyncio.wait_for(self._entry(model_id), self.cfg.request_timeout_s)  # storage may hang
             routed = f"{model_id}@{entry_version(entry)}"
             # the replica stops its own work at the deadline; this bounds queueing and loading too
-            result = await asyncio.wait_for(_awaited(coro_factory(routed)), self.cfg.request_timeout_s + 5)
+            result = await asyncio.wait_for(_awaited(coro_factory(routed)), max(1.0, deadline - time.monotonic()))
             if isinstance(result, BaseException):  # a batched call hands errors back as values
                 raise result
         except _HTTPError as e:
@@ -670,8 +674,9 @@ class Gateway:
             return _error(503, "not ready: the model registry cannot be read (the server log has details)")
         for entry in entries[:3]:
             name = entry["name"]
+            routed = f"{name}@{entry_version(entry)}"  # as requests route it: the probe reuses their copy
             try:
-                await asyncio.wait_for(_awaited(self.generator.options(multiplexed_model_id=name).ready.remote(name)),
+                await asyncio.wait_for(_awaited(self.generator.options(multiplexed_model_id=routed).ready.remote(routed)),
                                        self.cfg.request_timeout_s)
             except Exception as e:  # noqa: BLE001 - a broken entry or a timeout: try the next one
                 logger.warning("readiness: model %s does not load: %s", name, type(_unwrap(e)).__name__)

@@ -290,7 +290,11 @@ def check_metric_for_data(sweep: SweepConfig, data_dir) -> None:
     """Refuse, before any trial, a metric the dataset cannot produce (class metrics need labels)."""
     from latentforge.data.dataset import PreparedDataset
 
-    if sweep.metric in LABELLED_DATA_METRICS and PreparedDataset(data_dir).num_classes == 0:
+    ds = PreparedDataset(data_dir)
+    if sweep.metric in VAE_ONLY_METRICS and ds.manifest["splits"]["val"]["count"] == 0:
+        raise ConfigError(f"sweep metric {sweep.metric!r} is measured on the validation split and {data_dir} has none "
+                          "(prepared with --val-fraction 0); prepare it with a validation split, or choose fid")
+    if sweep.metric in LABELLED_DATA_METRICS and ds.num_classes == 0:
         raise ConfigError(f"sweep metric {sweep.metric!r} needs class labels and {data_dir} has none; "
                           f"choose one of: fid, kid, precision, recall, density, coverage")
 

@@ -157,10 +157,14 @@ def test_the_download_cache_is_bounded_and_evicts_the_least_recently_used(gan_ru
     b = local_checkpoint(registry, "b", cache, max_bytes=int(2.5 * size))
     os.utime(a, (1, 1)), os.utime(b, (2, 2))
     assert local_checkpoint(registry, "a", cache, max_bytes=int(2.5 * size)) == a  # a hit: a is now the newest
+    os.utime(a, (3, 3))  # (a version used in the last two minutes stays: another replica may be loading it)
     c = local_checkpoint(registry, "c", cache, max_bytes=int(2.5 * size))  # over the bound: b, least recent, goes
     assert a.exists() and c.exists() and not b.exists()
+    os.utime(a, (4, 4)), os.utime(c, (5, 5))
     tiny_bound = local_checkpoint(registry, "b", cache, max_bytes=1)  # the version just fetched always stays
     assert tiny_bound.exists() and not a.exists() and not c.exists()
+    fresh = local_checkpoint(registry, "a", cache, max_bytes=1)  # and one used moments ago stays too
+    assert fresh.exists() and tiny_bound.exists()
 
 
 def test_a_prune_in_another_replica_mid_download_cannot_leave_a_config_only_copy(gan_run, tmp_path, monkeypatch):

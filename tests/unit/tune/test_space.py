@@ -390,3 +390,18 @@ def test_a_malformed_family_batch_space_is_named(tmp_path, bad):
     text = FAMILIES_SWEEP.replace("    gan.beta1: 0.0\n", f"    gan.beta1: 0.0\n    train.global_batch_size: {bad}\n")
     with pytest.raises(ConfigError, match="families.resnet.train.global_batch_size"):
         load_sweep(_write(tmp_path, text + "workers_per_trial: 2\n"))
+
+
+def test_a_validation_metric_on_data_without_a_validation_split_is_refused(tmp_path):
+    """Such a sweep ran every trial to the end and then had no metric to rank by."""
+    from latentforge.data import prepare_dataset
+    from latentforge.data.sources import SourceOptions
+    from latentforge.tune.space import check_metric_for_data
+
+    out = tmp_path / "digits"
+    prepare_dataset("digits", out, SourceOptions(count=40, size=16, channels=1), val_fraction=0.0, log=lambda *_: None)
+    sw = load_sweep(_write(tmp_path, GOOD.replace("base: dcgan-mnist", "base: vae-mnist").replace(
+        "  gan.lr_g: {loguniform: [1.0e-5, 1.0e-2]}\n  gan.loss: {choice: [ns, hinge]}\n", "").replace(
+        "  gan.n_critic: 2\n", "").replace("overrides: {model.g_width: 8}", "overrides: {}") + "metric: val_neg_elbo\n"))
+    with pytest.raises(ConfigError, match="measured on the validation split .* has none"):
+        check_metric_for_data(sw, out)
