@@ -59,7 +59,8 @@ class RungRecheck:
         # against the trials that got that far (a slow starter cut at the first rung after it led
         # the second was the best trial of a cross-family sweep); and not on the report that
         # reaches it, where ASHA itself decides
-        for m in ([] if highest is None or new else [highest]):
+        if highest is not None and not new:
+            m = highest
             cut = self.cutoff(m, trial_id)
             mine = self.recorded[m][trial_id]
             if cut is not None and mine < cut:

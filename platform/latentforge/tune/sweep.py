@@ -434,7 +434,7 @@ def run_sweep(sw: SweepConfig, data_dir: str, out: str | None = None, resume: bo
                                  loss_of=lambda params: trial_loss(sw, params))
     # A PBT sweep begun before every report was forwarded restores its scheduler as pickled then,
     # which raises on a report without the metric: its trials keep sending only evaluations.
-    forward_all = sw.scheduler.kind != "pbt" or not resume or read_json(sweep_dir / SWEEP_FILE).get("reports") == "all"
+    forward_all = sw.scheduler.kind != "pbt" or not resume or saved.get("reports") == "all"  # `saved`: the resume's
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, sweep=sw.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve()),
                              forward_all=forward_all),
